@@ -1,0 +1,150 @@
+"""`gateway demo`: two teams through the whole pipeline, then the audit queried with SQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import nats
+from rich.console import Console
+from rich.table import Table
+
+from . import audit_sql, issuer
+from .runtime import Gateway
+from .schemas import codec, subjects
+from .schemas.commands import ChatBody, ChatMessage, SubmitRequest
+
+console = Console()
+POLICIES = Path(__file__).resolve().parent.parent / "policies"
+SAMPLE_SQL = (
+    "SELECT team, type, count(*) AS events, sum(charged_micros) AS charged_micros "
+    "FROM events WHERE team IS NOT NULL GROUP BY team, type ORDER BY team, type"
+)
+
+
+def _policy_dir() -> Path:
+    """The repository's bundle when run from a checkout, else the bundle beside the package."""
+    local = Path.cwd() / "policies"
+    return local if (local / "catalog.toml").exists() else POLICIES
+
+
+def http_chat(base: str, token: str, model: str, text: str, max_tokens: int = 16) -> tuple[int, dict[str, object]]:
+    """One OpenAI-style HTTP call; returns status and JSON body."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": text}],
+                       "max_tokens": max_tokens, "temperature": 0}).encode()
+    req = urllib.request.Request(f"{base}/v1/chat/completions", data=body, method="POST",
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+async def nats_chat(url: str, token: str, model: str, text: str) -> dict[str, object]:
+    """One request on `gw.submit`; returns the reply as a dict."""
+    nc = await nats.connect(url, name="demo-batch")
+    try:
+        cmd = SubmitRequest(token=token, chat=ChatBody(model=model, messages=(ChatMessage(role="user", content=text),),
+                                                       max_tokens=16, temperature=0.0))
+        msg = await nc.request(subjects.SUBMIT, codec.encode(cmd), timeout=60)
+        return json.loads(msg.data)
+    finally:
+        await nc.close()
+
+
+async def wait_audited(url: str, timeout_s: float = 30.0) -> None:
+    """Until the auditor has acked everything in the stream."""
+    nc = await nats.connect(url, name="demo-wait")
+    try:
+        js = nc.jetstream()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            ci = await js.consumer_info(subjects.STREAM, "auditor")
+            if ci.num_pending == 0 and ci.num_ack_pending == 0:
+                return
+            await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
+
+
+def _summarize(rows: list[tuple[str, str, str, int, dict[str, object]]]) -> Table:
+    t = Table(title="Requests")
+    for col in ("who", "entry", "model", "status", "outcome"):
+        t.add_column(col)
+    for who, entry, model, status, body in rows:
+        err = body.get("error")
+        if isinstance(err, dict):
+            extra = f" (rule {err['rule']})" if err.get("rule") else ""
+            outcome = f"[red]{err.get('code')}[/]{extra}: {err.get('message')}"
+        else:
+            comp = body.get("completion") or body
+            outcome = f"[green]completed[/] {str(comp)[:60]}"
+            choices = body.get("choices")
+            if isinstance(choices, list):
+                outcome = f"[green]completed[/] {choices[0]['message']['content']!r} usage {body.get('usage')}"
+            elif isinstance(comp, dict):
+                outcome = f"[green]completed[/] {comp.get('content')!r} usage {comp.get('usage')}"
+        t.add_row(who, entry, model, str(status), outcome)
+    return t
+
+
+def run_demo(data_dir: Path | None) -> int:
+    """Start everything on free ports, send the scripted requests, show the audit."""
+    tmp = None
+    if data_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="gateway-demo-")
+        data_dir = Path(tmp.name)
+    gw = Gateway(data_dir, _policy_dir(), nats_port=-1, http_port=0, endpoints={}, serve_tiny="local-llama")
+    with console.status("starting nats-server, llama.cpp server and six workers..."):
+        gw.__enter__()
+    try:
+        keys = data_dir / "keys"
+        alice = issuer.issue(keys, subject="alice", team="alpha", roles=("analyst",))
+        bob = issuer.issue(keys, subject="bob", team="bravo")
+        expired = issuer.issue(keys, subject="eve", team="alpha", ttl_s=60, now=int(time.time()) - 3600)
+        forged = issuer.issue(Path(tempfile.mkdtemp()) / "k", subject="mallory", team="alpha")
+        console.print(f"gateway up: HTTP {gw.http_url}  NATS {gw.nats_url}")
+        rows: list[tuple[str, str, str, int, dict[str, object]]] = []
+        plan = [
+            ("alice@alpha", alice, "enclave-tiny", "Summarise the logistics report."),
+            ("alice@alpha", alice, "tiny", "Alias: same model by its short name."),
+            ("alice@alpha", alice, "enclave-tiny-v0", "A renamed model, swapped by the catalog."),
+            ("alice@alpha", alice, "analyst-large", "No server hosts this model here."),
+            ("bob@bravo", bob, "analyst-large", "Not allowed for team bravo."),
+            ("mallory (forged)", forged, "enclave-tiny", "Forged token."),
+            ("eve (expired)", expired, "enclave-tiny", "Expired token."),
+            ("nobody", "", "enclave-tiny", "No token at all."),
+            ("alice@alpha", alice, "gpt-9", "Unknown model."),
+        ] + [("bob@bravo", bob, "enclave-tiny", f"Bravo request {i}: until the cap.") for i in range(6)]
+        with console.status("sending requests..."):
+            for who, token, model, text in plan:
+                status, body = http_chat(gw.http_url, token, model, text)
+                rows.append((who, "HTTP", model, status, body))
+            reply = asyncio.run(nats_chat(gw.nats_url, alice, "enclave-tiny", "Batch job over gw.submit."))
+            rows.append(("alice@alpha", "NATS", "enclave-tiny", 200 if reply.get("completion") else 0, reply))
+            asyncio.run(wait_audited(gw.nats_url))
+        console.print(_summarize(rows))
+        audit = data_dir / "audit"
+        console.print(f"\nParquet audit: [bold]{audit}/events/day=*/*.parquet[/]")
+        console.print(f"Sample query: [cyan]{SAMPLE_SQL}[/]")
+        cols, result = audit_sql.query(audit, SAMPLE_SQL)
+        t = Table()
+        for c in cols:
+            t.add_column(c)
+        for r in result:
+            t.add_row(*("" if v is None else str(v) for v in r))
+        console.print(t)
+        console.print(f"Try: gateway sql \"SELECT type, count(*) FROM events GROUP BY type\" --data-dir {data_dir}"
+                      if tmp is None else "Run `gateway demo --data-dir DIR` to keep the data and query it later.")
+    finally:
+        with console.status("stopping..."):
+            gw.stop()
+        if tmp is not None:
+            tmp.cleanup()
+    return 0

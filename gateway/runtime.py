@@ -1,0 +1,115 @@
+"""One machine's gateway: broker, optional tiny engine, topology and worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import threading
+from pathlib import Path
+from types import TracebackType
+
+import nats
+
+from . import config, issuer, procs, supervisor
+from .broker import Broker
+from .engine import Engine
+from .services import bus
+from .services.settings import WorkerSettings
+
+
+async def _setup_topology(url: str) -> None:
+    nc = await nats.connect(url, name="gw-admin")
+    try:
+        await bus.ensure_topology(nc.jetstream())
+    finally:
+        await nc.close()
+
+
+class Gateway:
+    """Start with `with Gateway(...)`; everything stops on exit, children first, broker last."""
+
+    def __init__(self, data_dir: Path, policy_dir: Path, *, nats_port: int, http_port: int,
+                 endpoints: dict[str, str], serve_tiny: str | None, max_body_bytes: int = 256 * 1024) -> None:
+        self.data_dir, self.policy_dir = data_dir.resolve(), policy_dir.resolve()
+        self.nats_port, self.http_port, self.max_body_bytes = nats_port, http_port, max_body_bytes
+        self.endpoints, self.serve_tiny = dict(endpoints), serve_tiny
+        self.broker = Broker(self.data_dir, port=nats_port)
+        self.engine: Engine | None = Engine(self.data_dir) if serve_tiny else None
+        self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        self.nats_url = self.http_url = ""
+
+    @classmethod
+    def from_config(cls, path: Path, nats_port: int | None, http_port: int | None) -> Gateway:
+        """A gateway as `gateway.toml` describes it."""
+        cfg = config.load(path)
+        return cls(Path(cfg.data_dir), Path(cfg.policy_dir), nats_port=nats_port or cfg.nats.port,
+                   http_port=http_port or cfg.http.port, endpoints=cfg.endpoints,
+                   serve_tiny=cfg.engine.endpoint if cfg.engine.serve_tiny else None,
+                   max_body_bytes=cfg.http.max_body_bytes)
+
+    def start(self) -> None:
+        """Broker, engine, keys, topology, workers; returns once every worker consumes."""
+        issuer.ensure_keys(self.data_dir / "keys")
+        self.nats_url = self.broker.start()
+        if self.engine is not None and self.serve_tiny:
+            self.endpoints[self.serve_tiny] = self.engine.start()
+        asyncio.run(_setup_topology(self.nats_url))
+        port = self.http_port or procs.free_port()
+        self.http_url = f"http://127.0.0.1:{port}"
+        self.settings = WorkerSettings(nats_url=self.nats_url, data_dir=str(self.data_dir),
+                                       policy_dir=str(self.policy_dir), endpoints=self.endpoints,
+                                       http_port=port, max_body_bytes=self.max_body_bytes)
+        self.workers = supervisor.spawn_workers(self.settings)
+        for name, proc in self.workers.items():
+            procs.wait_for_line(self.data_dir / "logs" / f"{name}.log", f"{name} consuming", proc, 60.0)
+
+    def stop(self) -> None:
+        """Workers first (they drain), then the engine, then the broker."""
+        for proc in self.workers.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.workers.values():
+            procs.stop(proc)
+        if self.engine is not None:
+            self.engine.stop()
+        self.broker.stop()
+
+    def wait_for_signal(self) -> None:
+        """Block until SIGINT or SIGTERM, or until a worker dies."""
+        done = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
+        while not done.wait(1.0):
+            dead = [n for n, p in self.workers.items() if p.poll() is not None]
+            if dead:
+                print(f"worker(s) exited: {', '.join(dead)}; stopping")
+                return
+
+    def __enter__(self) -> Gateway:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+
+async def status_rows(data_dir: Path) -> tuple[list[str], list[tuple[object, ...]]]:
+    """Per consumer: delivered, pending, unacked, redelivered; plus the stream's size."""
+    settings = supervisor.read_settings(data_dir)
+    nc = await nats.connect(settings.nats_url, name="gw-status", connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info("GW_EVENTS")
+        rows: list[tuple[object, ...]] = [("(stream)", info.state.messages, "", "", info.state.bytes)]
+        for name in bus.CONSUMERS:
+            ci = await js.consumer_info("GW_EVENTS", name)
+            rows.append((name, ci.delivered.stream_seq if ci.delivered else 0, ci.num_pending, ci.num_ack_pending,
+                         ci.num_redelivered))
+        return ["consumer", "delivered seq / messages", "pending", "unacked", "redelivered / bytes"], rows
+    finally:
+        await nc.close()

@@ -1,0 +1,58 @@
+"""Run the workers: each as its own process (`gateway up`), or all in one event loop (tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import msgspec
+
+from .services.auditor import shell as auditor
+from .services.authz import shell as authz
+from .services.budget import shell as budget
+from .services.edge import shell as edge
+from .services.invoker import shell as invoker
+from .services.router import shell as router
+from .services.settings import WorkerSettings
+from . import procs
+
+Runner = Callable[[WorkerSettings, asyncio.Event], Awaitable[None]]
+SERVICES: dict[str, Runner] = {
+    "edge": edge.run, "authz": authz.run, "budget": budget.run, "router": router.run,
+    "invoker": invoker.run, "auditor": auditor.run,
+}
+
+
+def settings_path(data_dir: Path) -> Path:
+    """Where `gateway up` leaves the settings its workers and `gateway status` read."""
+    return data_dir / "runtime.json"
+
+
+def write_settings(settings: WorkerSettings) -> Path:
+    """Persist the settings for worker processes and later CLI calls."""
+    path = settings_path(Path(settings.data_dir))
+    path.write_bytes(msgspec.json.encode(settings))
+    return path
+
+
+def read_settings(data_dir: Path) -> WorkerSettings:
+    """The settings of the gateway running from `data_dir`."""
+    return msgspec.json.decode(settings_path(data_dir).read_bytes(), type=WorkerSettings)
+
+
+def spawn_workers(settings: WorkerSettings, names: list[str] | None = None) -> dict[str, subprocess.Popen[bytes]]:
+    """One `gateway worker NAME` process per service."""
+    path = write_settings(settings)
+    logs = Path(settings.data_dir) / "logs"
+    return {name: procs.spawn([sys.executable, "-m", "enclave_gateway.cli", "worker", name, "--settings", str(path)],
+                              logs / f"{name}.log") for name in (names or list(SERVICES))}
+
+
+async def run_all(settings: WorkerSettings, stop: asyncio.Event, names: list[str] | None = None) -> None:
+    """Every service as a task of this loop, until `stop` is set."""
+    async with asyncio.TaskGroup() as tg:
+        for name in names or list(SERVICES):
+            tg.create_task(SERVICES[name](settings, stop), name=name)

@@ -1,0 +1,67 @@
+"""Commands: what callers send at the edges (imperative names), and what they get back.
+
+`SubmitRequest` is the body of a NATS request on `gw.submit`; the HTTP edge builds the same
+command from an OpenAI chat-completions request, so both entries share one contract.
+"""
+
+from msgspec import Struct
+
+
+class ChatMessage(Struct, frozen=True, kw_only=True):
+    """One OpenAI-style chat message."""
+
+    role: str
+    content: str
+
+
+class ChatBody(Struct, frozen=True, kw_only=True):
+    """The part of an OpenAI chat-completions request the gateway forwards."""
+
+    model: str
+    messages: tuple[ChatMessage, ...]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    seed: int | None = None
+
+
+class SubmitRequest(Struct, frozen=True, kw_only=True):
+    """A request on `gw.submit`: a session token plus the chat body."""
+
+    token: str
+    chat: ChatBody
+
+
+class Usage(Struct, frozen=True, kw_only=True):
+    """Token counts the model server reported."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Completion(Struct, frozen=True, kw_only=True):
+    """A successful answer."""
+
+    model: str
+    content: str
+    finish_reason: str
+    usage: Usage
+    # The worst case held for this call; the exact charge settles after the reply (BudgetSettled).
+    reserved_micros: int
+
+
+class ErrorBody(Struct, frozen=True, kw_only=True):
+    """A refusal or failure, with our reason code (schemas.reasons)."""
+
+    code: str
+    message: str
+    rule: str | None = None
+    remaining_micros: int | None = None
+    requested_micros: int | None = None
+
+
+class SubmitReply(Struct, frozen=True, kw_only=True):
+    """The reply on the caller's inbox: exactly one of `completion` and `error` is set."""
+
+    request_id: str
+    completion: Completion | None = None
+    error: ErrorBody | None = None

@@ -1,0 +1,73 @@
+"""Every event type of the contract, and the union the codec decodes."""
+
+from .base import Caller, Envelope, Event, Reservation, envelope
+from .budget import BudgetRejected, BudgetReleased, BudgetReserved, BudgetSettled, LedgerTotals
+from .invocation import InvocationCompleted, InvocationFailed
+from .request import (
+    MessageRejected,
+    RequestAuthorized,
+    RequestDenied,
+    RequestFailed,
+    RequestSubmitted,
+    ResponseDelivered,
+)
+from .route import RouteSelected, RouteUnavailable
+
+AnyEvent = (
+    RequestSubmitted
+    | RequestAuthorized
+    | RequestDenied
+    | RequestFailed
+    | MessageRejected
+    | ResponseDelivered
+    | BudgetReserved
+    | BudgetRejected
+    | BudgetSettled
+    | BudgetReleased
+    | RouteSelected
+    | RouteUnavailable
+    | InvocationCompleted
+    | InvocationFailed
+)
+
+CURRENT_EVENT_TYPES: tuple[type[Event], ...] = (
+    RequestSubmitted,
+    RequestAuthorized,
+    RequestDenied,
+    RequestFailed,
+    MessageRejected,
+    ResponseDelivered,
+    BudgetReserved,
+    BudgetRejected,
+    BudgetSettled,
+    BudgetReleased,
+    RouteSelected,
+    RouteUnavailable,
+    InvocationCompleted,
+    InvocationFailed,
+)
+
+__all__ = [
+    "CURRENT_EVENT_TYPES",
+    "AnyEvent",
+    "BudgetRejected",
+    "BudgetReleased",
+    "BudgetReserved",
+    "BudgetSettled",
+    "Caller",
+    "Envelope",
+    "Event",
+    "InvocationCompleted",
+    "InvocationFailed",
+    "LedgerTotals",
+    "MessageRejected",
+    "RequestAuthorized",
+    "RequestDenied",
+    "RequestFailed",
+    "RequestSubmitted",
+    "Reservation",
+    "ResponseDelivered",
+    "RouteSelected",
+    "RouteUnavailable",
+    "envelope",
+]

@@ -1,0 +1,53 @@
+"""The envelope every event carries (DESIGN §2).
+
+These types reflect the actual storage format of the audit trail and hence must be versioned
+with care: never edit a released Struct, freeze it as `<Name>V<n>` and add an upcaster (STYLE §4).
+"""
+
+from datetime import datetime
+from typing import TypedDict
+
+from msgspec import Struct
+
+
+class Event(Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Base of every event: a past-tense fact with the policy version it was decided under."""
+
+    event_id: str
+    request_id: str
+    occurred_at: datetime
+    policy_version: str
+    schema_version: int = 1
+
+
+class Caller(Struct, frozen=True, kw_only=True):
+    """Who asked, as proven by a verified session token."""
+
+    subject: str
+    team: str
+    roles: tuple[str, ...] = ()
+    token_id: str = ""
+
+
+class Reservation(Struct, frozen=True, kw_only=True):
+    """Money held for one request until it is settled or released (integer micro-units)."""
+
+    team: str
+    period: str
+    micros: int
+
+
+class Envelope(TypedDict):
+    """The envelope fields as keyword arguments, so deciders build them in one place."""
+
+    event_id: str
+    request_id: str
+    occurred_at: datetime
+    policy_version: str
+
+
+def envelope(request_id: str, stage: str, now: datetime, policy_version: str) -> Envelope:
+    """Envelope of the event a stage decides for a request; its id doubles as `Nats-Msg-Id`."""
+    return Envelope(
+        event_id=f"{request_id}:{stage}", request_id=request_id, occurred_at=now, policy_version=policy_version
+    )

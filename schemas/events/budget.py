@@ -1,0 +1,62 @@
+"""Facts about money: reservations, settlements and refusals (DESIGN §4).
+
+Ledger events carry the team's totals *after* the fact, so the newest one is the team's state
+and a replica catches up with one direct get.
+"""
+
+from ..commands import ChatBody
+from .base import Caller, Event, Reservation
+
+
+class LedgerTotals(Event, frozen=True, kw_only=True):
+    """Post-state shared by every ledger event of a team and period."""
+
+    team: str
+    period: str
+    spent_micros: int
+    reserved_micros: int
+    cap_micros: int
+
+
+class BudgetReserved(LedgerTotals, frozen=True, kw_only=True, tag="BudgetReserved"):
+    """The worst-case cost of a request is held against the team's cap."""
+
+    caller: Caller
+    model_id: str
+    amount_micros: int
+    max_tokens: int
+    chat: ChatBody
+    reply_to: str
+
+
+class BudgetSettled(LedgerTotals, frozen=True, kw_only=True, tag="BudgetSettled"):
+    """The actual cost was charged and the rest of the reservation released."""
+
+    model_id: str
+    reserved_amount_micros: int
+    charged_micros: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class BudgetReleased(LedgerTotals, frozen=True, kw_only=True, tag="BudgetReleased"):
+    """A reservation was given back unspent (failed, unroutable or abandoned request)."""
+
+    amount_micros: int
+    reason: str
+
+
+class BudgetRejected(Event, frozen=True, kw_only=True, tag="BudgetRejected"):
+    """The worst case did not fit under the cap; nothing was reserved."""
+
+    caller: Caller
+    model_id: str
+    period: str
+    requested_micros: int
+    remaining_micros: int
+    cap_micros: int
+    reason: str
+    reply_to: str
+
+
+__all__ = ["BudgetRejected", "BudgetReleased", "BudgetReserved", "BudgetSettled", "LedgerTotals", "Reservation"]

@@ -1,0 +1,67 @@
+"""Facts about a request's life at the edges and in authorization."""
+
+from typing import Literal
+
+from ..commands import ChatBody
+from .base import Caller, Event, Reservation
+
+
+class RequestSubmitted(Event, frozen=True, kw_only=True, tag="RequestSubmitted"):
+    """A caller's request entered the gateway (HTTP edge or `gw.submit`).
+
+    The bearer token is kept so authz can be replayed; the stream lives at the enclave's level
+    and the Parquet audit stores only the token id (DESIGN §6).
+    """
+
+    entry: Literal["http", "nats"]
+    token: str
+    chat: ChatBody
+    reply_to: str
+
+
+class RequestAuthorized(Event, frozen=True, kw_only=True, tag="RequestAuthorized"):
+    """Authz let the caller use the resolved model."""
+
+    caller: Caller
+    model_id: str
+    chat: ChatBody
+    reply_to: str
+
+
+class RequestDenied(Event, frozen=True, kw_only=True, tag="RequestDenied"):
+    """Authz refused the request; `rule` names the rule that fired."""
+
+    reason: str
+    rule: str
+    detail: str
+    caller: Caller | None = None
+    model: str
+    reply_to: str
+
+
+class RequestFailed(Event, frozen=True, kw_only=True, tag="RequestFailed"):
+    """A stage gave up on a message after `max_deliver` attempts: the terminal error."""
+
+    stage: str
+    reason: str
+    detail: str
+    reply_to: str | None = None
+    reservation: Reservation | None = None
+
+
+class MessageRejected(Event, frozen=True, kw_only=True, tag="MessageRejected"):
+    """Bytes that could not be decoded or validated; kept as a fact so nothing vanishes."""
+
+    subject: str
+    stream_seq: int | None = None
+    stage: str
+    reason: str
+    detail: str
+
+
+class ResponseDelivered(Event, frozen=True, kw_only=True, tag="ResponseDelivered"):
+    """The caller's inbox got its one reply."""
+
+    outcome: Literal["completed", "error"]
+    code: str | None = None
+    team: str | None = None

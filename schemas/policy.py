@@ -1,0 +1,57 @@
+"""The policy bundle as data: catalog, budgets and access rules (DESIGN §3-§5).
+
+File-backed structs forbid unknown fields: in a policy an unknown key is a typo (STYLE §3).
+The bundle's `version` is the sha256 of its files, so every decision names exactly what it used.
+"""
+
+from typing import Literal
+
+from msgspec import Struct
+
+
+class ModelEntry(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One model of the catalog."""
+
+    id: str
+    endpoint: str
+    protocol: Literal["openai"] = "openai"
+    context_length: int
+    default_max_tokens: int
+    prompt_micros_per_1k: int
+    completion_micros_per_1k: int
+    status: Literal["active", "deprecated", "retired"] = "active"
+    replacement: str | None = None
+    aliases: tuple[str, ...] = ()
+    # Chat templates add tokens around each message and the generation prompt; the budget's
+    # worst case counts them so the reservation is a true upper bound (DESIGN §4).
+    message_overhead_tokens: int = 8
+    prompt_overhead_tokens: int = 16
+
+
+class Catalog(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Every model the gateway may route to."""
+
+    model: tuple[ModelEntry, ...]
+
+
+class TeamBudget(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A team's hard cap per period, in integer micro-units."""
+
+    cap_micros: int
+    period: Literal["month", "day"] = "month"
+
+
+class Budgets(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Caps by team name."""
+
+    teams: dict[str, TeamBudget]
+
+
+class PolicyBundle(Struct, frozen=True, kw_only=True):
+    """Everything a decision depends on, with the version that names it."""
+
+    version: str
+    catalog: Catalog
+    budgets: Budgets
+    access_model: str
+    access_policy: str

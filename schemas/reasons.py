@@ -1,0 +1,68 @@
+"""Reason codes shared by error events, NATS replies and HTTP error bodies.
+
+A code is part of the public contract: callers branch on it, so codes are only ever added.
+"""
+
+from typing import Literal
+
+ReasonCode = Literal[
+    "invalid_request",  # malformed JSON or a missing/ill-typed field
+    "body_too_large",
+    "token_missing",
+    "token_malformed",
+    "token_bad_algorithm",
+    "token_unknown_key",
+    "token_bad_signature",
+    "token_expired",
+    "token_not_yet_valid",
+    "token_missing_claim",
+    "model_not_found",
+    "model_forbidden",
+    "budget_exceeded",
+    "budget_not_configured",
+    "route_unavailable",
+    "invocation_failed",
+    "request_failed",
+    "timeout",
+]
+
+HTTP_STATUS: dict[str, int] = {
+    "invalid_request": 400,
+    "body_too_large": 413,
+    "token_missing": 401,
+    "token_malformed": 401,
+    "token_bad_algorithm": 401,
+    "token_unknown_key": 401,
+    "token_bad_signature": 401,
+    "token_expired": 401,
+    "token_not_yet_valid": 401,
+    "token_missing_claim": 401,
+    "model_not_found": 404,
+    "model_forbidden": 403,
+    "budget_exceeded": 402,
+    "budget_not_configured": 403,
+    "route_unavailable": 503,
+    "invocation_failed": 502,
+    "request_failed": 500,
+    "timeout": 504,
+}
+
+# OpenAI's error `type` field: the official client maps status codes to exception classes,
+# the type string is what dashboards group by.
+ERROR_TYPE: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "insufficient_quota",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    500: "server_error",
+    502: "server_error",
+    503: "server_error",
+    504: "timeout_error",
+}
+
+
+def http_status(code: str) -> int:
+    """HTTP status for a reason code; unknown codes are server errors."""
+    return HTTP_STATUS.get(code, 500)

@@ -1,0 +1,144 @@
+"""Subject names (DESIGN §2): `gw.evt.<aggregate>.<fact>[.<partition>]`.
+
+Built only here so that a rename is one diff (STYLE §2). Partitions (team, model) are mapped to
+safe subject tokens; events always carry the exact names.
+"""
+
+import re
+from typing import TYPE_CHECKING, assert_never
+
+if TYPE_CHECKING:
+    from .events import AnyEvent
+
+STREAM = "GW_EVENTS"
+ALL_EVENTS = "gw.evt.>"
+SUBMIT = "gw.submit"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def token(name: str) -> str:
+    """A subject token for a team or model name: no dots, spaces or wildcards."""
+    return _UNSAFE.sub("_", name) or "_"
+
+
+def request_submitted() -> str:
+    """Where both entries publish a new request."""
+    return "gw.evt.request.submitted"
+
+
+def request_authorized(team: str) -> str:
+    """Authz's allow, partitioned by team so budget work can be split by team."""
+    return f"gw.evt.request.authorized.{token(team)}"
+
+
+def request_denied(team: str | None) -> str:
+    """Authz's refusal; the violations feed follows `gw.evt.request.denied.>`."""
+    return f"gw.evt.request.denied.{token(team) if team else '_unknown'}"
+
+
+def request_failed() -> str:
+    """Terminal failure after `max_deliver`."""
+    return "gw.evt.request.failed"
+
+
+def message_rejected() -> str:
+    """Undecodable or invalid bytes."""
+    return "gw.evt.message.rejected"
+
+
+def response_delivered() -> str:
+    """The caller got its reply."""
+    return "gw.evt.response.delivered"
+
+
+def ledger(fact: str, team: str) -> str:
+    """A team's money ledger: `reserved`, `settled` or `released` (compare-and-set guarded)."""
+    return f"gw.evt.ledger.{fact}.{token(team)}"
+
+
+def ledger_filter(team: str) -> str:
+    """Every ledger fact of one team: the filter of the expected-last-sequence check."""
+    return f"gw.evt.ledger.*.{token(team)}"
+
+
+def budget_rejected(team: str) -> str:
+    """A refused reservation; outside the ledger so refusals never conflict with writes."""
+    return f"gw.evt.budget.rejected.{token(team)}"
+
+
+def route_selected(model_id: str) -> str:
+    """Partitioned by model so an invoker subscribes only to the models it hosts."""
+    return f"gw.evt.route.selected.{token(model_id)}"
+
+
+def route_unavailable(model: str) -> str:
+    """No endpoint for the model."""
+    return f"gw.evt.route.unavailable.{token(model)}"
+
+
+def invocation_completed(model_id: str) -> str:
+    """A model server answered."""
+    return f"gw.evt.invocation.completed.{token(model_id)}"
+
+
+def invocation_failed(model_id: str) -> str:
+    """A model server failed."""
+    return f"gw.evt.invocation.failed.{token(model_id)}"
+
+
+def msg_id(request_id: str, stage: str) -> str:
+    """`Nats-Msg-Id` and event id: a republish after a crash is deduplicated by the server."""
+    return f"{request_id}:{stage}"
+
+
+def for_event(event: "AnyEvent") -> str:
+    """The subject an event is published on, derived from the event alone."""
+    from .events import (
+        BudgetRejected,
+        BudgetReleased,
+        BudgetReserved,
+        BudgetSettled,
+        InvocationCompleted,
+        InvocationFailed,
+        MessageRejected,
+        RequestAuthorized,
+        RequestDenied,
+        RequestFailed,
+        RequestSubmitted,
+        ResponseDelivered,
+        RouteSelected,
+        RouteUnavailable,
+    )
+
+    match event:
+        case RequestSubmitted():
+            return request_submitted()
+        case RequestAuthorized():
+            return request_authorized(event.caller.team)
+        case RequestDenied():
+            return request_denied(event.caller.team if event.caller else None)
+        case RequestFailed():
+            return request_failed()
+        case MessageRejected():
+            return message_rejected()
+        case ResponseDelivered():
+            return response_delivered()
+        case BudgetReserved():
+            return ledger("reserved", event.team)
+        case BudgetSettled():
+            return ledger("settled", event.team)
+        case BudgetReleased():
+            return ledger("released", event.team)
+        case BudgetRejected():
+            return budget_rejected(event.caller.team)
+        case RouteSelected():
+            return route_selected(event.model_id)
+        case RouteUnavailable():
+            return route_unavailable(event.requested_model)
+        case InvocationCompleted():
+            return invocation_completed(event.model_id)
+        case InvocationFailed():
+            return invocation_failed(event.model_id)
+        case _:
+            assert_never(event)

@@ -1,0 +1,162 @@
+"""Auditor decisions: one flat audit row per event, and the hash chain over them (DESIGN §6).
+
+Rows carry metadata and sha256 digests of prompts and completions, never the text: analysts
+need spend and decisions, the content stays in the stream at the enclave's level.
+`h_n = sha256(h_{n-1} || seq || subject || sha256(data))` in stream order.
+"""
+
+import hashlib
+from datetime import datetime
+
+from msgspec import Struct
+
+from ...schemas import codec
+from ...schemas.events import (
+    AnyEvent,
+    BudgetRejected,
+    BudgetReleased,
+    BudgetReserved,
+    BudgetSettled,
+    Event,
+    InvocationCompleted,
+    InvocationFailed,
+    MessageRejected,
+    RequestAuthorized,
+    RequestDenied,
+    RequestFailed,
+    RequestSubmitted,
+    ResponseDelivered,
+    RouteSelected,
+    RouteUnavailable,
+)
+
+GENESIS = "0" * 64
+
+
+class AuditRow(Struct, kw_only=True):
+    """One row of the `events` Parquet table."""
+
+    seq: int
+    subject: str
+    type: str
+    schema_version: int | None = None
+    event_id: str | None = None
+    request_id: str | None = None
+    occurred_at: datetime | None = None
+    day: str
+    policy_version: str | None = None
+    team: str | None = None
+    caller: str | None = None
+    model: str | None = None
+    model_id: str | None = None
+    endpoint: str | None = None
+    reason: str | None = None
+    rule: str | None = None
+    detail: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    amount_micros: int | None = None
+    charged_micros: int | None = None
+    spent_micros: int | None = None
+    reserved_micros: int | None = None
+    cap_micros: int | None = None
+    remaining_micros: int | None = None
+    latency_ms: float | None = None
+    outcome: str | None = None
+    prompt_sha256: str | None = None
+    completion_sha256: str | None = None
+    data_sha256: str
+    chain_hash: str
+
+
+class AuditorState(Struct, frozen=True):
+    """The chain head: last sequence folded and its hash."""
+
+    seq: int = 0
+    head: str = GENESIS
+
+
+def initial_state() -> AuditorState:
+    """Before the first event."""
+    return AuditorState()
+
+
+def evolve(state: AuditorState, event: Event) -> AuditorState:
+    """The chain advances per stored message (see `row_for`), not per decoded event."""
+    return state
+
+
+def chain(prev: str, seq: int, subject: str, data_sha256: str) -> str:
+    """One link of the hash chain."""
+    h = hashlib.sha256(bytes.fromhex(prev))
+    h.update(seq.to_bytes(8, "big"))
+    h.update(subject.encode())
+    h.update(bytes.fromhex(data_sha256))
+    return h.hexdigest()
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def row_for(state: AuditorState, seq: int, subject: str, data: bytes, stored_at: datetime) -> tuple[AuditRow, AuditorState]:
+    """The row for one stored message and the new chain head; undecodable bytes still get a row."""
+    digest = hashlib.sha256(data).hexdigest()
+    head = chain(state.head, seq, subject, digest)
+    try:
+        event = codec.decode_event(data)
+    except codec.DecodeError as exc:
+        row = AuditRow(seq=seq, subject=subject, type="Undecodable", day=stored_at.strftime("%Y-%m-%d"),
+                       detail=str(exc)[:500], data_sha256=digest, chain_hash=head)
+        return row, AuditorState(seq=seq, head=head)
+    row = AuditRow(seq=seq, subject=subject, type=type(event).__name__, schema_version=event.schema_version,
+                   event_id=event.event_id, request_id=event.request_id, occurred_at=event.occurred_at,
+                   day=event.occurred_at.strftime("%Y-%m-%d"), policy_version=event.policy_version,
+                   data_sha256=digest, chain_hash=head)
+    _fill(row, event)
+    return row, AuditorState(seq=seq, head=head)
+
+
+def _fill(row: AuditRow, e: AnyEvent) -> None:  # noqa: C901 - one arm per event type
+    match e:
+        case RequestSubmitted():
+            row.model, row.prompt_sha256 = e.chat.model, _sha("".join(m.content for m in e.chat.messages))
+        case RequestAuthorized():
+            row.team, row.caller, row.model, row.model_id = e.caller.team, e.caller.subject, e.chat.model, e.model_id
+        case RequestDenied():
+            row.team = e.caller.team if e.caller else None
+            row.caller = e.caller.subject if e.caller else None
+            row.model, row.reason, row.rule, row.detail = e.model, e.reason, e.rule, e.detail
+        case RequestFailed():
+            row.reason, row.detail = e.reason, f"{e.stage}: {e.detail}"
+            row.team = e.reservation.team if e.reservation else None
+        case MessageRejected():
+            row.reason, row.detail = e.reason, e.detail[:500]
+        case ResponseDelivered():
+            row.outcome, row.reason, row.team = e.outcome, e.code, e.team
+        case BudgetReserved():
+            row.team, row.caller, row.model_id, row.amount_micros = e.team, e.caller.subject, e.model_id, e.amount_micros
+            row.spent_micros, row.reserved_micros, row.cap_micros = e.spent_micros, e.reserved_micros, e.cap_micros
+        case BudgetSettled():
+            row.team, row.model_id, row.amount_micros, row.charged_micros = (
+                e.team, e.model_id, e.reserved_amount_micros, e.charged_micros)
+            row.prompt_tokens, row.completion_tokens = e.prompt_tokens, e.completion_tokens
+            row.spent_micros, row.reserved_micros, row.cap_micros = e.spent_micros, e.reserved_micros, e.cap_micros
+        case BudgetReleased():
+            row.team, row.amount_micros, row.reason = e.team, e.amount_micros, e.reason
+            row.spent_micros, row.reserved_micros, row.cap_micros = e.spent_micros, e.reserved_micros, e.cap_micros
+        case BudgetRejected():
+            row.team, row.caller, row.model_id, row.reason = e.caller.team, e.caller.subject, e.model_id, e.reason
+            row.amount_micros, row.remaining_micros, row.cap_micros = e.requested_micros, e.remaining_micros, e.cap_micros
+        case RouteSelected():
+            row.team, row.model, row.model_id, row.endpoint = e.caller.team, e.requested_model, e.model_id, e.endpoint
+            row.detail = f"substituted {e.substituted_from}" if e.substituted_from else None
+        case RouteUnavailable():
+            row.team, row.model, row.reason, row.detail = e.caller.team, e.requested_model, e.reason, e.detail
+        case InvocationCompleted():
+            row.team, row.model_id, row.endpoint = e.caller.team, e.model_id, e.endpoint
+            row.prompt_tokens, row.completion_tokens, row.latency_ms = e.prompt_tokens, e.completion_tokens, e.latency_ms
+            row.outcome, row.completion_sha256 = e.finish_reason, _sha(e.content)
+        case InvocationFailed():
+            row.team, row.model_id, row.endpoint, row.reason = e.caller.team, e.model_id, e.endpoint, e.error
+            row.detail, row.latency_ms = e.detail[:500], e.latency_ms

@@ -1,0 +1,66 @@
+"""Day-partitioned Parquet files of audit rows: `audit/events/day=YYYY-MM-DD/seq-<first>-<last>.parquet`.
+
+A file is written whole (temp name, then rename) before its messages are acked, so a crash
+leaves either a complete file or a redelivery; rows at or below the last written seq are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from datetime import datetime
+from pathlib import Path
+
+import duckdb
+import msgspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .decider import AuditorState, AuditRow
+
+SCHEMA = pa.schema([
+    ("seq", pa.int64()), ("subject", pa.string()), ("type", pa.string()), ("schema_version", pa.int32()),
+    ("event_id", pa.string()), ("request_id", pa.string()), ("occurred_at", pa.timestamp("us", tz="UTC")),
+    ("day", pa.string()), ("policy_version", pa.string()), ("team", pa.string()), ("caller", pa.string()),
+    ("model", pa.string()), ("model_id", pa.string()), ("endpoint", pa.string()), ("reason", pa.string()),
+    ("rule", pa.string()), ("detail", pa.string()), ("prompt_tokens", pa.int64()),
+    ("completion_tokens", pa.int64()), ("amount_micros", pa.int64()), ("charged_micros", pa.int64()),
+    ("spent_micros", pa.int64()), ("reserved_micros", pa.int64()), ("cap_micros", pa.int64()),
+    ("remaining_micros", pa.int64()), ("latency_ms", pa.float64()), ("outcome", pa.string()),
+    ("prompt_sha256", pa.string()), ("completion_sha256", pa.string()), ("data_sha256", pa.string()),
+    ("chain_hash", pa.string()),
+])
+
+
+def events_glob(audit_dir: Path) -> str:
+    """The glob DuckDB reads the events table from."""
+    return str(audit_dir / "events" / "day=*" / "*.parquet")
+
+
+def write_rows(audit_dir: Path, rows: list[AuditRow]) -> list[Path]:
+    """Write rows into one file per day; returns the files written."""
+    by_day: dict[str, list[AuditRow]] = defaultdict(list)
+    for row in rows:
+        by_day[row.day].append(row)
+    written = []
+    for day, day_rows in by_day.items():
+        folder = audit_dir / "events" / f"day={day}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"seq-{day_rows[0].seq:012d}-{day_rows[-1].seq:012d}.parquet"
+        table = pa.Table.from_pylist(msgspec.to_builtins(day_rows, builtin_types=(datetime,)), schema=SCHEMA)
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
+def resume_state(audit_dir: Path) -> AuditorState:
+    """The chain head recorded in the newest row, so a restarted auditor continues the chain."""
+    if not any((audit_dir / "events").glob("day=*/*.parquet")):
+        return AuditorState()
+    row = duckdb.sql(
+        f"SELECT seq, chain_hash FROM read_parquet('{events_glob(audit_dir)}', hive_partitioning=false) "
+        "ORDER BY seq DESC LIMIT 1"
+    ).fetchone()
+    return AuditorState() if row is None else AuditorState(seq=int(row[0]), head=str(row[1]))

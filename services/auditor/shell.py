@@ -1,0 +1,60 @@
+"""Auditor shell: follow every subject, append rows to Parquet, ack only once they are on disk."""
+
+import asyncio
+import logging
+import time
+
+import nats
+from nats.aio.msg import Msg
+
+from ...schemas import subjects
+from .. import bus
+from ..settings import WorkerSettings
+from . import parquet_sink
+from .decider import AuditRow, row_for
+
+log = logging.getLogger("enclave_gateway.auditor")
+FLUSH_ROWS = 2000
+FLUSH_AGE_S = 0.5
+
+
+async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
+    """Serve until `stop` is set, flushing what is buffered on the way out."""
+    audit_dir = settings.audit_dir
+    state = await asyncio.to_thread(parquet_sink.resume_state, audit_dir)
+    nc = await bus.connect(settings.nats_url, "auditor")
+    js = nc.jetstream()
+    psub = await js.pull_subscribe_bind("auditor", stream=subjects.STREAM)
+    rows: list[AuditRow] = []
+    msgs: list[Msg] = []
+    first_at = 0.0
+    log.info("auditor consuming")
+
+    async def flush() -> None:
+        nonlocal rows, msgs
+        if rows:
+            await asyncio.to_thread(parquet_sink.write_rows, audit_dir, rows)
+        for m in msgs:
+            await m.ack()
+        rows, msgs = [], []
+
+    try:
+        while not stop.is_set():
+            try:
+                batch = await psub.fetch(500, timeout=FLUSH_AGE_S)
+            except (TimeoutError, nats.errors.TimeoutError):
+                batch = []
+            for m in batch:
+                seq = m.metadata.sequence.stream
+                if seq > state.seq:  # a redelivery of a row already on disk is skipped
+                    row, state = row_for(state, seq, m.subject, m.data, m.metadata.timestamp or bus.now_utc())
+                    rows.append(row)
+                msgs.append(m)
+            if msgs and not first_at:
+                first_at = time.monotonic()
+            if msgs and (len(msgs) >= FLUSH_ROWS or time.monotonic() - first_at >= FLUSH_AGE_S):
+                await flush()
+                first_at = 0.0
+        await flush()
+    finally:
+        await nc.drain()

@@ -1,0 +1,85 @@
+"""Session-token verification: EdDSA (Ed25519) JWTs via PyJWT, with the clock passed in.
+
+PyJWT checks time claims against the wall clock, which would make replay disagree with the past;
+so it verifies the signature and claim presence, and `exp`/`nbf`/`iat` are checked here against
+the `now` the caller supplies (the event's `occurred_at` on replay).
+"""
+
+from datetime import datetime
+
+import jwt
+from msgspec import Struct
+
+ISSUER = "enclave-gateway"
+AUDIENCE = "enclave-gateway"
+LEEWAY_S = 30
+REQUIRED = ("exp", "iat", "iss", "aud", "sub", "jti", "team")
+
+
+class Claims(Struct, frozen=True, kw_only=True):
+    """The verified attributes a session carries."""
+
+    subject: str
+    team: str
+    roles: tuple[str, ...]
+    token_id: str
+    expires_at: int
+
+
+class TokenDefect(Struct, frozen=True, kw_only=True):
+    """Why a token was refused: a reason code of schemas.reasons and a human detail."""
+
+    code: str
+    detail: str
+
+
+def verify(token: str, keys: jwt.PyJWKSet, now: datetime) -> Claims | TokenDefect:
+    """Verify a bearer token at time `now`; every defect has its own code."""
+    if not token:
+        return TokenDefect(code="token_missing", detail="no bearer token")
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError as exc:
+        return TokenDefect(code="token_malformed", detail=str(exc))
+    if header.get("alg") != "EdDSA":
+        return TokenDefect(code="token_bad_algorithm", detail=f"alg {header.get('alg')!r} is not EdDSA")
+    kid = header.get("kid")
+    try:
+        key = keys[str(kid)]
+    except KeyError:
+        return TokenDefect(code="token_unknown_key", detail=f"unknown kid {kid!r}")
+    try:
+        claims = jwt.decode(
+            token,
+            key=key,
+            algorithms=["EdDSA"],
+            audience=AUDIENCE,
+            issuer=ISSUER,
+            options={"verify_exp": False, "verify_nbf": False, "verify_iat": False, "require": list(REQUIRED)},
+        )
+    except jwt.MissingRequiredClaimError as exc:
+        return TokenDefect(code="token_missing_claim", detail=str(exc))
+    except jwt.InvalidSignatureError as exc:
+        return TokenDefect(code="token_bad_signature", detail=str(exc))
+    except jwt.InvalidAlgorithmError as exc:
+        return TokenDefect(code="token_bad_algorithm", detail=str(exc))
+    except jwt.PyJWTError as exc:
+        return TokenDefect(code="token_malformed", detail=str(exc))
+    return _check_times(claims, int(now.timestamp()))
+
+
+def _check_times(claims: dict[str, object], now: int) -> Claims | TokenDefect:
+    exp, iat, nbf = claims.get("exp"), claims.get("iat"), claims.get("nbf", claims.get("iat"))
+    if not all(isinstance(v, int) for v in (exp, iat, nbf)):
+        return TokenDefect(code="token_malformed", detail="exp, iat and nbf must be integers")
+    assert isinstance(exp, int) and isinstance(nbf, int)
+    if now > exp + LEEWAY_S:
+        return TokenDefect(code="token_expired", detail=f"expired at {exp}")
+    if now + LEEWAY_S < nbf:
+        return TokenDefect(code="token_not_yet_valid", detail=f"valid from {nbf}")
+    team, sub, jti, roles = claims.get("team"), claims.get("sub"), claims.get("jti"), claims.get("roles", [])
+    if not (isinstance(team, str) and team and isinstance(sub, str) and isinstance(jti, str)):
+        return TokenDefect(code="token_missing_claim", detail="sub, team and jti must be non-empty strings")
+    if not (isinstance(roles, list) and all(isinstance(r, str) for r in roles)):
+        return TokenDefect(code="token_malformed", detail="roles must be a list of strings")
+    return Claims(subject=sub, team=team, roles=tuple(roles), token_id=jti, expires_at=exp)

@@ -1,0 +1,191 @@
+"""Bus plumbing every shell shares: the stream and consumers, publishing, and the pull loop.
+
+Error tree of a message's handling (STYLE §5):
+
+    Exception
+     ├── codec.DecodeError     bad bytes: MessageRejected is published, the message is acked
+     └── anything else         infrastructure or a bug: nak with backoff; after MAX_DELIVER
+                               attempts a terminal RequestFailed goes out and it is acked
+
+Nothing is dropped silently and no message stops a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+
+import msgspec
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, NotFoundError
+
+from ..schemas import codec, subjects
+from ..schemas.events import AnyEvent, MessageRejected, RequestFailed, Reservation, envelope
+
+log = logging.getLogger("enclave_gateway.bus")
+
+MAX_DELIVER = 5
+BACKOFF_S = (0.2, 1.0, 3.0, 6.0)
+TERMINAL = (
+    "gw.evt.request.denied.>",
+    "gw.evt.budget.rejected.>",
+    "gw.evt.route.unavailable.>",
+    "gw.evt.invocation.completed.>",
+    "gw.evt.invocation.failed.>",
+    "gw.evt.request.failed",
+)
+
+
+class ConsumerSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A durable pull consumer; its name is the service's (STYLE §2)."""
+
+    filters: tuple[str, ...]
+    ack_wait_s: float = 30.0
+    max_ack_pending: int = 10_000
+
+
+CONSUMERS: dict[str, ConsumerSpec] = {
+    "authz": ConsumerSpec(filters=("gw.evt.request.submitted",)),
+    "budget": ConsumerSpec(filters=("gw.evt.request.authorized.>", "gw.evt.invocation.>",
+                                    "gw.evt.route.unavailable.>", "gw.evt.request.failed")),
+    "router": ConsumerSpec(filters=("gw.evt.ledger.reserved.>",)),
+    "invoker": ConsumerSpec(filters=("gw.evt.route.selected.>",), ack_wait_s=180.0),
+    "edge": ConsumerSpec(filters=TERMINAL),
+    "auditor": ConsumerSpec(filters=(subjects.ALL_EVENTS,), max_ack_pending=50_000),
+}
+
+
+def now_utc() -> datetime:
+    """The shells' clock; deciders receive it as an argument."""
+    return datetime.now(UTC)
+
+
+async def connect(url: str, name: str) -> Client:
+    """A connection that keeps trying to reconnect rather than giving up on a restart."""
+    return await nats.connect(url, name=f"gw-{name}", max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+
+
+async def ensure_topology(js: JetStreamContext) -> None:
+    """Create or update the stream GW_EVENTS and every service's durable consumer."""
+    config = StreamConfig(
+        name=subjects.STREAM, subjects=[subjects.ALL_EVENTS], storage=StorageType.FILE, deny_delete=True,
+        deny_purge=True, allow_direct=True, duplicate_window=120.0,
+    )
+    try:
+        await js.stream_info(subjects.STREAM)
+        await js.update_stream(config)
+    except NotFoundError:
+        await js.add_stream(config)
+    for name, spec in CONSUMERS.items():
+        await js.add_consumer(subjects.STREAM, consumer_config(name, spec))
+
+
+def consumer_config(name: str, spec: ConsumerSpec) -> ConsumerConfig:
+    """The JetStream config of a service's consumer."""
+    one = len(spec.filters) == 1
+    return ConsumerConfig(
+        durable_name=name, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+        max_deliver=MAX_DELIVER, ack_wait=spec.ack_wait_s, max_ack_pending=spec.max_ack_pending,
+        filter_subject=spec.filters[0] if one else None, filter_subjects=None if one else list(spec.filters),
+    )
+
+
+async def publish(js: JetStreamContext, event: AnyEvent, headers: dict[str, str] | None = None) -> int:
+    """Publish an event with `Nats-Msg-Id` = its id, so a republish is deduplicated; returns its seq."""
+    hdrs = {"Nats-Msg-Id": event.event_id, **(headers or {})}
+    ack = await js.publish(subjects.for_event(event), codec.encode(event), headers=hdrs)
+    return int(ack.seq)
+
+
+Handler = Callable[[Msg], Awaitable[None]]
+
+
+async def consume(js: JetStreamContext, stage: str, handle: Handler, stop: asyncio.Event, *,
+                  batch: int = 64, sequential: bool = False) -> None:
+    """Fetch from the stage's durable consumer until `stop` is set, applying the error policy."""
+    psub = await js.pull_subscribe_bind(stage, stream=subjects.STREAM)
+    log.info("%s consuming", stage)
+    while not stop.is_set():
+        try:
+            msgs = await psub.fetch(batch, timeout=0.5)
+        except (TimeoutError, nats.errors.TimeoutError):
+            continue
+        except nats.errors.ConnectionClosedError:
+            return
+        if sequential:
+            for msg in msgs:
+                await process(js, stage, handle, msg)
+        else:
+            await asyncio.gather(*(process(js, stage, handle, m) for m in msgs))
+    await psub.unsubscribe()
+
+
+async def process(js: JetStreamContext, stage: str, handle: Handler, msg: Msg) -> None:
+    """Handle one message; never raises."""
+    try:
+        await handle(msg)
+        await msg.ack()
+    except codec.DecodeError as exc:
+        await _reject(js, stage, msg, str(exc))
+    except Exception as exc:  # infrastructure or a bug: retry, then fail the request loudly
+        delivered = msg.metadata.num_delivered
+        log.warning("%s: attempt %d on %s failed: %r", stage, delivered, msg.subject, exc)
+        if delivered >= MAX_DELIVER:
+            await _fail(js, stage, msg, exc)
+        else:
+            await _safe(msg.nak(delay=BACKOFF_S[min(delivered, len(BACKOFF_S)) - 1]))
+
+
+async def _reject(js: JetStreamContext, stage: str, msg: Msg, detail: str) -> None:
+    seq = msg.metadata.sequence.stream
+    event = MessageRejected(**envelope(f"seq-{seq}", f"rejected-by-{stage}", now_utc(), "n/a"),
+                            subject=msg.subject, stream_seq=seq, stage=stage, reason="invalid_event",
+                            detail=detail[:1000])
+    log.warning("%s: rejected %s seq %d: %s", stage, msg.subject, seq, detail)
+    if await _safe(publish(js, event)):
+        await _safe(msg.ack())
+
+
+async def _fail(js: JetStreamContext, stage: str, msg: Msg, exc: Exception) -> None:
+    try:
+        original = codec.decode_event(msg.data)
+    except codec.DecodeError:
+        await _reject(js, stage, msg, f"undecodable after {MAX_DELIVER} attempts: {exc!r}")
+        return
+    event = RequestFailed(
+        **envelope(original.request_id, f"failed-at-{stage}", now_utc(), original.policy_version),
+        stage=stage, reason="request_failed", detail=f"gave up after {MAX_DELIVER} attempts: {exc!r}"[:1000],
+        reply_to=getattr(original, "reply_to", None), reservation=_reservation_of(original),
+    )
+    if await _safe(publish(js, event)):
+        await _safe(msg.ack())
+
+
+def _reservation_of(event: AnyEvent) -> Reservation | None:
+    held = getattr(event, "reservation", None)
+    return held if isinstance(held, Reservation) else None
+
+
+async def _safe(aw: Awaitable[object]) -> bool:
+    try:
+        await aw
+    except Exception as exc:  # the message stays unacked and is redelivered: nothing is lost
+        log.error("bus operation failed: %r", exc)
+        return False
+    return True
+
+
+async def run_stages(stages: Sequence[Awaitable[None]]) -> None:
+    """Run a service's loops together; the first failure cancels the rest."""
+    async with asyncio.TaskGroup() as tg:
+        for s in stages:
+            tg.create_task(s)  # type: ignore[arg-type]
+
+
+__all__ = ["CONSUMERS", "MAX_DELIVER", "BadRequestError", "consume", "ensure_topology", "publish"]

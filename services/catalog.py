@@ -1,0 +1,50 @@
+"""Pure catalog look-ups shared by the authz, budget and router deciders."""
+
+from msgspec import Struct
+
+from ..schemas.policy import Catalog, ModelEntry
+
+
+class Resolution(Struct, frozen=True, kw_only=True):
+    """The model that will actually run, and the name it replaced, if any."""
+
+    model: ModelEntry
+    substituted_from: str | None = None
+
+
+def find(catalog: Catalog, model_id: str) -> ModelEntry | None:
+    """The entry with exactly this id."""
+    for entry in catalog.model:
+        if entry.id == model_id:
+            return entry
+    return None
+
+
+def resolve(catalog: Catalog, name: str) -> Resolution | None:
+    """Resolve an id or alias, following deprecations to their replacement (at most 8 hops)."""
+    entry = find(catalog, name)
+    if entry is None:
+        entry = next((m for m in catalog.model if name in m.aliases), None)
+    if entry is None:
+        return None
+    for _ in range(8):
+        if entry.status != "deprecated" or entry.replacement is None:
+            break
+        nxt = find(catalog, entry.replacement)
+        if nxt is None:
+            break
+        entry = nxt
+    if entry.status == "retired":
+        return None
+    return Resolution(model=entry, substituted_from=None if entry.id == name else name)
+
+
+def cost_micros(model: ModelEntry, prompt_tokens: int, completion_tokens: int) -> int:
+    """Charge for a call, rounded up per side so a reservation computed the same way bounds it."""
+    return _ceil_div(prompt_tokens * model.prompt_micros_per_1k, 1000) + _ceil_div(
+        completion_tokens * model.completion_micros_per_1k, 1000
+    )
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)

@@ -1,0 +1,141 @@
+"""Edge decisions: validate what callers send, and say what they get back. Pure.
+
+Both entries (HTTP and `gw.submit`) become the same `RequestSubmitted`; every terminal event
+becomes the same `SubmitReply`, which the HTTP edge renders in OpenAI's shapes.
+"""
+
+from datetime import datetime
+from typing import Literal
+
+import msgspec
+from msgspec import Struct
+
+from ...schemas import codec
+from ...schemas.commands import ChatBody, ChatMessage, Completion, ErrorBody, SubmitReply, Usage
+from ...schemas.events import (
+    BudgetRejected,
+    Event,
+    InvocationCompleted,
+    InvocationFailed,
+    MessageRejected,
+    RequestDenied,
+    RequestFailed,
+    RequestSubmitted,
+    ResponseDelivered,
+    RouteUnavailable,
+    envelope,
+)
+
+Terminal = RequestDenied | BudgetRejected | RouteUnavailable | InvocationCompleted | InvocationFailed | RequestFailed
+STAGE = "edge"
+
+
+class EdgeState(Struct, frozen=True):
+    """The edge keeps no decision state."""
+
+
+def initial_state() -> EdgeState:
+    """The empty state."""
+    return EdgeState()
+
+
+def evolve(state: EdgeState, event: Event) -> EdgeState:
+    """No event changes the edge's state."""
+    return state
+
+
+class OpenAIChatRequest(Struct, frozen=True, kw_only=True):
+    """The OpenAI chat-completions fields the gateway honours; others are ignored, not refused."""
+
+    model: str
+    messages: tuple[ChatMessage, ...]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    seed: int | None = None
+    stream: bool = False
+
+
+_chat_request = msgspec.json.Decoder(OpenAIChatRequest)
+
+
+def parse_openai_request(body: bytes) -> OpenAIChatRequest:
+    """Validate an HTTP body; raises codec.DecodeError naming the bad path."""
+    try:
+        req = _chat_request.decode(body)
+    except msgspec.DecodeError as exc:
+        raise codec.DecodeError(str(exc)) from exc
+    validate_chat(to_chat(req))
+    return req
+
+
+def to_chat(req: OpenAIChatRequest) -> ChatBody:
+    """The chat body the pipeline carries."""
+    return ChatBody(model=req.model, messages=req.messages, max_tokens=req.max_completion_tokens or req.max_tokens,
+                    temperature=req.temperature, seed=req.seed)
+
+
+def validate_chat(chat: ChatBody) -> None:
+    """Rules msgspec's types cannot say; raises codec.DecodeError."""
+    if not chat.model:
+        raise codec.DecodeError("`model` must not be empty")
+    if not chat.messages:
+        raise codec.DecodeError("`messages` must hold at least one message")
+    if chat.max_tokens is not None and chat.max_tokens < 1:
+        raise codec.DecodeError("`max_tokens` must be at least 1")
+
+
+def submitted(request_id: str, entry: Literal["http", "nats"], token: str, chat: ChatBody, reply_to: str,
+              now: datetime, policy_version: str) -> RequestSubmitted:
+    """The fact that a valid request entered the gateway."""
+    return RequestSubmitted(**envelope(request_id, "submit", now, policy_version), entry=entry, token=token,
+                            chat=chat, reply_to=reply_to)
+
+
+def rejected(request_id: str, subject: str, reason: str, detail: str, now: datetime,
+             policy_version: str) -> MessageRejected:
+    """The fact that bytes at an entry were refused before entering the pipeline."""
+    return MessageRejected(**envelope(request_id, "reject", now, policy_version), subject=subject, stage=STAGE,
+                           reason=reason, detail=detail)
+
+
+def reply_for(event: Terminal) -> SubmitReply:
+    """The one reply a caller gets for a terminal event."""
+    rid = event.request_id
+    match event:
+        case InvocationCompleted():
+            usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
+            return SubmitReply(request_id=rid, completion=Completion(
+                model=event.model_id, content=event.content, finish_reason=event.finish_reason, usage=usage,
+                reserved_micros=event.reservation.micros))
+        case RequestDenied():
+            return _error(rid, event.reason, event.detail, rule=event.rule)
+        case BudgetRejected():
+            msg = (f"team {event.caller.team!r} budget for {event.period or 'this period'}: requested "
+                   f"{event.requested_micros} micros, {event.remaining_micros} remaining of {event.cap_micros}")
+            return _error(rid, event.reason, msg, rule="team-spend-cap", remaining=event.remaining_micros,
+                          requested=event.requested_micros)
+        case RouteUnavailable():
+            return _error(rid, event.reason, event.detail)
+        case InvocationFailed():
+            return _error(rid, "invocation_failed", f"{event.model_id} at {event.endpoint}: {event.error}")
+        case RequestFailed():
+            return _error(rid, event.reason, f"{event.stage}: {event.detail}")
+
+
+def error_reply(request_id: str, code: str, message: str) -> SubmitReply:
+    """A reply for a request refused at the entry."""
+    return _error(request_id, code, message)
+
+
+def _error(rid: str, code: str, message: str, rule: str | None = None, remaining: int | None = None,
+           requested: int | None = None) -> SubmitReply:
+    return SubmitReply(request_id=rid, error=ErrorBody(code=code, message=message, rule=rule,
+                                                       remaining_micros=remaining, requested_micros=requested))
+
+
+def delivered(reply: SubmitReply, team: str | None, now: datetime, policy_version: str) -> ResponseDelivered:
+    """The fact that the caller got its reply."""
+    code = reply.error.code if reply.error else None
+    return ResponseDelivered(**envelope(reply.request_id, "deliver", now, policy_version),
+                             outcome="error" if reply.error else "completed", code=code, team=team)

@@ -1,0 +1,94 @@
+"""The OpenAI-compatible HTTP routes of the edge (aiohttp)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+import msgspec
+from aiohttp import web
+
+from ...schemas import codec
+from ...schemas.commands import ErrorBody, SubmitReply
+from . import decider, openai_shapes
+
+if TYPE_CHECKING:
+    from .shell import Edge
+
+_json = msgspec.json.Encoder()
+
+
+def build(edge: Edge) -> web.Application:
+    """The aiohttp application; the body limit is checked by us so the error is OpenAI-shaped."""
+    app = web.Application(client_max_size=edge.settings.max_body_bytes + 1)
+    app.router.add_post("/v1/chat/completions", lambda r: chat_completions(edge, r))
+    app.router.add_get("/v1/models", lambda r: list_models(edge, r))
+    app.router.add_get("/health", lambda r: health())
+    return app
+
+
+async def health() -> web.Response:
+    """Liveness for load balancers."""
+    return web.json_response({"status": "ok"})
+
+
+def bearer(request: web.Request) -> str:
+    """The session token from `Authorization: Bearer ...`, or ''."""
+    auth = request.headers.get("Authorization", "")
+    return auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+
+
+def _error(err: ErrorBody) -> web.Response:
+    status, body = openai_shapes.openai_error(err)
+    return web.Response(status=status, body=_json.encode(body), content_type="application/json")
+
+
+async def chat_completions(edge: Edge, request: web.Request) -> web.StreamResponse:
+    """POST /v1/chat/completions."""
+    limit = edge.settings.max_body_bytes
+    try:
+        if (request.content_length or 0) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length or 0)
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        reply = await edge.reject(uuid.uuid4().hex, "http:/v1/chat/completions", "body_too_large",
+                                  f"request body over {limit} bytes", None)
+        assert reply.error is not None
+        return _error(reply.error)
+    try:
+        req = decider.parse_openai_request(body)
+    except codec.DecodeError as exc:
+        reply = await edge.reject(uuid.uuid4().hex, "http:/v1/chat/completions", "invalid_request", str(exc), None)
+        assert reply.error is not None
+        return _error(reply.error)
+    reply = await edge.call(bearer(request), decider.to_chat(req))
+    if reply.error is not None:
+        return _error(reply.error)
+    if req.stream:
+        return await _stream(request, reply)
+    assert reply.completion is not None
+    body_out = openai_shapes.openai_completion(reply.request_id, reply.completion, int(time.time()))
+    return web.Response(body=_json.encode(body_out), content_type="application/json")
+
+
+async def _stream(request: web.Request, reply: SubmitReply) -> web.StreamResponse:
+    """Server-sent events in OpenAI's chunk format (the whole answer in one content chunk)."""
+    assert reply.completion is not None
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    for chunk in openai_shapes.openai_chunks(reply.request_id, reply.completion, int(time.time())):
+        await resp.write(b"data: " + _json.encode(chunk) + b"\n\n")
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+async def list_models(edge: Edge, request: web.Request) -> web.Response:
+    """GET /v1/models: the catalog's usable models, for a caller with a valid session."""
+    defect = edge.verify_token(bearer(request))
+    if defect is not None:
+        return _error(ErrorBody(code=defect.code, message=defect.detail))
+    data = [{"id": m.id, "object": "model", "created": 0, "owned_by": "enclave-gateway"}
+            for m in edge.bundle.catalog.model if m.status != "retired"]
+    return web.json_response({"object": "list", "data": data})

@@ -1,0 +1,60 @@
+"""Invoker shell: call the model server over a pooled HTTP connection, publish the outcome.
+
+Runs beside its model servers; `endpoints` maps the catalog's endpoint names to their addresses.
+An endpoint this invoker does not know is a failed invocation, not a crash.
+"""
+
+import asyncio
+import time
+
+import aiohttp
+from nats.aio.msg import Msg
+
+from ...schemas import codec
+from ...schemas.events import RouteSelected
+from .. import bus
+from ..settings import WorkerSettings
+from . import decider
+
+
+async def call(session: aiohttp.ClientSession, base_url: str, body: bytes, timeout_s: float) -> decider.CallOutcome:
+    """POST /v1/chat/completions; every failure becomes a CallFailed."""
+    t0 = time.perf_counter()
+    try:
+        async with session.post(f"{base_url.rstrip('/')}/v1/chat/completions", data=body,
+                                headers={"Content-Type": "application/json"},
+                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            data = await resp.read()
+            return decider.CallAnswered(status=resp.status, body=data, latency_ms=_ms(t0))
+    except TimeoutError:
+        return decider.CallFailed(error="timeout", detail=f"no answer in {timeout_s}s", latency_ms=_ms(t0))
+    except aiohttp.ClientError as exc:
+        return decider.CallFailed(error="unreachable", detail=repr(exc), latency_ms=_ms(t0))
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000.0, 3)
+
+
+async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
+    """Serve until `stop` is set."""
+    nc = await bus.connect(settings.nats_url, "invoker")
+    js = nc.jetstream()
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=60))
+
+    async def handle(msg: Msg) -> None:
+        route = codec.decode_as(msg.data, RouteSelected)
+        base_url = settings.endpoints.get(route.endpoint)
+        if base_url is None:
+            outcome: decider.CallOutcome = decider.CallFailed(
+                error="unknown_endpoint", detail=f"this invoker serves no endpoint {route.endpoint!r}", latency_ms=0.0)
+        else:
+            outcome = await call(session, base_url, decider.request_body(route), settings.invoke_timeout_s)
+        for event in decider.decide(route, outcome, route.policy_version, bus.now_utc()):
+            await bus.publish(js, event)
+
+    try:
+        await bus.consume(js, "invoker", handle, stop, batch=128)
+    finally:
+        await session.close()
+        await nc.drain()

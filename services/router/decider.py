@@ -1,0 +1,45 @@
+"""Router decider: pick the model and endpoint for a funded request (DESIGN §5).
+
+The catalog resolves aliases and deprecated names to what actually runs; `RouteSelected`
+records the substitution so a rename needs a catalog change and nothing else.
+"""
+
+from datetime import datetime
+
+from msgspec import Struct
+
+from ...schemas.events import BudgetReserved, Event, Reservation, RouteSelected, RouteUnavailable, envelope
+from ...schemas.policy import PolicyBundle
+from .. import catalog
+
+STAGE = "route"
+
+
+class RouterState(Struct, frozen=True):
+    """Routing by catalog needs no state yet (latency-aware strategies will fold completions)."""
+
+
+def initial_state() -> RouterState:
+    """The empty state."""
+    return RouterState()
+
+
+def evolve(state: RouterState, event: Event) -> RouterState:
+    """No event changes the router's state yet."""
+    return state
+
+
+def decide(event: BudgetReserved, state: RouterState, policy: PolicyBundle, now: datetime) -> list[Event]:
+    """One RouteSelected or RouteUnavailable for a reserved request."""
+    env = envelope(event.request_id, STAGE, now, policy.version)
+    held = Reservation(team=event.team, period=event.period, micros=event.amount_micros)
+    resolved = catalog.resolve(policy.catalog, event.model_id)
+    if resolved is None or not resolved.model.endpoint:
+        return [RouteUnavailable(**env, caller=event.caller, requested_model=event.chat.model,
+                                 reason="route_unavailable", reservation=held, reply_to=event.reply_to,
+                                 detail=f"no active endpoint serves {event.model_id!r}")]
+    model = resolved.model
+    substituted = event.chat.model if event.chat.model != model.id else None
+    return [RouteSelected(**env, caller=event.caller, requested_model=event.chat.model, model_id=model.id,
+                          endpoint=model.endpoint, substituted_from=substituted, max_tokens=event.max_tokens,
+                          chat=event.chat, reservation=held, reply_to=event.reply_to)]

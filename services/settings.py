@@ -1,0 +1,40 @@
+"""What a worker needs to run, handed to it by `gateway up` (or a test) as one struct."""
+
+from pathlib import Path
+
+import jwt
+import msgspec
+
+
+class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Addresses, folders and limits shared by every worker of one gateway."""
+
+    nats_url: str
+    data_dir: str
+    policy_dir: str
+    endpoints: dict[str, str] = {}
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    max_body_bytes: int = 256 * 1024
+    request_timeout_s: float = 120.0
+    invoke_timeout_s: float = 60.0
+
+    @property
+    def keys_dir(self) -> Path:
+        """Where the dev issuer keeps its key pair and the JWKS (0600)."""
+        return Path(self.data_dir) / "keys"
+
+    @property
+    def audit_dir(self) -> Path:
+        """Root of the Parquet audit snapshots."""
+        return Path(self.data_dir) / "audit"
+
+
+def jwks_path(keys_dir: Path) -> Path:
+    """The issuer public keys, by `kid`."""
+    return keys_dir / "issuer.jwks.json"
+
+
+def load_keys(keys_dir: Path) -> jwt.PyJWKSet:
+    """The issuer public keys authz and the edge verify tokens with."""
+    return jwt.PyJWKSet.from_json(jwks_path(keys_dir).read_text())
