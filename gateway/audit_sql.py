@@ -13,8 +13,10 @@ def connect(audit_dir: Path) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with `events` over every audit file (empty, typed, when none exist yet)."""
     con = duckdb.connect()
     if any((audit_dir / "events").glob("day=*/*.parquet")):
-        con.execute(f"CREATE VIEW events AS SELECT * FROM read_parquet('{events_glob(audit_dir)}', "
-                    "hive_partitioning=false, union_by_name=true)")
+        con.execute(
+            f"CREATE VIEW events AS SELECT * FROM read_parquet('{events_glob(audit_dir)}', "
+            "hive_partitioning=false, union_by_name=true)"
+        )
     else:
         con.execute("CREATE VIEW events AS SELECT NULL::BIGINT AS seq, NULL::VARCHAR AS type WHERE false")
     return con

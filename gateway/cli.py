@@ -68,8 +68,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_token_issue(args: argparse.Namespace) -> int:
     """Print a signed dev session token."""
-    print(issuer.issue(Path(args.data_dir) / "keys", subject=args.sub, team=args.team, roles=tuple(args.role),
-                       ttl_s=args.ttl))
+    print(
+        issuer.issue(
+            Path(args.data_dir) / "keys", subject=args.sub, team=args.team, roles=tuple(args.role), ttl_s=args.ttl
+        )
+    )
     return 0
 
 

@@ -35,10 +35,15 @@ def _policy_dir() -> Path:
 
 def http_chat(base: str, token: str, model: str, text: str, max_tokens: int = 16) -> tuple[int, dict[str, object]]:
     """One OpenAI-style HTTP call; returns status and JSON body."""
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": text}],
-                       "max_tokens": max_tokens, "temperature": 0}).encode()
-    req = urllib.request.Request(f"{base}/v1/chat/completions", data=body, method="POST",
-                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+    body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0}
+    ).encode()
+    req = urllib.request.Request(
+        f"{base}/v1/chat/completions",
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, json.loads(resp.read())
@@ -50,10 +55,15 @@ async def nats_chat(url: str, token: str, model: str, text: str) -> dict[str, ob
     """One request on `gw.submit`; returns the reply as a dict."""
     nc = await nats.connect(url, name="demo-batch")
     try:
-        cmd = SubmitRequest(token=token, chat=ChatBody(model=model, messages=(ChatMessage(role="user", content=text),),
-                                                       max_tokens=16, temperature=0.0))
+        cmd = SubmitRequest(
+            token=token,
+            chat=ChatBody(
+                model=model, messages=(ChatMessage(role="user", content=text),), max_tokens=16, temperature=0.0
+            ),
+        )
         msg = await nc.request(subjects.SUBMIT, codec.encode(cmd), timeout=60)
-        return json.loads(msg.data)
+        reply: dict[str, object] = json.loads(msg.data)
+        return reply
     finally:
         await nc.close()
 
@@ -140,8 +150,11 @@ def run_demo(data_dir: Path | None) -> int:
         for r in result:
             t.add_row(*("" if v is None else str(v) for v in r))
         console.print(t)
-        console.print(f"Try: gateway sql \"SELECT type, count(*) FROM events GROUP BY type\" --data-dir {data_dir}"
-                      if tmp is None else "Run `gateway demo --data-dir DIR` to keep the data and query it later.")
+        console.print(
+            f'Try: gateway sql "SELECT type, count(*) FROM events GROUP BY type" --data-dir {data_dir}'
+            if tmp is None
+            else "Run `gateway demo --data-dir DIR` to keep the data and query it later."
+        )
     finally:
         with console.status("stopping..."):
             gw.stop()

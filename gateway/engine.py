@@ -37,9 +37,27 @@ class Engine:
         """Start the server and return its base URL once /v1/models answers."""
         model = ensure_model(self.data_dir / "models")
         port = self.port or procs.free_port()
-        argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", MODEL_ALIAS,
-                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "512", "--n_threads", "1",
-                "--n_threads_batch", "1", "--verbose", "False"]
+        argv = [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(model),
+            "--model_alias",
+            MODEL_ALIAS,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "512",
+            "--n_threads",
+            "1",
+            "--n_threads_batch",
+            "1",
+            "--verbose",
+            "False",
+        ]
         self.proc = procs.spawn(argv, self.data_dir / "logs" / "llama-server.log")
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + timeout_s

@@ -36,8 +36,9 @@ def ensure_keys(keys_dir: Path) -> str:
     key_path = keys_dir / KEY_FILE
     if not key_path.exists():
         key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
         _write_private(key_path, pem)
     key = _private_key(keys_dir)
     kid = _kid(key)
@@ -60,14 +61,29 @@ def _kid(key: Ed25519PrivateKey) -> str:
     return "dev-" + raw.hex()[:16]
 
 
-def issue(keys_dir: Path, *, subject: str, team: str, roles: tuple[str, ...] = (), ttl_s: int = 3600,
-          now: int | None = None, extra: dict[str, object] | None = None) -> str:
+def issue(
+    keys_dir: Path,
+    *,
+    subject: str,
+    team: str,
+    roles: tuple[str, ...] = (),
+    ttl_s: int = 3600,
+    now: int | None = None,
+    extra: dict[str, object] | None = None,
+) -> str:
     """A signed session token for `subject` of `team`."""
     kid = ensure_keys(keys_dir)
     iat = int(time.time()) if now is None else now
     claims: dict[str, object] = {
-        "iss": ISSUER, "aud": AUDIENCE, "sub": subject, "team": team, "roles": list(roles),
-        "iat": iat, "nbf": iat, "exp": iat + ttl_s, "jti": uuid.uuid4().hex,
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": subject,
+        "team": team,
+        "roles": list(roles),
+        "iat": iat,
+        "nbf": iat,
+        "exp": iat + ttl_s,
+        "jti": uuid.uuid4().hex,
     }
     claims.update(extra or {})
     return jwt.encode(claims, _private_key(keys_dir), algorithm="EdDSA", headers={"kid": kid})

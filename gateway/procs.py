@@ -24,8 +24,9 @@ def spawn(argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None
     """Start a child whose output goes to `log_path` and that gets SIGTERM if we die."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its life
-    return subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            preexec_fn=_die_with_parent, env=env)
+    return subprocess.Popen(
+        list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, env=env
+    )
 
 
 def stop(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:

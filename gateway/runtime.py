@@ -29,8 +29,17 @@ async def _setup_topology(url: str) -> None:
 class Gateway:
     """Start with `with Gateway(...)`; everything stops on exit, children first, broker last."""
 
-    def __init__(self, data_dir: Path, policy_dir: Path, *, nats_port: int, http_port: int,
-                 endpoints: dict[str, str], serve_tiny: str | None, max_body_bytes: int = 256 * 1024) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        policy_dir: Path,
+        *,
+        nats_port: int,
+        http_port: int,
+        endpoints: dict[str, str],
+        serve_tiny: str | None,
+        max_body_bytes: int = 256 * 1024,
+    ) -> None:
         self.data_dir, self.policy_dir = data_dir.resolve(), policy_dir.resolve()
         self.nats_port, self.http_port, self.max_body_bytes = nats_port, http_port, max_body_bytes
         self.endpoints, self.serve_tiny = dict(endpoints), serve_tiny
@@ -43,10 +52,15 @@ class Gateway:
     def from_config(cls, path: Path, nats_port: int | None, http_port: int | None) -> Gateway:
         """A gateway as `gateway.toml` describes it."""
         cfg = config.load(path)
-        return cls(Path(cfg.data_dir), Path(cfg.policy_dir), nats_port=nats_port or cfg.nats.port,
-                   http_port=http_port or cfg.http.port, endpoints=cfg.endpoints,
-                   serve_tiny=cfg.engine.endpoint if cfg.engine.serve_tiny else None,
-                   max_body_bytes=cfg.http.max_body_bytes)
+        return cls(
+            Path(cfg.data_dir),
+            Path(cfg.policy_dir),
+            nats_port=nats_port or cfg.nats.port,
+            http_port=http_port or cfg.http.port,
+            endpoints=cfg.endpoints,
+            serve_tiny=cfg.engine.endpoint if cfg.engine.serve_tiny else None,
+            max_body_bytes=cfg.http.max_body_bytes,
+        )
 
     def start(self) -> None:
         """Broker, engine, keys, topology, workers; returns once every worker consumes."""
@@ -57,9 +71,14 @@ class Gateway:
         asyncio.run(_setup_topology(self.nats_url))
         port = self.http_port or procs.free_port()
         self.http_url = f"http://127.0.0.1:{port}"
-        self.settings = WorkerSettings(nats_url=self.nats_url, data_dir=str(self.data_dir),
-                                       policy_dir=str(self.policy_dir), endpoints=self.endpoints,
-                                       http_port=port, max_body_bytes=self.max_body_bytes)
+        self.settings = WorkerSettings(
+            nats_url=self.nats_url,
+            data_dir=str(self.data_dir),
+            policy_dir=str(self.policy_dir),
+            endpoints=self.endpoints,
+            http_port=port,
+            max_body_bytes=self.max_body_bytes,
+        )
         self.workers = supervisor.spawn_workers(self.settings)
         for name, proc in self.workers.items():
             procs.wait_for_line(self.data_dir / "logs" / f"{name}.log", f"{name} consuming", proc, 60.0)
@@ -108,8 +127,15 @@ async def status_rows(data_dir: Path) -> tuple[list[str], list[tuple[object, ...
         rows: list[tuple[object, ...]] = [("(stream)", info.state.messages, "", "", info.state.bytes)]
         for name in bus.CONSUMERS:
             ci = await js.consumer_info("GW_EVENTS", name)
-            rows.append((name, ci.delivered.stream_seq if ci.delivered else 0, ci.num_pending, ci.num_ack_pending,
-                         ci.num_redelivered))
+            rows.append(
+                (
+                    name,
+                    ci.delivered.stream_seq if ci.delivered else 0,
+                    ci.num_pending,
+                    ci.num_ack_pending,
+                    ci.num_redelivered,
+                )
+            )
         return ["consumer", "delivered seq / messages", "pending", "unacked", "redelivered / bytes"], rows
     finally:
         await nc.close()

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 
 import msgspec
 
+from . import procs
 from .services.auditor import shell as auditor
 from .services.authz import shell as authz
 from .services.budget import shell as budget
@@ -17,12 +18,15 @@ from .services.edge import shell as edge
 from .services.invoker import shell as invoker
 from .services.router import shell as router
 from .services.settings import WorkerSettings
-from . import procs
 
-Runner = Callable[[WorkerSettings, asyncio.Event], Awaitable[None]]
+Runner = Callable[[WorkerSettings, asyncio.Event], Coroutine[None, None, None]]
 SERVICES: dict[str, Runner] = {
-    "edge": edge.run, "authz": authz.run, "budget": budget.run, "router": router.run,
-    "invoker": invoker.run, "auditor": auditor.run,
+    "edge": edge.run,
+    "authz": authz.run,
+    "budget": budget.run,
+    "router": router.run,
+    "invoker": invoker.run,
+    "auditor": auditor.run,
 }
 
 
@@ -47,8 +51,12 @@ def spawn_workers(settings: WorkerSettings, names: list[str] | None = None) -> d
     """One `gateway worker NAME` process per service."""
     path = write_settings(settings)
     logs = Path(settings.data_dir) / "logs"
-    return {name: procs.spawn([sys.executable, "-m", "enclave_gateway.cli", "worker", name, "--settings", str(path)],
-                              logs / f"{name}.log") for name in (names or list(SERVICES))}
+    return {
+        name: procs.spawn(
+            [sys.executable, "-m", "enclave_gateway.cli", "worker", name, "--settings", str(path)], logs / f"{name}.log"
+        )
+        for name in (names or list(SERVICES))
+    }
 
 
 async def run_all(settings: WorkerSettings, stop: asyncio.Event, names: list[str] | None = None) -> None:

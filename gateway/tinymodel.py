@@ -74,7 +74,7 @@ def generate(path: Path, seed: int = 7) -> Path:
     n_vocab = len(tokens)
     rng = np.random.default_rng(seed)
 
-    def rand(*shape: int, scale: float = 0.08) -> np.ndarray:  # type: ignore[type-arg]
+    def rand(*shape: int, scale: float = 0.08) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
     w = GGUFWriter(str(path), "llama")

@@ -52,8 +52,14 @@ class ConsumerSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 CONSUMERS: dict[str, ConsumerSpec] = {
     "authz": ConsumerSpec(filters=("gw.evt.request.submitted",)),
-    "budget": ConsumerSpec(filters=("gw.evt.request.authorized.>", "gw.evt.invocation.>",
-                                    "gw.evt.route.unavailable.>", "gw.evt.request.failed")),
+    "budget": ConsumerSpec(
+        filters=(
+            "gw.evt.request.authorized.>",
+            "gw.evt.invocation.>",
+            "gw.evt.route.unavailable.>",
+            "gw.evt.request.failed",
+        )
+    ),
     "router": ConsumerSpec(filters=("gw.evt.ledger.reserved.>",)),
     "invoker": ConsumerSpec(filters=("gw.evt.route.selected.>",), ack_wait_s=180.0),
     "edge": ConsumerSpec(filters=TERMINAL),
@@ -71,11 +77,24 @@ async def connect(url: str, name: str) -> Client:
     return await nats.connect(url, name=f"gw-{name}", max_reconnect_attempts=-1, reconnect_time_wait=0.5)
 
 
+async def close(nc: Client) -> None:
+    """Drain (flush what was published, finish callbacks); close outright if that hangs."""
+    try:
+        await asyncio.wait_for(nc.drain(), 5.0)
+    except (TimeoutError, nats.errors.Error):
+        await nc.close()
+
+
 async def ensure_topology(js: JetStreamContext) -> None:
     """Create or update the stream GW_EVENTS and every service's durable consumer."""
     config = StreamConfig(
-        name=subjects.STREAM, subjects=[subjects.ALL_EVENTS], storage=StorageType.FILE, deny_delete=True,
-        deny_purge=True, allow_direct=True, duplicate_window=120.0,
+        name=subjects.STREAM,
+        subjects=[subjects.ALL_EVENTS],
+        storage=StorageType.FILE,
+        deny_delete=True,
+        deny_purge=True,
+        allow_direct=True,
+        duplicate_window=120.0,
     )
     try:
         await js.stream_info(subjects.STREAM)
@@ -90,9 +109,14 @@ def consumer_config(name: str, spec: ConsumerSpec) -> ConsumerConfig:
     """The JetStream config of a service's consumer."""
     one = len(spec.filters) == 1
     return ConsumerConfig(
-        durable_name=name, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-        max_deliver=MAX_DELIVER, ack_wait=spec.ack_wait_s, max_ack_pending=spec.max_ack_pending,
-        filter_subject=spec.filters[0] if one else None, filter_subjects=None if one else list(spec.filters),
+        durable_name=name,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        max_deliver=MAX_DELIVER,
+        ack_wait=spec.ack_wait_s,
+        max_ack_pending=spec.max_ack_pending,
+        filter_subject=spec.filters[0] if one else None,
+        filter_subjects=None if one else list(spec.filters),
     )
 
 
@@ -106,8 +130,9 @@ async def publish(js: JetStreamContext, event: AnyEvent, headers: dict[str, str]
 Handler = Callable[[Msg], Awaitable[None]]
 
 
-async def consume(js: JetStreamContext, stage: str, handle: Handler, stop: asyncio.Event, *,
-                  batch: int = 64, sequential: bool = False) -> None:
+async def consume(
+    js: JetStreamContext, stage: str, handle: Handler, stop: asyncio.Event, *, batch: int = 64, sequential: bool = False
+) -> None:
     """Fetch from the stage's durable consumer until `stop` is set, applying the error policy."""
     psub = await js.pull_subscribe_bind(stage, stream=subjects.STREAM)
     log.info("%s consuming", stage)
@@ -144,9 +169,14 @@ async def process(js: JetStreamContext, stage: str, handle: Handler, msg: Msg) -
 
 async def _reject(js: JetStreamContext, stage: str, msg: Msg, detail: str) -> None:
     seq = msg.metadata.sequence.stream
-    event = MessageRejected(**envelope(f"seq-{seq}", f"rejected-by-{stage}", now_utc(), "n/a"),
-                            subject=msg.subject, stream_seq=seq, stage=stage, reason="invalid_event",
-                            detail=detail[:1000])
+    event = MessageRejected(
+        **envelope(f"seq-{seq}", f"rejected-by-{stage}", now_utc(), "n/a"),
+        subject=msg.subject,
+        stream_seq=seq,
+        stage=stage,
+        reason="invalid_event",
+        detail=detail[:1000],
+    )
     log.warning("%s: rejected %s seq %d: %s", stage, msg.subject, seq, detail)
     if await _safe(publish(js, event)):
         await _safe(msg.ack())
@@ -160,8 +190,11 @@ async def _fail(js: JetStreamContext, stage: str, msg: Msg, exc: Exception) -> N
         return
     event = RequestFailed(
         **envelope(original.request_id, f"failed-at-{stage}", now_utc(), original.policy_version),
-        stage=stage, reason="request_failed", detail=f"gave up after {MAX_DELIVER} attempts: {exc!r}"[:1000],
-        reply_to=getattr(original, "reply_to", None), reservation=_reservation_of(original),
+        stage=stage,
+        reason="request_failed",
+        detail=f"gave up after {MAX_DELIVER} attempts: {exc!r}"[:1000],
+        reply_to=getattr(original, "reply_to", None),
+        reservation=_reservation_of(original),
     )
     if await _safe(publish(js, event)):
         await _safe(msg.ack())

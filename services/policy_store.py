@@ -48,9 +48,7 @@ def load_bundle(folder: Path) -> PolicyBundle:
 def git_commit(folder: Path) -> str | None:
     """The commit the bundle was loaded from, when it lives in a git checkout."""
     try:
-        out = subprocess.run(
-            ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None

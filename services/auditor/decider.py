@@ -99,25 +99,43 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def row_for(state: AuditorState, seq: int, subject: str, data: bytes, stored_at: datetime) -> tuple[AuditRow, AuditorState]:
+def row_for(
+    state: AuditorState, seq: int, subject: str, data: bytes, stored_at: datetime
+) -> tuple[AuditRow, AuditorState]:
     """The row for one stored message and the new chain head; undecodable bytes still get a row."""
     digest = hashlib.sha256(data).hexdigest()
     head = chain(state.head, seq, subject, digest)
     try:
         event = codec.decode_event(data)
     except codec.DecodeError as exc:
-        row = AuditRow(seq=seq, subject=subject, type="Undecodable", day=stored_at.strftime("%Y-%m-%d"),
-                       detail=str(exc)[:500], data_sha256=digest, chain_hash=head)
+        row = AuditRow(
+            seq=seq,
+            subject=subject,
+            type="Undecodable",
+            day=stored_at.strftime("%Y-%m-%d"),
+            detail=str(exc)[:500],
+            data_sha256=digest,
+            chain_hash=head,
+        )
         return row, AuditorState(seq=seq, head=head)
-    row = AuditRow(seq=seq, subject=subject, type=type(event).__name__, schema_version=event.schema_version,
-                   event_id=event.event_id, request_id=event.request_id, occurred_at=event.occurred_at,
-                   day=event.occurred_at.strftime("%Y-%m-%d"), policy_version=event.policy_version,
-                   data_sha256=digest, chain_hash=head)
+    row = AuditRow(
+        seq=seq,
+        subject=subject,
+        type=type(event).__name__,
+        schema_version=event.schema_version,
+        event_id=event.event_id,
+        request_id=event.request_id,
+        occurred_at=event.occurred_at,
+        day=event.occurred_at.strftime("%Y-%m-%d"),
+        policy_version=event.policy_version,
+        data_sha256=digest,
+        chain_hash=head,
+    )
     _fill(row, event)
     return row, AuditorState(seq=seq, head=head)
 
 
-def _fill(row: AuditRow, e: AnyEvent) -> None:  # noqa: C901 - one arm per event type
+def _fill(row: AuditRow, e: AnyEvent) -> None:
     match e:
         case RequestSubmitted():
             row.model, row.prompt_sha256 = e.chat.model, _sha("".join(m.content for m in e.chat.messages))
@@ -135,11 +153,20 @@ def _fill(row: AuditRow, e: AnyEvent) -> None:  # noqa: C901 - one arm per event
         case ResponseDelivered():
             row.outcome, row.reason, row.team = e.outcome, e.code, e.team
         case BudgetReserved():
-            row.team, row.caller, row.model_id, row.amount_micros = e.team, e.caller.subject, e.model_id, e.amount_micros
+            row.team, row.caller, row.model_id, row.amount_micros = (
+                e.team,
+                e.caller.subject,
+                e.model_id,
+                e.amount_micros,
+            )
             row.spent_micros, row.reserved_micros, row.cap_micros = e.spent_micros, e.reserved_micros, e.cap_micros
         case BudgetSettled():
             row.team, row.model_id, row.amount_micros, row.charged_micros = (
-                e.team, e.model_id, e.reserved_amount_micros, e.charged_micros)
+                e.team,
+                e.model_id,
+                e.reserved_amount_micros,
+                e.charged_micros,
+            )
             row.prompt_tokens, row.completion_tokens = e.prompt_tokens, e.completion_tokens
             row.spent_micros, row.reserved_micros, row.cap_micros = e.spent_micros, e.reserved_micros, e.cap_micros
         case BudgetReleased():
@@ -147,7 +174,11 @@ def _fill(row: AuditRow, e: AnyEvent) -> None:  # noqa: C901 - one arm per event
             row.spent_micros, row.reserved_micros, row.cap_micros = e.spent_micros, e.reserved_micros, e.cap_micros
         case BudgetRejected():
             row.team, row.caller, row.model_id, row.reason = e.caller.team, e.caller.subject, e.model_id, e.reason
-            row.amount_micros, row.remaining_micros, row.cap_micros = e.requested_micros, e.remaining_micros, e.cap_micros
+            row.amount_micros, row.remaining_micros, row.cap_micros = (
+                e.requested_micros,
+                e.remaining_micros,
+                e.cap_micros,
+            )
         case RouteSelected():
             row.team, row.model, row.model_id, row.endpoint = e.caller.team, e.requested_model, e.model_id, e.endpoint
             row.detail = f"substituted {e.substituted_from}" if e.substituted_from else None
@@ -155,7 +186,11 @@ def _fill(row: AuditRow, e: AnyEvent) -> None:  # noqa: C901 - one arm per event
             row.team, row.model, row.reason, row.detail = e.caller.team, e.requested_model, e.reason, e.detail
         case InvocationCompleted():
             row.team, row.model_id, row.endpoint = e.caller.team, e.model_id, e.endpoint
-            row.prompt_tokens, row.completion_tokens, row.latency_ms = e.prompt_tokens, e.completion_tokens, e.latency_ms
+            row.prompt_tokens, row.completion_tokens, row.latency_ms = (
+                e.prompt_tokens,
+                e.completion_tokens,
+                e.latency_ms,
+            )
             row.outcome, row.completion_sha256 = e.finish_reason, _sha(e.content)
         case InvocationFailed():
             row.team, row.model_id, row.endpoint, row.reason = e.caller.team, e.model_id, e.endpoint, e.error

@@ -18,18 +18,41 @@ import pyarrow.parquet as pq
 
 from .decider import AuditorState, AuditRow
 
-SCHEMA = pa.schema([
-    ("seq", pa.int64()), ("subject", pa.string()), ("type", pa.string()), ("schema_version", pa.int32()),
-    ("event_id", pa.string()), ("request_id", pa.string()), ("occurred_at", pa.timestamp("us", tz="UTC")),
-    ("day", pa.string()), ("policy_version", pa.string()), ("team", pa.string()), ("caller", pa.string()),
-    ("model", pa.string()), ("model_id", pa.string()), ("endpoint", pa.string()), ("reason", pa.string()),
-    ("rule", pa.string()), ("detail", pa.string()), ("prompt_tokens", pa.int64()),
-    ("completion_tokens", pa.int64()), ("amount_micros", pa.int64()), ("charged_micros", pa.int64()),
-    ("spent_micros", pa.int64()), ("reserved_micros", pa.int64()), ("cap_micros", pa.int64()),
-    ("remaining_micros", pa.int64()), ("latency_ms", pa.float64()), ("outcome", pa.string()),
-    ("prompt_sha256", pa.string()), ("completion_sha256", pa.string()), ("data_sha256", pa.string()),
-    ("chain_hash", pa.string()),
-])
+SCHEMA = pa.schema(
+    [
+        ("seq", pa.int64()),
+        ("subject", pa.string()),
+        ("type", pa.string()),
+        ("schema_version", pa.int32()),
+        ("event_id", pa.string()),
+        ("request_id", pa.string()),
+        ("occurred_at", pa.timestamp("us", tz="UTC")),
+        ("day", pa.string()),
+        ("policy_version", pa.string()),
+        ("team", pa.string()),
+        ("caller", pa.string()),
+        ("model", pa.string()),
+        ("model_id", pa.string()),
+        ("endpoint", pa.string()),
+        ("reason", pa.string()),
+        ("rule", pa.string()),
+        ("detail", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("amount_micros", pa.int64()),
+        ("charged_micros", pa.int64()),
+        ("spent_micros", pa.int64()),
+        ("reserved_micros", pa.int64()),
+        ("cap_micros", pa.int64()),
+        ("remaining_micros", pa.int64()),
+        ("latency_ms", pa.float64()),
+        ("outcome", pa.string()),
+        ("prompt_sha256", pa.string()),
+        ("completion_sha256", pa.string()),
+        ("data_sha256", pa.string()),
+        ("chain_hash", pa.string()),
+    ]
+)
 
 
 def events_glob(audit_dir: Path) -> str:
@@ -59,8 +82,10 @@ def resume_state(audit_dir: Path) -> AuditorState:
     """The chain head recorded in the newest row, so a restarted auditor continues the chain."""
     if not any((audit_dir / "events").glob("day=*/*.parquet")):
         return AuditorState()
-    row = duckdb.sql(
+    con = duckdb.connect()
+    row = con.execute(
         f"SELECT seq, chain_hash FROM read_parquet('{events_glob(audit_dir)}', hive_partitioning=false) "
         "ORDER BY seq DESC LIMIT 1"
     ).fetchone()
+    con.close()
     return AuditorState() if row is None else AuditorState(seq=int(row[0]), head=str(row[1]))

@@ -56,5 +56,6 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
                 await flush()
                 first_at = 0.0
         await flush()
+        await psub.unsubscribe()
     finally:
-        await nc.drain()
+        await bus.close(nc)

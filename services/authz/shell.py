@@ -30,4 +30,4 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
     try:
         await bus.consume(js, "authz", handle, stop)
     finally:
-        await nc.drain()
+        await bus.close(nc)

@@ -11,6 +11,7 @@ from msgspec import Struct
 
 from ...schemas.commands import ChatBody
 from ...schemas.events import (
+    AnyEvent,
     BudgetRejected,
     BudgetReleased,
     BudgetReserved,
@@ -89,7 +90,7 @@ def _with_totals(state: BudgetState, event: LedgerTotals, open_: dict[str, Reser
     return BudgetState(ledgers={**state.ledgers, key: totals}, open=open_)
 
 
-def decide(event: BudgetInput, state: BudgetState, policy: PolicyBundle, now: datetime) -> list[Event]:
+def decide(event: BudgetInput, state: BudgetState, policy: PolicyBundle, now: datetime) -> list[AnyEvent]:
     """Decide the ledger fact an event calls for; redeliveries decide nothing (idempotent)."""
     match event:
         case RequestAuthorized():
@@ -100,7 +101,7 @@ def decide(event: BudgetInput, state: BudgetState, policy: PolicyBundle, now: da
             return _release(event, state, policy, now)
 
 
-def _reserve(event: RequestAuthorized, state: BudgetState, policy: PolicyBundle, now: datetime) -> list[Event]:
+def _reserve(event: RequestAuthorized, state: BudgetState, policy: PolicyBundle, now: datetime) -> list[AnyEvent]:
     if event.request_id in state.open:
         return []
     env = envelope(event.request_id, "reserve", now, policy.version)
@@ -108,25 +109,57 @@ def _reserve(event: RequestAuthorized, state: BudgetState, policy: PolicyBundle,
     budget = policy.budgets.teams.get(team)
     model = catalog.find(policy.catalog, event.model_id)
     if budget is None or model is None:
-        return [BudgetRejected(**env, caller=event.caller, model_id=event.model_id, period="", requested_micros=0,
-                               remaining_micros=0, cap_micros=0, reason="budget_not_configured",
-                               reply_to=event.reply_to)]
+        return [
+            BudgetRejected(
+                **env,
+                caller=event.caller,
+                model_id=event.model_id,
+                period="",
+                requested_micros=0,
+                remaining_micros=0,
+                cap_micros=0,
+                reason="budget_not_configured",
+                reply_to=event.reply_to,
+            )
+        ]
     period = period_of(budget.period, now)
     totals = state.ledgers.get(ledger_key(team, period), Totals())
     max_tokens = effective_max_tokens(model, event.chat)
     amount = catalog.cost_micros(model, worst_case_prompt_tokens(model, event.chat), max_tokens)
     remaining = budget.cap_micros - totals.spent - totals.reserved
     if amount > remaining:
-        return [BudgetRejected(**env, caller=event.caller, model_id=model.id, period=period,
-                               requested_micros=amount, remaining_micros=remaining, cap_micros=budget.cap_micros,
-                               reason="budget_exceeded", reply_to=event.reply_to)]
-    return [BudgetReserved(**env, team=team, period=period, spent_micros=totals.spent,
-                           reserved_micros=totals.reserved + amount, cap_micros=budget.cap_micros,
-                           caller=event.caller, model_id=model.id, amount_micros=amount, max_tokens=max_tokens,
-                           chat=event.chat, reply_to=event.reply_to)]
+        return [
+            BudgetRejected(
+                **env,
+                caller=event.caller,
+                model_id=model.id,
+                period=period,
+                requested_micros=amount,
+                remaining_micros=remaining,
+                cap_micros=budget.cap_micros,
+                reason="budget_exceeded",
+                reply_to=event.reply_to,
+            )
+        ]
+    return [
+        BudgetReserved(
+            **env,
+            team=team,
+            period=period,
+            spent_micros=totals.spent,
+            reserved_micros=totals.reserved + amount,
+            cap_micros=budget.cap_micros,
+            caller=event.caller,
+            model_id=model.id,
+            amount_micros=amount,
+            max_tokens=max_tokens,
+            chat=event.chat,
+            reply_to=event.reply_to,
+        )
+    ]
 
 
-def _settle(event: InvocationCompleted, state: BudgetState, policy: PolicyBundle, now: datetime) -> list[Event]:
+def _settle(event: InvocationCompleted, state: BudgetState, policy: PolicyBundle, now: datetime) -> list[AnyEvent]:
     held = state.open.get(event.request_id)
     model = catalog.find(policy.catalog, event.model_id)
     if held is None:
@@ -136,23 +169,42 @@ def _settle(event: InvocationCompleted, state: BudgetState, policy: PolicyBundle
     # its cap: the charge stops at what was reserved (DESIGN §4 invariant).
     charged = min(actual, held.micros)
     totals = state.ledgers.get(ledger_key(held.team, held.period), Totals())
-    return [BudgetSettled(**envelope(event.request_id, "settle", now, policy.version), team=held.team,
-                          period=held.period, spent_micros=totals.spent + charged,
-                          reserved_micros=max(0, totals.reserved - held.micros), cap_micros=_cap(policy, held.team),
-                          model_id=event.model_id, reserved_amount_micros=held.micros, charged_micros=charged,
-                          prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)]
+    return [
+        BudgetSettled(
+            **envelope(event.request_id, "settle", now, policy.version),
+            team=held.team,
+            period=held.period,
+            spent_micros=totals.spent + charged,
+            reserved_micros=max(0, totals.reserved - held.micros),
+            cap_micros=_cap(policy, held.team),
+            model_id=event.model_id,
+            reserved_amount_micros=held.micros,
+            charged_micros=charged,
+            prompt_tokens=event.prompt_tokens,
+            completion_tokens=event.completion_tokens,
+        )
+    ]
 
 
-def _release(event: InvocationFailed | RouteUnavailable | RequestFailed, state: BudgetState,
-             policy: PolicyBundle, now: datetime) -> list[Event]:
+def _release(
+    event: InvocationFailed | RouteUnavailable | RequestFailed, state: BudgetState, policy: PolicyBundle, now: datetime
+) -> list[AnyEvent]:
     held = state.open.get(event.request_id)
     if held is None:
         return []
     totals = state.ledgers.get(ledger_key(held.team, held.period), Totals())
-    return [BudgetReleased(**envelope(event.request_id, "release", now, policy.version), team=held.team,
-                           period=held.period, spent_micros=totals.spent,
-                           reserved_micros=max(0, totals.reserved - held.micros), cap_micros=_cap(policy, held.team),
-                           amount_micros=held.micros, reason=type(event).__name__)]
+    return [
+        BudgetReleased(
+            **envelope(event.request_id, "release", now, policy.version),
+            team=held.team,
+            period=held.period,
+            spent_micros=totals.spent,
+            reserved_micros=max(0, totals.reserved - held.micros),
+            cap_micros=_cap(policy, held.team),
+            amount_micros=held.micros,
+            reason=type(event).__name__,
+        )
+    ]
 
 
 def _cap(policy: PolicyBundle, team: str) -> int:

@@ -47,8 +47,9 @@ class LedgerStore:
         count = 0
         while until is None or seq < until:
             try:
-                raw = await self.js.get_msg(subjects.STREAM, seq=seq + 1, subject=filter_subject, next=True,
-                                            direct=True)
+                raw = await self.js.get_msg(
+                    subjects.STREAM, seq=seq + 1, subject=filter_subject, next=True, direct=True
+                )
             except NotFoundError:
                 break
             seq = int(raw.seq or 0)

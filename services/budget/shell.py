@@ -45,8 +45,9 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
 
     async def handle(msg: Msg) -> None:
         event = codec.decode_event(msg.data)
-        if not isinstance(event, RequestAuthorized | InvocationCompleted | InvocationFailed | RouteUnavailable
-                          | RequestFailed):
+        if not isinstance(
+            event, RequestAuthorized | InvocationCompleted | InvocationFailed | RouteUnavailable | RequestFailed
+        ):
             raise codec.DecodeError(f"budget does not take {type(event).__name__}")
         team = team_of(event)
         if team is None:
@@ -58,7 +59,7 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
                     if isinstance(out, LedgerEvent):
                         await store.write(out)
                     else:
-                        await bus.publish(js, out)  # type: ignore[arg-type]
+                        await bus.publish(js, out)
                 return
             except LedgerConflict:
                 continue
@@ -67,4 +68,4 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
     try:
         await bus.consume(js, "budget", handle, stop, sequential=True)
     finally:
-        await nc.drain()
+        await bus.close(nc)

@@ -71,8 +71,13 @@ def parse_openai_request(body: bytes) -> OpenAIChatRequest:
 
 def to_chat(req: OpenAIChatRequest) -> ChatBody:
     """The chat body the pipeline carries."""
-    return ChatBody(model=req.model, messages=req.messages, max_tokens=req.max_completion_tokens or req.max_tokens,
-                    temperature=req.temperature, seed=req.seed)
+    return ChatBody(
+        model=req.model,
+        messages=req.messages,
+        max_tokens=req.max_completion_tokens or req.max_tokens,
+        temperature=req.temperature,
+        seed=req.seed,
+    )
 
 
 def validate_chat(chat: ChatBody) -> None:
@@ -85,18 +90,32 @@ def validate_chat(chat: ChatBody) -> None:
         raise codec.DecodeError("`max_tokens` must be at least 1")
 
 
-def submitted(request_id: str, entry: Literal["http", "nats"], token: str, chat: ChatBody, reply_to: str,
-              now: datetime, policy_version: str) -> RequestSubmitted:
+def submitted(
+    request_id: str,
+    entry: Literal["http", "nats"],
+    token: str,
+    chat: ChatBody,
+    reply_to: str,
+    now: datetime,
+    policy_version: str,
+) -> RequestSubmitted:
     """The fact that a valid request entered the gateway."""
-    return RequestSubmitted(**envelope(request_id, "submit", now, policy_version), entry=entry, token=token,
-                            chat=chat, reply_to=reply_to)
+    return RequestSubmitted(
+        **envelope(request_id, "submit", now, policy_version), entry=entry, token=token, chat=chat, reply_to=reply_to
+    )
 
 
-def rejected(request_id: str, subject: str, reason: str, detail: str, now: datetime,
-             policy_version: str) -> MessageRejected:
+def rejected(
+    request_id: str, subject: str, reason: str, detail: str, now: datetime, policy_version: str
+) -> MessageRejected:
     """The fact that bytes at an entry were refused before entering the pipeline."""
-    return MessageRejected(**envelope(request_id, "reject", now, policy_version), subject=subject, stage=STAGE,
-                           reason=reason, detail=detail)
+    return MessageRejected(
+        **envelope(request_id, "reject", now, policy_version),
+        subject=subject,
+        stage=STAGE,
+        reason=reason,
+        detail=detail,
+    )
 
 
 def reply_for(event: Terminal) -> SubmitReply:
@@ -105,16 +124,31 @@ def reply_for(event: Terminal) -> SubmitReply:
     match event:
         case InvocationCompleted():
             usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
-            return SubmitReply(request_id=rid, completion=Completion(
-                model=event.model_id, content=event.content, finish_reason=event.finish_reason, usage=usage,
-                reserved_micros=event.reservation.micros))
+            return SubmitReply(
+                request_id=rid,
+                completion=Completion(
+                    model=event.model_id,
+                    content=event.content,
+                    finish_reason=event.finish_reason,
+                    usage=usage,
+                    reserved_micros=event.reservation.micros,
+                ),
+            )
         case RequestDenied():
             return _error(rid, event.reason, event.detail, rule=event.rule)
         case BudgetRejected():
-            msg = (f"team {event.caller.team!r} budget for {event.period or 'this period'}: requested "
-                   f"{event.requested_micros} micros, {event.remaining_micros} remaining of {event.cap_micros}")
-            return _error(rid, event.reason, msg, rule="team-spend-cap", remaining=event.remaining_micros,
-                          requested=event.requested_micros)
+            msg = (
+                f"team {event.caller.team!r} budget for {event.period or 'this period'}: requested "
+                f"{event.requested_micros} micros, {event.remaining_micros} remaining of {event.cap_micros}"
+            )
+            return _error(
+                rid,
+                event.reason,
+                msg,
+                rule="team-spend-cap",
+                remaining=event.remaining_micros,
+                requested=event.requested_micros,
+            )
         case RouteUnavailable():
             return _error(rid, event.reason, event.detail)
         case InvocationFailed():
@@ -123,19 +157,42 @@ def reply_for(event: Terminal) -> SubmitReply:
             return _error(rid, event.reason, f"{event.stage}: {event.detail}")
 
 
+def team_of(event: Terminal) -> str | None:
+    """The team a terminal event belongs to, when the caller was identified."""
+    match event:
+        case RequestDenied():
+            return event.caller.team if event.caller else None
+        case RequestFailed():
+            return event.reservation.team if event.reservation else None
+        case _:
+            return event.caller.team
+
+
 def error_reply(request_id: str, code: str, message: str) -> SubmitReply:
     """A reply for a request refused at the entry."""
     return _error(request_id, code, message)
 
 
-def _error(rid: str, code: str, message: str, rule: str | None = None, remaining: int | None = None,
-           requested: int | None = None) -> SubmitReply:
-    return SubmitReply(request_id=rid, error=ErrorBody(code=code, message=message, rule=rule,
-                                                       remaining_micros=remaining, requested_micros=requested))
+def _error(
+    rid: str,
+    code: str,
+    message: str,
+    rule: str | None = None,
+    remaining: int | None = None,
+    requested: int | None = None,
+) -> SubmitReply:
+    return SubmitReply(
+        request_id=rid,
+        error=ErrorBody(code=code, message=message, rule=rule, remaining_micros=remaining, requested_micros=requested),
+    )
 
 
 def delivered(reply: SubmitReply, team: str | None, now: datetime, policy_version: str) -> ResponseDelivered:
     """The fact that the caller got its reply."""
     code = reply.error.code if reply.error else None
-    return ResponseDelivered(**envelope(reply.request_id, "deliver", now, policy_version),
-                             outcome="error" if reply.error else "completed", code=code, team=team)
+    return ResponseDelivered(
+        **envelope(reply.request_id, "deliver", now, policy_version),
+        outcome="error" if reply.error else "completed",
+        code=code,
+        team=team,
+    )

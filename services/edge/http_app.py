@@ -22,9 +22,19 @@ _json = msgspec.json.Encoder()
 def build(edge: Edge) -> web.Application:
     """The aiohttp application; the body limit is checked by us so the error is OpenAI-shaped."""
     app = web.Application(client_max_size=edge.settings.max_body_bytes + 1)
-    app.router.add_post("/v1/chat/completions", lambda r: chat_completions(edge, r))
-    app.router.add_get("/v1/models", lambda r: list_models(edge, r))
-    app.router.add_get("/health", lambda r: health())
+
+    async def post_chat(request: web.Request) -> web.StreamResponse:
+        return await chat_completions(edge, request)
+
+    async def get_models(request: web.Request) -> web.Response:
+        return await list_models(edge, request)
+
+    async def get_health(request: web.Request) -> web.Response:
+        return await health()
+
+    app.router.add_post("/v1/chat/completions", post_chat)
+    app.router.add_get("/v1/models", get_models)
+    app.router.add_get("/health", get_health)
     return app
 
 
@@ -52,8 +62,9 @@ async def chat_completions(edge: Edge, request: web.Request) -> web.StreamRespon
             raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length or 0)
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        reply = await edge.reject(uuid.uuid4().hex, "http:/v1/chat/completions", "body_too_large",
-                                  f"request body over {limit} bytes", None)
+        reply = await edge.reject(
+            uuid.uuid4().hex, "http:/v1/chat/completions", "body_too_large", f"request body over {limit} bytes", None
+        )
         assert reply.error is not None
         return _error(reply.error)
     try:
@@ -89,6 +100,9 @@ async def list_models(edge: Edge, request: web.Request) -> web.Response:
     defect = edge.verify_token(bearer(request))
     if defect is not None:
         return _error(ErrorBody(code=defect.code, message=defect.detail))
-    data = [{"id": m.id, "object": "model", "created": 0, "owned_by": "enclave-gateway"}
-            for m in edge.bundle.catalog.model if m.status != "retired"]
+    data = [
+        {"id": m.id, "object": "model", "created": 0, "owned_by": "enclave-gateway"}
+        for m in edge.bundle.catalog.model
+        if m.status != "retired"
+    ]
     return web.json_response({"object": "list", "data": data})

@@ -29,9 +29,16 @@ class OpenAIErrorEnvelope(Struct, frozen=True):
 def openai_error(err: ErrorBody) -> tuple[int, OpenAIErrorEnvelope]:
     """HTTP status and body for a refusal."""
     status = http_status(err.code)
-    return status, OpenAIErrorEnvelope(OpenAIError(
-        message=err.message, type=ERROR_TYPE.get(status, "server_error"), code=err.code, rule=err.rule,
-        remaining_micros=err.remaining_micros, requested_micros=err.requested_micros))
+    return status, OpenAIErrorEnvelope(
+        OpenAIError(
+            message=err.message,
+            type=ERROR_TYPE.get(status, "server_error"),
+            code=err.code,
+            rule=err.rule,
+            remaining_micros=err.remaining_micros,
+            requested_micros=err.requested_micros,
+        )
+    )
 
 
 class _RespMessage(Struct, frozen=True):
@@ -66,9 +73,13 @@ def openai_completion(request_id: str, c: Completion, created: int | None = None
     """The chat.completion body for a successful reply."""
     u = c.usage
     return ChatCompletion(
-        id=f"chatcmpl-{request_id}", object="chat.completion", created=created or int(time.time()), model=c.model,
+        id=f"chatcmpl-{request_id}",
+        object="chat.completion",
+        created=created or int(time.time()),
+        model=c.model,
         choices=(_RespChoice(0, _RespMessage("assistant", c.content), c.finish_reason),),
-        usage=_RespUsage(u.prompt_tokens, u.completion_tokens, u.prompt_tokens + u.completion_tokens))
+        usage=_RespUsage(u.prompt_tokens, u.completion_tokens, u.prompt_tokens + u.completion_tokens),
+    )
 
 
 class _Delta(Struct, frozen=True, omit_defaults=True):
@@ -96,8 +107,16 @@ def openai_chunks(request_id: str, c: Completion, created: int) -> list[ChatComp
     """Role, content and finish chunks of a completed answer."""
 
     def chunk(delta: _Delta, finish: str | None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=f"chatcmpl-{request_id}", object="chat.completion.chunk", created=created,
-                                   model=c.model, choices=(_ChunkChoice(0, delta, finish),))
+        return ChatCompletionChunk(
+            id=f"chatcmpl-{request_id}",
+            object="chat.completion.chunk",
+            created=created,
+            model=c.model,
+            choices=(_ChunkChoice(0, delta, finish),),
+        )
 
-    return [chunk(_Delta(role="assistant"), None), chunk(_Delta(content=c.content), None),
-            chunk(_Delta(), c.finish_reason)]
+    return [
+        chunk(_Delta(role="assistant"), None),
+        chunk(_Delta(content=c.content), None),
+        chunk(_Delta(), c.finish_reason),
+    ]

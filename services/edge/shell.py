@@ -18,7 +18,6 @@ from nats.js import JetStreamContext
 
 from ...schemas import codec, subjects
 from ...schemas.commands import ChatBody, SubmitReply
-from ...schemas.events import RequestDenied
 from ...schemas.policy import PolicyBundle
 from .. import bus
 from ..authz.tokens import TokenDefect, verify
@@ -32,8 +31,9 @@ log = logging.getLogger("enclave_gateway.edge")
 class Edge:
     """One edge replica's connections, pending HTTP callers and policy view."""
 
-    def __init__(self, settings: WorkerSettings, nc: Client, js: JetStreamContext, bundle: PolicyBundle,
-                 keys: jwt.PyJWKSet) -> None:
+    def __init__(
+        self, settings: WorkerSettings, nc: Client, js: JetStreamContext, bundle: PolicyBundle, keys: jwt.PyJWKSet
+    ) -> None:
         self.settings, self.nc, self.js, self.bundle, self.keys = settings, nc, js, bundle, keys
         self.inbox = nc.new_inbox()
         self.pending: dict[str, asyncio.Future[SubmitReply]] = {}
@@ -43,16 +43,18 @@ class Edge:
         await self.nc.subscribe(f"{self.inbox}.*", cb=self._on_reply)
         await self.nc.subscribe(subjects.SUBMIT, queue="edge", cb=self._on_submit)
 
-    async def submit(self, entry: Literal["http", "nats"], token: str, chat: ChatBody, reply_to: str,
-                     request_id: str) -> None:
+    async def submit(
+        self, entry: Literal["http", "nats"], token: str, chat: ChatBody, reply_to: str, request_id: str
+    ) -> None:
         """Put a validated request into the pipeline."""
         event = decider.submitted(request_id, entry, token, chat, reply_to, bus.now_utc(), self.bundle.version)
         await bus.publish(self.js, event)
 
     async def reject(self, request_id: str, subject: str, code: str, detail: str, reply_to: str | None) -> SubmitReply:
         """Record a refusal at the entry, answer a NATS caller, and return the reply."""
-        await bus.publish(self.js, decider.rejected(request_id, subject, code, detail, bus.now_utc(),
-                                                    self.bundle.version))
+        await bus.publish(
+            self.js, decider.rejected(request_id, subject, code, detail, bus.now_utc(), self.bundle.version)
+        )
         reply = decider.error_reply(request_id, code, detail)
         await self.deliver(reply, reply_to, team=None)
         return reply
@@ -90,8 +92,13 @@ class Edge:
         request_id = uuid.uuid4().hex
         try:
             if len(msg.data) > self.settings.max_body_bytes:
-                await self.reject(request_id, msg.subject, "body_too_large",
-                                  f"{len(msg.data)} bytes > {self.settings.max_body_bytes}", msg.reply)
+                await self.reject(
+                    request_id,
+                    msg.subject,
+                    "body_too_large",
+                    f"{len(msg.data)} bytes > {self.settings.max_body_bytes}",
+                    msg.reply,
+                )
                 return
             try:
                 cmd = codec.decode_submit(msg.data)
@@ -111,10 +118,7 @@ class Edge:
         event = codec.decode_event(msg.data)
         if not isinstance(event, decider.Terminal):
             raise codec.DecodeError(f"edge responder does not take {type(event).__name__}")
-        caller = event.caller if not isinstance(event, RequestDenied | decider.RequestFailed) else None
-        team = caller.team if caller else (event.caller.team if isinstance(event, RequestDenied)
-                                           and event.caller else None)
-        await self.deliver(decider.reply_for(event), event.reply_to, team)
+        await self.deliver(decider.reply_for(event), event.reply_to, decider.team_of(event))
 
 
 async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
@@ -132,4 +136,4 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
         await bus.consume(edge.js, "edge", edge.respond, stop)
     finally:
         await runner.cleanup()
-        await nc.drain()
+        await bus.close(nc)

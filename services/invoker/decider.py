@@ -10,7 +10,7 @@ import msgspec
 from msgspec import Struct
 
 from ...schemas.commands import ChatMessage
-from ...schemas.events import Event, InvocationCompleted, InvocationFailed, RouteSelected, envelope
+from ...schemas.events import AnyEvent, Event, InvocationCompleted, InvocationFailed, RouteSelected, envelope
 
 STAGE = "invoke"
 
@@ -85,11 +85,18 @@ class UpstreamRequest(Struct, frozen=True, kw_only=True, omit_defaults=True):
 def request_body(route: RouteSelected) -> bytes:
     """The upstream JSON; `max_tokens` is always the bound the budget reserved for (DESIGN §4)."""
     chat = route.chat
-    return _encoder.encode(UpstreamRequest(model=route.model_id, messages=chat.messages, max_tokens=route.max_tokens,
-                                           temperature=chat.temperature, seed=chat.seed))
+    return _encoder.encode(
+        UpstreamRequest(
+            model=route.model_id,
+            messages=chat.messages,
+            max_tokens=route.max_tokens,
+            temperature=chat.temperature,
+            seed=chat.seed,
+        )
+    )
 
 
-def decide(route: RouteSelected, outcome: CallOutcome, policy_version: str, now: datetime) -> list[Event]:
+def decide(route: RouteSelected, outcome: CallOutcome, policy_version: str, now: datetime) -> list[AnyEvent]:
     """InvocationCompleted for a well-formed 200, InvocationFailed for anything else."""
     if isinstance(outcome, CallFailed):
         return [_failed(route, policy_version, now, outcome.error, outcome.detail, outcome.latency_ms)]
@@ -105,19 +112,32 @@ def decide(route: RouteSelected, outcome: CallOutcome, policy_version: str, now:
     choice = parsed.choices[0]
     return [
         InvocationCompleted(
-            **envelope(route.request_id, STAGE, now, policy_version), caller=route.caller, model_id=route.model_id,
-            endpoint=route.endpoint, reservation=route.reservation, reply_to=route.reply_to,
-            prompt_tokens=parsed.usage.prompt_tokens, completion_tokens=parsed.usage.completion_tokens,
-            finish_reason=choice.finish_reason or "stop", content=choice.message.content or "",
+            **envelope(route.request_id, STAGE, now, policy_version),
+            caller=route.caller,
+            model_id=route.model_id,
+            endpoint=route.endpoint,
+            reservation=route.reservation,
+            reply_to=route.reply_to,
+            prompt_tokens=parsed.usage.prompt_tokens,
+            completion_tokens=parsed.usage.completion_tokens,
+            finish_reason=choice.finish_reason or "stop",
+            content=choice.message.content or "",
             latency_ms=outcome.latency_ms,
         )
     ]
 
 
-def _failed(route: RouteSelected, policy_version: str, now: datetime, error: str, detail: str,
-            latency_ms: float) -> InvocationFailed:
+def _failed(
+    route: RouteSelected, policy_version: str, now: datetime, error: str, detail: str, latency_ms: float
+) -> InvocationFailed:
     return InvocationFailed(
-        **envelope(route.request_id, STAGE, now, policy_version), caller=route.caller, model_id=route.model_id,
-        endpoint=route.endpoint, reservation=route.reservation, reply_to=route.reply_to, error=error,
-        detail=detail, latency_ms=latency_ms,
+        **envelope(route.request_id, STAGE, now, policy_version),
+        caller=route.caller,
+        model_id=route.model_id,
+        endpoint=route.endpoint,
+        reservation=route.reservation,
+        reply_to=route.reply_to,
+        error=error,
+        detail=detail,
+        latency_ms=latency_ms,
     )

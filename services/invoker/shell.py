@@ -21,9 +21,12 @@ async def call(session: aiohttp.ClientSession, base_url: str, body: bytes, timeo
     """POST /v1/chat/completions; every failure becomes a CallFailed."""
     t0 = time.perf_counter()
     try:
-        async with session.post(f"{base_url.rstrip('/')}/v1/chat/completions", data=body,
-                                headers={"Content-Type": "application/json"},
-                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+        async with session.post(
+            f"{base_url.rstrip('/')}/v1/chat/completions",
+            data=body,
+            headers={"Content-Type": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+        ) as resp:
             data = await resp.read()
             return decider.CallAnswered(status=resp.status, body=data, latency_ms=_ms(t0))
     except TimeoutError:
@@ -47,7 +50,8 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
         base_url = settings.endpoints.get(route.endpoint)
         if base_url is None:
             outcome: decider.CallOutcome = decider.CallFailed(
-                error="unknown_endpoint", detail=f"this invoker serves no endpoint {route.endpoint!r}", latency_ms=0.0)
+                error="unknown_endpoint", detail=f"this invoker serves no endpoint {route.endpoint!r}", latency_ms=0.0
+            )
         else:
             outcome = await call(session, base_url, decider.request_body(route), settings.invoke_timeout_s)
         for event in decider.decide(route, outcome, route.policy_version, bus.now_utc()):
@@ -57,4 +61,4 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
         await bus.consume(js, "invoker", handle, stop, batch=128)
     finally:
         await session.close()
-        await nc.drain()
+        await bus.close(nc)

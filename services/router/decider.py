@@ -8,7 +8,7 @@ from datetime import datetime
 
 from msgspec import Struct
 
-from ...schemas.events import BudgetReserved, Event, Reservation, RouteSelected, RouteUnavailable, envelope
+from ...schemas.events import AnyEvent, BudgetReserved, Event, Reservation, RouteSelected, RouteUnavailable, envelope
 from ...schemas.policy import PolicyBundle
 from .. import catalog
 
@@ -29,17 +29,36 @@ def evolve(state: RouterState, event: Event) -> RouterState:
     return state
 
 
-def decide(event: BudgetReserved, state: RouterState, policy: PolicyBundle, now: datetime) -> list[Event]:
+def decide(event: BudgetReserved, state: RouterState, policy: PolicyBundle, now: datetime) -> list[AnyEvent]:
     """One RouteSelected or RouteUnavailable for a reserved request."""
     env = envelope(event.request_id, STAGE, now, policy.version)
     held = Reservation(team=event.team, period=event.period, micros=event.amount_micros)
     resolved = catalog.resolve(policy.catalog, event.model_id)
     if resolved is None or not resolved.model.endpoint:
-        return [RouteUnavailable(**env, caller=event.caller, requested_model=event.chat.model,
-                                 reason="route_unavailable", reservation=held, reply_to=event.reply_to,
-                                 detail=f"no active endpoint serves {event.model_id!r}")]
+        return [
+            RouteUnavailable(
+                **env,
+                caller=event.caller,
+                requested_model=event.chat.model,
+                reason="route_unavailable",
+                reservation=held,
+                reply_to=event.reply_to,
+                detail=f"no active endpoint serves {event.model_id!r}",
+            )
+        ]
     model = resolved.model
     substituted = event.chat.model if event.chat.model != model.id else None
-    return [RouteSelected(**env, caller=event.caller, requested_model=event.chat.model, model_id=model.id,
-                          endpoint=model.endpoint, substituted_from=substituted, max_tokens=event.max_tokens,
-                          chat=event.chat, reservation=held, reply_to=event.reply_to)]
+    return [
+        RouteSelected(
+            **env,
+            caller=event.caller,
+            requested_model=event.chat.model,
+            model_id=model.id,
+            endpoint=model.endpoint,
+            substituted_from=substituted,
+            max_tokens=event.max_tokens,
+            chat=event.chat,
+            reservation=held,
+            reply_to=event.reply_to,
+        )
+    ]

@@ -28,4 +28,4 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
     try:
         await bus.consume(js, "router", handle, stop)
     finally:
-        await nc.drain()
+        await bus.close(nc)

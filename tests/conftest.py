@@ -1,0 +1,186 @@
+"""Real parts only: a nats-server with JetStream on a free port, llama.cpp's server on the tiny
+model, and every worker running in the session's event loop (STYLE §6)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+import pytest_asyncio
+from nats.aio.client import Client
+
+from enclave_gateway import issuer, procs, supervisor
+from enclave_gateway.broker import Broker
+from enclave_gateway.engine import Engine
+from enclave_gateway.services import bus
+from enclave_gateway.services.settings import WorkerSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_TEAMS = """
+[teams.gamma]
+cap_micros = 1_000_000_000
+period = "month"
+
+[teams.tight]
+cap_micros = 700
+period = "month"
+"""
+
+
+@pytest.fixture(scope="session")
+def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped bundle plus test-only teams (gamma: ample, tight: a few requests)."""
+    folder = tmp_path_factory.mktemp("policies")
+    for f in (ROOT / "policies").iterdir():
+        shutil.copy(f, folder / f.name)
+    with open(folder / "budgets.toml", "a") as fh:
+        fh.write(TEST_TEAMS)
+    with open(folder / "access_policy.csv", "a") as fh:
+        fh.write("p, team:gamma, enclave-tiny\np, team:gamma, analyst-large\np, team:tight, enclave-tiny\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The gateway's data dir: store, keys, audit."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def keys_dir(data_dir: Path) -> Path:
+    """The dev issuer's key pair."""
+    issuer.ensure_keys(data_dir / "keys")
+    return data_dir / "keys"
+
+
+@pytest.fixture(scope="session")
+def broker(data_dir: Path) -> Iterator[Broker]:
+    """A real nats-server -js on a port it picked itself (`port: -1`)."""
+    b = Broker(data_dir)
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="session")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """llama.cpp's OpenAI-compatible server on the generated tiny model."""
+    e = Engine(tmp_path_factory.mktemp("engine"))
+    url = e.start()
+    yield url
+    e.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(broker: Broker, engine: str, data_dir: Path, policy_dir: Path, keys_dir: Path) -> WorkerSettings:
+    """Worker settings pointing at the test broker and engine; a small body limit to test it."""
+    return WorkerSettings(nats_url=broker.url, data_dir=str(data_dir), policy_dir=str(policy_dir),
+                          endpoints={"local-llama": engine}, http_port=procs.free_port(), max_body_bytes=64 * 1024,
+                          request_timeout_s=60.0)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def stack(settings: WorkerSettings) -> AsyncIterator[WorkerSettings]:
+    """Every worker running as tasks of the session loop; yields once the edge answers HTTP."""
+    nc = await nats.connect(settings.nats_url)
+    await bus.ensure_topology(nc.jetstream())
+    await nc.close()
+    stop = asyncio.Event()
+    task = asyncio.create_task(supervisor.run_all(settings, stop))
+    await _wait_http(f"http://127.0.0.1:{settings.http_port}/health", task)
+    yield settings
+    stop.set()
+    try:
+        await asyncio.wait_for(asyncio.shield(task), 20)
+    except TimeoutError:
+        names = sorted(t.get_name() for t in asyncio.all_tasks() if not t.done())
+        raise AssertionError(f"workers did not stop: {names}") from None
+
+
+async def _wait_http(url: str, task: asyncio.Task[None]) -> None:
+    import aiohttp
+
+    deadline = time.monotonic() + 30
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            if task.done():
+                task.result()
+            try:
+                async with s.get(url) as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.1)
+    raise TimeoutError(url)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def client(stack: WorkerSettings) -> AsyncIterator[Client]:
+    """An application's NATS connection."""
+    nc = await nats.connect(stack.nats_url, name="test-app")
+    yield nc
+    await nc.close()
+
+
+@pytest.fixture(scope="session")
+def http_url(stack: WorkerSettings) -> str:
+    """Base URL of the HTTP edge."""
+    return f"http://127.0.0.1:{stack.http_port}"
+
+
+@pytest.fixture(scope="session")
+def token_for(keys_dir: Path):  # type: ignore[no-untyped-def]
+    """Issue a valid token: token_for(team, subject=..., roles=...)."""
+
+    def issue(team: str, subject: str = "tester", roles: tuple[str, ...] = (), **kw: object) -> str:
+        return issuer.issue(keys_dir, subject=subject, team=team, roles=roles, **kw)  # type: ignore[arg-type]
+
+    return issue
+
+
+async def stream_events(nc: Client, request_id: str | None = None, subject: str = "gw.evt.>",
+                        timeout_s: float = 1.0) -> list[tuple[str, dict[str, object]]]:
+    """Every (subject, decoded JSON) in GW_EVENTS matching the subject and request id."""
+    js = nc.jetstream()
+    sub = await js.subscribe(subject, ordered_consumer=True, deliver_policy=nats.js.api.DeliverPolicy.ALL)
+    out: list[tuple[str, dict[str, object]]] = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=timeout_s)
+            except (TimeoutError, nats.errors.TimeoutError):
+                break
+            try:
+                body = msgspec.json.decode(msg.data)
+            except msgspec.DecodeError:  # garbage published by the bad-input tests
+                body = {}
+            if request_id is None or (isinstance(body, dict) and body.get("request_id") == request_id):
+                out.append((msg.subject, body))
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+async def wait_for_event(nc: Client, request_id: str, type_name: str, timeout_s: float = 10.0) -> dict[str, object]:
+    """Poll the stream until an event of `type_name` for the request shows up."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for _, body in await stream_events(nc, request_id, timeout_s=0.5):
+            if body.get("type") == type_name:
+                return body
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no {type_name} for {request_id} within {timeout_s}s")
+
+
+def utc(ts: str) -> datetime:
+    """Parse an ISO timestamp as UTC."""
+    return datetime.fromisoformat(ts).astimezone(UTC)

@@ -1,0 +1,75 @@
+"""One fixed sample of every current event type: the source of the v1 golden files."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from enclave_gateway.schemas.commands import ChatBody, ChatMessage
+from enclave_gateway.schemas.events import (
+    AnyEvent,
+    BudgetRejected,
+    BudgetReleased,
+    BudgetReserved,
+    BudgetSettled,
+    Caller,
+    InvocationCompleted,
+    InvocationFailed,
+    MessageRejected,
+    RequestAuthorized,
+    RequestDenied,
+    RequestFailed,
+    RequestSubmitted,
+    Reservation,
+    ResponseDelivered,
+    RouteSelected,
+    RouteUnavailable,
+    envelope,
+)
+
+T = datetime(2026, 11, 25, 9, 30, tzinfo=UTC)
+RID = "0123456789abcdef0123456789abcdef"
+PV = "sha256:00112233aabbccdd"
+CHAT = ChatBody(model="tiny", messages=(ChatMessage(role="user", content="hello"),), max_tokens=8, temperature=0.0)
+CALLER = Caller(subject="alice", team="alpha", roles=("analyst",), token_id="jti-1")
+HELD = Reservation(team="alpha", period="2026-11", micros=272)
+TOTALS = {"team": "alpha", "period": "2026-11", "spent_micros": 100, "reserved_micros": 272, "cap_micros": 5000}
+
+
+def samples() -> list[AnyEvent]:
+    """Every event type once, with every optional field set."""
+
+    def env(stage: str):  # type: ignore[no-untyped-def]
+        return envelope(RID, stage, T, PV)
+
+    return [
+        RequestSubmitted(**env("submit"), entry="http", token="a.b.c", chat=CHAT, reply_to="_INBOX.x"),
+        RequestAuthorized(**env("authz"), caller=CALLER, model_id="enclave-tiny", chat=CHAT, reply_to="_INBOX.x"),
+        RequestDenied(**env("authz"), reason="model_forbidden", rule="team-model-access", detail="no",
+                      caller=CALLER, model="analyst-large", reply_to="_INBOX.x"),
+        RequestFailed(**env("failed-at-router"), stage="router", reason="request_failed", detail="gave up",
+                      reply_to="_INBOX.x", reservation=HELD),
+        MessageRejected(**env("reject"), subject="gw.submit", stream_seq=7, stage="edge", reason="invalid_request",
+                        detail="Object missing required field `model`"),
+        ResponseDelivered(**env("deliver"), outcome="completed", code=None, team="alpha"),
+        BudgetReserved(**env("reserve"), **TOTALS, caller=CALLER, model_id="enclave-tiny", amount_micros=272,
+                       max_tokens=8, chat=CHAT, reply_to="_INBOX.x"),
+        BudgetSettled(**env("settle"), **TOTALS, model_id="enclave-tiny", reserved_amount_micros=272,
+                      charged_micros=100, prompt_tokens=20, completion_tokens=8),
+        BudgetReleased(**env("release"), **TOTALS, amount_micros=272, reason="InvocationFailed"),
+        BudgetRejected(**env("reserve"), caller=CALLER, model_id="enclave-tiny", period="2026-11",
+                       requested_micros=272, remaining_micros=10, cap_micros=5000, reason="budget_exceeded",
+                       reply_to="_INBOX.x"),
+        RouteSelected(**env("route"), caller=CALLER, requested_model="tiny", model_id="enclave-tiny",
+                      endpoint="local-llama", substituted_from="tiny", max_tokens=8, chat=CHAT, reservation=HELD,
+                      reply_to="_INBOX.x"),
+        RouteUnavailable(**env("route"), caller=CALLER, requested_model="x", reason="route_unavailable",
+                         detail="none", reservation=HELD, reply_to="_INBOX.x"),
+        InvocationCompleted(**env("invoke"), caller=CALLER, model_id="enclave-tiny", endpoint="local-llama",
+                            prompt_tokens=20, completion_tokens=8, finish_reason="length", content="o o o",
+                            latency_ms=2.5, reservation=HELD, reply_to="_INBOX.x"),
+        InvocationFailed(**env("invoke"), caller=CALLER, model_id="enclave-tiny", endpoint="local-llama",
+                         error="timeout", detail="60s", latency_ms=60000.0, reservation=HELD, reply_to="_INBOX.x"),
+    ]
+
+
+SAMPLES_BY_NAME: dict[str, AnyEvent] = {type(e).__name__: e for e in samples()}

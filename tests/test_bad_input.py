@@ -1,0 +1,177 @@
+"""Bad input never crashes a worker and never vanishes: an error event in the stream and a clear
+error to the caller, by both entries (issue: walking skeleton, item 8)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import aiohttp
+import pytest
+from nats.aio.client import Client
+
+from enclave_gateway.issuer import issue
+from enclave_gateway.schemas import codec, subjects
+from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
+from enclave_gateway.schemas.events import RouteSelected
+
+from .conftest import stream_events, wait_for_event
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def _post(http_url: str, body: bytes, token: str | None) -> tuple[int, dict[str, object]]:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    async with aiohttp.ClientSession() as s, s.post(f"{http_url}/v1/chat/completions", data=body,
+                                                   headers=headers) as r:
+        return r.status, (await r.json())["error"]
+
+
+def _chat(model: str = "enclave-tiny", text: str = "hi") -> bytes:
+    return (b'{"model": "%s", "messages": [{"role": "user", "content": "%s"}], "max_tokens": 4}'
+            % (model.encode(), text.encode()))
+
+
+async def _rejections_mentioning(client: Client, needle: str) -> list[dict[str, object]]:
+    events = await stream_events(client, subject=subjects.message_rejected())
+    return [b for _, b in events if needle in str(b.get("detail", ""))]
+
+
+@pytest.mark.parametrize("body, needle", [
+    (b'{"model": "enclave-tiny", "messages": [', "truncated"),
+    (b'{"messages": [{"role": "user", "content": "hi"}]}', "missing required field `model`"),
+    (b'{"model": "enclave-tiny", "messages": [{"role": "user"}]}', "missing required field `content`"),
+    (b'{"model": "enclave-tiny", "messages": []}', "at least one message"),
+])
+async def test_http_invalid_body_is_400_with_a_rejection_event(http_url: str, client: Client, token_for,
+                                                              body: bytes, needle: str) -> None:
+    status, err = await _post(http_url, body, token_for("gamma"))
+    assert status == 400 and err["code"] == "invalid_request" and err["type"] == "invalid_request_error"
+    assert needle.lower() in str(err["message"]).lower()
+    assert await _rejections_mentioning(client, str(err["message"])[:40])
+
+
+@pytest.mark.parametrize("data, code", [
+    (b"not json at all", "invalid_request"),
+    (b'{"token": "x"}', "invalid_request"),
+    (codec.encode(SubmitRequest(token="x", chat=ChatBody(model="m", messages=()))), "invalid_request"),
+])
+async def test_nats_invalid_submit_gets_error_reply_and_event(client: Client, data: bytes, code: str) -> None:
+    msg = await client.request(subjects.SUBMIT, data, timeout=10)
+    reply = codec.decode_reply(msg.data)
+    assert reply.error is not None and reply.error.code == code
+    rejected = await wait_for_event(client, reply.request_id, "MessageRejected")
+    assert rejected["reason"] == code
+
+
+async def test_oversized_body_is_413_by_http_and_refused_by_nats(http_url: str, client: Client, token_for,
+                                                                 stack) -> None:
+    big = "x" * (stack.max_body_bytes + 10)
+    status, err = await _post(http_url, _chat(text=big), token_for("gamma"))
+    assert status == 413 and err["code"] == "body_too_large"
+    assert await _rejections_mentioning(client, f"over {stack.max_body_bytes} bytes")
+    chat = ChatBody(model="enclave-tiny", messages=(ChatMessage(role="user", content=big),))
+    msg = await client.request(subjects.SUBMIT, codec.encode(SubmitRequest(token="t", chat=chat)), timeout=10)
+    reply = codec.decode_reply(msg.data)
+    assert reply.error is not None and reply.error.code == "body_too_large"
+    await wait_for_event(client, reply.request_id, "MessageRejected")
+
+
+async def test_unknown_model_is_404_and_denied_by_catalog_rule(http_url: str, client: Client, token_for) -> None:
+    status, err = await _post(http_url, _chat(model="gpt-9"), token_for("gamma"))
+    assert status == 404 and err["code"] == "model_not_found" and err["rule"] == "catalog"
+    denials = await stream_events(client, subject="gw.evt.request.denied.gamma")
+    assert any(b["reason"] == "model_not_found" and b["model"] == "gpt-9" for _, b in denials)
+
+
+@pytest.mark.parametrize("case", ["missing", "forged", "expired", "garbage"])
+async def test_bad_tokens_are_401_with_their_own_code(http_url: str, client: Client, keys_dir, tmp_path,
+                                                      case: str) -> None:
+    subject = f"probe-{uuid.uuid4().hex[:8]}"
+    token, code = {
+        "missing": (None, "token_missing"),
+        "forged": (issue(tmp_path / "other-keys", subject=subject, team="gamma"), "token_unknown_key"),
+        "expired": (issue(keys_dir, subject=subject, team="gamma", ttl_s=60, now=int(time.time()) - 7200),
+                    "token_expired"),
+        "garbage": ("abc.def", "token_malformed"),
+    }[case]
+    status, err = await _post(http_url, _chat(), token)
+    assert status == 401 and err["code"] == code and err["rule"] == "session-token"
+    denials = await stream_events(client, subject="gw.evt.request.denied._unknown")
+    assert any(b["reason"] == code for _, b in denials)
+
+
+async def test_tampered_signature_with_known_kid_is_refused(http_url: str, token_for) -> None:
+    token = token_for("gamma")
+    head, payload, sig = token.split(".")
+    flipped = sig[:-4] + ("AAAA" if sig[-4:] != "AAAA" else "BBBB")
+    status, err = await _post(http_url, _chat(), f"{head}.{payload}.{flipped}")
+    assert status == 401 and err["code"] == "token_bad_signature"
+
+
+async def test_garbage_on_an_event_subject_is_rejected_and_the_worker_lives(client: Client, token_for) -> None:
+    js = client.jetstream()
+    await js.publish(subjects.request_submitted(), b"\x00garbage", headers={"Nats-Msg-Id": uuid.uuid4().hex})
+    await js.publish(subjects.request_submitted(), b'{"type": "RequestSubmitted"}',
+                     headers={"Nats-Msg-Id": uuid.uuid4().hex})
+    deadline = time.monotonic() + 10
+    found: list[dict[str, object]] = []
+    while time.monotonic() < deadline and len(found) < 2:
+        events = await stream_events(client, subject=subjects.message_rejected())
+        found = [b for _, b in events if b.get("stage") == "authz"]
+        await asyncio.sleep(0.2)
+    assert len(found) >= 2
+    assert any("missing required field" in str(b["detail"]) for b in found)
+    msg = await client.request(subjects.SUBMIT, codec.encode(SubmitRequest(
+        token=token_for("gamma"), chat=ChatBody(model="enclave-tiny", max_tokens=2,
+                                                messages=(ChatMessage(role="user", content="still alive?"),)))),
+        timeout=30)
+    assert codec.decode_reply(msg.data).completion is not None
+
+
+async def test_a_message_that_keeps_failing_ends_in_request_failed_and_an_error_reply(client: Client,
+                                                                                    stack) -> None:
+    """A handler that always raises: bounded redelivery, then RequestFailed reaches the caller."""
+    from datetime import UTC, datetime
+
+    from enclave_gateway.schemas.events import Caller, Reservation
+    from enclave_gateway.services import bus
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    js = client.jetstream()
+    durable = f"poison-{uuid.uuid4().hex[:8]}"
+    subject = f"gw.evt.test.{durable}"
+    await js.add_consumer(subjects.STREAM, ConsumerConfig(
+        durable_name=durable, filter_subject=subject, ack_policy=AckPolicy.EXPLICIT, max_deliver=bus.MAX_DELIVER,
+        ack_wait=30))
+    rid = uuid.uuid4().hex
+    inbox = client.new_inbox()
+    sub = await client.subscribe(inbox)
+    event = RouteSelected(event_id=f"{rid}:route", request_id=rid, occurred_at=datetime.now(UTC),
+                          policy_version="test", caller=Caller(subject="s", team="gamma"), requested_model="m",
+                          model_id="m", endpoint="e", max_tokens=1, chat=ChatBody(model="m", messages=()),
+                          reservation=Reservation(team="gamma", period="2026-11", micros=0), reply_to=inbox)
+    await js.publish(subject, codec.encode(event))
+    attempts = 0
+
+    async def always_fails(_msg: object) -> None:
+        nonlocal attempts
+        attempts += 1
+        raise RuntimeError("model server on fire")
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(bus.consume(js, durable, always_fails, stop))
+    try:
+        reply_msg = await sub.next_msg(timeout=30)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    reply = codec.decode_reply(reply_msg.data)
+    assert reply.error is not None and reply.error.code == "request_failed"
+    assert "model server on fire" in reply.error.message
+    assert attempts == bus.MAX_DELIVER
+    failed = await wait_for_event(client, rid, "RequestFailed")
+    assert failed["stage"] == durable

@@ -1,0 +1,186 @@
+"""Budget as a pure function: worst case, settle, release, idempotency, the cap invariant."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import msgspec
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from enclave_gateway.schemas.commands import ChatBody, ChatMessage
+from enclave_gateway.schemas.events import (
+    BudgetRejected,
+    BudgetReleased,
+    BudgetReserved,
+    BudgetSettled,
+    Caller,
+    InvocationCompleted,
+    InvocationFailed,
+    RequestAuthorized,
+    Reservation,
+)
+from enclave_gateway.schemas.policy import Budgets, PolicyBundle, TeamBudget
+from enclave_gateway.services import catalog
+from enclave_gateway.services.budget import decider
+from enclave_gateway.services.policy_store import load_bundle
+
+ROOT = Path(__file__).resolve().parent.parent
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+BASE = load_bundle(ROOT / "policies")
+MODEL = catalog.find(BASE.catalog, "enclave-tiny")
+assert MODEL is not None
+
+
+def bundle(cap: int) -> PolicyBundle:
+    return msgspec.structs.replace(BASE, budgets=Budgets(teams={"t": TeamBudget(cap_micros=cap, period="month")}))
+
+
+def authorized(rid: str, text: str = "hello", max_tokens: int | None = 8, team: str = "t") -> RequestAuthorized:
+    chat = ChatBody(model="enclave-tiny", messages=(ChatMessage(role="user", content=text),), max_tokens=max_tokens)
+    return RequestAuthorized(event_id=f"{rid}:authz", request_id=rid, occurred_at=NOW, policy_version="p",
+                             caller=Caller(subject="s", team=team), model_id="enclave-tiny", chat=chat, reply_to="")
+
+
+def completed(rid: str, held: Reservation, prompt: int, completion: int) -> InvocationCompleted:
+    return InvocationCompleted(event_id=f"{rid}:invoke", request_id=rid, occurred_at=NOW, policy_version="p",
+                               caller=Caller(subject="s", team="t"), model_id="enclave-tiny", endpoint="e",
+                               prompt_tokens=prompt, completion_tokens=completion, finish_reason="length",
+                               content="x", latency_ms=1.0, reservation=held, reply_to="")
+
+
+def failed(rid: str, held: Reservation) -> InvocationFailed:
+    return InvocationFailed(event_id=f"{rid}:invoke", request_id=rid, occurred_at=NOW, policy_version="p",
+                            caller=Caller(subject="s", team="t"), model_id="enclave-tiny", endpoint="e",
+                            error="timeout", detail="", latency_ms=1.0, reservation=held, reply_to="")
+
+
+def run(events: list, state: decider.BudgetState, policy: PolicyBundle):  # type: ignore[no-untyped-def,type-arg]
+    out = []
+    for e in events:
+        for d in decider.decide(e, state, policy, NOW):
+            state = decider.evolve(state, d)
+            out.append(d)
+    return out, state
+
+
+def test_worst_case_bounds_the_real_token_count_of_a_byte_level_model() -> None:
+    chat = authorized("r", text="héllo wörld " * 20).chat
+    assert decider.worst_case_prompt_tokens(MODEL, chat) >= len("héllo wörld ".encode() * 20) + 16
+
+
+def test_max_tokens_defaults_and_is_bounded_by_context() -> None:
+    assert decider.effective_max_tokens(MODEL, authorized("r", max_tokens=None).chat) == MODEL.default_max_tokens
+    assert decider.effective_max_tokens(MODEL, authorized("r", max_tokens=10**6).chat) == MODEL.context_length
+
+
+def test_reserve_then_settle_charges_actual_and_releases_the_rest() -> None:
+    [reserved], state = run([authorized("r1")], decider.initial_state(), bundle(10_000))
+    assert isinstance(reserved, BudgetReserved) and reserved.reserved_micros == reserved.amount_micros
+    held = Reservation(team="t", period="2026-11", micros=reserved.amount_micros)
+    [settled], state = run([completed("r1", held, 10, 8)], state, bundle(10_000))
+    assert isinstance(settled, BudgetSettled)
+    assert settled.charged_micros == catalog.cost_micros(MODEL, 10, 8) < reserved.amount_micros
+    assert (settled.spent_micros, settled.reserved_micros) == (settled.charged_micros, 0)
+    assert state.open == {}
+
+
+def test_failure_releases_and_redelivery_decides_nothing() -> None:
+    [reserved], state = run([authorized("r1")], decider.initial_state(), bundle(10_000))
+    held = Reservation(team="t", period="2026-11", micros=reserved.amount_micros)  # type: ignore[attr-defined]
+    [released], state = run([failed("r1", held)], state, bundle(10_000))
+    assert isinstance(released, BudgetReleased) and released.reserved_micros == 0 and released.spent_micros == 0
+    again, _ = run([failed("r1", held), completed("r1", held, 1, 1)], state, bundle(10_000))
+    assert again == []
+
+
+def test_a_reserved_request_redelivered_is_not_reserved_twice() -> None:
+    out, _ = run([authorized("r1"), authorized("r1")], decider.initial_state(), bundle(10_000))
+    assert len(out) == 1
+
+
+def test_over_cap_is_rejected_with_remaining_and_requested() -> None:
+    out, _ = run([authorized(f"r{i}") for i in range(5)], decider.initial_state(), bundle(300))
+    rejected = [e for e in out if isinstance(e, BudgetRejected)]
+    reserved = [e for e in out if isinstance(e, BudgetReserved)]
+    assert reserved and rejected
+    assert rejected[0].requested_micros > rejected[0].remaining_micros
+    assert rejected[0].remaining_micros == 300 - sum(e.amount_micros for e in reserved)
+
+
+def test_team_without_a_budget_fails_closed() -> None:
+    [event], _ = run([authorized("r", team="ghost")], decider.initial_state(), bundle(10_000))
+    assert isinstance(event, BudgetRejected) and event.reason == "budget_not_configured"
+
+
+def test_a_server_reporting_more_than_the_bound_is_charged_at_most_the_reservation() -> None:
+    [reserved], state = run([authorized("r1")], decider.initial_state(), bundle(10_000))
+    held = Reservation(team="t", period="2026-11", micros=reserved.amount_micros)  # type: ignore[attr-defined]
+    [settled], _ = run([completed("r1", held, 10_000, 10_000)], state, bundle(10_000))
+    assert settled.charged_micros == held.micros  # type: ignore[attr-defined]
+
+
+def test_period_rollover_starts_a_fresh_ledger() -> None:
+    assert decider.period_of("month", NOW) == "2026-11"
+    assert decider.period_of("day", NOW) == "2026-11-25"
+
+
+class CapMachine(RuleBasedStateMachine):
+    """Any interleaving of reserve/settle/release keeps spent + reserved <= cap (DESIGN §4)."""
+
+    CAP = 2_000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state = decider.initial_state()
+        self.policy = bundle(self.CAP)
+        self.n = 0
+
+    def _apply(self, event) -> None:  # type: ignore[no-untyped-def]
+        decided = decider.decide(event, self.state, self.policy, NOW)
+        for d in decided:
+            self.state = decider.evolve(self.state, d)
+        assert decider.decide(event, self.state, self.policy, NOW) == [] or isinstance(event, RequestAuthorized)
+
+    @rule(text=st.text(max_size=60), max_tokens=st.one_of(st.none(), st.integers(1, 600)))
+    def reserve(self, text: str, max_tokens: int | None) -> None:
+        self.n += 1
+        self._apply(authorized(f"r{self.n}", text=text, max_tokens=max_tokens))
+
+    @rule(data=st.data(), prompt=st.integers(0, 5000), completion=st.integers(0, 5000))
+    def settle(self, data: st.DataObject, prompt: int, completion: int) -> None:
+        if self.state.open:
+            rid = data.draw(st.sampled_from(sorted(self.state.open)))
+            self._apply(completed(rid, self.state.open[rid], prompt, completion))
+
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        if self.state.open:
+            rid = data.draw(st.sampled_from(sorted(self.state.open)))
+            self._apply(failed(rid, self.state.open[rid]))
+
+    @invariant()
+    def never_over_cap(self) -> None:
+        for totals in self.state.ledgers.values():
+            assert 0 <= totals.reserved and totals.spent + totals.reserved <= self.CAP
+        held = sum(r.micros for r in self.state.open.values())
+        assert held == sum(t.reserved for t in self.state.ledgers.values())
+
+
+CapMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+test_cap_invariant_under_any_interleaving = CapMachine.TestCase
+
+
+def test_decisions_are_deterministic() -> None:
+    e = authorized("r1")
+    assert decider.decide(e, decider.initial_state(), bundle(5000), NOW) == decider.decide(
+        e, decider.initial_state(), bundle(5000), NOW)
+
+
+@pytest.mark.parametrize("cap", [0, 1, 113])
+def test_tiny_caps_reserve_nothing(cap: int) -> None:
+    [event], _ = run([authorized("r")], decider.initial_state(), bundle(cap))
+    assert isinstance(event, BudgetRejected)

@@ -1,0 +1,187 @@
+"""Router, invoker, edge and auditor deciders as pure functions."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from enclave_gateway.schemas import codec
+from enclave_gateway.schemas.events import (
+    BudgetRejected,
+    BudgetReserved,
+    InvocationCompleted,
+    InvocationFailed,
+    RequestDenied,
+    RouteSelected,
+    RouteUnavailable,
+)
+from enclave_gateway.schemas.policy import Catalog, ModelEntry
+from enclave_gateway.services import catalog
+from enclave_gateway.services.auditor import decider as auditor
+from enclave_gateway.services.edge import decider as edge
+from enclave_gateway.services.edge import openai_shapes
+from enclave_gateway.services.invoker import decider as invoker
+from enclave_gateway.services.policy_store import PolicyError, load_bundle
+from enclave_gateway.services.router import decider as router
+
+from .samples import SAMPLES_BY_NAME
+
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLE = load_bundle(ROOT / "policies")
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
+
+def reserved(model: str, requested: str) -> BudgetReserved:
+    base = SAMPLES_BY_NAME["BudgetReserved"]
+    assert isinstance(base, BudgetReserved)
+    return msgspec.structs.replace(base, model_id=model, chat=msgspec.structs.replace(base.chat, model=requested))
+
+
+@pytest.mark.parametrize("requested, model, substituted", [
+    ("enclave-tiny", "enclave-tiny", None),
+    ("tiny", "enclave-tiny", "tiny"),
+    ("enclave-tiny-v0", "enclave-tiny", "enclave-tiny-v0"),
+])
+def test_router_records_substitutions(requested: str, model: str, substituted: str | None) -> None:
+    [event] = router.decide(reserved(model, requested), router.initial_state(), BUNDLE, NOW)
+    assert isinstance(event, RouteSelected)
+    assert (event.model_id, event.substituted_from, event.endpoint) == (model, substituted, "local-llama")
+    assert event.max_tokens == 8 and event.reservation.micros == 272
+
+
+def test_router_refuses_a_model_the_catalog_retired() -> None:
+    retired = msgspec.structs.replace(BUNDLE, catalog=Catalog(model=tuple(
+        msgspec.structs.replace(m, status="retired") if m.id == "enclave-tiny" else m for m in BUNDLE.catalog.model)))
+    [event] = router.decide(reserved("enclave-tiny", "enclave-tiny"), router.initial_state(), retired, NOW)
+    assert isinstance(event, RouteUnavailable) and event.reservation.micros == 272
+
+
+def test_catalog_resolution_follows_deprecation_chains_and_refuses_cycles_gracefully() -> None:
+    a = ModelEntry(id="a", endpoint="e", context_length=10, default_max_tokens=1, prompt_micros_per_1k=1,
+                   completion_micros_per_1k=1, status="deprecated", replacement="b")
+    b = msgspec.structs.replace(a, id="b", replacement="a")
+    res = catalog.resolve(Catalog(model=(a, b)), "a")
+    assert res is not None and res.model.id in {"a", "b"}
+    assert catalog.resolve(Catalog(model=(a,)), "zzz") is None
+
+
+def test_cost_rounds_up_per_side() -> None:
+    m = catalog.find(BUNDLE.catalog, "enclave-tiny")
+    assert m is not None
+    assert catalog.cost_micros(m, 1, 1) == 2 + 6
+    assert catalog.cost_micros(m, 1000, 0) == m.prompt_micros_per_1k
+
+
+def route() -> RouteSelected:
+    r = SAMPLES_BY_NAME["RouteSelected"]
+    assert isinstance(r, RouteSelected)
+    return r
+
+
+def test_invoker_sends_the_reserved_bound_as_max_tokens() -> None:
+    body = msgspec.json.decode(invoker.request_body(route()))
+    assert body["max_tokens"] == 8 and body["model"] == "enclave-tiny"
+    assert body["messages"] == [{"role": "user", "content": "hello"}]
+    assert "seed" not in body
+
+
+OK_BODY = (b'{"choices":[{"message":{"role":"assistant","content":"o o"},"finish_reason":"length"}],'
+           b'"usage":{"prompt_tokens":20,"completion_tokens":8,"total_tokens":28}}')
+
+
+@pytest.mark.parametrize("outcome, expected", [
+    (invoker.CallAnswered(status=200, body=OK_BODY, latency_ms=3.0), "completed"),
+    (invoker.CallAnswered(status=500, body=b"boom", latency_ms=3.0), "http_500"),
+    (invoker.CallAnswered(status=200, body=b"{}", latency_ms=3.0), "bad_response"),
+    (invoker.CallAnswered(status=200, body=b'{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}',
+                          latency_ms=3.0), "bad_response"),
+    (invoker.CallFailed(error="timeout", detail="60s", latency_ms=60000.0), "timeout"),
+])
+def test_invoker_outcomes(outcome: invoker.CallOutcome, expected: str) -> None:
+    [event] = invoker.decide(route(), outcome, "pv", NOW)
+    if expected == "completed":
+        assert isinstance(event, InvocationCompleted)
+        assert (event.prompt_tokens, event.completion_tokens, event.content) == (20, 8, "o o")
+    else:
+        assert isinstance(event, InvocationFailed) and event.error == expected
+    assert event.reservation == route().reservation and event.event_id.endswith(":invoke")
+
+
+@pytest.mark.parametrize("body, needle", [
+    (b'{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":0}', "max_tokens"),
+    (b'{"model":"","messages":[{"role":"user","content":"x"}]}', "model"),
+    (b'{"model":"m","messages":"x"}', "messages"),
+    (b"[]", "Expected `object`"),
+])
+def test_edge_refuses_invalid_openai_requests(body: bytes, needle: str) -> None:
+    with pytest.raises(codec.DecodeError, match=needle):
+        edge.parse_openai_request(body)
+
+
+def test_edge_takes_max_completion_tokens_and_ignores_unknown_fields() -> None:
+    req = edge.parse_openai_request(b'{"model":"m","messages":[{"role":"user","content":"x"}],'
+                                    b'"max_completion_tokens":7,"user":"u","logprobs":false}')
+    assert edge.to_chat(req).max_tokens == 7
+
+
+@pytest.mark.parametrize("name, code, status", [
+    ("RequestDenied", "model_forbidden", 403),
+    ("BudgetRejected", "budget_exceeded", 402),
+    ("RouteUnavailable", "route_unavailable", 503),
+    ("InvocationFailed", "invocation_failed", 502),
+    ("RequestFailed", "request_failed", 500),
+])
+def test_every_terminal_refusal_becomes_an_openai_error(name: str, code: str, status: int) -> None:
+    event = SAMPLES_BY_NAME[name]
+    reply = edge.reply_for(event)  # type: ignore[arg-type]
+    assert reply.error is not None and reply.error.code == code and reply.completion is None
+    got_status, body = openai_shapes.openai_error(reply.error)
+    assert got_status == status and body.error.code == code
+    if isinstance(event, BudgetRejected):
+        assert (body.error.remaining_micros, body.error.requested_micros) == (10, 272)
+    if isinstance(event, RequestDenied):
+        assert body.error.rule == "team-model-access"
+
+
+def test_completion_reply_carries_usage_and_the_held_amount() -> None:
+    reply = edge.reply_for(SAMPLES_BY_NAME["InvocationCompleted"])  # type: ignore[arg-type]
+    assert reply.completion is not None and reply.completion.usage.completion_tokens == 8
+    assert reply.completion.reserved_micros == 272
+    chunks = openai_shapes.openai_chunks(reply.request_id, reply.completion, 0)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "o o o"
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_auditor_rows_hold_digests_not_text_and_chain_in_order() -> None:
+    state = auditor.initial_state()
+    rows = []
+    for seq, name in enumerate(["RequestSubmitted", "InvocationCompleted", "BudgetSettled"], start=1):
+        event = SAMPLES_BY_NAME[name]
+        row, state = auditor.row_for(state, seq, "gw.evt.x", codec.encode(event), NOW)
+        rows.append(row)
+    assert rows[0].prompt_sha256 and "hello" not in msgspec.json.encode(rows[0]).decode()
+    assert rows[1].completion_sha256 and rows[1].completion_tokens == 8
+    assert rows[2].charged_micros == 100 and rows[2].team == "alpha"
+    head = auditor.GENESIS
+    for row in rows:
+        head = auditor.chain(head, row.seq, row.subject, row.data_sha256)
+        assert row.chain_hash == head
+
+
+def test_auditor_keeps_a_row_for_undecodable_bytes() -> None:
+    row, state = auditor.row_for(auditor.initial_state(), 9, "gw.evt.request.submitted", b"\x00junk", NOW)
+    assert row.type == "Undecodable" and row.detail and state.seq == 9
+
+
+def test_an_invalid_policy_bundle_is_refused_with_the_reason(tmp_path: Path) -> None:
+    for f in (ROOT / "policies").iterdir():
+        (tmp_path / f.name).write_text(f.read_text())
+    (tmp_path / "catalog.toml").write_text((ROOT / "policies" / "catalog.toml").read_text() + "\ntypo = 1\n")
+    with pytest.raises(PolicyError, match="typo"):
+        load_bundle(tmp_path)
+    (tmp_path / "budgets.toml").unlink()
+    with pytest.raises(PolicyError, match="budgets.toml"):
+        load_bundle(tmp_path)

@@ -1,0 +1,72 @@
+"""The event contract: golden files decode forever, the codec round-trips, subjects are derived."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from enclave_gateway.schemas import codec, subjects
+from enclave_gateway.schemas.events import CURRENT_EVENT_TYPES, RequestAuthorized
+
+from .samples import samples
+
+GOLDEN = Path(__file__).parent / "golden"
+SAMPLES = {type(e).__name__: e for e in samples()}
+
+
+def test_every_event_type_has_a_sample_and_a_golden_file() -> None:
+    names = {cls.__name__ for cls in CURRENT_EVENT_TYPES}
+    assert names == set(SAMPLES)
+    assert names <= {p.name for p in GOLDEN.iterdir()}
+
+
+@pytest.mark.parametrize("path", sorted(GOLDEN.glob("*/v*.json")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_golden_file_decodes_to_the_current_type(path: Path) -> None:
+    event = codec.decode_event(path.read_bytes())
+    assert type(event).__name__ == path.parent.name
+    assert event == SAMPLES[path.parent.name]
+
+
+@pytest.mark.parametrize("event", samples(), ids=lambda e: type(e).__name__)
+def test_round_trip_and_subject(event: msgspec.Struct) -> None:
+    data = codec.encode(event)
+    assert codec.decode_event(data) == event
+    subject = subjects.for_event(event)  # type: ignore[arg-type]
+    assert subject.startswith("gw.evt.") and " " not in subject and "*" not in subject
+
+
+def test_an_old_reader_skips_fields_it_does_not_know() -> None:
+    data = codec.encode(SAMPLES["RequestAuthorized"])
+    newer = data[:-1] + b',"added_in_v2":{"x":1}}'
+    assert codec.decode_event(newer) == SAMPLES["RequestAuthorized"]
+
+
+@pytest.mark.parametrize("data, needle", [
+    (b"{}", "missing required field `type`"),
+    (b'{"type": "NoSuchEvent"}', "unknown event type"),
+    (b'{"type": "RequestAuthorized", "schema_version": 99}', "v99"),
+    (b'{"type": "RequestAuthorized"}', "missing required field"),
+    (b"\xff\xfe", "malformed"),
+])
+def test_bad_bytes_are_a_decode_error_naming_the_problem(data: bytes, needle: str) -> None:
+    with pytest.raises(codec.DecodeError, match=needle):
+        codec.decode_event(data)
+
+
+def test_decode_as_refuses_the_wrong_type() -> None:
+    with pytest.raises(codec.DecodeError, match="expected RequestAuthorized"):
+        codec.decode_as(codec.encode(SAMPLES["RequestDenied"]), RequestAuthorized)
+
+
+@pytest.mark.parametrize("name, safe", [("alpha", "alpha"), ("llama-3.1-8b", "llama-3_1-8b"), ("a b>*", "a_b__"),
+                                        ("", "_")])
+def test_partition_tokens_are_subject_safe(name: str, safe: str) -> None:
+    assert subjects.token(name) == safe
+
+
+def test_ledger_subject_and_cas_filter_come_from_one_team_name() -> None:
+    for team in ("alpha", "team.with.dots"):
+        subj, filt = subjects.ledger("reserved", team), subjects.ledger_filter(team)
+        assert filt.replace("*", "reserved") == subj
