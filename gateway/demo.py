@@ -21,10 +21,15 @@ from .schemas.commands import ChatBody, ChatMessage, SubmitRequest
 
 console = Console()
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
-SAMPLE_SQL = (
-    "SELECT team, type, count(*) AS events, sum(charged_micros) AS charged_micros "
-    "FROM events WHERE team IS NOT NULL GROUP BY team, type ORDER BY team, type"
-)
+SAMPLE_SQL = """SELECT coalesce(team, '(no valid session)') AS team,
+       count(*) FILTER (WHERE type = 'InvocationCompleted') AS completed,
+       count(*) FILTER (WHERE type = 'RequestDenied') AS denied,
+       count(*) FILTER (WHERE type = 'BudgetRejected') AS over_budget,
+       count(*) FILTER (WHERE type = 'InvocationFailed') AS failed,
+       coalesce(sum(charged_micros), 0) AS spent_micros
+FROM events
+WHERE type IN ('InvocationCompleted', 'RequestDenied', 'BudgetRejected', 'InvocationFailed', 'BudgetSettled')
+GROUP BY 1 ORDER BY 1"""
 
 
 def _policy_dir() -> Path:
@@ -83,24 +88,31 @@ async def wait_audited(url: str, timeout_s: float = 30.0) -> None:
         await nc.close()
 
 
+def _outcome(body: dict[str, object]) -> str:
+    """One short line: the completion with its usage, or the error code, rule and figures."""
+    err = body.get("error")
+    if isinstance(err, dict):
+        rule = f" (rule {err['rule']})" if err.get("rule") else ""
+        figures = ""
+        if err.get("remaining_micros") is not None:
+            figures = f" requested {err['requested_micros']}µ, remaining {err['remaining_micros']}µ"
+        return f"[red]{err.get('code')}[/]{rule}{figures}"
+    choices, usage = body.get("choices"), body.get("usage")
+    if isinstance(choices, list) and isinstance(usage, dict):  # OpenAI chat.completion (HTTP)
+        text, model, tokens = choices[0]["message"]["content"], body.get("model"), usage["completion_tokens"]
+    else:  # SubmitReply (NATS)
+        comp = body.get("completion")
+        assert isinstance(comp, dict)
+        text, model, tokens = comp["content"], comp["model"], comp["usage"]["completion_tokens"]
+    return f"[green]completed[/] by {model}: {str(text)[:16]!r}… ({tokens} tokens)"
+
+
 def _summarize(rows: list[tuple[str, str, str, int, dict[str, object]]]) -> Table:
-    t = Table(title="Requests")
-    for col in ("who", "entry", "model", "status", "outcome"):
-        t.add_column(col)
+    t = Table(title="Requests through the gateway")
+    for col in ("caller", "entry", "asked for", "HTTP", "outcome"):
+        t.add_column(col, overflow="fold")
     for who, entry, model, status, body in rows:
-        err = body.get("error")
-        if isinstance(err, dict):
-            extra = f" (rule {err['rule']})" if err.get("rule") else ""
-            outcome = f"[red]{err.get('code')}[/]{extra}: {err.get('message')}"
-        else:
-            comp = body.get("completion") or body
-            outcome = f"[green]completed[/] {str(comp)[:60]}"
-            choices = body.get("choices")
-            if isinstance(choices, list):
-                outcome = f"[green]completed[/] {choices[0]['message']['content']!r} usage {body.get('usage')}"
-            elif isinstance(comp, dict):
-                outcome = f"[green]completed[/] {comp.get('content')!r} usage {comp.get('usage')}"
-        t.add_row(who, entry, model, str(status), outcome)
+        t.add_row(who, entry, model, str(status) if entry == "HTTP" else "-", _outcome(body))
     return t
 
 
@@ -142,7 +154,8 @@ def run_demo(data_dir: Path | None) -> int:
         console.print(_summarize(rows))
         audit = data_dir / "audit"
         console.print(f"\nParquet audit: [bold]{audit}/events/day=*/*.parquet[/]")
-        console.print(f"Sample query: [cyan]{SAMPLE_SQL}[/]")
+        console.print("Where did the AI budget go? (DuckDB over the Parquet audit)")
+        console.print(f"[cyan]{SAMPLE_SQL}[/]")
         cols, result = audit_sql.query(audit, SAMPLE_SQL)
         t = Table()
         for c in cols:
