@@ -99,6 +99,15 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bus_setup(args: argparse.Namespace) -> int:
+    """Create or update the stream and consumers on an existing (clustered) NATS."""
+    from .runtime import setup_topology
+
+    asyncio.run(setup_topology(args.url, args.replicas))
+    console.print(f"GW_EVENTS ready on {args.url} with {args.replicas} replica(s)")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(prog="gateway", description=__doc__)
@@ -121,6 +130,10 @@ def parser() -> argparse.ArgumentParser:
     ti.add_argument("--ttl", type=int, default=3600)
     ti.add_argument("--data-dir", default="var")
     ti.set_defaults(func=cmd_token_issue)
+    bs = sub.add_parser("bus-setup", help="create the stream and consumers on a running NATS (clusters)")
+    bs.add_argument("--url", required=True)
+    bs.add_argument("--replicas", type=int, default=1)
+    bs.set_defaults(func=cmd_bus_setup)
     st = sub.add_parser("status", help="stream and consumer state")
     st.add_argument("--data-dir", default="var")
     st.set_defaults(func=cmd_status)

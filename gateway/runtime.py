@@ -18,10 +18,11 @@ from .services import bus
 from .services.settings import WorkerSettings
 
 
-async def _setup_topology(url: str) -> None:
+async def setup_topology(url: str, replicas: int = 1) -> None:
+    """Create or update GW_EVENTS and the consumers through an admin connection."""
     nc = await nats.connect(url, name="gw-admin")
     try:
-        await bus.ensure_topology(nc.jetstream())
+        await bus.ensure_topology(nc.jetstream(), replicas)
     finally:
         await nc.close()
 
@@ -68,7 +69,7 @@ class Gateway:
         self.nats_url = self.broker.start()
         if self.engine is not None and self.serve_tiny:
             self.endpoints[self.serve_tiny] = self.engine.start()
-        asyncio.run(_setup_topology(self.nats_url))
+        asyncio.run(setup_topology(self.nats_url))
         port = self.http_port or procs.free_port()
         self.http_url = f"http://127.0.0.1:{port}"
         self.settings = WorkerSettings(

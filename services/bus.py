@@ -74,7 +74,8 @@ def now_utc() -> datetime:
 
 async def connect(url: str, name: str) -> Client:
     """A connection that keeps trying to reconnect rather than giving up on a restart."""
-    return await nats.connect(url, name=f"gw-{name}", max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+    servers = [u.strip() for u in url.split(",") if u.strip()]  # a cluster: every seed URL
+    return await nats.connect(servers, name=f"gw-{name}", max_reconnect_attempts=-1, reconnect_time_wait=0.5)
 
 
 async def close(nc: Client) -> None:
@@ -85,10 +86,11 @@ async def close(nc: Client) -> None:
         await nc.close()
 
 
-async def ensure_topology(js: JetStreamContext) -> None:
-    """Create or update the stream GW_EVENTS and every service's durable consumer."""
+async def ensure_topology(js: JetStreamContext, replicas: int = 1) -> None:
+    """Create or update the stream GW_EVENTS (R`replicas`) and every service's durable consumer."""
     config = StreamConfig(
         name=subjects.STREAM,
+        num_replicas=replicas,
         subjects=[subjects.ALL_EVENTS],
         storage=StorageType.FILE,
         deny_delete=True,
