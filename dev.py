@@ -56,9 +56,10 @@ def run(*argv: str) -> int:
 
 
 def test(extra: list[str]) -> int:
-    """ruff and mypy --strict on the code, then pytest; the first failure decides the exit code."""
+    """ruff, mypy --strict and the import contracts, then pytest; the first failure decides the exit code."""
     for step in (("ruff", "check", "services", "schemas", "replay", "gateway"),
                  ("mypy", "-p", "enclave_gateway"),
+                 ("lint-imports",),
                  ("pytest", *extra)):
         code = run(*step)
         if code != 0:

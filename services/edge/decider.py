@@ -13,6 +13,7 @@ from msgspec import Struct
 from ...schemas import codec
 from ...schemas.commands import ChatBody, ChatMessage, Completion, ErrorBody, SubmitReply, Usage
 from ...schemas.events import (
+    AnyEvent,
     BudgetRejected,
     Event,
     InvocationCompleted,
@@ -185,6 +186,11 @@ def _error(
         request_id=rid,
         error=ErrorBody(code=code, message=message, rule=rule, remaining_micros=remaining, requested_micros=requested),
     )
+
+
+def decide(event: Terminal, state: EdgeState, policy_version: str, now: datetime) -> list[AnyEvent]:
+    """The responder's fact for a terminal event: the caller got `reply_for(event)`."""
+    return [delivered(reply_for(event), team_of(event), now, policy_version)]
 
 
 def delivered(reply: SubmitReply, team: str | None, now: datetime, policy_version: str) -> ResponseDelivered:

@@ -118,7 +118,10 @@ class Edge:
         event = codec.decode_event(msg.data)
         if not isinstance(event, decider.Terminal):
             raise codec.DecodeError(f"edge responder does not take {type(event).__name__}")
-        await self.deliver(decider.reply_for(event), event.reply_to, decider.team_of(event))
+        if event.reply_to:
+            await self.nc.publish(event.reply_to, codec.encode(decider.reply_for(event)))
+        for fact in decider.decide(event, decider.initial_state(), self.bundle.version, bus.now_utc()):
+            await bus.publish(self.js, fact)
 
 
 async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
