@@ -27,8 +27,16 @@ def binary() -> Path:
 class Broker:
     """One nats-server process with its JetStream store under `data_dir/nats`."""
 
-    def __init__(self, data_dir: Path, host: str = "127.0.0.1", port: int = -1, max_payload: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        host: str = "127.0.0.1",
+        port: int = -1,
+        max_payload: int = 1 << 20,
+        authorization: str = "",
+    ) -> None:
         self.data_dir, self.host, self.port, self.max_payload = data_dir, host, port, max_payload
+        self.authorization = authorization  # an `authorization { users: [...] }` block, or "" for none
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 
@@ -43,13 +51,14 @@ class Broker:
         return (
             f'listen: "{self.host}:{self.port}"\n'
             f"max_payload: {self.max_payload}\n"
-            f'jetstream {{ store_dir: "{store}" }}\n'
+            f'jetstream {{ store_dir: "{store}" }}\n' + self.authorization
         )
 
     def start(self, timeout_s: float = 20.0) -> str:
         """Start the server and return its client URL once it listens."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         conf = self.data_dir / "nats.conf"
+        conf.touch(mode=0o600)  # it holds password hashes
         conf.write_text(self.config_text())
         if self.log_path.exists():
             self.log_path.unlink()

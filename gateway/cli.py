@@ -70,7 +70,14 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
     """Print a signed dev session token."""
     print(
         issuer.issue(
-            Path(args.data_dir) / "keys", subject=args.sub, team=args.team, roles=tuple(args.role), ttl_s=args.ttl
+            Path(args.data_dir) / "keys",
+            subject=args.sub,
+            team=args.team,
+            roles=tuple(args.role),
+            ttl_s=args.ttl,
+            clearance=args.clearance,
+            compartments=tuple(args.compartment),
+            caveats=tuple(args.caveat),
         )
     )
     return 0
@@ -103,8 +110,41 @@ def cmd_bus_setup(args: argparse.Namespace) -> int:
     """Create or update the stream and consumers on an existing (clustered) NATS."""
     from .runtime import setup_topology
 
-    asyncio.run(setup_topology(args.url, args.replicas))
+    settings = WorkerSettings(
+        nats_url=args.url, data_dir=args.data_dir, policy_dir="", creds_dir=str(Path(args.data_dir) / "creds")
+    )
+    asyncio.run(setup_topology(settings, args.replicas))
     console.print(f"GW_EVENTS ready on {args.url} with {args.replicas} replica(s)")
+    return 0
+
+
+def cmd_policy_activate(args: argparse.Namespace) -> int:
+    """Validate a bundle and make it the active policy of the running gateway."""
+    from .runtime import activate
+    from .services.policy_store import PolicyError
+    from .supervisor import read_settings
+
+    try:
+        settings = read_settings(Path(args.data_dir))
+        event = asyncio.run(activate(settings, Path(args.dir), args.by))
+    except PolicyError as exc:
+        console.print(f"[red]policy refused, the active one stays:[/] {exc}")
+        return 1
+    except FileNotFoundError as exc:
+        console.print(f"[red]no running gateway at {args.data_dir}:[/] {exc}")
+        return 1
+    console.print(f"activated {event.version} (sha256 {event.sha256[:16]}…, git {event.git_commit or '-'})")
+    return 0
+
+
+def cmd_violations(args: argparse.Namespace) -> int:
+    """List denials from the violations table, or follow them live."""
+    from .violations import follow, list_violations
+
+    if args.follow:
+        return follow(Path(args.data_dir))
+    cols, rows = list_violations(Path(args.data_dir) / "audit", since=args.since, rule=args.rule)
+    console.print(_table(cols, rows, title=f"Violations ({len(rows)})"))
     return 0
 
 
@@ -128,12 +168,28 @@ def parser() -> argparse.ArgumentParser:
     ti.add_argument("--team", required=True)
     ti.add_argument("--role", action="append", default=[])
     ti.add_argument("--ttl", type=int, default=3600)
+    ti.add_argument("--clearance", default="UNCLASSIFIED", help="UNCLASSIFIED, CUI, CONFIDENTIAL, SECRET, TOP SECRET")
+    ti.add_argument("--compartment", action="append", default=[])
+    ti.add_argument("--caveat", action="append", default=[], help="e.g. NOFORN")
     ti.add_argument("--data-dir", default="var")
     ti.set_defaults(func=cmd_token_issue)
     bs = sub.add_parser("bus-setup", help="create the stream and consumers on a running NATS (clusters)")
     bs.add_argument("--url", required=True)
     bs.add_argument("--replicas", type=int, default=1)
+    bs.add_argument("--data-dir", default="var", help="where creds/admin.creds.json is, if the bus has users")
     bs.set_defaults(func=cmd_bus_setup)
+    pol = sub.add_parser("policy", help="policy bundles").add_subparsers(dest="policy_cmd", required=True)
+    pa = pol.add_parser("activate", help="validate a bundle and make it active on every worker")
+    pa.add_argument("--dir", default="policies")
+    pa.add_argument("--data-dir", default="var")
+    pa.add_argument("--by", default="operator", help="who activates it (recorded in the event)")
+    pa.set_defaults(func=cmd_policy_activate)
+    vi = sub.add_parser("violations", help="denials with the rule that fired")
+    vi.add_argument("--since", help="ISO date or timestamp, e.g. 2026-11-25 or 2026-11-25T09:00")
+    vi.add_argument("--rule", help="only this rule id, e.g. no-write-down")
+    vi.add_argument("--follow", action="store_true", help="stream new denials live (the SOC feed)")
+    vi.add_argument("--data-dir", default="var")
+    vi.set_defaults(func=cmd_violations)
     st = sub.add_parser("status", help="stream and consumer state")
     st.add_argument("--data-dir", default="var")
     st.set_defaults(func=cmd_status)

@@ -69,9 +69,12 @@ def issue(
     roles: tuple[str, ...] = (),
     ttl_s: int = 3600,
     now: int | None = None,
+    clearance: str = "UNCLASSIFIED",
+    compartments: tuple[str, ...] = (),
+    caveats: tuple[str, ...] = (),
     extra: dict[str, object] | None = None,
 ) -> str:
-    """A signed session token for `subject` of `team`."""
+    """A signed session token for `subject` of `team` with its clearance, compartments and caveats."""
     kid = ensure_keys(keys_dir)
     iat = int(time.time()) if now is None else now
     claims: dict[str, object] = {
@@ -84,6 +87,9 @@ def issue(
         "nbf": iat,
         "exp": iat + ttl_s,
         "jti": uuid.uuid4().hex,
+        "clearance": clearance,
+        "compartments": list(compartments),
+        "caveats": list(caveats),
     }
     claims.update(extra or {})
     return jwt.encode(claims, _private_key(keys_dir), algorithm="EdDSA", headers={"kid": kid})

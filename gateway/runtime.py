@@ -1,30 +1,73 @@
-"""One machine's gateway: broker, optional tiny engine, topology and worker processes."""
+"""One machine's gateway: broker with per-service users, optional tiny engine, topology, the
+active policy, and the worker processes."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import subprocess
 import threading
 from pathlib import Path
 from types import TracebackType
 
-import nats
+from nats.js.errors import NotFoundError
 
-from . import config, issuer, procs, supervisor
+from . import config, issuer, nats_auth, procs, supervisor
 from .broker import Broker
 from .engine import Engine
+from .schemas import codec, subjects
+from .schemas.events import PolicyActivated
 from .services import bus
+from .services.policy_store import activation
 from .services.settings import WorkerSettings
 
+log = logging.getLogger("enclave_gateway.runtime")
 
-async def setup_topology(url: str, replicas: int = 1) -> None:
-    """Create or update GW_EVENTS and the consumers through an admin connection."""
-    nc = await nats.connect(url, name="gw-admin")
+
+async def setup_topology(settings: WorkerSettings, replicas: int = 1) -> None:
+    """Create or update GW_EVENTS and the consumers through the admin connection."""
+    nc = await bus.connect(settings, "admin")
     try:
         await bus.ensure_topology(nc.jetstream(), replicas)
     finally:
         await nc.close()
+
+
+async def active_policy(settings: WorkerSettings) -> PolicyActivated | None:
+    """The newest PolicyActivated in the stream, if any."""
+    nc = await bus.connect(settings, "admin")
+    try:
+        raw = await nc.jetstream().get_last_msg(subjects.STREAM, subjects.policy_activated(), direct=True)
+        return codec.decode_as(raw.data or b"", PolicyActivated)  # type: ignore[no-any-return]
+    except NotFoundError:
+        return None
+    finally:
+        await nc.close()
+
+
+async def activate(settings: WorkerSettings, folder: Path, by: str) -> PolicyActivated:
+    """Validate the folder's bundle and publish it as the active policy; raises PolicyError."""
+    event = activation(folder, by, bus.now_utc())
+    nc = await bus.connect(settings, "admin")
+    try:
+        await bus.publish(nc.jetstream(), event)
+    finally:
+        await nc.close()
+    return event
+
+
+async def bootstrap_policy(settings: WorkerSettings, folder: Path) -> str:
+    """Activate the configured bundle if none is active; an active one is kept (say so if it differs)."""
+    current = await active_policy(settings)
+    if current is None:
+        return (await activate(settings, folder, "gateway up")).version
+    wanted = activation(folder, "check", bus.now_utc()).version
+    if wanted != current.version:
+        log.warning(
+            "policy %s stays active; %s in %s differs: run `gateway policy activate`", current.version, wanted, folder
+        )
+    return current.version
 
 
 class Gateway:
@@ -47,7 +90,7 @@ class Gateway:
         self.broker = Broker(self.data_dir, port=nats_port)
         self.engine: Engine | None = Engine(self.data_dir) if serve_tiny else None
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
-        self.nats_url = self.http_url = ""
+        self.nats_url = self.http_url = self.policy_version = ""
 
     @classmethod
     def from_config(cls, path: Path, nats_port: int | None, http_port: int | None) -> Gateway:
@@ -63,13 +106,18 @@ class Gateway:
             max_body_bytes=cfg.http.max_body_bytes,
         )
 
+    @property
+    def creds_dir(self) -> Path:
+        """Each NATS user's credentials (0600)."""
+        return self.data_dir / "creds"
+
     def start(self) -> None:
-        """Broker, engine, keys, topology, workers; returns once every worker consumes."""
+        """Broker, engine, keys, topology, policy, workers; returns once every worker consumes."""
         issuer.ensure_keys(self.data_dir / "keys")
+        self.broker.authorization = nats_auth.authorization_block(nats_auth.ensure_creds(self.creds_dir))
         self.nats_url = self.broker.start()
         if self.engine is not None and self.serve_tiny:
             self.endpoints[self.serve_tiny] = self.engine.start()
-        asyncio.run(setup_topology(self.nats_url))
         port = self.http_port or procs.free_port()
         self.http_url = f"http://127.0.0.1:{port}"
         self.settings = WorkerSettings(
@@ -79,7 +127,11 @@ class Gateway:
             endpoints=self.endpoints,
             http_port=port,
             max_body_bytes=self.max_body_bytes,
+            creds_dir=str(self.creds_dir),
         )
+        supervisor.write_settings(self.settings)
+        asyncio.run(setup_topology(self.settings))
+        self.policy_version = asyncio.run(bootstrap_policy(self.settings, self.policy_dir))
         self.workers = supervisor.spawn_workers(self.settings)
         for name, proc in self.workers.items():
             procs.wait_for_line(self.data_dir / "logs" / f"{name}.log", f"{name} consuming", proc, 60.0)
@@ -119,15 +171,15 @@ class Gateway:
 
 
 async def status_rows(data_dir: Path) -> tuple[list[str], list[tuple[object, ...]]]:
-    """Per consumer: delivered, pending, unacked, redelivered; plus the stream's size."""
+    """Per consumer: delivered, pending, unacked, redelivered; plus the stream and the policy."""
     settings = supervisor.read_settings(data_dir)
-    nc = await nats.connect(settings.nats_url, name="gw-status", connect_timeout=2, max_reconnect_attempts=0)
+    nc = await bus.connect(settings, "admin")
     try:
         js = nc.jetstream()
-        info = await js.stream_info("GW_EVENTS")
+        info = await js.stream_info(subjects.STREAM)
         rows: list[tuple[object, ...]] = [("(stream)", info.state.messages, "", "", info.state.bytes)]
         for name in bus.CONSUMERS:
-            ci = await js.consumer_info("GW_EVENTS", name)
+            ci = await js.consumer_info(subjects.STREAM, name)
             rows.append(
                 (
                     name,
@@ -137,6 +189,8 @@ async def status_rows(data_dir: Path) -> tuple[list[str], list[tuple[object, ...
                     ci.num_redelivered,
                 )
             )
+        policy = await active_policy(settings)
+        rows.append(("(policy)", policy.version if policy else "none", "", "", ""))
         return ["consumer", "delivered seq / messages", "pending", "unacked", "redelivered / bytes"], rows
     finally:
         await nc.close()

@@ -29,6 +29,8 @@ class SubmitRequest(Struct, frozen=True, kw_only=True):
 
     token: str
     chat: ChatBody
+    input_label: str | None = None  # e.g. "SECRET//SI//NOFORN"; see docs/architecture.md for defaults
+    output_label: str | None = None
 
 
 class Usage(Struct, frozen=True, kw_only=True):

@@ -22,6 +22,8 @@ class ModelEntry(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     status: Literal["active", "deprecated", "retired"] = "active"
     replacement: str | None = None
     aliases: tuple[str, ...] = ()
+    # The highest label this model (and the servers behind its endpoint) is accredited for.
+    accreditation: str = "UNCLASSIFIED"
     # Chat templates add tokens around each message and the generation prompt; the budget's
     # worst case counts them so the reservation is a true upper bound (DESIGN §4).
     message_overhead_tokens: int = 8
@@ -55,3 +57,4 @@ class PolicyBundle(Struct, frozen=True, kw_only=True):
     budgets: Budgets
     access_model: str
     access_policy: str
+    issuers_jwks: str = '{"keys": []}'

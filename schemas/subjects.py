@@ -87,6 +87,11 @@ def invocation_failed(model_id: str) -> str:
     return f"gw.evt.invocation.failed.{token(model_id)}"
 
 
+def policy_activated() -> str:
+    """The policy bundle in force; its newest message is the active policy."""
+    return "gw.evt.policy.activated"
+
+
 def msg_id(request_id: str, stage: str) -> str:
     """`Nats-Msg-Id` and event id: a republish after a crash is deduplicated by the server."""
     return f"{request_id}:{stage}"
@@ -102,6 +107,7 @@ def for_event(event: "AnyEvent") -> str:
         InvocationCompleted,
         InvocationFailed,
         MessageRejected,
+        PolicyActivated,
         RequestAuthorized,
         RequestDenied,
         RequestFailed,
@@ -140,5 +146,7 @@ def for_event(event: "AnyEvent") -> str:
             return invocation_completed(event.model_id)
         case InvocationFailed():
             return invocation_failed(event.model_id)
+        case PolicyActivated():
+            return policy_activated()
         case _:
             assert_never(event)

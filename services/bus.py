@@ -27,6 +27,8 @@ from nats.js.errors import BadRequestError, NotFoundError
 
 from ..schemas import codec, subjects
 from ..schemas.events import AnyEvent, MessageRejected, RequestFailed, Reservation, envelope
+from .credentials import load_creds
+from .settings import WorkerSettings
 
 log = logging.getLogger("enclave_gateway.bus")
 
@@ -72,10 +74,18 @@ def now_utc() -> datetime:
     return datetime.now(UTC)
 
 
-async def connect(url: str, name: str) -> Client:
-    """A connection that keeps trying to reconnect rather than giving up on a restart."""
-    servers = [u.strip() for u in url.split(",") if u.strip()]  # a cluster: every seed URL
-    return await nats.connect(servers, name=f"gw-{name}", max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+async def connect(settings: WorkerSettings, name: str) -> Client:
+    """Connect as service `name`: its own user and inbox prefix when credentials exist (issue 4).
+
+    The per-user inbox prefix matters: with a shared `_INBOX.>` any user could read every other
+    user's JetStream deliveries (shared/notes/nats-permissions.md).
+    """
+    servers = [u.strip() for u in settings.nats_url.split(",") if u.strip()]  # a cluster: every seed URL
+    creds = load_creds(settings.creds_dir, name)
+    extra: dict[str, str] = {}
+    if creds is not None:
+        extra = {"user": creds.user, "password": creds.password, "inbox_prefix": creds.inbox_prefix}
+    return await nats.connect(servers, name=f"gw-{name}", max_reconnect_attempts=-1, reconnect_time_wait=0.5, **extra)
 
 
 async def close(nc: Client) -> None:

@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import jwt
 import msgspec
 
 
@@ -18,6 +17,11 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_body_bytes: int = 256 * 1024
     request_timeout_s: float = 120.0
     invoke_timeout_s: float = 60.0
+    # Single-machine convenience: also trust the dev issuer key in the data dir. Off in an enclave,
+    # where only the bundle's issuers.jwks.json (the identity service's keys) is trusted.
+    trust_dev_issuer: bool = True
+    # Where each service's NATS credentials live; empty = connect without authentication.
+    creds_dir: str = ""
 
     @property
     def keys_dir(self) -> Path:
@@ -33,8 +37,3 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 def jwks_path(keys_dir: Path) -> Path:
     """The issuer public keys, by `kid`."""
     return keys_dir / "issuer.jwks.json"
-
-
-def load_keys(keys_dir: Path) -> jwt.PyJWKSet:
-    """The issuer public keys authz and the edge verify tokens with."""
-    return jwt.PyJWKSet.from_json(jwks_path(keys_dir).read_text())

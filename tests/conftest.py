@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client
 
-from enclave_gateway import issuer, procs, supervisor
+from enclave_gateway import issuer, nats_auth, procs, runtime, supervisor
 from enclave_gateway.broker import Broker
 from enclave_gateway.engine import Engine
 from enclave_gateway.services import bus
@@ -62,8 +62,8 @@ def keys_dir(data_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def broker(data_dir: Path) -> Iterator[Broker]:
-    """A real nats-server -js on a port it picked itself (`port: -1`)."""
-    b = Broker(data_dir)
+    """A real nats-server -js on a port it picked itself (`port: -1`), with one user per service."""
+    b = Broker(data_dir, authorization=nats_auth.authorization_block(nats_auth.ensure_creds(data_dir / "creds")))
     b.start()
     yield b
     b.stop()
@@ -83,15 +83,14 @@ def settings(broker: Broker, engine: str, data_dir: Path, policy_dir: Path, keys
     """Worker settings pointing at the test broker and engine; a small body limit to test it."""
     return WorkerSettings(nats_url=broker.url, data_dir=str(data_dir), policy_dir=str(policy_dir),
                           endpoints={"local-llama": engine}, http_port=procs.free_port(), max_body_bytes=64 * 1024,
-                          request_timeout_s=60.0)
+                          request_timeout_s=60.0, creds_dir=str(data_dir / "creds"))
 
 
 @pytest_asyncio.fixture(scope="session")
 async def stack(settings: WorkerSettings) -> AsyncIterator[WorkerSettings]:
     """Every worker running as tasks of the session loop; yields once the edge answers HTTP."""
-    nc = await nats.connect(settings.nats_url)
-    await bus.ensure_topology(nc.jetstream())
-    await nc.close()
+    await runtime.setup_topology(settings)
+    await runtime.activate(settings, Path(settings.policy_dir), "conftest")
     stop = asyncio.Event()
     task = asyncio.create_task(supervisor.run_all(settings, stop))
     await _wait_http(f"http://127.0.0.1:{settings.http_port}/health", task)
@@ -123,8 +122,16 @@ async def _wait_http(url: str, task: asyncio.Task[None]) -> None:
 
 @pytest_asyncio.fixture(scope="session")
 async def client(stack: WorkerSettings) -> AsyncIterator[Client]:
-    """An application's NATS connection."""
-    nc = await nats.connect(stack.nats_url, name="test-app")
+    """An application's NATS connection (user `app`: may only request on gw.submit)."""
+    nc = await bus.connect(stack, "app")
+    yield nc
+    await nc.close()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def admin(stack: WorkerSettings) -> AsyncIterator[Client]:
+    """The operator's connection, for reading the stream in assertions."""
+    nc = await bus.connect(stack, "admin")
     yield nc
     await nc.close()
 

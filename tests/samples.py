@@ -15,6 +15,7 @@ from enclave_gateway.schemas.events import (
     InvocationCompleted,
     InvocationFailed,
     MessageRejected,
+    PolicyActivated,
     RequestAuthorized,
     RequestDenied,
     RequestFailed,
@@ -69,6 +70,8 @@ def samples() -> list[AnyEvent]:
                             latency_ms=2.5, reservation=HELD, reply_to="_INBOX.x"),
         InvocationFailed(**env("invoke"), caller=CALLER, model_id="enclave-tiny", endpoint="local-llama",
                          error="timeout", detail="60s", latency_ms=60000.0, reservation=HELD, reply_to="_INBOX.x"),
+        PolicyActivated(**envelope("policy-" + PV, "activate", T, PV), version=PV, sha256="ab" * 32,
+                        git_commit="0" * 40, activated_by="ops", files={"catalog.toml": "[[model]]\n"}),
     ]
 
 

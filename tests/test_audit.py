@@ -18,8 +18,8 @@ from enclave_gateway.services.auditor.decider import GENESIS, chain
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
-async def _audited(client: Client, timeout_s: float = 20.0) -> int:
-    js = client.jetstream()
+async def _audited(admin: Client, timeout_s: float = 20.0) -> int:
+    js = admin.jetstream()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         ci = await js.consumer_info(subjects.STREAM, "auditor")
@@ -30,7 +30,7 @@ async def _audited(client: Client, timeout_s: float = 20.0) -> int:
     raise AssertionError("auditor did not catch up")
 
 
-async def test_requests_are_queryable_in_parquet_with_a_chain_matching_the_stream(client: Client, token_for,
+async def test_requests_are_queryable_in_parquet_with_a_chain_matching_the_stream(admin: Client, client: Client, token_for,
                                                                                    stack) -> None:
     chat = ChatBody(model="enclave-tiny", messages=(ChatMessage(role="user", content="audit me"),), max_tokens=4)
     msg = await client.request(subjects.SUBMIT, codec.encode(SubmitRequest(token=token_for("gamma"), chat=chat)),
@@ -39,7 +39,7 @@ async def test_requests_are_queryable_in_parquet_with_a_chain_matching_the_strea
     denied = await client.request(subjects.SUBMIT, codec.encode(SubmitRequest(token="", chat=chat)), timeout=30)
     denied_rid = codec.decode_reply(denied.data).request_id
     await asyncio.sleep(0.5)  # let the settlement and deliveries land before the auditor's last batch
-    last = await _audited(client)
+    last = await _audited(admin)
     audit = Path(stack.data_dir) / "audit"
     _, rows = audit_sql.query(audit, f"SELECT type FROM events WHERE request_id = '{rid}' ORDER BY seq")
     types = [r[0] for r in rows]
@@ -53,7 +53,7 @@ async def test_requests_are_queryable_in_parquet_with_a_chain_matching_the_strea
                                      "AND (prompt_sha256 IS NOT NULL OR completion_sha256 IS NOT NULL)")
     assert rows[0][0] == 2
 
-    js = client.jetstream()
+    js = admin.jetstream()
     sub = await js.subscribe(subjects.ALL_EVENTS, ordered_consumer=True)
     head, seq = GENESIS, 0
     while seq < last:

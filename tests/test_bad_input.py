@@ -35,8 +35,8 @@ def _chat(model: str = "enclave-tiny", text: str = "hi") -> bytes:
             % (model.encode(), text.encode()))
 
 
-async def _rejections_mentioning(client: Client, needle: str) -> list[dict[str, object]]:
-    events = await stream_events(client, subject=subjects.message_rejected())
+async def _rejections_mentioning(admin: Client, needle: str) -> list[dict[str, object]]:
+    events = await stream_events(admin, subject=subjects.message_rejected())
     return [b for _, b in events if needle in str(b.get("detail", ""))]
 
 
@@ -46,12 +46,12 @@ async def _rejections_mentioning(client: Client, needle: str) -> list[dict[str, 
     (b'{"model": "enclave-tiny", "messages": [{"role": "user"}]}', "missing required field `content`"),
     (b'{"model": "enclave-tiny", "messages": []}', "at least one message"),
 ])
-async def test_http_invalid_body_is_400_with_a_rejection_event(http_url: str, client: Client, token_for,
+async def test_http_invalid_body_is_400_with_a_rejection_event(admin: Client, http_url: str, client: Client, token_for,
                                                               body: bytes, needle: str) -> None:
     status, err = await _post(http_url, body, token_for("gamma"))
     assert status == 400 and err["code"] == "invalid_request" and err["type"] == "invalid_request_error"
     assert needle.lower() in str(err["message"]).lower()
-    assert await _rejections_mentioning(client, str(err["message"])[:40])
+    assert await _rejections_mentioning(admin, str(err["message"])[:40])
 
 
 @pytest.mark.parametrize("data, code", [
@@ -59,36 +59,36 @@ async def test_http_invalid_body_is_400_with_a_rejection_event(http_url: str, cl
     (b'{"token": "x"}', "invalid_request"),
     (codec.encode(SubmitRequest(token="x", chat=ChatBody(model="m", messages=()))), "invalid_request"),
 ])
-async def test_nats_invalid_submit_gets_error_reply_and_event(client: Client, data: bytes, code: str) -> None:
+async def test_nats_invalid_submit_gets_error_reply_and_event(admin: Client, client: Client, data: bytes, code: str) -> None:
     msg = await client.request(subjects.SUBMIT, data, timeout=10)
     reply = codec.decode_reply(msg.data)
     assert reply.error is not None and reply.error.code == code
-    rejected = await wait_for_event(client, reply.request_id, "MessageRejected")
+    rejected = await wait_for_event(admin, reply.request_id, "MessageRejected")
     assert rejected["reason"] == code
 
 
-async def test_oversized_body_is_413_by_http_and_refused_by_nats(http_url: str, client: Client, token_for,
+async def test_oversized_body_is_413_by_http_and_refused_by_nats(admin: Client, http_url: str, client: Client, token_for,
                                                                  stack) -> None:
     big = "x" * (stack.max_body_bytes + 10)
     status, err = await _post(http_url, _chat(text=big), token_for("gamma"))
     assert status == 413 and err["code"] == "body_too_large"
-    assert await _rejections_mentioning(client, f"over {stack.max_body_bytes} bytes")
+    assert await _rejections_mentioning(admin, f"over {stack.max_body_bytes} bytes")
     chat = ChatBody(model="enclave-tiny", messages=(ChatMessage(role="user", content=big),))
     msg = await client.request(subjects.SUBMIT, codec.encode(SubmitRequest(token="t", chat=chat)), timeout=10)
     reply = codec.decode_reply(msg.data)
     assert reply.error is not None and reply.error.code == "body_too_large"
-    await wait_for_event(client, reply.request_id, "MessageRejected")
+    await wait_for_event(admin, reply.request_id, "MessageRejected")
 
 
-async def test_unknown_model_is_404_and_denied_by_catalog_rule(http_url: str, client: Client, token_for) -> None:
+async def test_unknown_model_is_404_and_denied_by_catalog_rule(admin: Client, http_url: str, client: Client, token_for) -> None:
     status, err = await _post(http_url, _chat(model="gpt-9"), token_for("gamma"))
     assert status == 404 and err["code"] == "model_not_found" and err["rule"] == "catalog"
-    denials = await stream_events(client, subject="gw.evt.request.denied.gamma")
+    denials = await stream_events(admin, subject="gw.evt.request.denied.gamma")
     assert any(b["reason"] == "model_not_found" and b["model"] == "gpt-9" for _, b in denials)
 
 
 @pytest.mark.parametrize("case", ["missing", "forged", "expired", "garbage"])
-async def test_bad_tokens_are_401_with_their_own_code(http_url: str, client: Client, keys_dir, tmp_path,
+async def test_bad_tokens_are_401_with_their_own_code(admin: Client, http_url: str, client: Client, keys_dir, tmp_path,
                                                       case: str) -> None:
     subject = f"probe-{uuid.uuid4().hex[:8]}"
     token, code = {
@@ -100,7 +100,7 @@ async def test_bad_tokens_are_401_with_their_own_code(http_url: str, client: Cli
     }[case]
     status, err = await _post(http_url, _chat(), token)
     assert status == 401 and err["code"] == code and err["rule"] == "session-token"
-    denials = await stream_events(client, subject="gw.evt.request.denied._unknown")
+    denials = await stream_events(admin, subject="gw.evt.request.denied._unknown")
     assert any(b["reason"] == code for _, b in denials)
 
 
@@ -112,15 +112,15 @@ async def test_tampered_signature_with_known_kid_is_refused(http_url: str, token
     assert status == 401 and err["code"] == "token_bad_signature"
 
 
-async def test_garbage_on_an_event_subject_is_rejected_and_the_worker_lives(client: Client, token_for) -> None:
-    js = client.jetstream()
+async def test_garbage_on_an_event_subject_is_rejected_and_the_worker_lives(admin: Client, client: Client, token_for) -> None:
+    js = admin.jetstream()
     await js.publish(subjects.request_submitted(), b"\x00garbage", headers={"Nats-Msg-Id": uuid.uuid4().hex})
     await js.publish(subjects.request_submitted(), b'{"type": "RequestSubmitted"}',
                      headers={"Nats-Msg-Id": uuid.uuid4().hex})
     deadline = time.monotonic() + 10
     found: list[dict[str, object]] = []
     while time.monotonic() < deadline and len(found) < 2:
-        events = await stream_events(client, subject=subjects.message_rejected())
+        events = await stream_events(admin, subject=subjects.message_rejected())
         found = [b for _, b in events if b.get("stage") == "authz"]
         await asyncio.sleep(0.2)
     assert len(found) >= 2
@@ -132,7 +132,7 @@ async def test_garbage_on_an_event_subject_is_rejected_and_the_worker_lives(clie
     assert codec.decode_reply(msg.data).completion is not None
 
 
-async def test_a_message_that_keeps_failing_ends_in_request_failed_and_an_error_reply(client: Client,
+async def test_a_message_that_keeps_failing_ends_in_request_failed_and_an_error_reply(admin: Client, client: Client,
                                                                                     stack) -> None:
     """A handler that always raises: bounded redelivery, then RequestFailed reaches the caller."""
     from datetime import UTC, datetime
@@ -141,7 +141,7 @@ async def test_a_message_that_keeps_failing_ends_in_request_failed_and_an_error_
     from enclave_gateway.services import bus
     from nats.js.api import AckPolicy, ConsumerConfig
 
-    js = client.jetstream()
+    js = admin.jetstream()
     durable = f"poison-{uuid.uuid4().hex[:8]}"
     subject = f"gw.evt.test.{durable}"
     await js.add_consumer(subjects.STREAM, ConsumerConfig(
@@ -173,5 +173,5 @@ async def test_a_message_that_keeps_failing_ends_in_request_failed_and_an_error_
     assert reply.error is not None and reply.error.code == "request_failed"
     assert "model server on fire" in reply.error.message
     assert attempts == bus.MAX_DELIVER
-    failed = await wait_for_event(client, rid, "RequestFailed")
+    failed = await wait_for_event(admin, rid, "RequestFailed")
     assert failed["stage"] == durable

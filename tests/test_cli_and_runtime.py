@@ -15,20 +15,23 @@ import jwt
 import pytest
 
 from enclave_gateway import cli, issuer, tinymodel
-from enclave_gateway.services.settings import load_keys
+from enclave_gateway.services.authz.tokens import keyring
+from enclave_gateway.services.settings import jwks_path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_token_issue_prints_a_verifiable_eddsa_token(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["token", "issue", "--sub", "alice", "--team", "alpha", "--role", "analyst",
+                     "--clearance", "SECRET", "--compartment", "SI", "--caveat", "NOFORN",
                      "--data-dir", str(tmp_path)]) == 0
     token = capsys.readouterr().out.strip()
     header = jwt.get_unverified_header(token)
     assert header["alg"] == "EdDSA"
-    claims = jwt.decode(token, key=load_keys(tmp_path / "keys")[header["kid"]], algorithms=["EdDSA"],
+    claims = jwt.decode(token, key=keyring([jwks_path(tmp_path / "keys").read_text()])[header["kid"]], algorithms=["EdDSA"],
                         audience="enclave-gateway")
     assert (claims["sub"], claims["team"], claims["roles"]) == ("alice", "alpha", ["analyst"])
+    assert (claims["clearance"], claims["compartments"], claims["caveats"]) == ("SECRET", ["SI"], ["NOFORN"])
     assert oct((tmp_path / "keys" / issuer.KEY_FILE).stat().st_mode & 0o777) == "0o600"
 
 

@@ -23,7 +23,7 @@ def _submit(token: str, model: str = "enclave-tiny", text: str = "hello", max_to
     return codec.encode(SubmitRequest(token=token, chat=chat))
 
 
-async def test_nats_entry_completes_with_usage_and_records_every_stage(client: Client, token_for) -> None:
+async def test_nats_entry_completes_with_usage_and_records_every_stage(admin: Client, client: Client, token_for) -> None:
     msg = await client.request(subjects.SUBMIT, _submit(token_for("gamma")), timeout=30)
     reply = codec.decode_reply(msg.data)
     assert reply.error is None and reply.completion is not None
@@ -31,20 +31,20 @@ async def test_nats_entry_completes_with_usage_and_records_every_stage(client: C
     assert reply.completion.usage.completion_tokens == 8
     assert reply.completion.usage.prompt_tokens > 0
     assert len(reply.completion.content) > 0
-    settled = await wait_for_event(client, reply.request_id, "BudgetSettled")
+    settled = await wait_for_event(admin, reply.request_id, "BudgetSettled")
     assert 0 < int(settled["charged_micros"]) <= int(settled["reserved_amount_micros"])  # type: ignore[call-overload]
-    await wait_for_event(client, reply.request_id, "ResponseDelivered")
-    types = [b["type"] for _, b in await stream_events(client, reply.request_id)]
+    await wait_for_event(admin, reply.request_id, "ResponseDelivered")
+    types = [b["type"] for _, b in await stream_events(admin, reply.request_id)]
     for expected in ("RequestSubmitted", "RequestAuthorized", "BudgetReserved", "RouteSelected",
                      "InvocationCompleted", "BudgetSettled", "ResponseDelivered"):
         assert expected in types
 
 
-async def test_every_publish_carries_a_msg_id_matching_the_event_id(client: Client, token_for) -> None:
+async def test_every_publish_carries_a_msg_id_matching_the_event_id(admin: Client, client: Client, token_for) -> None:
     msg = await client.request(subjects.SUBMIT, _submit(token_for("gamma")), timeout=30)
     rid = codec.decode_reply(msg.data).request_id
-    await wait_for_event(client, rid, "ResponseDelivered")
-    js = client.jetstream()
+    await wait_for_event(admin, rid, "ResponseDelivered")
+    js = admin.jetstream()
     sub = await js.subscribe("gw.evt.>", ordered_consumer=True)
     seen = 0
     try:
@@ -89,20 +89,20 @@ async def test_openai_client_sees_our_reason_code_on_refusal(http_url: str, toke
     await oai.close()
 
 
-async def test_deprecated_model_is_swapped_and_the_substitution_recorded(client: Client, token_for) -> None:
+async def test_deprecated_model_is_swapped_and_the_substitution_recorded(admin: Client, client: Client, token_for) -> None:
     msg = await client.request(subjects.SUBMIT, _submit(token_for("gamma"), model="enclave-tiny-v0"), timeout=30)
     reply = codec.decode_reply(msg.data)
     assert reply.completion is not None and reply.completion.model == "enclave-tiny"
-    route = await wait_for_event(client, reply.request_id, "RouteSelected")
+    route = await wait_for_event(admin, reply.request_id, "RouteSelected")
     assert route["substituted_from"] == "enclave-tiny-v0" and route["model_id"] == "enclave-tiny"
 
 
-async def test_unserved_endpoint_fails_cleanly_and_releases_the_reservation(client: Client, token_for) -> None:
+async def test_unserved_endpoint_fails_cleanly_and_releases_the_reservation(admin: Client, client: Client, token_for) -> None:
     msg = await client.request(subjects.SUBMIT, _submit(token_for("gamma"), model="analyst-large"), timeout=30)
     reply = codec.decode_reply(msg.data)
     assert reply.error is not None and reply.error.code == "invocation_failed"
-    released = await wait_for_event(client, reply.request_id, "BudgetReleased")
-    reserved = await wait_for_event(client, reply.request_id, "BudgetReserved")
+    released = await wait_for_event(admin, reply.request_id, "BudgetReleased")
+    reserved = await wait_for_event(admin, reply.request_id, "BudgetReserved")
     assert released["amount_micros"] == reserved["amount_micros"]
 
 

@@ -3,6 +3,7 @@
 from .base import Caller, Envelope, Event, Reservation, envelope
 from .budget import BudgetRejected, BudgetReleased, BudgetReserved, BudgetSettled, LedgerTotals
 from .invocation import InvocationCompleted, InvocationFailed
+from .policy import PolicyActivated
 from .request import (
     MessageRejected,
     RequestAuthorized,
@@ -28,6 +29,7 @@ AnyEvent = (
     | RouteUnavailable
     | InvocationCompleted
     | InvocationFailed
+    | PolicyActivated
 )
 
 CURRENT_EVENT_TYPES: tuple[type[Event], ...] = (
@@ -45,6 +47,7 @@ CURRENT_EVENT_TYPES: tuple[type[Event], ...] = (
     RouteUnavailable,
     InvocationCompleted,
     InvocationFailed,
+    PolicyActivated,
 )
 
 __all__ = [
@@ -61,6 +64,7 @@ __all__ = [
     "InvocationFailed",
     "LedgerTotals",
     "MessageRejected",
+    "PolicyActivated",
     "RequestAuthorized",
     "RequestDenied",
     "RequestFailed",

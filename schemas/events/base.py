@@ -27,6 +27,7 @@ class Caller(Struct, frozen=True, kw_only=True):
     team: str
     roles: tuple[str, ...] = ()
     token_id: str = ""
+    clearance: str | None = None  # the session's label: level, compartments and caveats
 
 
 class Reservation(Struct, frozen=True, kw_only=True):

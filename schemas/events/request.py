@@ -17,6 +17,8 @@ class RequestSubmitted(Event, frozen=True, kw_only=True, tag="RequestSubmitted")
     token: str
     chat: ChatBody
     reply_to: str
+    input_label: str | None = None  # as declared by the caller; None = not declared
+    output_label: str | None = None
 
 
 class RequestAuthorized(Event, frozen=True, kw_only=True, tag="RequestAuthorized"):
@@ -26,6 +28,8 @@ class RequestAuthorized(Event, frozen=True, kw_only=True, tag="RequestAuthorized
     model_id: str
     chat: ChatBody
     reply_to: str
+    input_label: str | None = None  # the labels the decision used, after defaults
+    output_label: str | None = None
 
 
 class RequestDenied(Event, frozen=True, kw_only=True, tag="RequestDenied"):
@@ -37,6 +41,8 @@ class RequestDenied(Event, frozen=True, kw_only=True, tag="RequestDenied"):
     caller: Caller | None = None
     model: str
     reply_to: str
+    input_label: str | None = None
+    output_label: str | None = None
 
 
 class RequestFailed(Event, frozen=True, kw_only=True, tag="RequestFailed"):

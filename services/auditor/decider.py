@@ -21,6 +21,7 @@ from ...schemas.events import (
     InvocationCompleted,
     InvocationFailed,
     MessageRejected,
+    PolicyActivated,
     RequestAuthorized,
     RequestDenied,
     RequestFailed,
@@ -63,6 +64,9 @@ class AuditRow(Struct, kw_only=True):
     remaining_micros: int | None = None
     latency_ms: float | None = None
     outcome: str | None = None
+    input_label: str | None = None
+    output_label: str | None = None
+    clearance: str | None = None
     prompt_sha256: str | None = None
     completion_sha256: str | None = None
     data_sha256: str
@@ -141,10 +145,13 @@ def _fill(row: AuditRow, e: AnyEvent) -> None:
             row.model, row.prompt_sha256 = e.chat.model, _sha("".join(m.content for m in e.chat.messages))
         case RequestAuthorized():
             row.team, row.caller, row.model, row.model_id = e.caller.team, e.caller.subject, e.chat.model, e.model_id
+            row.input_label, row.output_label, row.clearance = e.input_label, e.output_label, e.caller.clearance
         case RequestDenied():
             row.team = e.caller.team if e.caller else None
             row.caller = e.caller.subject if e.caller else None
             row.model, row.reason, row.rule, row.detail = e.model, e.reason, e.rule, e.detail
+            row.input_label, row.output_label = e.input_label, e.output_label
+            row.clearance = e.caller.clearance if e.caller else None
         case RequestFailed():
             row.reason, row.detail = e.reason, f"{e.stage}: {e.detail}"
             row.team = e.reservation.team if e.reservation else None
@@ -195,3 +202,5 @@ def _fill(row: AuditRow, e: AnyEvent) -> None:
         case InvocationFailed():
             row.team, row.model_id, row.endpoint, row.reason = e.caller.team, e.model_id, e.endpoint, e.error
             row.detail, row.latency_ms = e.detail[:500], e.latency_ms
+        case PolicyActivated():
+            row.caller, row.detail = e.activated_by, f"{e.version} git {e.git_commit or '-'} sha256 {e.sha256}"

@@ -47,6 +47,9 @@ SCHEMA = pa.schema(
         ("remaining_micros", pa.int64()),
         ("latency_ms", pa.float64()),
         ("outcome", pa.string()),
+        ("input_label", pa.string()),
+        ("output_label", pa.string()),
+        ("clearance", pa.string()),
         ("prompt_sha256", pa.string()),
         ("completion_sha256", pa.string()),
         ("data_sha256", pa.string()),
@@ -55,22 +58,54 @@ SCHEMA = pa.schema(
 )
 
 
+# The violations feed an assessor queries: one row per denial, with the rule that fired.
+VIOLATION_COLUMNS = (
+    "seq",
+    "occurred_at",
+    "day",
+    "request_id",
+    "caller",
+    "team",
+    "rule",
+    "reason",
+    "detail",
+    "model",
+    "clearance",
+    "input_label",
+    "output_label",
+    "policy_version",
+)
+VIOLATION_SCHEMA = pa.schema([SCHEMA.field(c) for c in VIOLATION_COLUMNS])
+
+
 def events_glob(audit_dir: Path) -> str:
     """The glob DuckDB reads the events table from."""
     return str(audit_dir / "events" / "day=*" / "*.parquet")
 
 
+def violations_glob(audit_dir: Path) -> str:
+    """The glob DuckDB reads the violations table from."""
+    return str(audit_dir / "violations" / "day=*" / "*.parquet")
+
+
 def write_rows(audit_dir: Path, rows: list[AuditRow]) -> list[Path]:
-    """Write rows into one file per day; returns the files written."""
+    """Write rows into one events file per day, and denials into the violations table too."""
+    written = _write(audit_dir / "events", rows, SCHEMA)
+    denials = [r for r in rows if r.type == "RequestDenied"]
+    return written + _write(audit_dir / "violations", denials, VIOLATION_SCHEMA)
+
+
+def _write(root: Path, rows: list[AuditRow], schema: pa.Schema) -> list[Path]:
     by_day: dict[str, list[AuditRow]] = defaultdict(list)
     for row in rows:
         by_day[row.day].append(row)
     written = []
     for day, day_rows in by_day.items():
-        folder = audit_dir / "events" / f"day={day}"
+        folder = root / f"day={day}"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"seq-{day_rows[0].seq:012d}-{day_rows[-1].seq:012d}.parquet"
-        table = pa.Table.from_pylist(msgspec.to_builtins(day_rows, builtin_types=(datetime,)), schema=SCHEMA)
+        records = msgspec.to_builtins(day_rows, builtin_types=(datetime,))
+        table = pa.Table.from_pylist([{k: r[k] for k in schema.names} for r in records], schema=schema)
         tmp = path.with_suffix(".tmp")
         pq.write_table(table, tmp)
         os.replace(tmp, path)

@@ -6,12 +6,13 @@ import time
 
 import nats
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from ...schemas import subjects
-from .. import bus
+from .. import bus, worker
 from ..settings import WorkerSettings
 from . import parquet_sink
-from .decider import AuditRow, row_for
+from .decider import AuditorState, AuditRow, row_for
 
 log = logging.getLogger("enclave_gateway.auditor")
 FLUSH_ROWS = 2000
@@ -22,8 +23,12 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
     """Serve until `stop` is set, flushing what is buffered on the way out."""
     audit_dir = settings.audit_dir
     state = await asyncio.to_thread(parquet_sink.resume_state, audit_dir)
-    nc = await bus.connect(settings.nats_url, "auditor")
-    js = nc.jetstream()
+    async with worker.session(settings, "auditor", follow_policy=False) as s:
+        await _serve(s.js, settings, state, stop)
+
+
+async def _serve(js: JetStreamContext, settings: WorkerSettings, state: AuditorState, stop: asyncio.Event) -> None:
+    audit_dir = settings.audit_dir
     psub = await js.pull_subscribe_bind("auditor", stream=subjects.STREAM)
     rows: list[AuditRow] = []
     msgs: list[Msg] = []
@@ -56,6 +61,5 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
                 await flush()
                 first_at = 0.0
         await flush()
-        await psub.unsubscribe()
     finally:
-        await bus.close(nc)
+        await psub.unsubscribe()

@@ -1,26 +1,75 @@
-"""Team/role -> model rules evaluated by casbin (DESIGN §3), built once per policy version.
+"""The access rules of the policy bundle, compiled by casbin once per policy version (DESIGN §3).
 
-casbin's enforce is synchronous, so it is atomic within one event loop; it is never run from
-threads (shared/notes/abac-casbin.md: SystemError from ast.parse under threads).
+`team-model-access` is the `p` table; the lattice rules are the `p2` lines, each naming its id
+and matcher, checked in the bundle's order. casbin's enforce is synchronous, so it is atomic
+within one event loop; it is never run from threads (shared/notes/abac-casbin.md).
 """
 
+from __future__ import annotations
+
 import casbin
+from casbin.core_enforcer import EnforceContext
 from casbin.persist.adapters.string_adapter import StringAdapter
 
+from ...schemas.labels import UNCLASSIFIED, Label, dominates
 from ...schemas.policy import PolicyBundle
+
+TEAM_MODEL_ACCESS = "team-model-access"
+MANDATORY = ("clearance-dominates-input", "accreditation-dominates-input", "no-write-down")
+
+
+class AccessError(ValueError):
+    """The access rules cannot be compiled or lack a mandatory rule."""
 
 
 class AccessRules:
-    """A compiled casbin enforcer for one policy version."""
+    """A compiled enforcer for one policy version."""
 
     def __init__(self, bundle: PolicyBundle) -> None:
         self.version = bundle.version
-        model = casbin.Enforcer.new_model(text=bundle.access_model)
-        self._enforcer = casbin.Enforcer(model, StringAdapter(bundle.access_policy))
-
-    def allows(self, principals: tuple[str, ...], model_id: str) -> bool:
-        """Whether any principal may use the model; an evaluation error is a deny."""
         try:
-            return bool(self._enforcer.enforce({"principals": principals}, model_id))
-        except Exception:  # fail closed: a broken rule must never allow
-            return False
+            model = casbin.Enforcer.new_model(text=bundle.access_model)
+            self._enforcer = casbin.Enforcer(model, StringAdapter(bundle.access_policy))
+            self._enforcer.add_function("dominates", dominates)
+            lines = self._enforcer.get_named_policy("p2")
+        except Exception as exc:  # casbin raises TypeError/RuntimeError/SyntaxError for bad files
+            raise AccessError(f"access rules do not compile: {exc!r}") from exc
+        self.lattice: list[tuple[str, EnforceContext]] = [
+            (rule, EnforceContext("r", "p2", "e", matcher)) for rule, matcher in (tuple(x[:2]) for x in lines)
+        ]
+        missing = [r for r in MANDATORY if r not in {rule for rule, _ in self.lattice}]
+        if missing:
+            raise AccessError(f"access policy lacks mandatory rule(s): {', '.join(missing)}")
+        self._probe()
+
+    def _probe(self) -> None:
+        """casbin reports some errors only when a matcher first runs: run each once now."""
+        sub = {"principals": ("probe",), "label": UNCLASSIFIED}
+        obj = {"model": "probe", "input": UNCLASSIFIED, "output": UNCLASSIFIED, "accreditation": UNCLASSIFIED}
+        try:
+            self._enforcer.enforce(sub, obj)
+            for _, ctx in self.lattice:
+                self._enforcer.enforce(ctx, sub, obj)
+        except Exception as exc:
+            raise AccessError(f"access rules fail on a probe request: {exc!r}") from exc
+
+    def first_denial(
+        self,
+        principals: tuple[str, ...],
+        clearance: Label,
+        model_id: str,
+        accreditation: Label,
+        input_label: Label,
+        output_label: Label,
+    ) -> str | None:
+        """The id of the first rule that refuses, or None; an evaluation error refuses (fail closed)."""
+        sub = {"principals": principals, "label": clearance}
+        obj = {"model": model_id, "input": input_label, "output": output_label, "accreditation": accreditation}
+        for rule, ctx in ((TEAM_MODEL_ACCESS, None), *self.lattice):
+            try:
+                allowed = self._enforcer.enforce(sub, obj) if ctx is None else self._enforcer.enforce(ctx, sub, obj)
+            except Exception:  # a broken rule must never allow
+                allowed = False
+            if not allowed:
+                return rule
+        return None

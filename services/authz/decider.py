@@ -1,21 +1,41 @@
-"""Authz decider: who may call which model (DESIGN §3). Pure: clock, keys and policy come in.
+"""Authz decider: who may call which model, and no write-down (DESIGN §3). Pure: clock, keys
+and policy come in as arguments.
 
-Rule ids name what fired in every denial: `session-token` (the token's own defect code is the
-reason), `catalog` (unknown model), `team-model-access` (no principal may use the model).
+Every denial names the rule that fired: `session-token` (the token's own defect code is the
+reason), `label-syntax`, `catalog`, `team-model-access`, then the lattice rules of the bundle in
+its order (`clearance-dominates-input`, `accreditation-dominates-input`, `no-write-down`).
+
+Missing labels fail closed: an undeclared input is taken to be as high as the session's
+clearance (it may carry anything the caller can see), an undeclared output channel as low as
+UNCLASSIFIED. So a cleared caller that declares nothing is refused by no-write-down.
 """
 
 from datetime import datetime
 
-import jwt
 from msgspec import Struct
 
-from ...schemas.events import AnyEvent, Caller, Event, RequestAuthorized, RequestDenied, RequestSubmitted, envelope
+from ...schemas.events import (
+    AnyEvent,
+    Caller,
+    Event,
+    RequestAuthorized,
+    RequestDenied,
+    RequestSubmitted,
+    envelope,
+)
+from ...schemas.labels import UNCLASSIFIED, Label, LabelError, format_label, parse_label
 from ...schemas.policy import PolicyBundle
 from .. import catalog
-from .access import AccessRules
-from .tokens import TokenDefect, verify
+from .access import TEAM_MODEL_ACCESS, AccessRules
+from .tokens import KeyRing, TokenDefect, verify
 
 STAGE = "authz"
+REASONS = {
+    TEAM_MODEL_ACCESS: "model_forbidden",
+    "clearance-dominates-input": "clearance_insufficient",
+    "accreditation-dominates-input": "accreditation_insufficient",
+    "no-write-down": "write_down",
+}
 
 
 class AuthzState(Struct, frozen=True):
@@ -23,11 +43,11 @@ class AuthzState(Struct, frozen=True):
 
 
 class AuthzPolicy(Struct, frozen=True, kw_only=True):
-    """What an authz decision depends on."""
+    """What an authz decision depends on: the bundle, its compiled rules and the issuer keys."""
 
     bundle: PolicyBundle
     rules: AccessRules
-    keys: jwt.PyJWKSet
+    keys: KeyRing
 
 
 def initial_state() -> AuthzState:
@@ -40,46 +60,81 @@ def evolve(state: AuthzState, event: Event) -> AuthzState:
     return state
 
 
+def effective_labels(cmd: RequestSubmitted, clearance: Label) -> tuple[Label, Label]:
+    """Input and output labels after the fail-closed defaults; raises LabelError."""
+    input_label = parse_label(cmd.input_label) if cmd.input_label else clearance
+    output_label = parse_label(cmd.output_label) if cmd.output_label else UNCLASSIFIED
+    return input_label, output_label
+
+
 def decide(cmd: RequestSubmitted, state: AuthzState, policy: AuthzPolicy, now: datetime) -> list[AnyEvent]:
     """Authorize one submitted request: exactly one RequestAuthorized or RequestDenied."""
     env = envelope(cmd.request_id, STAGE, now, policy.bundle.version)
+
+    def deny(
+        reason: str, rule: str, detail: str, caller: Caller | None = None, labels: tuple[Label, Label] | None = None
+    ) -> list[AnyEvent]:
+        shown = (format_label(labels[0]), format_label(labels[1])) if labels else (cmd.input_label, cmd.output_label)
+        return [
+            RequestDenied(
+                **env,
+                reason=reason,
+                rule=rule,
+                detail=detail,
+                caller=caller,
+                model=cmd.chat.model,
+                reply_to=cmd.reply_to,
+                input_label=shown[0],
+                output_label=shown[1],
+            )
+        ]
+
     claims = verify(cmd.token, policy.keys, now)
     if isinstance(claims, TokenDefect):
-        return [
-            RequestDenied(
-                **env,
-                reason=claims.code,
-                rule="session-token",
-                detail=claims.detail,
-                model=cmd.chat.model,
-                reply_to=cmd.reply_to,
-            )
-        ]
-    caller = Caller(subject=claims.subject, team=claims.team, roles=claims.roles, token_id=claims.token_id)
+        return deny(claims.code, "session-token", claims.detail)
+    caller = Caller(
+        subject=claims.subject,
+        team=claims.team,
+        roles=claims.roles,
+        token_id=claims.token_id,
+        clearance=format_label(claims.clearance),
+    )
+    try:
+        labels = effective_labels(cmd, claims.clearance)
+    except LabelError as exc:
+        return deny("label_invalid", "label-syntax", str(exc), caller)
     resolved = catalog.resolve(policy.bundle.catalog, cmd.chat.model)
     if resolved is None:
-        return [
-            RequestDenied(
-                **env,
-                reason="model_not_found",
-                rule="catalog",
-                caller=caller,
-                model=cmd.chat.model,
-                detail=f"model {cmd.chat.model!r} is not in the catalog",
-                reply_to=cmd.reply_to,
-            )
-        ]
+        return deny("model_not_found", "catalog", f"model {cmd.chat.model!r} is not in the catalog", caller, labels)
+    model = resolved.model
     principals = (f"team:{caller.team}", *(f"role:{r}" for r in caller.roles))
-    if not policy.rules.allows(principals, resolved.model.id):
-        return [
-            RequestDenied(
-                **env,
-                reason="model_forbidden",
-                rule="team-model-access",
-                caller=caller,
-                model=cmd.chat.model,
-                reply_to=cmd.reply_to,
-                detail=f"team {caller.team!r} may not use {resolved.model.id!r}",
-            )
-        ]
-    return [RequestAuthorized(**env, caller=caller, model_id=resolved.model.id, chat=cmd.chat, reply_to=cmd.reply_to)]
+    rule = policy.rules.first_denial(principals, claims.clearance, model.id, parse_label(model.accreditation), *labels)
+    if rule is not None:
+        detail = _explain(rule, caller, model.id, model.accreditation, labels)
+        return deny(REASONS.get(rule, "policy_denied"), rule, detail, caller, labels)
+    return [
+        RequestAuthorized(
+            **env,
+            caller=caller,
+            model_id=model.id,
+            chat=cmd.chat,
+            reply_to=cmd.reply_to,
+            input_label=format_label(labels[0]),
+            output_label=format_label(labels[1]),
+        )
+    ]
+
+
+def _explain(rule: str, caller: Caller, model_id: str, accreditation: str, labels: tuple[Label, Label]) -> str:
+    inp, out = format_label(labels[0]), format_label(labels[1])
+    match rule:
+        case "team-model-access":
+            return f"team {caller.team!r} may not use {model_id!r}"
+        case "clearance-dominates-input":
+            return f"clearance {caller.clearance} does not dominate input {inp}"
+        case "accreditation-dominates-input":
+            return f"{model_id} is accredited for {accreditation}, not input {inp}"
+        case "no-write-down":
+            return f"output channel {out} does not dominate input {inp} (write-down)"
+        case _:
+            return f"rule {rule} refused"

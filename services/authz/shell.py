@@ -1,33 +1,24 @@
-"""Authz shell: consume RequestSubmitted, publish the decision."""
+"""Authz shell: consume RequestSubmitted, publish the decision under the active policy."""
 
 import asyncio
-from pathlib import Path
 
 from nats.aio.msg import Msg
 
 from ...schemas import codec
 from ...schemas.events import RequestSubmitted
-from .. import bus
-from ..policy_store import load_bundle
-from ..settings import WorkerSettings, load_keys
+from .. import bus, worker
+from ..settings import WorkerSettings
 from . import decider
-from .access import AccessRules
 
 
 async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
     """Serve until `stop` is set."""
-    bundle = load_bundle(Path(settings.policy_dir))
-    policy = decider.AuthzPolicy(bundle=bundle, rules=AccessRules(bundle), keys=load_keys(settings.keys_dir))
     state = decider.initial_state()
-    nc = await bus.connect(settings.nats_url, "authz")
-    js = nc.jetstream()
+    async with worker.session(settings, "authz") as s:
 
-    async def handle(msg: Msg) -> None:
-        cmd = codec.decode_as(msg.data, RequestSubmitted)
-        for event in decider.decide(cmd, state, policy, bus.now_utc()):
-            await bus.publish(js, event)
+        async def handle(msg: Msg) -> None:
+            cmd = codec.decode_as(msg.data, RequestSubmitted)
+            for event in decider.decide(cmd, state, s.policy, bus.now_utc()):
+                await bus.publish(s.js, event)
 
-    try:
-        await bus.consume(js, "authz", handle, stop)
-    finally:
-        await bus.close(nc)
+        await bus.consume(s.js, "authz", handle, stop)

@@ -5,15 +5,19 @@ so it verifies the signature and claim presence, and `exp`/`nbf`/`iat` are check
 the `now` the caller supplies (the event's `occurred_at` on replay).
 """
 
+import json
 from datetime import datetime
 
 import jwt
 from msgspec import Struct
 
+from ...schemas.labels import Label, LabelError, make_label
+
 ISSUER = "enclave-gateway"
 AUDIENCE = "enclave-gateway"
 LEEWAY_S = 30
-REQUIRED = ("exp", "iat", "iss", "aud", "sub", "jti", "team")
+REQUIRED = ("exp", "iat", "iss", "aud", "sub", "jti", "team", "clearance")
+KeyRing = dict[str, jwt.PyJWK]
 
 
 class Claims(Struct, frozen=True, kw_only=True):
@@ -24,6 +28,7 @@ class Claims(Struct, frozen=True, kw_only=True):
     roles: tuple[str, ...]
     token_id: str
     expires_at: int
+    clearance: Label
 
 
 class TokenDefect(Struct, frozen=True, kw_only=True):
@@ -33,7 +38,7 @@ class TokenDefect(Struct, frozen=True, kw_only=True):
     detail: str
 
 
-def verify(token: str, keys: jwt.PyJWKSet, now: datetime) -> Claims | TokenDefect:
+def verify(token: str, keys: KeyRing, now: datetime) -> Claims | TokenDefect:
     """Verify a bearer token at time `now`; every defect has its own code."""
     if not token:
         return TokenDefect(code="token_missing", detail="no bearer token")
@@ -44,9 +49,8 @@ def verify(token: str, keys: jwt.PyJWKSet, now: datetime) -> Claims | TokenDefec
     if header.get("alg") != "EdDSA":
         return TokenDefect(code="token_bad_algorithm", detail=f"alg {header.get('alg')!r} is not EdDSA")
     kid = header.get("kid")
-    try:
-        key = keys[str(kid)]
-    except KeyError:
+    key = keys.get(str(kid))
+    if key is None:
         return TokenDefect(code="token_unknown_key", detail=f"unknown kid {kid!r}")
     try:
         claims = jwt.decode(
@@ -82,4 +86,36 @@ def _check_times(claims: dict[str, object], now: int) -> Claims | TokenDefect:
         return TokenDefect(code="token_missing_claim", detail="sub, team and jti must be non-empty strings")
     if not (isinstance(roles, list) and all(isinstance(r, str) for r in roles)):
         return TokenDefect(code="token_malformed", detail="roles must be a list of strings")
-    return Claims(subject=sub, team=team, roles=tuple(roles), token_id=jti, expires_at=exp)
+    label = _clearance(claims)
+    if isinstance(label, TokenDefect):
+        return label
+    return Claims(subject=sub, team=team, roles=tuple(roles), token_id=jti, expires_at=exp, clearance=label)
+
+
+def _clearance(claims: dict[str, object]) -> Label | TokenDefect:
+    level, comps, caveats = claims.get("clearance"), claims.get("compartments", []), claims.get("caveats", [])
+    if not isinstance(level, str):
+        return TokenDefect(code="token_malformed", detail="clearance must be a string")
+    for name, value in (("compartments", comps), ("caveats", caveats)):
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            return TokenDefect(code="token_malformed", detail=f"{name} must be a list of strings")
+    assert isinstance(comps, list) and isinstance(caveats, list)
+    try:
+        return make_label(level, tuple(comps), tuple(caveats))
+    except LabelError as exc:
+        return TokenDefect(code="token_malformed", detail=f"clearance: {exc}")
+
+
+def keyring(jwks_texts: list[str]) -> KeyRing:
+    """Public keys by `kid` from JWKS documents (the bundle's issuers, optionally the dev issuer).
+
+    Raises ValueError for a JWKS that is not valid or a key without a `kid`.
+    """
+    ring: KeyRing = {}
+    for text in jwks_texts:
+        doc = json.loads(text)
+        for jwk in doc.get("keys", []):
+            if not jwk.get("kid"):
+                raise ValueError("every issuer key needs a kid, so keys can rotate")
+            ring[str(jwk["kid"])] = jwt.PyJWK.from_dict(jwk)
+    return ring

@@ -2,7 +2,6 @@
 
 import asyncio
 import logging
-from pathlib import Path
 
 from nats.aio.msg import Msg
 
@@ -14,8 +13,7 @@ from ...schemas.events import (
     RequestFailed,
     RouteUnavailable,
 )
-from .. import bus
-from ..policy_store import load_bundle
+from .. import bus, worker
 from ..settings import WorkerSettings
 from . import decider
 from .ledger_store import LedgerConflict, LedgerEvent, LedgerStore
@@ -37,9 +35,12 @@ def team_of(event: decider.BudgetInput) -> str | None:
 
 async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
     """Rebuild the projection, then serve until `stop` is set."""
-    bundle = load_bundle(Path(settings.policy_dir))
-    nc = await bus.connect(settings.nats_url, "budget")
-    js = nc.jetstream()
+    async with worker.session(settings, "budget") as s:
+        await _serve(s, stop)
+
+
+async def _serve(s: worker.Session, stop: asyncio.Event) -> None:
+    js = s.js
     store = LedgerStore(js)
     log.info("budget projection rebuilt from %d ledger events", await store.rebuild())
 
@@ -55,7 +56,7 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
         for _ in range(MAX_CONFLICTS):
             await store.catch_up(team)
             try:
-                for out in decider.decide(event, store.state, bundle, bus.now_utc()):
+                for out in decider.decide(event, store.state, s.policy.bundle, bus.now_utc()):
                     if isinstance(out, LedgerEvent):
                         await store.write(out)
                     else:
@@ -65,7 +66,4 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
                 continue
         raise RuntimeError(f"ledger of team {team!r} kept moving: {MAX_CONFLICTS} conflicts")
 
-    try:
-        await bus.consume(js, "budget", handle, stop, sequential=True)
-    finally:
-        await bus.close(nc)
+    await bus.consume(js, "budget", handle, stop, sequential=True)

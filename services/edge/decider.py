@@ -11,7 +11,7 @@ import msgspec
 from msgspec import Struct
 
 from ...schemas import codec
-from ...schemas.commands import ChatBody, ChatMessage, Completion, ErrorBody, SubmitReply, Usage
+from ...schemas.commands import ChatBody, ChatMessage, Completion, ErrorBody, SubmitReply, SubmitRequest, Usage
 from ...schemas.events import (
     AnyEvent,
     BudgetRejected,
@@ -94,15 +94,20 @@ def validate_chat(chat: ChatBody) -> None:
 def submitted(
     request_id: str,
     entry: Literal["http", "nats"],
-    token: str,
-    chat: ChatBody,
+    cmd: SubmitRequest,
     reply_to: str,
     now: datetime,
     policy_version: str,
 ) -> RequestSubmitted:
-    """The fact that a valid request entered the gateway."""
+    """The fact that a valid request entered the gateway, with the labels the caller declared."""
     return RequestSubmitted(
-        **envelope(request_id, "submit", now, policy_version), entry=entry, token=token, chat=chat, reply_to=reply_to
+        **envelope(request_id, "submit", now, policy_version),
+        entry=entry,
+        token=cmd.token,
+        chat=cmd.chat,
+        reply_to=reply_to,
+        input_label=cmd.input_label,
+        output_label=cmd.output_label,
     )
 
 

@@ -10,13 +10,16 @@ import msgspec
 from aiohttp import web
 
 from ...schemas import codec
-from ...schemas.commands import ErrorBody, SubmitReply
+from ...schemas.commands import ErrorBody, SubmitReply, SubmitRequest
 from . import decider, openai_shapes
 
 if TYPE_CHECKING:
     from .shell import Edge
 
 _json = msgspec.json.Encoder()
+# The classification of what the caller sends and of the channel the answer goes to (DESIGN §3).
+INPUT_LABEL = "X-Input-Classification"
+OUTPUT_LABEL = "X-Output-Classification"
 
 
 def build(edge: Edge) -> web.Application:
@@ -73,7 +76,13 @@ async def chat_completions(edge: Edge, request: web.Request) -> web.StreamRespon
         reply = await edge.reject(uuid.uuid4().hex, "http:/v1/chat/completions", "invalid_request", str(exc), None)
         assert reply.error is not None
         return _error(reply.error)
-    reply = await edge.call(bearer(request), decider.to_chat(req))
+    cmd = SubmitRequest(
+        token=bearer(request),
+        chat=decider.to_chat(req),
+        input_label=request.headers.get(INPUT_LABEL),
+        output_label=request.headers.get(OUTPUT_LABEL),
+    )
+    reply = await edge.call(cmd)
     if reply.error is not None:
         return _error(reply.error)
     if req.stream:
@@ -102,7 +111,7 @@ async def list_models(edge: Edge, request: web.Request) -> web.Response:
         return _error(ErrorBody(code=defect.code, message=defect.detail))
     data = [
         {"id": m.id, "object": "model", "created": 0, "owned_by": "enclave-gateway"}
-        for m in edge.bundle.catalog.model
+        for m in edge.session.policy.bundle.catalog.model
         if m.status != "retired"
     ]
     return web.json_response({"object": "list", "data": data})

@@ -7,22 +7,16 @@ HTTP requests wait on a future keyed by request id; their reply inbox is this pr
 import asyncio
 import logging
 import uuid
-from pathlib import Path
 from typing import Literal
 
-import jwt
 from aiohttp import web
-from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
 from ...schemas import codec, subjects
-from ...schemas.commands import ChatBody, SubmitReply
-from ...schemas.policy import PolicyBundle
-from .. import bus
+from ...schemas.commands import SubmitReply, SubmitRequest
+from .. import bus, worker
 from ..authz.tokens import TokenDefect, verify
-from ..policy_store import load_bundle
-from ..settings import WorkerSettings, load_keys
+from ..settings import WorkerSettings
 from . import decider, http_app
 
 log = logging.getLogger("enclave_gateway.edge")
@@ -31,11 +25,10 @@ log = logging.getLogger("enclave_gateway.edge")
 class Edge:
     """One edge replica's connections, pending HTTP callers and policy view."""
 
-    def __init__(
-        self, settings: WorkerSettings, nc: Client, js: JetStreamContext, bundle: PolicyBundle, keys: jwt.PyJWKSet
-    ) -> None:
-        self.settings, self.nc, self.js, self.bundle, self.keys = settings, nc, js, bundle, keys
-        self.inbox = nc.new_inbox()
+    def __init__(self, settings: WorkerSettings, session: worker.Session) -> None:
+        self.settings, self.session = settings, session
+        self.nc, self.js = session.nc, session.js
+        self.inbox = self.nc.new_inbox()
         self.pending: dict[str, asyncio.Future[SubmitReply]] = {}
 
     async def start(self) -> None:
@@ -43,18 +36,14 @@ class Edge:
         await self.nc.subscribe(f"{self.inbox}.*", cb=self._on_reply)
         await self.nc.subscribe(subjects.SUBMIT, queue="edge", cb=self._on_submit)
 
-    async def submit(
-        self, entry: Literal["http", "nats"], token: str, chat: ChatBody, reply_to: str, request_id: str
-    ) -> None:
+    async def submit(self, entry: Literal["http", "nats"], cmd: SubmitRequest, reply_to: str, request_id: str) -> None:
         """Put a validated request into the pipeline."""
-        event = decider.submitted(request_id, entry, token, chat, reply_to, bus.now_utc(), self.bundle.version)
+        event = decider.submitted(request_id, entry, cmd, reply_to, bus.now_utc(), self.version)
         await bus.publish(self.js, event)
 
     async def reject(self, request_id: str, subject: str, code: str, detail: str, reply_to: str | None) -> SubmitReply:
         """Record a refusal at the entry, answer a NATS caller, and return the reply."""
-        await bus.publish(
-            self.js, decider.rejected(request_id, subject, code, detail, bus.now_utc(), self.bundle.version)
-        )
+        await bus.publish(self.js, decider.rejected(request_id, subject, code, detail, bus.now_utc(), self.version))
         reply = decider.error_reply(request_id, code, detail)
         await self.deliver(reply, reply_to, team=None)
         return reply
@@ -63,24 +52,29 @@ class Edge:
         """Send the one reply (NATS callers; HTTP callers' inbox is ours) and record it."""
         if reply_to:
             await self.nc.publish(reply_to, codec.encode(reply))
-        await bus.publish(self.js, decider.delivered(reply, team, bus.now_utc(), self.bundle.version))
+        await bus.publish(self.js, decider.delivered(reply, team, bus.now_utc(), self.version))
 
-    async def call(self, token: str, chat: ChatBody) -> SubmitReply:
+    async def call(self, cmd: SubmitRequest) -> SubmitReply:
         """The HTTP path: submit and wait for the reply on this replica's inbox."""
         request_id = uuid.uuid4().hex
         fut: asyncio.Future[SubmitReply] = asyncio.get_running_loop().create_future()
         self.pending[request_id] = fut
         try:
-            await self.submit("http", token, chat, f"{self.inbox}.{request_id}", request_id)
+            await self.submit("http", cmd, f"{self.inbox}.{request_id}", request_id)
             return await asyncio.wait_for(fut, self.settings.request_timeout_s)
         except TimeoutError:
             return decider.error_reply(request_id, "timeout", "no answer within the request deadline")
         finally:
             self.pending.pop(request_id, None)
 
+    @property
+    def version(self) -> str:
+        """The active policy version, recorded on every fact the edge publishes."""
+        return self.session.policy.bundle.version
+
     def verify_token(self, token: str) -> TokenDefect | None:
         """Check a token for read-only edge routes (GET /v1/models)."""
-        result = verify(token, self.keys, bus.now_utc())
+        result = verify(token, self.session.policy.keys, bus.now_utc())
         return result if isinstance(result, TokenDefect) else None
 
     async def _on_reply(self, msg: Msg) -> None:
@@ -106,7 +100,7 @@ class Edge:
             except codec.DecodeError as exc:
                 await self.reject(request_id, msg.subject, "invalid_request", str(exc), msg.reply)
                 return
-            await self.submit("nats", cmd.token, cmd.chat, msg.reply or "", request_id)
+            await self.submit("nats", cmd, msg.reply or "", request_id)
         except Exception as exc:  # the caller must hear something; the bus may be down
             log.error("gw.submit failed: %r", exc)
             if msg.reply:
@@ -120,23 +114,21 @@ class Edge:
             raise codec.DecodeError(f"edge responder does not take {type(event).__name__}")
         if event.reply_to:
             await self.nc.publish(event.reply_to, codec.encode(decider.reply_for(event)))
-        for fact in decider.decide(event, decider.initial_state(), self.bundle.version, bus.now_utc()):
+        for fact in decider.decide(event, decider.initial_state(), self.version, bus.now_utc()):
             await bus.publish(self.js, fact)
 
 
 async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
     """Serve HTTP, `gw.submit` and the responder until `stop` is set."""
-    bundle = load_bundle(Path(settings.policy_dir))
-    nc = await bus.connect(settings.nats_url, "edge")
-    edge = Edge(settings, nc, nc.jetstream(), bundle, load_keys(settings.keys_dir))
-    await edge.start()
-    runner = web.AppRunner(http_app.build(edge), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.http_host, settings.http_port)
-    await site.start()
-    log.info("edge listening on http://%s:%d", settings.http_host, settings.http_port)
-    try:
-        await bus.consume(edge.js, "edge", edge.respond, stop)
-    finally:
-        await runner.cleanup()
-        await bus.close(nc)
+    async with worker.session(settings, "edge") as s:
+        edge = Edge(settings, s)
+        await edge.start()
+        runner = web.AppRunner(http_app.build(edge), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.http_host, settings.http_port)
+        await site.start()
+        log.info("edge listening on http://%s:%d", settings.http_host, settings.http_port)
+        try:
+            await bus.consume(edge.js, "edge", edge.respond, stop)
+        finally:
+            await runner.cleanup()

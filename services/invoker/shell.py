@@ -9,10 +9,11 @@ import time
 
 import aiohttp
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from ...schemas import codec
 from ...schemas.events import RouteSelected
-from .. import bus
+from .. import bus, worker
 from ..settings import WorkerSettings
 from . import decider
 
@@ -41,8 +42,11 @@ def _ms(t0: float) -> float:
 
 async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
     """Serve until `stop` is set."""
-    nc = await bus.connect(settings.nats_url, "invoker")
-    js = nc.jetstream()
+    async with worker.session(settings, "invoker", follow_policy=False) as s:
+        await _serve(settings, s.js, stop)
+
+
+async def _serve(settings: WorkerSettings, js: JetStreamContext, stop: asyncio.Event) -> None:
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=60))
 
     async def handle(msg: Msg) -> None:
@@ -61,4 +65,3 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
         await bus.consume(js, "invoker", handle, stop, batch=128)
     finally:
         await session.close()
-        await bus.close(nc)

@@ -1,0 +1,89 @@
+"""The violations feed: the Parquet table for assessors, and the live NATS subject for a SOC."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from datetime import datetime
+from pathlib import Path
+
+import duckdb
+
+from .services import bus
+from .services.auditor.parquet_sink import VIOLATION_COLUMNS, violations_glob
+from .supervisor import read_settings
+
+LIVE_SUBJECT = "gw.evt.request.denied.>"  # what a SOC tool subscribes to (user `soc`)
+
+
+def list_violations(
+    audit_dir: Path, since: str | None = None, rule: str | None = None
+) -> tuple[list[str], list[tuple[object, ...]]]:
+    """Denials, oldest first, optionally from `since` (ISO date/time, UTC) and for one rule."""
+    cols = [
+        "occurred_at",
+        "caller",
+        "team",
+        "rule",
+        "reason",
+        "model",
+        "clearance",
+        "input_label",
+        "output_label",
+        "policy_version",
+        "request_id",
+    ]
+    if not any((audit_dir / "violations").glob("day=*/*.parquet")):
+        return cols, []
+    where, params = ["true"], []
+    if since:
+        where.append("occurred_at >= ?::TIMESTAMPTZ")
+        params.append(datetime.fromisoformat(since).isoformat() + ("" if "+" in since or "Z" in since else "+00:00"))
+    if rule:
+        where.append("rule = ?")
+        params.append(rule)
+    con = duckdb.connect()
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+        sql = (
+            f"SELECT {', '.join(cols)} FROM read_parquet('{violations_glob(audit_dir)}', union_by_name=true) "
+            f"WHERE {' AND '.join(where)} ORDER BY seq"
+        )
+        return cols, con.execute(sql, params).fetchall()
+    finally:
+        con.close()
+
+
+def follow(data_dir: Path) -> int:
+    """Print every new denial as a JSON line until Ctrl-C, as the SOC user."""
+
+    async def run() -> None:
+        settings = read_settings(data_dir)
+        nc = await bus.connect(settings, "soc")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+        async def show(msg: object) -> None:
+            data = json.loads(getattr(msg, "data", b"{}"))
+            print(
+                json.dumps(
+                    {
+                        k: data.get(k)
+                        for k in ("occurred_at", "rule", "reason", "model", "input_label", "output_label", "request_id")
+                    }
+                ),
+                flush=True,
+            )
+
+        await nc.subscribe(LIVE_SUBJECT, cb=show)
+        await stop.wait()
+        await nc.close()
+
+    asyncio.run(run())
+    return 0
+
+
+__all__ = ["LIVE_SUBJECT", "VIOLATION_COLUMNS", "follow", "list_violations"]
