@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
@@ -19,10 +21,10 @@ from .services.settings import WorkerSettings
 console = Console()
 
 
-def _table(cols: list[str], rows: list[tuple[object, ...]], title: str | None = None) -> Table:
+def _table(cols: Sequence[str], rows: Sequence[Sequence[object]], title: str | None = None) -> Table:
     t = Table(title=title)
     for c in cols:
-        t.add_column(c)
+        t.add_column(c, overflow="fold")
     for r in rows:
         t.add_row(*("" if v is None else str(v) for v in r))
     return t
@@ -139,12 +141,16 @@ def cmd_policy_activate(args: argparse.Namespace) -> int:
 
 def cmd_violations(args: argparse.Namespace) -> int:
     """List denials from the violations table, or follow them live."""
-    from .violations import follow, list_violations
+    from .violations import follow, list_violations, violations_table
 
     if args.follow:
         return follow(Path(args.data_dir))
     cols, rows = list_violations(Path(args.data_dir) / "audit", since=args.since, rule=args.rule)
-    console.print(_table(cols, rows, title=f"Violations ({len(rows)})"))
+    if args.json:
+        for row in rows:
+            print(json.dumps(dict(zip(cols, row, strict=True)), default=str))
+        return 0
+    console.print(violations_table(rows))
     return 0
 
 
@@ -188,6 +194,7 @@ def parser() -> argparse.ArgumentParser:
     vi.add_argument("--since", help="ISO date or timestamp, e.g. 2026-11-25 or 2026-11-25T09:00")
     vi.add_argument("--rule", help="only this rule id, e.g. no-write-down")
     vi.add_argument("--follow", action="store_true", help="stream new denials live (the SOC feed)")
+    vi.add_argument("--json", action="store_true", help="one JSON object per line, every column")
     vi.add_argument("--data-dir", default="var")
     vi.set_defaults(func=cmd_violations)
     st = sub.add_parser("status", help="stream and consumer state")

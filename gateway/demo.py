@@ -10,7 +10,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import nats
 from rich.console import Console
 from rich.table import Table
 
@@ -18,6 +17,9 @@ from . import audit_sql, issuer
 from .runtime import Gateway
 from .schemas import codec, subjects
 from .schemas.commands import ChatBody, ChatMessage, SubmitRequest
+from .services import bus
+from .services.settings import WorkerSettings
+from .violations import list_violations, violations_table
 
 console = Console()
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
@@ -38,8 +40,10 @@ def _policy_dir() -> Path:
     return local if (local / "catalog.toml").exists() else POLICIES
 
 
-def http_chat(base: str, token: str, model: str, text: str, max_tokens: int = 16) -> tuple[int, dict[str, object]]:
-    """One OpenAI-style HTTP call; returns status and JSON body."""
+def http_chat(
+    base: str, token: str, model: str, text: str, labels: tuple[str, str] | None = None, max_tokens: int = 16
+) -> tuple[int, dict[str, object]]:
+    """One OpenAI-style HTTP call, with input/output classification headers if given."""
     body = json.dumps(
         {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0}
     ).encode()
@@ -47,7 +51,11 @@ def http_chat(base: str, token: str, model: str, text: str, max_tokens: int = 16
         f"{base}/v1/chat/completions",
         data=body,
         method="POST",
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        headers={
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {token}",
+            **({"X-Input-Classification": labels[0], "X-Output-Classification": labels[1]} if labels else {}),
+        },
     )
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
@@ -56,9 +64,9 @@ def http_chat(base: str, token: str, model: str, text: str, max_tokens: int = 16
         return err.code, json.loads(err.read())
 
 
-async def nats_chat(url: str, token: str, model: str, text: str) -> dict[str, object]:
-    """One request on `gw.submit`; returns the reply as a dict."""
-    nc = await nats.connect(url, name="demo-batch")
+async def nats_chat(settings: WorkerSettings, token: str, model: str, text: str) -> dict[str, object]:
+    """One request on `gw.submit` as the application user; returns the reply as a dict."""
+    nc = await bus.connect(settings, "app")
     try:
         cmd = SubmitRequest(
             token=token,
@@ -73,9 +81,9 @@ async def nats_chat(url: str, token: str, model: str, text: str) -> dict[str, ob
         await nc.close()
 
 
-async def wait_audited(url: str, timeout_s: float = 30.0) -> None:
+async def wait_audited(settings: WorkerSettings, timeout_s: float = 30.0) -> None:
     """Until the auditor has acked everything in the stream."""
-    nc = await nats.connect(url, name="demo-wait")
+    nc = await bus.connect(settings, "admin")
     try:
         js = nc.jetstream()
         deadline = time.monotonic() + timeout_s
@@ -128,29 +136,34 @@ def run_demo(data_dir: Path | None) -> int:
     try:
         keys = data_dir / "keys"
         alice = issuer.issue(keys, subject="alice", team="alpha", roles=("analyst",))
+        carol = issuer.issue(
+            keys, subject="carol", team="alpha", clearance="SECRET", compartments=("SI",), caveats=("NOFORN",)
+        )
         bob = issuer.issue(keys, subject="bob", team="bravo")
         expired = issuer.issue(keys, subject="eve", team="alpha", ttl_s=60, now=int(time.time()) - 3600)
         forged = issuer.issue(Path(tempfile.mkdtemp()) / "k", subject="mallory", team="alpha")
         console.print(f"gateway up: HTTP {gw.http_url}  NATS {gw.nats_url}")
         rows: list[tuple[str, str, str, int, dict[str, object]]] = []
-        plan = [
-            ("alice@alpha", alice, "enclave-tiny", "Summarise the logistics report."),
-            ("alice@alpha", alice, "tiny", "Alias: same model by its short name."),
-            ("alice@alpha", alice, "enclave-tiny-v0", "A renamed model, swapped by the catalog."),
-            ("alice@alpha", alice, "analyst-large", "No server hosts this model here."),
-            ("bob@bravo", bob, "analyst-large", "Not allowed for team bravo."),
-            ("mallory (forged)", forged, "enclave-tiny", "Forged token."),
-            ("eve (expired)", expired, "enclave-tiny", "Expired token."),
-            ("nobody", "", "enclave-tiny", "No token at all."),
-            ("alice@alpha", alice, "gpt-9", "Unknown model."),
-        ] + [("bob@bravo", bob, "enclave-tiny", f"Bravo request {i}: until the cap.") for i in range(6)]
+        plan: list[tuple[str, str, str, str, tuple[str, str] | None]] = [
+            ("carol@alpha S//SI", carol, "enclave-tiny", "Summarise the intercept.", ("SECRET//SI", "SECRET//SI")),
+            ("carol@alpha S//SI", carol, "enclave-tiny", "Post it to the open wiki.", ("SECRET//SI", "UNCLASSIFIED")),
+            ("alice@alpha", alice, "enclave-tiny", "Summarise the logistics report.", None),
+            ("alice@alpha", alice, "tiny", "Alias: same model by its short name.", None),
+            ("alice@alpha", alice, "enclave-tiny-v0", "A renamed model, swapped by the catalog.", None),
+            ("alice@alpha", alice, "analyst-large", "No server hosts this model here.", None),
+            ("bob@bravo", bob, "analyst-large", "Not allowed for team bravo.", None),
+            ("mallory (forged)", forged, "enclave-tiny", "Forged token.", None),
+            ("eve (expired)", expired, "enclave-tiny", "Expired token.", None),
+            ("nobody", "", "enclave-tiny", "No token at all.", None),
+            ("alice@alpha", alice, "gpt-9", "Unknown model.", None),
+        ] + [("bob@bravo", bob, "enclave-tiny", f"Bravo request {i}: until the cap.", None) for i in range(6)]
         with console.status("sending requests..."):
-            for who, token, model, text in plan:
-                status, body = http_chat(gw.http_url, token, model, text)
+            for who, token, model, text, labels in plan:
+                status, body = http_chat(gw.http_url, token, model, text, labels)
                 rows.append((who, "HTTP", model, status, body))
-            reply = asyncio.run(nats_chat(gw.nats_url, alice, "enclave-tiny", "Batch job over gw.submit."))
+            reply = asyncio.run(nats_chat(gw.settings, alice, "enclave-tiny", "Batch job over gw.submit."))
             rows.append(("alice@alpha", "NATS", "enclave-tiny", 200 if reply.get("completion") else 0, reply))
-            asyncio.run(wait_audited(gw.nats_url))
+            asyncio.run(wait_audited(gw.settings))
         console.print(_summarize(rows))
         audit = data_dir / "audit"
         console.print(f"\nParquet audit: [bold]{audit}/events/day=*/*.parquet[/]")
@@ -163,6 +176,8 @@ def run_demo(data_dir: Path | None) -> int:
         for r in result:
             t.add_row(*("" if v is None else str(v) for v in r))
         console.print(t)
+        console.print("\n[bold]gateway violations[/] (the feed an assessor queries; live on gw.evt.request.denied.>)")
+        console.print(violations_table(list_violations(audit)[1]))
         console.print(
             f'Try: gateway sql "SELECT type, count(*) FROM events GROUP BY type" --data-dir {data_dir}'
             if tmp is None

@@ -9,6 +9,7 @@ from datetime import datetime
 from pathlib import Path
 
 import duckdb
+from rich.table import Table
 
 from .services import bus
 from .services.auditor.parquet_sink import VIOLATION_COLUMNS, violations_glob
@@ -53,6 +54,18 @@ def list_violations(
         return cols, con.execute(sql, params).fetchall()
     finally:
         con.close()
+
+
+def violations_table(rows: list[tuple[object, ...]]) -> Table:
+    """The rows of `list_violations` as a terminal table: who, which rule, which labels."""
+    table = Table(title=f"Violations ({len(rows)})")
+    for col in ("time (UTC)", "caller", "team", "rule", "model", "input -> output"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(
+            str(r[0])[:19], str(r[1] or "-"), str(r[2] or "-"), str(r[3]), str(r[5]), f"{r[7] or '-'} -> {r[8] or '-'}"
+        )
+    return table
 
 
 def follow(data_dir: Path) -> int:
