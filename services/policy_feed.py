@@ -21,7 +21,7 @@ from ..schemas import codec, subjects
 from ..schemas.events import PolicyActivated
 from .authz.access import AccessRules
 from .authz.decider import AuthzPolicy
-from .authz.tokens import keyring
+from .authz.tokens import TokenCache, keyring
 from .policy_store import PolicyError, bundle_from_files, digest
 from .settings import WorkerSettings, jwks_path
 
@@ -39,7 +39,7 @@ def compile_policy(event: PolicyActivated, extra_jwks: list[str]) -> AuthzPolicy
         keys = keyring([bundle.issuers_jwks, *extra_jwks])
     except ValueError as exc:
         raise PolicyError(f"issuer keys: {exc}") from exc
-    return AuthzPolicy(bundle=bundle, rules=AccessRules(bundle), keys=keys)
+    return AuthzPolicy(bundle=bundle, rules=AccessRules(bundle), keys=keys, tokens=TokenCache())
 
 
 def dev_jwks(settings: WorkerSettings) -> list[str]:

@@ -286,3 +286,27 @@ def test_keys_rotate_by_kid(policy: decider.AuthzPolicy, keys: Path, tmp_path: P
         assert isinstance(decide(both, issuer.issue(folder, subject="a", team="alpha", now=NOW)), RequestAuthorized)
     old_only = decide(policy, issuer.issue(tmp_path, subject="a", team="alpha", now=NOW))
     assert isinstance(old_only, RequestDenied) and old_only.reason == "token_unknown_key"
+
+
+def test_the_token_cache_never_changes_a_decision(policy: decider.AuthzPolicy, keys: Path) -> None:
+    from enclave_gateway.services.authz.tokens import TokenCache
+
+    cached = msgspec.structs.replace(policy, tokens=TokenCache(max_entries=8))
+    for _, (level, comps, caveats), team, roles, model, inp, out, _rule in ABAC:
+        token = session(keys, level, comps, caveats, team, roles)
+        for _ in range(2):  # the second call is a cache hit
+            assert decide(cached, token, model, input_label=inp, output_label=out) == decide(
+                policy, token, model, input_label=inp, output_label=out)
+    assert 0 < len(cached.tokens or ()) <= 8  # bounded
+    for case, (token, at) in _token_cases(keys).items():
+        assert decide(cached, token, at=at) == decide(policy, token, at=at), case
+
+
+def test_a_cached_token_still_expires(policy: decider.AuthzPolicy, keys: Path) -> None:
+    from enclave_gateway.services.authz.tokens import TokenCache
+
+    cached = msgspec.structs.replace(policy, tokens=TokenCache())
+    token = issuer.issue(keys, subject="a", team="alpha", now=NOW, ttl_s=60)
+    assert isinstance(decide(cached, token), RequestAuthorized)
+    late = decide(cached, token, at=NOW + 3600)
+    assert isinstance(late, RequestDenied) and late.reason == "token_expired"

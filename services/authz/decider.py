@@ -27,7 +27,7 @@ from ...schemas.labels import UNCLASSIFIED, Label, LabelError, format_label, par
 from ...schemas.policy import PolicyBundle
 from .. import catalog
 from .access import TEAM_MODEL_ACCESS, AccessRules
-from .tokens import KeyRing, TokenDefect, verify
+from .tokens import KeyRing, TokenCache, TokenDefect, verify
 
 STAGE = "authz"
 REASONS = {
@@ -48,6 +48,8 @@ class AuthzPolicy(Struct, frozen=True, kw_only=True):
     bundle: PolicyBundle
     rules: AccessRules
     keys: KeyRing
+    # A memo of signature checks for this key ring only; decisions are the same with or without it.
+    tokens: TokenCache | None = None
 
 
 def initial_state() -> AuthzState:
@@ -89,7 +91,7 @@ def decide(cmd: RequestSubmitted, state: AuthzState, policy: AuthzPolicy, now: d
             )
         ]
 
-    claims = verify(cmd.token, policy.keys, now)
+    claims = verify(cmd.token, policy.keys, now, policy.tokens)
     if isinstance(claims, TokenDefect):
         return deny(claims.code, "session-token", claims.detail)
     caller = Caller(

@@ -5,7 +5,9 @@ so it verifies the signature and claim presence, and `exp`/`nbf`/`iat` are check
 the `now` the caller supplies (the event's `occurred_at` on replay).
 """
 
+import hashlib
 import json
+from collections import OrderedDict
 from datetime import datetime
 
 import jwt
@@ -38,10 +40,54 @@ class TokenDefect(Struct, frozen=True, kw_only=True):
     detail: str
 
 
-def verify(token: str, keys: KeyRing, now: datetime) -> Claims | TokenDefect:
+class TokenCache:
+    """Tokens whose signature and required claims already verified against one key ring.
+
+    Safe because what is cached is a fact about the exact token bytes and that key ring only:
+    entries go in only after a successful verify (an unauthenticated caller cannot fill it), the
+    time claims are checked again on every hit against the decision's `now`, the size is bounded
+    (least recently used out), and each policy activation builds a new ring with an empty cache,
+    so a rotated or revoked key is never trusted from memory.
+    """
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, dict[str, object]] = OrderedDict()
+
+    def get(self, digest: str) -> dict[str, object] | None:
+        """The verified claims of a token, by sha256 of the token."""
+        claims = self._entries.get(digest)
+        if claims is not None:
+            self._entries.move_to_end(digest)
+        return claims
+
+    def put(self, digest: str, claims: dict[str, object]) -> None:
+        """Remember a token that verified."""
+        self._entries[digest] = claims
+        if len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def verify(token: str, keys: KeyRing, now: datetime, cache: TokenCache | None = None) -> Claims | TokenDefect:
     """Verify a bearer token at time `now`; every defect has its own code."""
     if not token:
         return TokenDefect(code="token_missing", detail="no bearer token")
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    claims = cache.get(digest) if cache is not None else None
+    if claims is None:
+        verified = _verify_signature(token, keys)
+        if isinstance(verified, TokenDefect):
+            return verified
+        claims = verified
+        if cache is not None:
+            cache.put(digest, claims)
+    return _check_times(claims, int(now.timestamp()))
+
+
+def _verify_signature(token: str, keys: KeyRing) -> dict[str, object] | TokenDefect:
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError as exc:
@@ -69,7 +115,7 @@ def verify(token: str, keys: KeyRing, now: datetime) -> Claims | TokenDefect:
         return TokenDefect(code="token_bad_algorithm", detail=str(exc))
     except jwt.PyJWTError as exc:
         return TokenDefect(code="token_malformed", detail=str(exc))
-    return _check_times(claims, int(now.timestamp()))
+    return claims
 
 
 def _check_times(claims: dict[str, object], now: int) -> Claims | TokenDefect:

@@ -74,7 +74,8 @@ class Edge:
 
     def verify_token(self, token: str) -> TokenDefect | None:
         """Check a token for read-only edge routes (GET /v1/models)."""
-        result = verify(token, self.session.policy.keys, bus.now_utc())
+        policy = self.session.policy
+        result = verify(token, policy.keys, bus.now_utc(), policy.tokens)
         return result if isinstance(result, TokenDefect) else None
 
     async def _on_reply(self, msg: Msg) -> None:
