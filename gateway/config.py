@@ -32,6 +32,12 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     port: int = 0
 
 
+class AuthConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Which token issuers are trusted besides the bundle's issuers.jwks.json."""
+
+    trust_dev_issuer: bool = True  # set false in an enclave: only the identity service's keys count
+
+
 class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The whole file; every key has a default so an empty file is valid."""
 
@@ -40,6 +46,7 @@ class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     endpoints: dict[str, str] = {}
 
 

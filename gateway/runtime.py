@@ -83,7 +83,9 @@ class Gateway:
         endpoints: dict[str, str],
         serve_tiny: str | None,
         max_body_bytes: int = 256 * 1024,
+        trust_dev_issuer: bool = True,
     ) -> None:
+        self.trust_dev_issuer = trust_dev_issuer
         self.data_dir, self.policy_dir = data_dir.resolve(), policy_dir.resolve()
         self.nats_port, self.http_port, self.max_body_bytes = nats_port, http_port, max_body_bytes
         self.endpoints, self.serve_tiny = dict(endpoints), serve_tiny
@@ -104,6 +106,7 @@ class Gateway:
             endpoints=cfg.endpoints,
             serve_tiny=cfg.engine.endpoint if cfg.engine.serve_tiny else None,
             max_body_bytes=cfg.http.max_body_bytes,
+            trust_dev_issuer=cfg.auth.trust_dev_issuer,
         )
 
     @property
@@ -128,6 +131,7 @@ class Gateway:
             http_port=port,
             max_body_bytes=self.max_body_bytes,
             creds_dir=str(self.creds_dir),
+            trust_dev_issuer=self.trust_dev_issuer,
         )
         supervisor.write_settings(self.settings)
         asyncio.run(setup_topology(self.settings))
