@@ -47,6 +47,18 @@ def permissions(user: str) -> dict[str, dict[str, list[str]]] | None:
         f"$JS.API.DIRECT.GET.{STREAM}",  # the newest policy, the budget's catch-up reads
         f"$JS.API.DIRECT.GET.{STREAM}.>",
     ]
+    if user == "budget":
+        publish += [
+            # the projection's rebuild: an ordered consumer over the ledger, from the snapshot on
+            f"$JS.API.CONSUMER.CREATE.{STREAM}",
+            f"$JS.API.CONSUMER.CREATE.{STREAM}.>",
+            f"$JS.API.CONSUMER.DELETE.{STREAM}.>",
+            f"$JS.FC.{STREAM}.>",
+            # snapshots in the KV bucket GW_BUDGET
+            "$JS.API.STREAM.INFO.KV_GW_BUDGET",
+            "$KV.GW_BUDGET.>",
+            "$JS.API.DIRECT.GET.KV_GW_BUDGET.>",
+        ]
     subscribe = [f"_INBOX_{user}.>", "gw.evt.policy.activated"]
     if user == "edge":
         subscribe.append("gw.submit edge")  # only as queue group `edge`

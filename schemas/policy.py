@@ -41,12 +41,17 @@ class TeamBudget(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
 
     cap_micros: int
     period: Literal["month", "day"] = "month"
+    # Soft thresholds, percent of the cap committed (spent + reserved): BudgetThresholdCrossed.
+    thresholds_pct: tuple[int, ...] = (50, 80, 100)
 
 
 class Budgets(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Caps by team name."""
+    """Caps by team name, and how long a reservation may stay open before it expires."""
 
     teams: dict[str, TeamBudget]
+    # Longer than any invocation can take (the invoker's deadline plus its redeliveries), so only a
+    # reservation whose request was lost expires; its money goes back by a BudgetReleased event.
+    reservation_ttl_s: int = 900
 
 
 class PolicyBundle(Struct, frozen=True, kw_only=True):

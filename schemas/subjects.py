@@ -53,7 +53,7 @@ def response_delivered() -> str:
 
 
 def ledger(fact: str, team: str) -> str:
-    """A team's money ledger: `reserved`, `settled` or `released` (compare-and-set guarded)."""
+    """A team's money ledger: `reserved`, `settled`, `released`, `threshold` (compare-and-set guarded)."""
     return f"gw.evt.ledger.{fact}.{token(team)}"
 
 
@@ -104,6 +104,7 @@ def for_event(event: "AnyEvent") -> str:
         BudgetReleased,
         BudgetReserved,
         BudgetSettled,
+        BudgetThresholdCrossed,
         InvocationCompleted,
         InvocationFailed,
         MessageRejected,
@@ -136,6 +137,8 @@ def for_event(event: "AnyEvent") -> str:
             return ledger("settled", event.team)
         case BudgetReleased():
             return ledger("released", event.team)
+        case BudgetThresholdCrossed():
+            return ledger("threshold", event.team)
         case BudgetRejected():
             return budget_rejected(event.caller.team)
         case RouteSelected():

@@ -22,7 +22,7 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, PubAck, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
 from ..schemas import codec, subjects
@@ -115,6 +115,10 @@ async def ensure_topology(js: JetStreamContext, replicas: int = 1) -> None:
         await js.add_stream(config)
     for name, spec in CONSUMERS.items():
         await js.add_consumer(subjects.STREAM, consumer_config(name, spec))
+    # Budget projection snapshots: derived data, never the audit trail (services/budget/ledger_store.py).
+    await js.create_key_value(
+        KeyValueConfig(bucket="GW_BUDGET", history=1, storage=StorageType.FILE, replicas=replicas, direct=True)
+    )
 
 
 def consumer_config(name: str, spec: ConsumerSpec) -> ConsumerConfig:
@@ -132,11 +136,15 @@ def consumer_config(name: str, spec: ConsumerSpec) -> ConsumerConfig:
     )
 
 
-async def publish(js: JetStreamContext, event: AnyEvent, headers: dict[str, str] | None = None) -> int:
-    """Publish an event with `Nats-Msg-Id` = its id, so a republish is deduplicated; returns its seq."""
+async def publish_ack(js: JetStreamContext, event: AnyEvent, headers: dict[str, str] | None = None) -> PubAck:
+    """Publish an event with `Nats-Msg-Id` = its id, so a republish is deduplicated by the server."""
     hdrs = {"Nats-Msg-Id": event.event_id, **(headers or {})}
-    ack = await js.publish(subjects.for_event(event), codec.encode(event), headers=hdrs)
-    return int(ack.seq)
+    return await js.publish(subjects.for_event(event), codec.encode(event), headers=hdrs)
+
+
+async def publish(js: JetStreamContext, event: AnyEvent, headers: dict[str, str] | None = None) -> int:
+    """Publish an event (see `publish_ack`); returns its stream sequence."""
+    return int((await publish_ack(js, event, headers)).seq)
 
 
 Handler = Callable[[Msg], Awaitable[None]]

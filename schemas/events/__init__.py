@@ -1,7 +1,14 @@
 """Every event type of the contract, and the union the codec decodes."""
 
 from .base import Caller, Envelope, Event, Reservation, envelope
-from .budget import BudgetRejected, BudgetReleased, BudgetReserved, BudgetSettled, LedgerTotals
+from .budget import (
+    BudgetRejected,
+    BudgetReleased,
+    BudgetReserved,
+    BudgetSettled,
+    BudgetThresholdCrossed,
+    LedgerTotals,
+)
 from .invocation import InvocationCompleted, InvocationFailed
 from .policy import PolicyActivated
 from .request import (
@@ -25,6 +32,7 @@ AnyEvent = (
     | BudgetRejected
     | BudgetSettled
     | BudgetReleased
+    | BudgetThresholdCrossed
     | RouteSelected
     | RouteUnavailable
     | InvocationCompleted
@@ -43,6 +51,7 @@ CURRENT_EVENT_TYPES: tuple[type[Event], ...] = (
     BudgetRejected,
     BudgetSettled,
     BudgetReleased,
+    BudgetThresholdCrossed,
     RouteSelected,
     RouteUnavailable,
     InvocationCompleted,
@@ -57,6 +66,7 @@ __all__ = [
     "BudgetReleased",
     "BudgetReserved",
     "BudgetSettled",
+    "BudgetThresholdCrossed",
     "Caller",
     "Envelope",
     "Event",

@@ -46,6 +46,12 @@ class BudgetReleased(LedgerTotals, frozen=True, kw_only=True, tag="BudgetRelease
     reason: str
 
 
+class BudgetThresholdCrossed(LedgerTotals, frozen=True, kw_only=True, tag="BudgetThresholdCrossed"):
+    """The team's committed money (spent + reserved) reached a soft threshold of its cap this period."""
+
+    threshold_pct: int
+
+
 class BudgetRejected(Event, frozen=True, kw_only=True, tag="BudgetRejected"):
     """The worst case did not fit under the cap; nothing was reserved."""
 
@@ -59,4 +65,12 @@ class BudgetRejected(Event, frozen=True, kw_only=True, tag="BudgetRejected"):
     reply_to: str
 
 
-__all__ = ["BudgetRejected", "BudgetReleased", "BudgetReserved", "BudgetSettled", "LedgerTotals", "Reservation"]
+__all__ = [
+    "BudgetRejected",
+    "BudgetReleased",
+    "BudgetReserved",
+    "BudgetSettled",
+    "BudgetThresholdCrossed",
+    "LedgerTotals",
+    "Reservation",
+]

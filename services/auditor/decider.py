@@ -17,6 +17,7 @@ from ...schemas.events import (
     BudgetReleased,
     BudgetReserved,
     BudgetSettled,
+    BudgetThresholdCrossed,
     Event,
     InvocationCompleted,
     InvocationFailed,
@@ -178,6 +179,9 @@ def _fill(row: AuditRow, e: AnyEvent) -> None:
             row.spent_micros, row.reserved_micros, row.cap_micros = e.spent_micros, e.reserved_micros, e.cap_micros
         case BudgetReleased():
             row.team, row.amount_micros, row.reason = e.team, e.amount_micros, e.reason
+            row.spent_micros, row.reserved_micros, row.cap_micros = e.spent_micros, e.reserved_micros, e.cap_micros
+        case BudgetThresholdCrossed():
+            row.team, row.amount_micros, row.detail = e.team, e.threshold_pct, f"{e.threshold_pct}% of cap committed"
             row.spent_micros, row.reserved_micros, row.cap_micros = e.spent_micros, e.reserved_micros, e.cap_micros
         case BudgetRejected():
             row.team, row.caller, row.model_id, row.reason = e.caller.team, e.caller.subject, e.model_id, e.reason

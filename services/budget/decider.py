@@ -1,11 +1,12 @@
 """Budget decider: reserve the worst case, settle the actual, never exceed the cap (DESIGN §4).
 
-State is a projection of the ledger events, which carry each team's totals after the fact.
-`spent + reserved <= cap` holds after every decided event: a reservation is admitted only if
-it fits, and a settlement charges at most what was reserved.
+State is a projection of the team ledgers (`gw.evt.ledger.*.<team>`), whose events carry each
+team's totals after the fact. `spent + reserved <= cap` holds after every decided event: a
+reservation is admitted only if it fits, a settlement charges at most what was reserved, and
+releases (failure, no route, expiry) only give money back.
 """
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from msgspec import Struct
 
@@ -16,6 +17,7 @@ from ...schemas.events import (
     BudgetReleased,
     BudgetReserved,
     BudgetSettled,
+    BudgetThresholdCrossed,
     Event,
     InvocationCompleted,
     InvocationFailed,
@@ -40,10 +42,12 @@ class Totals(Struct, frozen=True):
 
 
 class BudgetState(Struct, frozen=True, kw_only=True):
-    """Totals by `team/period`, and the reservations still open by request id."""
+    """Totals and alerted thresholds by `team/period`; open reservations by request id."""
 
     ledgers: dict[str, Totals] = {}
     open: dict[str, Reservation] = {}
+    opened_at: dict[str, datetime] = {}
+    alerted: dict[str, int] = {}  # the highest threshold (percent) already announced
 
 
 def initial_state() -> BudgetState:
@@ -76,29 +80,108 @@ def evolve(state: BudgetState, event: Event) -> BudgetState:
     """Fold one ledger event; every other event leaves the state as it is."""
     match event:
         case BudgetReserved():
-            opened = Reservation(team=event.team, period=event.period, micros=event.amount_micros)
-            return _with_totals(state, event, {**state.open, event.request_id: opened})
+            held = Reservation(team=event.team, period=event.period, micros=event.amount_micros)
+            return _with(
+                state,
+                event,
+                open_={**state.open, event.request_id: held},
+                opened_at={**state.opened_at, event.request_id: event.occurred_at},
+            )
         case BudgetSettled() | BudgetReleased():
-            return _with_totals(state, event, {k: v for k, v in state.open.items() if k != event.request_id})
+            rid = event.request_id
+            return _with(
+                state,
+                event,
+                open_={k: v for k, v in state.open.items() if k != rid},
+                opened_at={k: v for k, v in state.opened_at.items() if k != rid},
+            )
+        case BudgetThresholdCrossed():
+            key = ledger_key(event.team, event.period)
+            alerted = {**state.alerted, key: max(state.alerted.get(key, 0), event.threshold_pct)}
+            return BudgetState(ledgers=state.ledgers, open=state.open, opened_at=state.opened_at, alerted=alerted)
         case _:
             return state
 
 
-def _with_totals(state: BudgetState, event: LedgerTotals, open_: dict[str, Reservation]) -> BudgetState:
-    key = ledger_key(event.team, event.period)
+def _with(
+    state: BudgetState, event: LedgerTotals, open_: dict[str, Reservation], opened_at: dict[str, datetime]
+) -> BudgetState:
     totals = Totals(spent=event.spent_micros, reserved=event.reserved_micros)
-    return BudgetState(ledgers={**state.ledgers, key: totals}, open=open_)
+    return BudgetState(
+        ledgers={**state.ledgers, ledger_key(event.team, event.period): totals},
+        open=open_,
+        opened_at=opened_at,
+        alerted=state.alerted,
+    )
 
 
 def decide(event: BudgetInput, state: BudgetState, policy: PolicyBundle, now: datetime) -> list[AnyEvent]:
-    """Decide the ledger fact an event calls for; redeliveries decide nothing (idempotent)."""
+    """The ledger facts an event calls for, then any threshold it made the team cross.
+
+    Redeliveries decide nothing new (idempotent); a threshold not yet announced is announced
+    even then, so a decision interrupted between its two writes completes on the retry.
+    """
     match event:
         case RequestAuthorized():
-            return _reserve(event, state, policy, now)
-        case InvocationCompleted():
-            return _settle(event, state, policy, now)
-        case InvocationFailed() | RouteUnavailable() | RequestFailed():
-            return _release(event, state, policy, now)
+            primary, team = _reserve(event, state, policy, now), event.caller.team
+        case InvocationCompleted() | InvocationFailed() | RouteUnavailable():
+            team = event.reservation.team
+            if isinstance(event, InvocationCompleted):
+                primary = _settle(event, state, policy, now)
+            else:
+                primary = _release(event.request_id, type(event).__name__, state, policy, now)
+        case RequestFailed():
+            team = event.reservation.team if event.reservation else ""
+            primary = _release(event.request_id, type(event).__name__, state, policy, now)
+    after = state
+    for fact in primary:
+        after = evolve(after, fact)
+    return [*primary, *thresholds(after, policy, now, team)]
+
+
+def thresholds(state: BudgetState, policy: PolicyBundle, now: datetime, team: str) -> list[AnyEvent]:
+    """A BudgetThresholdCrossed for each soft threshold of `team` reached but not yet announced."""
+    out: list[AnyEvent] = []
+    for key, totals in state.ledgers.items():
+        if not key.startswith(f"{team}/"):
+            continue
+        period = key.split("/", 1)[1]
+        budget = policy.budgets.teams.get(team)
+        if budget is None or budget.cap_micros <= 0:
+            continue
+        committed = totals.spent + totals.reserved
+        done = state.alerted.get(key, 0)
+        for pct in sorted(budget.thresholds_pct):
+            if pct > done and committed * 100 >= pct * budget.cap_micros:
+                out.append(
+                    BudgetThresholdCrossed(
+                        **envelope(f"{team}/{period}/{pct}", "threshold", now, policy.version),
+                        team=team,
+                        period=period,
+                        spent_micros=totals.spent,
+                        reserved_micros=totals.reserved,
+                        cap_micros=budget.cap_micros,
+                        threshold_pct=pct,
+                    )
+                )
+    return out
+
+
+def expire(state: BudgetState, policy: PolicyBundle, now: datetime, team: str) -> list[AnyEvent]:
+    """Release each of `team`'s reservations open longer than `reservation_ttl_s` (its request was lost)."""
+    deadline = now - timedelta(seconds=policy.budgets.reservation_ttl_s)
+    out: list[AnyEvent] = []
+    for rid, at in sorted(state.opened_at.items()):
+        if at <= deadline and state.open[rid].team == team:
+            out.extend(_release(rid, "expired", state, policy, now))
+            state = evolve(state, out[-1])
+    return out
+
+
+def expiring_teams(state: BudgetState, policy: PolicyBundle, now: datetime) -> set[str]:
+    """Teams with at least one reservation past its deadline."""
+    deadline = now - timedelta(seconds=policy.budgets.reservation_ttl_s)
+    return {state.open[rid].team for rid, at in state.opened_at.items() if at <= deadline}
 
 
 def _reserve(event: RequestAuthorized, state: BudgetState, policy: PolicyBundle, now: datetime) -> list[AnyEvent]:
@@ -161,9 +244,9 @@ def _reserve(event: RequestAuthorized, state: BudgetState, policy: PolicyBundle,
 
 def _settle(event: InvocationCompleted, state: BudgetState, policy: PolicyBundle, now: datetime) -> list[AnyEvent]:
     held = state.open.get(event.request_id)
-    model = catalog.find(policy.catalog, event.model_id)
     if held is None:
         return []
+    model = catalog.find(policy.catalog, event.model_id)
     actual = 0 if model is None else catalog.cost_micros(model, event.prompt_tokens, event.completion_tokens)
     # A server that reports more tokens than the bound it was given cannot push a team over
     # its cap: the charge stops at what was reserved (DESIGN §4 invariant).
@@ -186,23 +269,21 @@ def _settle(event: InvocationCompleted, state: BudgetState, policy: PolicyBundle
     ]
 
 
-def _release(
-    event: InvocationFailed | RouteUnavailable | RequestFailed, state: BudgetState, policy: PolicyBundle, now: datetime
-) -> list[AnyEvent]:
-    held = state.open.get(event.request_id)
+def _release(request_id: str, reason: str, state: BudgetState, policy: PolicyBundle, now: datetime) -> list[AnyEvent]:
+    held = state.open.get(request_id)
     if held is None:
         return []
     totals = state.ledgers.get(ledger_key(held.team, held.period), Totals())
     return [
         BudgetReleased(
-            **envelope(event.request_id, "release", now, policy.version),
+            **envelope(request_id, "release", now, policy.version),
             team=held.team,
             period=held.period,
             spent_micros=totals.spent,
             reserved_micros=max(0, totals.reserved - held.micros),
             cap_micros=_cap(policy, held.team),
             amount_micros=held.micros,
-            reason=type(event).__name__,
+            reason=reason,
         )
     ]
 
@@ -210,6 +291,3 @@ def _release(
 def _cap(policy: PolicyBundle, team: str) -> int:
     budget = policy.budgets.teams.get(team)
     return 0 if budget is None else budget.cap_micros
-
-
-__all__ = ["BudgetInput", "BudgetState", "Totals", "decide", "evolve", "initial_state"]

@@ -3,75 +3,126 @@
 Concurrency control is JetStream's own (DESIGN §4): each ledger write carries
 `Nats-Expected-Last-Subject-Sequence` over the team's ledger subjects, so a replica that did not
 see another's write is refused (err_code 10071), catches up and decides again. No lock of ours.
+The projection is rebuilt at start from a snapshot in the KV bucket `GW_BUDGET` plus the ledger
+events after it, so a start does not replay the whole history.
 """
 
+from __future__ import annotations
+
+import logging
+
+import msgspec
 from nats.js import JetStreamContext
-from nats.js.api import Header
+from nats.js.api import ConsumerConfig, DeliverPolicy, Header
 from nats.js.errors import APIError, NotFoundError
 
 from ...schemas import codec, subjects
-from ...schemas.events import BudgetReleased, BudgetReserved, BudgetSettled
+from ...schemas.events import BudgetReleased, BudgetReserved, BudgetSettled, BudgetThresholdCrossed
 from .. import bus
 from .decider import BudgetState, evolve
 
+log = logging.getLogger("enclave_gateway.budget")
 WRONG_LAST_SEQUENCE = 10071
-LedgerEvent = BudgetReserved | BudgetSettled | BudgetReleased
+LEDGER_ALL = "gw.evt.ledger.>"
+SNAPSHOT_BUCKET = "GW_BUDGET"
+SNAPSHOT_KEY = "projection"
+LedgerEvent = BudgetReserved | BudgetSettled | BudgetReleased | BudgetThresholdCrossed
 
 
 class LedgerConflict(Exception):
     """Another writer got to the team's ledger first."""
 
 
+class Snapshot(msgspec.Struct, kw_only=True):
+    """The projection as of stream sequence `seq` (every ledger event up to it folded)."""
+
+    seq: int
+    last_seq: dict[str, int]
+    state: BudgetState
+
+
 class LedgerStore:
-    """The projection and the last ledger sequence seen per team."""
+    """The projection, the last ledger sequence seen per team, and the highest folded overall."""
 
     def __init__(self, js: JetStreamContext) -> None:
         self.js = js
         self.state = BudgetState()
         self.last_seq: dict[str, int] = {}
+        self.seq = 0  # highest ledger stream sequence folded (for snapshots)
+
+    def _fold(self, seq: int, data: bytes) -> None:
+        event = codec.decode_event(data)
+        if isinstance(event, LedgerEvent):
+            self.state = evolve(self.state, event)
+            self.last_seq[event.team] = max(self.last_seq.get(event.team, 0), seq)
+            self.seq = max(self.seq, seq)
 
     async def rebuild(self) -> int:
-        """Fold every ledger event in the stream; returns how many were read."""
+        """Snapshot, then every later ledger event through an ordered consumer; returns events read."""
+        await self._load_snapshot()
         try:
-            last = await self.js.get_last_msg(subjects.STREAM, "gw.evt.ledger.>", direct=True)
+            last = await self.js.get_last_msg(subjects.STREAM, LEDGER_ALL, direct=True)
         except NotFoundError:
             return 0
-        return await self._follow("gw.evt.ledger.>", until=int(last.seq or 0))
+        until, count = int(last.seq or 0), 0
+        if until <= self.seq:
+            return 0
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.seq + 1)
+        sub = await self.js.subscribe(LEDGER_ALL, stream=subjects.STREAM, ordered_consumer=True, config=config)
+        try:
+            while self.seq < until:
+                msg = await sub.next_msg(timeout=10)
+                self._fold(msg.metadata.sequence.stream, msg.data)
+                count += 1
+        finally:
+            await sub.unsubscribe()
+        return count
+
+    async def _load_snapshot(self) -> None:
+        try:
+            kv = await self.js.key_value(SNAPSHOT_BUCKET)
+            entry = await kv.get(SNAPSHOT_KEY)
+        except Exception as exc:  # no bucket or no snapshot yet: a full replay is still correct
+            log.info("no budget snapshot (%r): replaying the ledger", exc)
+            return
+        snap = msgspec.json.decode(entry.value or b"", type=Snapshot)
+        self.state, self.last_seq, self.seq = snap.state, dict(snap.last_seq), snap.seq
+        log.info("budget snapshot at seq %d loaded", snap.seq)
+
+    async def save_snapshot(self) -> int:
+        """Store the projection; any replica may, a newer one simply has less to replay."""
+        kv = await self.js.key_value(SNAPSHOT_BUCKET)
+        data = msgspec.json.encode(Snapshot(seq=self.seq, last_seq=self.last_seq, state=self.state))
+        await kv.put(SNAPSHOT_KEY, data)
+        return self.seq
 
     async def catch_up(self, team: str) -> None:
         """Fold the team's ledger events this replica has not seen (one direct get when current)."""
-        await self._follow(subjects.ledger_filter(team), until=None, team=team)
-
-    async def _follow(self, filter_subject: str, until: int | None, team: str | None = None) -> int:
-        seq = self.last_seq.get(team, 0) if team else 0
-        count = 0
-        while until is None or seq < until:
+        seq = self.last_seq.get(team, 0)
+        while True:
             try:
                 raw = await self.js.get_msg(
-                    subjects.STREAM, seq=seq + 1, subject=filter_subject, next=True, direct=True
+                    subjects.STREAM, seq=seq + 1, subject=subjects.ledger_filter(team), next=True, direct=True
                 )
             except NotFoundError:
-                break
+                return
             seq = int(raw.seq or 0)
-            event = codec.decode_event(raw.data or b"")
-            if isinstance(event, LedgerEvent):
-                self.state = evolve(self.state, event)
-                self.last_seq[event.team] = seq
-                count += 1
-        return count
+            self._fold(seq, raw.data or b"")
 
     async def write(self, event: LedgerEvent) -> None:
         """Append a ledger event only if the team's ledger is where this replica last saw it."""
         team = event.team
         headers = {
             Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(self.last_seq.get(team, 0)),
+            # built from the same team name as the subject: a mismatch would silently disable the check
             "Nats-Expected-Last-Subject-Sequence-Subject": subjects.ledger_filter(team),
         }
         try:
-            seq = await bus.publish(self.js, event, headers=headers)
+            ack = await bus.publish_ack(self.js, event, headers=headers)
         except APIError as exc:
             if exc.err_code == WRONG_LAST_SEQUENCE:
                 raise LedgerConflict(str(exc)) from exc
             raise
-        self.state = evolve(self.state, event)
-        self.last_seq[team] = seq
+        if ack.duplicate:  # written before under this Nats-Msg-Id: the catch-up folds the stored one
+            return
+        self._fold(int(ack.seq), codec.encode(event))

@@ -1,18 +1,23 @@
-"""Budget shell: one message at a time, catch up the team, decide, write with compare-and-set."""
+"""Budget shell: one message at a time, catch up the team, decide, write with compare-and-set;
+beside it, a timer that expires lost reservations and snapshots the projection."""
 
 import asyncio
 import logging
+from collections.abc import Callable
+from datetime import datetime
 
 from nats.aio.msg import Msg
 
 from ...schemas import codec
 from ...schemas.events import (
+    AnyEvent,
     InvocationCompleted,
     InvocationFailed,
     RequestAuthorized,
     RequestFailed,
     RouteUnavailable,
 )
+from ...schemas.policy import PolicyBundle
 from .. import bus, worker
 from ..settings import WorkerSettings
 from . import decider
@@ -20,6 +25,7 @@ from .ledger_store import LedgerConflict, LedgerEvent, LedgerStore
 
 log = logging.getLogger("enclave_gateway.budget")
 MAX_CONFLICTS = 50
+HOUSEKEEPING_S = 10.0
 
 
 def team_of(event: decider.BudgetInput) -> str | None:
@@ -33,37 +39,63 @@ def team_of(event: decider.BudgetInput) -> str | None:
             return event.reservation.team if event.reservation else None
 
 
+async def apply(s: worker.Session, store: LedgerStore, team: str, decide: Callable[[], list[AnyEvent]]) -> None:
+    """Catch up the team, decide, write; on a conflict with another replica, do it all again."""
+    for _ in range(MAX_CONFLICTS):
+        await store.catch_up(team)
+        try:
+            for out in decide():
+                if isinstance(out, LedgerEvent):
+                    await store.write(out)
+                else:
+                    await bus.publish(s.js, out)
+            return
+        except LedgerConflict:
+            continue
+    raise RuntimeError(f"ledger of team {team!r} kept moving: {MAX_CONFLICTS} conflicts")
+
+
 async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
     """Rebuild the projection, then serve until `stop` is set."""
     async with worker.session(settings, "budget") as s:
-        await _serve(s, stop)
+        store = LedgerStore(s.js)
+        log.info("budget projection rebuilt: %d ledger events after the snapshot", await store.rebuild())
+
+        async def handle(msg: Msg) -> None:
+            event = codec.decode_event(msg.data)
+            if not isinstance(
+                event, RequestAuthorized | InvocationCompleted | InvocationFailed | RouteUnavailable | RequestFailed
+            ):
+                raise codec.DecodeError(f"budget does not take {type(event).__name__}")
+            team = team_of(event)
+            if team is not None:
+                await apply(s, store, team, lambda: decider.decide(event, store.state, s.policy.bundle, bus.now_utc()))
+
+        housekeeping = asyncio.create_task(_housekeeping(s, store, stop))
+        try:
+            await bus.consume(s.js, "budget", handle, stop, sequential=True)
+        finally:
+            housekeeping.cancel()
 
 
-async def _serve(s: worker.Session, stop: asyncio.Event) -> None:
-    js = s.js
-    store = LedgerStore(js)
-    log.info("budget projection rebuilt from %d ledger events", await store.rebuild())
+def _expiry(store: LedgerStore, bundle: PolicyBundle, now: datetime, team: str) -> Callable[[], list[AnyEvent]]:
+    return lambda: decider.expire(store.state, bundle, now, team)
 
-    async def handle(msg: Msg) -> None:
-        event = codec.decode_event(msg.data)
-        if not isinstance(
-            event, RequestAuthorized | InvocationCompleted | InvocationFailed | RouteUnavailable | RequestFailed
-        ):
-            raise codec.DecodeError(f"budget does not take {type(event).__name__}")
-        team = team_of(event)
-        if team is None:
+
+async def _housekeeping(s: worker.Session, store: LedgerStore, stop: asyncio.Event) -> None:
+    """Expire reservations whose request was lost, and snapshot the projection when it moved."""
+    snapshotted = store.seq
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), HOUSEKEEPING_S)
             return
-        for _ in range(MAX_CONFLICTS):
-            await store.catch_up(team)
-            try:
-                for out in decider.decide(event, store.state, s.policy.bundle, bus.now_utc()):
-                    if isinstance(out, LedgerEvent):
-                        await store.write(out)
-                    else:
-                        await bus.publish(js, out)
-                return
-            except LedgerConflict:
-                continue
-        raise RuntimeError(f"ledger of team {team!r} kept moving: {MAX_CONFLICTS} conflicts")
-
-    await bus.consume(js, "budget", handle, stop, sequential=True)
+        except TimeoutError:
+            pass
+        try:
+            bundle, now = s.policy.bundle, bus.now_utc()
+            for team in sorted(decider.expiring_teams(store.state, bundle, now)):
+                await apply(s, store, team, _expiry(store, bundle, now, team))
+            if store.seq > snapshotted:
+                snapshotted = await store.save_snapshot()
+        except Exception as exc:  # housekeeping retries on the next tick; serving goes on
+            log.warning("budget housekeeping failed: %r", exc)

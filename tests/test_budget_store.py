@@ -1,0 +1,70 @@
+"""The budget projection on the real stream, as the `budget` NATS user: snapshot plus tail
+equals a full replay, and catch-up sees another replica's writes."""
+
+from __future__ import annotations
+
+import pytest
+from nats.aio.client import Client
+
+from enclave_gateway.schemas import codec, subjects
+from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
+from enclave_gateway.services import bus
+from enclave_gateway.services.budget.ledger_store import LedgerStore
+
+from .conftest import wait_for_event
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+class _NoSnapshot(LedgerStore):
+    async def _load_snapshot(self) -> None:
+        return None
+
+
+async def _request(client: Client, admin: Client, token: str) -> None:
+    """One request, returned once its settlement is in the ledger (it lands after the reply)."""
+    chat = ChatBody(model="enclave-tiny", messages=(ChatMessage(role="user", content="ledger"),), max_tokens=2)
+    reply = codec.decode_reply((await client.request(subjects.SUBMIT, codec.encode(
+        SubmitRequest(token=token, chat=chat)), timeout=30)).data)
+    assert reply.completion is not None
+    await wait_for_event(admin, reply.request_id, "BudgetSettled")
+
+
+async def test_snapshot_plus_tail_equals_a_full_replay(admin: Client, client: Client, token_for, stack) -> None:
+    nc = await bus.connect(stack, "budget")
+    try:
+        js = nc.jetstream()
+        token = token_for("gamma")
+        await _request(client, admin, token)
+        first = LedgerStore(js)
+        await first.rebuild()
+        assert first.seq > 0
+        assert await first.save_snapshot() == first.seq
+        for _ in range(3):
+            await _request(client, admin, token)
+        await first.catch_up("gamma")
+        resumed, full = LedgerStore(js), _NoSnapshot(js)
+        read_after_snapshot = await resumed.rebuild()
+        read_all = await full.rebuild()
+        assert 0 < read_after_snapshot < read_all
+        for other in (resumed, full):
+            await other.catch_up("gamma")
+        assert resumed.state == full.state
+        assert resumed.last_seq["gamma"] == full.last_seq["gamma"]
+    finally:
+        await nc.close()
+
+
+async def test_catch_up_folds_writes_made_by_another_replica(admin: Client, client: Client, token_for, stack) -> None:
+    nc = await bus.connect(stack, "budget")
+    try:
+        mine = LedgerStore(nc.jetstream())
+        await mine.rebuild()
+        before = mine.last_seq.get("gamma", 0)
+        await _request(client, admin, token_for("gamma"))  # the running budget worker writes, not `mine`
+        await mine.catch_up("gamma")
+        assert mine.last_seq["gamma"] > before
+        key = next(k for k in mine.state.ledgers if k.startswith("gamma/"))
+        assert mine.state.ledgers[key].spent > 0
+    finally:
+        await nc.close()
