@@ -47,16 +47,19 @@ def read_settings(data_dir: Path) -> WorkerSettings:
     return msgspec.json.decode(settings_path(data_dir).read_bytes(), type=WorkerSettings)
 
 
+def spawn_worker(settings: WorkerSettings, name: str, log_name: str | None = None) -> subprocess.Popen[bytes]:
+    """One `gateway worker NAME` process (replicas of a service share its durable consumer)."""
+    path = settings_path(Path(settings.data_dir))
+    if not path.exists():
+        write_settings(settings)
+    log = Path(settings.data_dir) / "logs" / f"{log_name or name}.log"
+    return procs.spawn([sys.executable, "-m", "enclave_gateway.cli", "worker", name, "--settings", str(path)], log)
+
+
 def spawn_workers(settings: WorkerSettings, names: list[str] | None = None) -> dict[str, subprocess.Popen[bytes]]:
     """One `gateway worker NAME` process per service."""
-    path = write_settings(settings)
-    logs = Path(settings.data_dir) / "logs"
-    return {
-        name: procs.spawn(
-            [sys.executable, "-m", "enclave_gateway.cli", "worker", name, "--settings", str(path)], logs / f"{name}.log"
-        )
-        for name in (names or list(SERVICES))
-    }
+    write_settings(settings)
+    return {name: spawn_worker(settings, name) for name in (names or list(SERVICES))}
 
 
 async def run_all(settings: WorkerSettings, stop: asyncio.Event, names: list[str] | None = None) -> None:

@@ -17,6 +17,7 @@ from enclave_gateway.schemas.events import (
     BudgetReleased,
     BudgetReserved,
     BudgetSettled,
+    BudgetThresholdCrossed,
     Caller,
     InvocationCompleted,
     InvocationFailed,
@@ -35,8 +36,9 @@ MODEL = catalog.find(BASE.catalog, "enclave-tiny")
 assert MODEL is not None
 
 
-def bundle(cap: int) -> PolicyBundle:
-    return msgspec.structs.replace(BASE, budgets=Budgets(teams={"t": TeamBudget(cap_micros=cap, period="month")}))
+def bundle(cap: int, thresholds: tuple[int, ...] = (), ttl_s: int = 900) -> PolicyBundle:
+    team = TeamBudget(cap_micros=cap, period="month", thresholds_pct=thresholds)
+    return msgspec.structs.replace(BASE, budgets=Budgets(teams={"t": team}, reservation_ttl_s=ttl_s))
 
 
 def authorized(rid: str, text: str = "hello", max_tokens: int | None = 8, team: str = "t") -> RequestAuthorized:
@@ -156,6 +158,16 @@ class CapMachine(RuleBasedStateMachine):
             rid = data.draw(st.sampled_from(sorted(self.state.open)))
             self._apply(completed(rid, self.state.open[rid], prompt, completion))
 
+    @rule(minutes=st.integers(0, 30))
+    def time_passes_and_lost_reservations_expire(self, minutes: int) -> None:
+        from datetime import timedelta
+
+        later = NOW + timedelta(minutes=minutes)
+        for team in decider.expiring_teams(self.state, self.policy, later):
+            for d in decider.expire(self.state, self.policy, later, team):
+                self.state = decider.evolve(self.state, d)
+        assert not decider.expiring_teams(self.state, self.policy, later)
+
     @rule(data=st.data())
     def release(self, data: st.DataObject) -> None:
         if self.state.open:
@@ -184,3 +196,29 @@ def test_decisions_are_deterministic() -> None:
 def test_tiny_caps_reserve_nothing(cap: int) -> None:
     [event], _ = run([authorized("r")], decider.initial_state(), bundle(cap))
     assert isinstance(event, BudgetRejected)
+
+
+def test_thresholds_are_announced_once_each_as_committed_money_grows() -> None:
+    policy = bundle(1000, thresholds=(50, 80, 100))
+    out, state = run([authorized(f"r{i}") for i in range(9)], decider.initial_state(), policy)
+    crossed = [e.threshold_pct for e in out if isinstance(e, BudgetThresholdCrossed)]
+    reserved = sum(e.amount_micros for e in out if isinstance(e, BudgetReserved))
+    assert crossed == [p for p in (50, 80, 100) if reserved * 100 >= p * 1000]
+    assert 50 in crossed and 80 in crossed
+    again, _ = run([authorized("r-late")], state, policy)
+    assert not any(isinstance(e, BudgetThresholdCrossed) for e in again)
+
+
+def test_a_lost_reservation_expires_after_the_deadline_by_an_event() -> None:
+    from datetime import timedelta
+
+    policy = bundle(10_000, ttl_s=600)
+    [reserved], state = run([authorized("lost")], decider.initial_state(), policy)
+    assert decider.expire(state, policy, NOW + timedelta(seconds=599), "t") == []
+    [released] = decider.expire(state, policy, NOW + timedelta(seconds=601), "t")
+    assert isinstance(released, BudgetReleased) and released.reason == "expired"
+    assert released.amount_micros == reserved.amount_micros and released.reserved_micros == 0  # type: ignore[attr-defined]
+    state = decider.evolve(state, released)
+    held = Reservation(team="t", period="2026-11", micros=reserved.amount_micros)  # type: ignore[attr-defined]
+    late, _ = run([completed("lost", held, 1, 1)], state, policy)
+    assert late == []  # a completion after expiry charges nothing twice and holds nothing

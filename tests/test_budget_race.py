@@ -1,0 +1,273 @@
+"""Hard caps under concurrency, on a gateway of its own: two budget replicas as separate
+processes racing one cap with 1,000 concurrent requests, and a budget worker killed between
+reserve and settle (issue 5)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import msgspec
+import nats
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from nats.aio.client import Client
+
+from enclave_gateway import audit_sql, issuer, nats_auth, procs, runtime, supervisor
+from enclave_gateway.broker import Broker
+from enclave_gateway.schemas import codec, subjects
+from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
+from enclave_gateway.services import bus
+from enclave_gateway.services.settings import WorkerSettings
+
+from .conftest import wait_for_event
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+ROOT = Path(__file__).resolve().parent.parent
+RACE_CAP = 8_800  # about 100 worst-case reservations of the requests below
+EXTRA_TEAMS = f"""
+[teams.race]
+cap_micros = {RACE_CAP}
+period = "month"
+
+[teams.crash]
+cap_micros = 1_000_000
+period = "month"
+"""
+SLOW_MODEL = """
+[[model]]
+id = "slow-tiny"
+endpoint = "slow"
+context_length = 512
+default_max_tokens = 4
+prompt_micros_per_1k = 2000
+completion_micros_per_1k = 6000
+"""
+
+
+@pytest.fixture(scope="module")
+def race_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    data, policies = tmp_path_factory.mktemp("race-data"), tmp_path_factory.mktemp("race-policies")
+    for f in (ROOT / "policies").iterdir():
+        shutil.copy(f, policies / f.name)
+    with open(policies / "budgets.toml", "a") as fh:
+        fh.write(EXTRA_TEAMS)
+    with open(policies / "catalog.toml", "a") as fh:
+        fh.write(SLOW_MODEL)
+    with open(policies / "access_policy.csv", "a") as fh:
+        fh.write("p, team:race, enclave-tiny\np, team:crash, slow-tiny\n")
+    issuer.ensure_keys(data / "keys")
+    return data, policies
+
+
+@pytest.fixture(scope="module")
+def race_broker(race_dirs: tuple[Path, Path]) -> Iterator[Broker]:
+    data, _ = race_dirs
+    b = Broker(data, authorization=nats_auth.authorization_block(nats_auth.ensure_creds(data / "creds")))
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def slow_endpoint(engine: str) -> AsyncIterator[str]:
+    """An OpenAI-compatible proxy to the real engine that answers after 2 s: a window to kill in."""
+
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.read()
+        await asyncio.sleep(2.0)
+        async with aiohttp.ClientSession() as s, s.post(f"{engine}/v1/chat/completions", data=body,
+                                                       headers={"Content-Type": "application/json"}) as r:
+            return web.Response(status=r.status, body=await r.read(), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = procs.free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+class RaceGateway:
+    """Everything in this loop except budget, which runs as separate processes."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.budgets: list = []  # type: ignore[type-arg]
+        self.n = 0
+
+    def start_budget(self) -> None:
+        self.n += 1
+        proc = supervisor.spawn_worker(self.settings, "budget", f"budget-{self.n}")
+        procs.wait_for_line(Path(self.settings.data_dir) / "logs" / f"budget-{self.n}.log", "budget consuming",
+                            proc, 60)
+        self.budgets.append(proc)
+
+    def kill_budgets(self) -> None:
+        for proc in self.budgets:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        self.budgets = []
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def race(race_dirs: tuple[Path, Path], race_broker: Broker, engine: str,
+               slow_endpoint: str) -> AsyncIterator[RaceGateway]:
+    data, policies = race_dirs
+    settings = WorkerSettings(nats_url=race_broker.url, data_dir=str(data), policy_dir=str(policies),
+                              endpoints={"local-llama": engine, "slow": slow_endpoint}, http_port=procs.free_port(),
+                              creds_dir=str(data / "creds"))
+    supervisor.write_settings(settings)
+    await runtime.setup_topology(settings)
+    await runtime.activate(settings, policies, "race-test")
+    stop = asyncio.Event()
+    others = [n for n in supervisor.SERVICES if n != "budget"]
+    task = asyncio.create_task(supervisor.run_all(settings, stop, others))
+    gw = RaceGateway(settings)
+    await asyncio.to_thread(gw.start_budget)
+    await asyncio.to_thread(gw.start_budget)
+    yield gw
+    gw.kill_budgets()
+    stop.set()
+    await asyncio.wait_for(task, 30)
+
+
+def _submit(token: str, model: str = "enclave-tiny") -> bytes:
+    chat = ChatBody(model=model, messages=(ChatMessage(role="user", content="race"),), max_tokens=4, temperature=0.0)
+    return codec.encode(SubmitRequest(token=token, chat=chat))
+
+
+async def _ledger(admin: Client, team: str) -> list[dict[str, object]]:
+    """Every ledger event of a team, in stream order."""
+    js = admin.jetstream()
+    sub = await js.subscribe(subjects.ledger_filter(team), ordered_consumer=True,
+                             deliver_policy=nats.js.api.DeliverPolicy.ALL)
+    out = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=1)
+            except nats.errors.TimeoutError:
+                break
+            out.append(msgspec.json.decode(msg.data))
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+async def _settled_down(admin: Client, team: str, timeout_s: float = 60.0) -> list[dict[str, object]]:
+    """The team's ledger once nothing is reserved any more."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        events = await _ledger(admin, team)
+        if events and events[-1]["reserved_micros"] == 0:
+            return events
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"reservations of {team} never all settled")
+
+
+async def test_a_thousand_concurrent_requests_never_overshoot_with_two_replicas(race: RaceGateway) -> None:
+    assert len(race.budgets) == 2 and all(p.poll() is None for p in race.budgets)
+    app, admin = await bus.connect(race.settings, "app"), await bus.connect(race.settings, "admin")
+    try:
+        await _until_two_pullers(admin)
+        token = issuer.issue(Path(race.settings.data_dir) / "keys", subject="racer", team="race", ttl_s=3600)
+        payload = _submit(token)
+        replies = await asyncio.gather(*(app.request(subjects.SUBMIT, payload, timeout=120) for _ in range(1000)))
+        decoded = [codec.decode_reply(m.data) for m in replies]
+        completed = [r for r in decoded if r.completion is not None]
+        refused = [r for r in decoded if r.error is not None]
+        assert len(completed) + len(refused) == 1000
+        assert completed and refused
+        assert {r.error.code for r in refused if r.error} == {"budget_exceeded"}
+
+        ledger = await _settled_down(admin, "race")
+        assert all(int(e["spent_micros"]) + int(e["reserved_micros"]) <= RACE_CAP for e in ledger)  # type: ignore[call-overload]
+        reserved = [e for e in ledger if e["type"] == "BudgetReserved"]
+        settled = [e for e in ledger if e["type"] == "BudgetSettled"]
+        assert len(reserved) == len(completed) == len(settled)  # each admitted request settled exactly once
+        assert len({e["request_id"] for e in settled}) == len(settled)
+        spent = int(ledger[-1]["spent_micros"])  # type: ignore[call-overload]
+        assert spent == sum(int(e["charged_micros"]) for e in settled)  # type: ignore[call-overload]
+
+        await _audited(admin)
+        _, rows = audit_sql.query(Path(race.settings.data_dir) / "audit",
+                                  "SELECT sum(charged_micros), count(*) FROM events "
+                                  "WHERE team = 'race' AND type = 'BudgetSettled'")
+        assert rows[0] == (spent, len(settled))  # the Parquet audit reconciles to the micro-unit
+    finally:
+        await app.close()
+        await admin.close()
+
+
+async def _until_two_pullers(admin: Client) -> None:
+    """Both replicas are fetching from the shared `budget` consumer, so they really race."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if (await admin.jetstream().consumer_info(subjects.STREAM, "budget")).num_waiting >= 2:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("two budget replicas are not both pulling")
+
+
+async def _audited(admin: Client, timeout_s: float = 30.0) -> None:
+    js = admin.jetstream()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ci = await js.consumer_info(subjects.STREAM, "auditor")
+        info = await js.stream_info(subjects.STREAM)
+        if ci.num_pending == 0 and ci.num_ack_pending == 0 and ci.delivered.stream_seq == info.state.last_seq:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError("auditor did not catch up")
+
+
+async def test_killing_budget_between_reserve_and_settle_neither_double_charges_nor_leaks(
+        race: RaceGateway) -> None:
+    app, admin = await bus.connect(race.settings, "app"), await bus.connect(race.settings, "admin")
+    try:
+        token = issuer.issue(Path(race.settings.data_dir) / "keys", subject="victim", team="crash", ttl_s=3600)
+        pending = asyncio.ensure_future(app.request(subjects.SUBMIT, _submit(token, "slow-tiny"), timeout=60))
+        rid = await _first_reserved(admin, "crash")
+        race.kill_budgets()  # SIGKILL while the model server is still answering
+        reply = codec.decode_reply((await pending).data)
+        assert reply.request_id == rid and reply.completion is not None
+        await wait_for_event(admin, rid, "InvocationCompleted")
+        await asyncio.to_thread(race.start_budget)  # a restarted replica rebuilds and settles
+        settled = await wait_for_event(admin, rid, "BudgetSettled", timeout_s=30)
+
+        completed = await wait_for_event(admin, rid, "InvocationCompleted")
+        redelivered = dict(completed, event_id=f"{rid}:invoke-redelivered")
+        await admin.jetstream().publish(subjects.invocation_completed("slow-tiny"), msgspec.json.encode(redelivered),
+                                        headers={"Nats-Msg-Id": uuid.uuid4().hex})
+        await asyncio.sleep(1.5)
+        ledger = await _settled_down(admin, "crash")
+        mine = [e for e in ledger if e["request_id"] == rid]
+        assert [e["type"] for e in mine] == ["BudgetReserved", "BudgetSettled"]  # no double charge
+        assert ledger[-1]["reserved_micros"] == 0  # no leaked reservation
+        assert ledger[-1]["spent_micros"] == settled["charged_micros"]
+    finally:
+        await asyncio.to_thread(race.start_budget)
+        await app.close()
+        await admin.close()
+
+
+async def _first_reserved(admin: Client, team: str, timeout_s: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for e in await _ledger(admin, team):
+            if e["type"] == "BudgetReserved":
+                return str(e["request_id"])
+        await asyncio.sleep(0.05)
+    raise AssertionError("no reservation")
