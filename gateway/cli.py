@@ -154,6 +154,29 @@ def cmd_violations(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report_spend(args: argparse.Namespace) -> int:
+    """Spend by team, model or day, reconciled with the budget ledger, optionally plotted."""
+    from .reports import plot, reconcile, spend
+
+    data_dir = Path(args.data_dir)
+    cols, rows = spend(data_dir / "audit", args.by, args.since)
+    console.print(_table(cols, rows, title=f"Spend by {args.by} (micro-units; 1,000,000 = 1 currency unit)"))
+    if args.plot:
+        console.print(f"plot: {plot(cols, rows, args.by, Path(args.plot))}")
+    source, mismatches = reconcile(data_dir)
+    if mismatches:
+        console.print(
+            _table(
+                ["team", "period", "audited", "budget state"],
+                mismatches,
+                title=f"[red]NOT reconciled with the {source}[/]",
+            )
+        )
+        return 1
+    console.print(f"[green]reconciled[/]: audited spend equals the {source} for every team and period")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(prog="gateway", description=__doc__)
@@ -197,6 +220,13 @@ def parser() -> argparse.ArgumentParser:
     vi.add_argument("--json", action="store_true", help="one JSON object per line, every column")
     vi.add_argument("--data-dir", default="var")
     vi.set_defaults(func=cmd_violations)
+    rep = sub.add_parser("report", help="reports over the Parquet audit").add_subparsers(dest="report", required=True)
+    rs = rep.add_parser("spend", help="where the AI budget went")
+    rs.add_argument("--by", choices=["team", "model", "day"], default="team")
+    rs.add_argument("--since", help="ISO date or timestamp (UTC)")
+    rs.add_argument("--plot", help="also draw a PNG bar chart here, e.g. spend.png")
+    rs.add_argument("--data-dir", default="var")
+    rs.set_defaults(func=cmd_report_spend)
     st = sub.add_parser("status", help="stream and consumer state")
     st.add_argument("--data-dir", default="var")
     st.set_defaults(func=cmd_status)

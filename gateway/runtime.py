@@ -36,7 +36,7 @@ async def setup_topology(settings: WorkerSettings, replicas: int = 1) -> None:
 
 async def active_policy(settings: WorkerSettings) -> PolicyActivated | None:
     """The newest PolicyActivated in the stream, if any."""
-    nc = await bus.connect(settings, "admin")
+    nc = await bus.connect(settings, "admin", keep_trying=False)
     try:
         raw = await nc.jetstream().get_last_msg(subjects.STREAM, subjects.policy_activated(), direct=True)
         return codec.decode_as(raw.data or b"", PolicyActivated)  # type: ignore[no-any-return]
@@ -49,7 +49,7 @@ async def active_policy(settings: WorkerSettings) -> PolicyActivated | None:
 async def activate(settings: WorkerSettings, folder: Path, by: str) -> PolicyActivated:
     """Validate the folder's bundle and publish it as the active policy; raises PolicyError."""
     event = activation(folder, by, bus.now_utc())
-    nc = await bus.connect(settings, "admin")
+    nc = await bus.connect(settings, "admin", keep_trying=False)
     try:
         await bus.publish(nc.jetstream(), event)
     finally:
@@ -177,7 +177,7 @@ class Gateway:
 async def status_rows(data_dir: Path) -> tuple[list[str], list[tuple[object, ...]]]:
     """Per consumer: delivered, pending, unacked, redelivered; plus the stream and the policy."""
     settings = supervisor.read_settings(data_dir)
-    nc = await bus.connect(settings, "admin")
+    nc = await bus.connect(settings, "admin", keep_trying=False)
     try:
         js = nc.jetstream()
         info = await js.stream_info(subjects.STREAM)

@@ -74,18 +74,36 @@ def now_utc() -> datetime:
     return datetime.now(UTC)
 
 
-async def connect(settings: WorkerSettings, name: str) -> Client:
+async def connect(settings: WorkerSettings, name: str, *, keep_trying: bool = True) -> Client:
     """Connect as service `name`: its own user and inbox prefix when credentials exist (issue 4).
 
+    Workers keep trying through a broker restart; a CLI call (`keep_trying=False`) fails at once
+    with one clear error instead of retrying forever.
     The per-user inbox prefix matters: with a shared `_INBOX.>` any user could read every other
     user's JetStream deliveries (shared/notes/nats-permissions.md).
     """
     servers = [u.strip() for u in settings.nats_url.split(",") if u.strip()]  # a cluster: every seed URL
     creds = load_creds(settings.creds_dir, name)
-    extra: dict[str, str] = {}
+    auth: dict[str, str] = {}
     if creds is not None:
-        extra = {"user": creds.user, "password": creds.password, "inbox_prefix": creds.inbox_prefix}
-    return await nats.connect(servers, name=f"gw-{name}", max_reconnect_attempts=-1, reconnect_time_wait=0.5, **extra)
+        auth = {"user": creds.user, "password": creds.password, "inbox_prefix": creds.inbox_prefix}
+    if keep_trying:
+        return await nats.connect(
+            servers, name=f"gw-{name}", max_reconnect_attempts=-1, reconnect_time_wait=0.5, **auth
+        )
+
+    async def quiet(_exc: Exception) -> None:
+        return None
+
+    return await nats.connect(
+        servers,
+        name=f"gw-{name}",
+        allow_reconnect=False,
+        connect_timeout=2,
+        max_reconnect_attempts=1,  # 0 would retry the first connect forever (nats-py)
+        error_cb=quiet,
+        **auth,
+    )
 
 
 async def close(nc: Client) -> None:

@@ -221,6 +221,36 @@ async def _until_two_pullers(admin: Client) -> None:
     raise AssertionError("two budget replicas are not both pulling")
 
 
+async def test_spend_report_reconciles_with_the_budget_state_and_plots(race: RaceGateway, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from enclave_gateway import cli, reports
+
+    admin = await bus.connect(race.settings, "admin")
+    try:
+        await _settled_down(admin, "race")
+        await _audited(admin)
+    finally:
+        await admin.close()
+    data_dir = Path(race.settings.data_dir)
+    png = tmp_path / "spend.png"
+    code = await asyncio.to_thread(cli.main, ["report", "spend", "--by", "team", "--plot", str(png),
+                                              "--data-dir", str(data_dir)])
+    out = capsys.readouterr().out
+    assert code == 0 and "reconciled" in out and "live budget ledger" in out, out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    cols, rows = reports.spend(data_dir / "audit", "team")
+    by_team = {r[0]: r for r in rows}
+    audited = reports.audited_spend_by_period(data_dir / "audit")
+    assert by_team["race"][1] == sum(v for (t, _), v in audited.items() if t == "race") > 0
+    for by in ("model", "day"):
+        _, other = reports.spend(data_dir / "audit", by)  # type: ignore[arg-type]
+        assert sum(int(r[1]) for r in other) == sum(int(r[1]) for r in rows)  # type: ignore[call-overload]
+    recorded = reports.recorded_ledger_state(data_dir / "audit")
+    assert reports.compare(audited, recorded) == []
+    tampered = {k: v + 1 for k, v in recorded.items()}
+    assert len(reports.compare(audited, tampered)) == len(recorded)
+
+
 async def _audited(admin: Client, timeout_s: float = 30.0) -> None:
     js = admin.jetstream()
     deadline = time.monotonic() + timeout_s

@@ -48,6 +48,7 @@ class AuditRow(Struct, kw_only=True):
     day: str
     policy_version: str | None = None
     team: str | None = None
+    period: str | None = None  # the budget period a ledger event belongs to
     caller: str | None = None
     model: str | None = None
     model_id: str | None = None
@@ -161,6 +162,7 @@ def _fill(row: AuditRow, e: AnyEvent) -> None:
         case ResponseDelivered():
             row.outcome, row.reason, row.team = e.outcome, e.code, e.team
         case BudgetReserved():
+            row.period = e.period
             row.team, row.caller, row.model_id, row.amount_micros = (
                 e.team,
                 e.caller.subject,
@@ -169,6 +171,7 @@ def _fill(row: AuditRow, e: AnyEvent) -> None:
             )
             row.spent_micros, row.reserved_micros, row.cap_micros = e.spent_micros, e.reserved_micros, e.cap_micros
         case BudgetSettled():
+            row.period = e.period
             row.team, row.model_id, row.amount_micros, row.charged_micros = (
                 e.team,
                 e.model_id,
@@ -178,9 +181,11 @@ def _fill(row: AuditRow, e: AnyEvent) -> None:
             row.prompt_tokens, row.completion_tokens = e.prompt_tokens, e.completion_tokens
             row.spent_micros, row.reserved_micros, row.cap_micros = e.spent_micros, e.reserved_micros, e.cap_micros
         case BudgetReleased():
+            row.period = e.period
             row.team, row.amount_micros, row.reason = e.team, e.amount_micros, e.reason
             row.spent_micros, row.reserved_micros, row.cap_micros = e.spent_micros, e.reserved_micros, e.cap_micros
         case BudgetThresholdCrossed():
+            row.period = e.period
             row.team, row.amount_micros, row.detail = e.team, e.threshold_pct, f"{e.threshold_pct}% of cap committed"
             row.spent_micros, row.reserved_micros, row.cap_micros = e.spent_micros, e.reserved_micros, e.cap_micros
         case BudgetRejected():

@@ -30,6 +30,7 @@ SCHEMA = pa.schema(
         ("day", pa.string()),
         ("policy_version", pa.string()),
         ("team", pa.string()),
+        ("period", pa.string()),
         ("caller", pa.string()),
         ("model", pa.string()),
         ("model_id", pa.string()),

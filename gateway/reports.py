@@ -1,0 +1,104 @@
+"""`gateway report spend`: where the AI budget went, from the Parquet audit, reconciled to the
+micro-unit against the budget ledger's own state."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from . import audit_sql
+from .services import bus
+from .services.budget.ledger_store import LedgerStore
+from .supervisor import read_settings
+
+By = Literal["team", "model", "day"]
+GROUP = {"team": "team", "model": "model_id", "day": "strftime(occurred_at, '%Y-%m-%d')"}
+
+
+def spend(audit_dir: Path, by: By, since: str | None = None) -> tuple[list[str], list[tuple[object, ...]]]:
+    """Settled spend grouped by team, model or day: micro-units, calls and tokens."""
+    where = "type = 'BudgetSettled'"
+    if since:
+        where += f" AND occurred_at >= TIMESTAMPTZ '{datetime.fromisoformat(since).isoformat()}'"
+    sql = (
+        f"SELECT {GROUP[by]} AS {by}, sum(charged_micros) AS spent_micros, count(*) AS calls, "
+        "sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens "
+        f"FROM events WHERE {where} GROUP BY 1 ORDER BY 1"
+    )
+    return audit_sql.query(audit_dir, sql)
+
+
+def audited_spend_by_period(audit_dir: Path) -> dict[tuple[str, str], int]:
+    """Sum of charges per (team, budget period) in the Parquet audit."""
+    _, rows = audit_sql.query(
+        audit_dir, "SELECT team, period, sum(charged_micros) FROM events WHERE type = 'BudgetSettled' GROUP BY 1, 2"
+    )
+    return {(str(t), str(p)): int(str(s)) for t, p, s in rows}
+
+
+def recorded_ledger_state(audit_dir: Path) -> dict[tuple[str, str], int]:
+    """Spent per (team, period) as the newest ledger row of each says (when no gateway is running)."""
+    _, rows = audit_sql.query(
+        audit_dir,
+        "SELECT team, period, arg_max(spent_micros, seq) FROM events "
+        "WHERE type IN ('BudgetReserved', 'BudgetSettled', 'BudgetReleased', "
+        "'BudgetThresholdCrossed') GROUP BY 1, 2",
+    )
+    return {(str(t), str(p)): int(str(s)) for t, p, s in rows}
+
+
+async def live_ledger_state(data_dir: Path) -> dict[tuple[str, str], int]:
+    """Spent per (team, period) from the budget projection rebuilt off the running stream."""
+    settings = read_settings(data_dir)
+    nc = await bus.connect(settings, "admin", keep_trying=False)
+    try:
+        store = LedgerStore(nc.jetstream())
+        await store.rebuild()
+        return {tuple(key.split("/", 1)): t.spent for key, t in store.state.ledgers.items()}  # type: ignore[misc]
+    finally:
+        await nc.close()
+
+
+def reconcile(data_dir: Path) -> tuple[str, list[tuple[str, str, int, int]]]:
+    """Compare audited spend with the budget state; returns the source used and any mismatches."""
+    audit_dir = data_dir / "audit"
+    try:
+        state, source = asyncio.run(asyncio.wait_for(live_ledger_state(data_dir), 15)), "live budget ledger"
+    except Exception:  # no running gateway: the ledger's recorded post-state is the budget state
+        state, source = recorded_ledger_state(audit_dir), "ledger state recorded in the audit"
+    return source, compare(audited_spend_by_period(audit_dir), state)
+
+
+def compare(audited: dict[tuple[str, str], int], state: dict[tuple[str, str], int]) -> list[tuple[str, str, int, int]]:
+    """(team, period, audited, budget state) wherever the two disagree by even one micro-unit."""
+    keys = sorted(set(audited) | set(state))
+    return [
+        (t, p, audited.get((t, p), 0), state.get((t, p), 0))
+        for t, p in keys
+        if audited.get((t, p), 0) != state.get((t, p), 0)
+    ]
+
+
+def plot(cols: list[str], rows: list[tuple[object, ...]], by: By, path: Path) -> Path:
+    """A bar chart of spend (currency units) by the grouping, written as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display in an enclave server room
+    import matplotlib.pyplot as plt
+
+    labels = [str(r[0]) for r in rows]
+    values = [int(str(r[1])) / 1_000_000 for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(labels) + 3), 4))
+    bars = ax.bar(labels, values, color="#2b6cb0")
+    ax.bar_label(bars, labels=[f"{v:,.6f}" for v in values], fontsize=8)
+    ax.set_xlabel(by)
+    ax.set_ylabel("spent (currency units)")
+    ax.set_title(f"AI spend by {by}")
+    if by != "team":
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
