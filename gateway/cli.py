@@ -156,13 +156,14 @@ def cmd_violations(args: argparse.Namespace) -> int:
 
 def cmd_report_spend(args: argparse.Namespace) -> int:
     """Spend by team, model or day, reconciled with the budget ledger, optionally plotted."""
-    from .reports import plot, reconcile, spend
+    from .reports import caps, plot, reconcile, spend
 
     data_dir = Path(args.data_dir)
     cols, rows = spend(data_dir / "audit", args.by, args.since)
     console.print(_table(cols, rows, title=f"Spend by {args.by} (micro-units; 1,000,000 = 1 currency unit)"))
     if args.plot:
-        console.print(f"plot: {plot(cols, rows, args.by, Path(args.plot))}")
+        team_caps = caps(data_dir / "audit") if args.by == "team" else None
+        console.print(f"plot: {plot(cols, rows, args.by, Path(args.plot), team_caps)}")
     source, mismatches = reconcile(data_dir)
     if mismatches:
         console.print(

@@ -81,23 +81,49 @@ def compare(audited: dict[tuple[str, str], int], state: dict[tuple[str, str], in
     ]
 
 
-def plot(cols: list[str], rows: list[tuple[object, ...]], by: By, path: Path) -> Path:
-    """A bar chart of spend (currency units) by the grouping, written as PNG."""
+def caps(audit_dir: Path) -> dict[str, int]:
+    """Each team's cap as its newest ledger row records it."""
+    _, rows = audit_sql.query(
+        audit_dir,
+        "SELECT team, arg_max(cap_micros, seq) FROM events "
+        "WHERE type IN ('BudgetReserved', 'BudgetSettled', 'BudgetReleased') GROUP BY 1",
+    )
+    return {str(t): int(str(c)) for t, c in rows}
+
+
+def plot(
+    cols: list[str], rows: list[tuple[object, ...]], by: By, path: Path, team_caps: dict[str, int] | None = None
+) -> Path:
+    """Spend by the grouping (currency units) as PNG; by team, also each team's share of its cap."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display in an enclave server room
     import matplotlib.pyplot as plt
 
     labels = [str(r[0]) for r in rows]
-    values = [int(str(r[1])) / 1_000_000 for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(labels) + 3), 4))
-    bars = ax.bar(labels, values, color="#2b6cb0")
-    ax.bar_label(bars, labels=[f"{v:,.6f}" for v in values], fontsize=8)
-    ax.set_xlabel(by)
-    ax.set_ylabel("spent (currency units)")
-    ax.set_title(f"AI spend by {by}")
+    spent = [int(str(r[1])) for r in rows]
+    width = max(6.0, 0.6 * len(labels) + 3)
+    fig, axes = plt.subplots(1, 2 if team_caps else 1, figsize=(width * (2 if team_caps else 1), 4), squeeze=False)
+    ax = axes[0][0]
+    bars = ax.bar(labels, [v / 1_000_000 for v in spent], color="#2b6cb0")
+    ax.bar_label(bars, labels=[f"{v / 1_000_000:,.6f}" for v in spent], fontsize=8)
+    ax.set(xlabel=by, ylabel="spent (currency units)", title=f"AI spend by {by}")
     if by != "team":
         plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    if team_caps:
+        share = [100.0 * v / team_caps[t] if team_caps.get(t) else 0.0 for t, v in zip(labels, spent, strict=True)]
+        right = axes[0][1]
+        colors = ["#c53030" if p >= 80 else "#2b6cb0" for p in share]
+        pbars = right.bar(labels, share, color=colors)
+        right.bar_label(pbars, labels=[f"{p:.1f}%" for p in share], fontsize=8)
+        right.axhline(100, color="#c53030", linestyle="--", linewidth=1, label="cap")
+        right.set(
+            xlabel="team",
+            ylabel="spend in range, % of the period cap",
+            title="Spend against each team's cap",
+            ylim=(0, max(110.0, *share)),
+        )
+        right.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
