@@ -178,6 +178,12 @@ def run_demo(data_dir: Path | None) -> int:
         console.print(t)
         console.print("\n[bold]gateway violations[/] (the feed an assessor queries; live on gw.evt.request.denied.>)")
         console.print(violations_table(list_violations(audit)[1]))
+        _, alerts = audit_sql.query(
+            audit, "SELECT team, period, amount_micros FROM events WHERE type = 'BudgetThresholdCrossed' ORDER BY seq"
+        )
+        for team, period, pct in alerts:
+            console.print(f"budget alert: team [bold]{team}[/] committed {pct}% of its {period} cap")
+        console.print("Spend report: gateway report spend --by team --plot spend.png (reconciles with the ledger)")
         console.print(
             f'Try: gateway sql "SELECT type, count(*) FROM events GROUP BY type" --data-dir {data_dir}'
             if tmp is None
