@@ -54,10 +54,18 @@ def permissions(user: str) -> dict[str, dict[str, list[str]]] | None:
             f"$JS.API.CONSUMER.CREATE.{STREAM}.>",
             f"$JS.API.CONSUMER.DELETE.{STREAM}.>",
             f"$JS.FC.{STREAM}.>",
-            # snapshots in the KV bucket GW_BUDGET
-            "$JS.API.STREAM.INFO.KV_GW_BUDGET",
-            "$KV.GW_BUDGET.>",
-            "$JS.API.DIRECT.GET.KV_GW_BUDGET.>",
+            # snapshots in the object store GW_BUDGET (chunks, metadata, and its own readers)
+            "$O.GW_BUDGET.>",
+            "$JS.API.STREAM.INFO.OBJ_GW_BUDGET",
+            "$JS.API.STREAM.PURGE.OBJ_GW_BUDGET",
+            "$JS.API.STREAM.MSG.GET.OBJ_GW_BUDGET",
+            "$JS.API.DIRECT.GET.OBJ_GW_BUDGET",
+            "$JS.API.DIRECT.GET.OBJ_GW_BUDGET.>",
+            "$JS.API.CONSUMER.CREATE.OBJ_GW_BUDGET",
+            "$JS.API.CONSUMER.CREATE.OBJ_GW_BUDGET.>",
+            "$JS.API.CONSUMER.DELETE.OBJ_GW_BUDGET.>",
+            "$JS.FC.OBJ_GW_BUDGET.>",
+            "$JS.API.STREAM.NAMES",  # nats-py's object-store reader looks its stream up by subject
         ]
     subscribe = [f"_INBOX_{user}.>", "gw.evt.policy.activated"]
     if user == "edge":

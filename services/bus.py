@@ -22,7 +22,7 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, PubAck, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ObjectStoreConfig, PubAck, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
 from ..schemas import codec, subjects
@@ -134,9 +134,7 @@ async def ensure_topology(js: JetStreamContext, replicas: int = 1) -> None:
     for name, spec in CONSUMERS.items():
         await js.add_consumer(subjects.STREAM, consumer_config(name, spec))
     # Budget projection snapshots: derived data, never the audit trail (services/budget/ledger_store.py).
-    await js.create_key_value(
-        KeyValueConfig(bucket="GW_BUDGET", history=1, storage=StorageType.FILE, replicas=replicas, direct=True)
-    )
+    await js.create_object_store("GW_BUDGET", config=ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas))
 
 
 def consumer_config(name: str, spec: ConsumerSpec) -> ConsumerConfig:

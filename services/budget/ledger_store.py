@@ -3,7 +3,7 @@
 Concurrency control is JetStream's own (DESIGN §4): each ledger write carries
 `Nats-Expected-Last-Subject-Sequence` over the team's ledger subjects, so a replica that did not
 see another's write is refused (err_code 10071), catches up and decides again. No lock of ours.
-The projection is rebuilt at start from a snapshot in the KV bucket `GW_BUDGET` plus the ledger
+The projection is rebuilt at start from a snapshot in the object store `GW_BUDGET` plus the ledger
 events after it, so a start does not replay the whole history.
 """
 
@@ -80,20 +80,20 @@ class LedgerStore:
 
     async def _load_snapshot(self) -> None:
         try:
-            kv = await self.js.key_value(SNAPSHOT_BUCKET)
-            entry = await kv.get(SNAPSHOT_KEY)
+            store = await self.js.object_store(SNAPSHOT_BUCKET)
+            result = await store.get(SNAPSHOT_KEY)
         except Exception as exc:  # no bucket or no snapshot yet: a full replay is still correct
             log.info("no budget snapshot (%r): replaying the ledger", exc)
             return
-        snap = msgspec.json.decode(entry.value or b"", type=Snapshot)
+        snap = msgspec.json.decode(result.data or b"", type=Snapshot)
         self.state, self.last_seq, self.seq = snap.state, dict(snap.last_seq), snap.seq
         log.info("budget snapshot at seq %d loaded", snap.seq)
 
     async def save_snapshot(self) -> int:
         """Store the projection; any replica may, a newer one simply has less to replay."""
-        kv = await self.js.key_value(SNAPSHOT_BUCKET)
+        store = await self.js.object_store(SNAPSHOT_BUCKET)
         data = msgspec.json.encode(Snapshot(seq=self.seq, last_seq=self.last_seq, state=self.state))
-        await kv.put(SNAPSHOT_KEY, data)
+        await store.put(SNAPSHOT_KEY, data)  # chunked: the projection may outgrow one message
         return self.seq
 
     async def catch_up(self, team: str) -> None:
