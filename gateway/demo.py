@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from . import audit_sql, issuer
+from . import audit_sql, issuer, runtime
 from .runtime import Gateway
 from .schemas import codec, subjects
 from .schemas.commands import ChatBody, ChatMessage, SubmitRequest
@@ -81,17 +81,11 @@ async def nats_chat(settings: WorkerSettings, token: str, model: str, text: str)
         await nc.close()
 
 
-async def wait_audited(settings: WorkerSettings, timeout_s: float = 30.0) -> None:
+async def wait_audited(settings: WorkerSettings) -> None:
     """Until the auditor has acked everything in the stream."""
     nc = await bus.connect(settings, "admin")
     try:
-        js = nc.jetstream()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            ci = await js.consumer_info(subjects.STREAM, "auditor")
-            if ci.num_pending == 0 and ci.num_ack_pending == 0:
-                return
-            await asyncio.sleep(0.2)
+        await runtime.wait_audited(nc)
     finally:
         await nc.close()
 

@@ -8,9 +8,11 @@ import logging
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 from types import TracebackType
 
+from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 
 from . import config, issuer, nats_auth, procs, supervisor
@@ -172,6 +174,20 @@ class Gateway:
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+
+async def wait_audited(nc: Client, timeout_s: float = 30.0) -> int:
+    """Until the auditor has written and acked every message in the stream; returns the last seq."""
+    js = nc.jetstream()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ci = await js.consumer_info(subjects.STREAM, "auditor")
+        info = await js.stream_info(subjects.STREAM)
+        delivered = ci.delivered.stream_seq if ci.delivered else 0
+        if ci.num_pending == 0 and ci.num_ack_pending == 0 and delivered == info.state.last_seq:
+            return int(info.state.last_seq)
+        await asyncio.sleep(0.2)
+    raise TimeoutError("the auditor did not catch up with the stream")
 
 
 async def status_rows(data_dir: Path) -> tuple[list[str], list[tuple[object, ...]]]:

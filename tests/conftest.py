@@ -14,13 +14,12 @@ import msgspec
 import nats
 import pytest
 import pytest_asyncio
-from nats.aio.client import Client
-
 from enclave_gateway import issuer, nats_auth, procs, runtime, supervisor
 from enclave_gateway.broker import Broker
 from enclave_gateway.engine import Engine
 from enclave_gateway.services import bus
 from enclave_gateway.services.settings import WorkerSettings
+from nats.aio.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_TEAMS = """

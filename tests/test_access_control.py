@@ -14,9 +14,6 @@ from pathlib import Path
 import aiohttp
 import nats
 import pytest
-from nats.aio.client import Client
-from nats.js.errors import NotFoundError
-
 from enclave_gateway import cli, runtime
 from enclave_gateway.schemas import codec, subjects
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
@@ -25,6 +22,8 @@ from enclave_gateway.services import bus
 from enclave_gateway.services.credentials import load_creds
 from enclave_gateway.services.policy_feed import PolicyFeed
 from enclave_gateway.violations import list_violations
+from nats.aio.client import Client
+from nats.js.errors import NotFoundError
 
 from .conftest import wait_for_event
 from .samples import SAMPLES_BY_NAME

@@ -4,30 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import time
 from pathlib import Path
 
 import pytest
-from nats.aio.client import Client
-
-from enclave_gateway import audit_sql, cli
+from enclave_gateway import audit_sql, cli, runtime
 from enclave_gateway.schemas import codec, subjects
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
 from enclave_gateway.services.auditor.decider import GENESIS, chain
+from nats.aio.client import Client
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-async def _audited(admin: Client, timeout_s: float = 20.0) -> int:
-    js = admin.jetstream()
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        ci = await js.consumer_info(subjects.STREAM, "auditor")
-        info = await js.stream_info(subjects.STREAM)
-        if ci.num_pending == 0 and ci.num_ack_pending == 0 and ci.delivered.stream_seq == info.state.last_seq:
-            return int(info.state.last_seq)
-        await asyncio.sleep(0.2)
-    raise AssertionError("auditor did not catch up")
 
 
 async def test_requests_are_queryable_in_parquet_with_a_chain_matching_the_stream(admin: Client, client: Client, token_for,
@@ -39,7 +25,7 @@ async def test_requests_are_queryable_in_parquet_with_a_chain_matching_the_strea
     denied = await client.request(subjects.SUBMIT, codec.encode(SubmitRequest(token="", chat=chat)), timeout=30)
     denied_rid = codec.decode_reply(denied.data).request_id
     await asyncio.sleep(0.5)  # let the settlement and deliveries land before the auditor's last batch
-    last = await _audited(admin)
+    last = await runtime.wait_audited(admin)
     audit = Path(stack.data_dir) / "audit"
     _, rows = audit_sql.query(audit, f"SELECT type FROM events WHERE request_id = '{rid}' ORDER BY seq")
     types = [r[0] for r in rows]

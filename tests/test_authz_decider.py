@@ -16,9 +16,6 @@ import jwt
 import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from enclave_gateway import issuer
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage
 from enclave_gateway.schemas.events import RequestAuthorized, RequestDenied, RequestSubmitted
@@ -28,6 +25,8 @@ from enclave_gateway.services.authz.access import AccessRules
 from enclave_gateway.services.authz.tokens import keyring
 from enclave_gateway.services.policy_store import bundle_from_files, read_files
 from enclave_gateway.services.settings import jwks_path
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = int(time.time())

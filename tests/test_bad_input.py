@@ -9,12 +9,11 @@ import uuid
 
 import aiohttp
 import pytest
-from nats.aio.client import Client
-
 from enclave_gateway.issuer import issue
 from enclave_gateway.schemas import codec, subjects
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
 from enclave_gateway.schemas.events import RouteSelected
+from nats.aio.client import Client
 
 from .conftest import stream_events, wait_for_event
 

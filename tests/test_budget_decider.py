@@ -7,10 +7,6 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from hypothesis import settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage
 from enclave_gateway.schemas.events import (
     BudgetRejected,
@@ -28,6 +24,9 @@ from enclave_gateway.schemas.policy import Budgets, PolicyBundle, TeamBudget
 from enclave_gateway.services import catalog
 from enclave_gateway.services.budget import decider
 from enclave_gateway.services.policy_store import load_bundle
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)

@@ -18,14 +18,13 @@ import nats
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from nats.aio.client import Client
-
 from enclave_gateway import audit_sql, issuer, nats_auth, procs, runtime, supervisor
 from enclave_gateway.broker import Broker
 from enclave_gateway.schemas import codec, subjects
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
 from enclave_gateway.services import bus
 from enclave_gateway.services.settings import WorkerSettings
+from nats.aio.client import Client
 
 from .conftest import wait_for_event
 
@@ -201,7 +200,7 @@ async def test_a_thousand_concurrent_requests_never_overshoot_with_two_replicas(
         spent = int(ledger[-1]["spent_micros"])  # type: ignore[call-overload]
         assert spent == sum(int(e["charged_micros"]) for e in settled)  # type: ignore[call-overload]
 
-        await _audited(admin)
+        await runtime.wait_audited(admin)
         _, rows = audit_sql.query(Path(race.settings.data_dir) / "audit",
                                   "SELECT sum(charged_micros), count(*) FROM events "
                                   "WHERE team = 'race' AND type = 'BudgetSettled'")
@@ -228,7 +227,7 @@ async def test_spend_report_reconciles_with_the_budget_state_and_plots(race: Rac
     admin = await bus.connect(race.settings, "admin")
     try:
         await _settled_down(admin, "race")
-        await _audited(admin)
+        await runtime.wait_audited(admin)
     finally:
         await admin.close()
     data_dir = Path(race.settings.data_dir)
@@ -249,18 +248,6 @@ async def test_spend_report_reconciles_with_the_budget_state_and_plots(race: Rac
     assert reports.compare(audited, recorded) == []
     tampered = {k: v + 1 for k, v in recorded.items()}
     assert len(reports.compare(audited, tampered)) == len(recorded)
-
-
-async def _audited(admin: Client, timeout_s: float = 30.0) -> None:
-    js = admin.jetstream()
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        ci = await js.consumer_info(subjects.STREAM, "auditor")
-        info = await js.stream_info(subjects.STREAM)
-        if ci.num_pending == 0 and ci.num_ack_pending == 0 and ci.delivered.stream_seq == info.state.last_seq:
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError("auditor did not catch up")
 
 
 async def test_killing_budget_between_reserve_and_settle_neither_double_charges_nor_leaks(

@@ -4,12 +4,11 @@ equals a full replay, and catch-up sees another replica's writes."""
 from __future__ import annotations
 
 import pytest
-from nats.aio.client import Client
-
 from enclave_gateway.schemas import codec, subjects
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
 from enclave_gateway.services import bus
 from enclave_gateway.services.budget.ledger_store import LedgerStore
+from nats.aio.client import Client
 
 from .conftest import wait_for_event
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import jwt
 import pytest
-
 from enclave_gateway import cli, issuer, tinymodel
 from enclave_gateway.services.authz.tokens import keyring
 from enclave_gateway.services.settings import jwks_path

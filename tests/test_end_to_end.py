@@ -7,10 +7,9 @@ import json
 import aiohttp
 import openai
 import pytest
-from nats.aio.client import Client
-
 from enclave_gateway.schemas import codec, subjects
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
+from nats.aio.client import Client
 
 from .conftest import stream_events, wait_for_event
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import msgspec
 import pytest
-
 from enclave_gateway.schemas import codec
 from enclave_gateway.schemas.events import (
     BudgetRejected,

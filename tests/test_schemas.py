@@ -6,7 +6,6 @@ from pathlib import Path
 
 import msgspec
 import pytest
-
 from enclave_gateway.schemas import codec, subjects
 from enclave_gateway.schemas.events import CURRENT_EVENT_TYPES, RequestAuthorized
 
