@@ -174,3 +174,35 @@ async def test_a_message_that_keeps_failing_ends_in_request_failed_and_an_error_
     assert attempts == bus.MAX_DELIVER
     failed = await wait_for_event(admin, rid, "RequestFailed")
     assert failed["stage"] == durable
+
+
+@pytest.mark.parametrize("case", ["missing", "forged", "expired", "garbage"])
+async def test_bad_tokens_on_gw_submit_get_the_same_codes(admin: Client, client: Client, keys_dir, tmp_path,
+                                                          case: str) -> None:
+    token, code = {
+        "missing": ("", "token_missing"),
+        "forged": (issue(tmp_path / "other-keys", subject="m", team="gamma"), "token_unknown_key"),
+        "expired": (issue(keys_dir, subject="e", team="gamma", ttl_s=60, now=int(time.time()) - 7200),
+                    "token_expired"),
+        "garbage": ("abc.def", "token_malformed"),
+    }[case]
+    chat = ChatBody(model="enclave-tiny", messages=(ChatMessage(role="user", content="x"),), max_tokens=2)
+    reply = codec.decode_reply((await client.request(subjects.SUBMIT, codec.encode(
+        SubmitRequest(token=token, chat=chat)), timeout=30)).data)
+    assert reply.error is not None and (reply.error.code, reply.error.rule) == (code, "session-token")
+    denied = await wait_for_event(admin, reply.request_id, "RequestDenied")
+    assert denied["reason"] == code
+
+
+@pytest.mark.parametrize("labels, clearance, rule", [
+    (("CONFIDENTIAL", "SECRET"), "UNCLASSIFIED", "clearance-dominates-input"),
+    (("TOP SECRET//SI", "TOP SECRET//SI"), "TOP SECRET", "accreditation-dominates-input"),
+    (("SECRET", "NOT-A-LEVEL"), "SECRET", "label-syntax"),
+])
+async def test_lattice_denials_on_gw_submit(client: Client, token_for, labels: tuple[str, str], clearance: str,
+                                            rule: str) -> None:
+    chat = ChatBody(model="enclave-tiny", messages=(ChatMessage(role="user", content="x"),), max_tokens=2)
+    cmd = SubmitRequest(token=token_for("gamma", clearance=clearance, compartments=("SI",)), chat=chat,
+                        input_label=labels[0], output_label=labels[1])
+    reply = codec.decode_reply((await client.request(subjects.SUBMIT, codec.encode(cmd), timeout=30)).data)
+    assert reply.error is not None and reply.error.rule == rule
