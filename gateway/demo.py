@@ -118,6 +118,56 @@ def _summarize(rows: list[tuple[str, str, str, int, dict[str, object]]]) -> Tabl
     return t
 
 
+Step = tuple[str, str, str, str, tuple[str, str] | None]  # who, token, model, prompt, (input, output) labels
+
+
+def _plan(keys: Path) -> tuple[list[Step], str]:
+    """The scripted HTTP requests, and alice's token for the batch job over NATS."""
+    alice = issuer.issue(keys, subject="alice", team="alpha", roles=("analyst",))
+    carol = issuer.issue(
+        keys, subject="carol", team="alpha", clearance="SECRET", compartments=("SI",), caveats=("NOFORN",)
+    )
+    bob = issuer.issue(keys, subject="bob", team="bravo")
+    expired = issuer.issue(keys, subject="eve", team="alpha", ttl_s=60, now=int(time.time()) - 3600)
+    forged = issuer.issue(Path(tempfile.mkdtemp()) / "k", subject="mallory", team="alpha")
+    plan: list[Step] = [
+        ("carol@alpha S//SI", carol, "enclave-tiny", "Summarise the intercept.", ("SECRET//SI", "SECRET//SI")),
+        ("carol@alpha S//SI", carol, "enclave-tiny", "Post it to the open wiki.", ("SECRET//SI", "UNCLASSIFIED")),
+        ("alice@alpha", alice, "enclave-tiny", "Summarise the logistics report.", None),
+        ("alice@alpha", alice, "tiny", "Alias: same model by its short name.", None),
+        ("alice@alpha", alice, "enclave-tiny-v0", "A renamed model, swapped by the catalog.", None),
+        ("alice@alpha", alice, "analyst-large", "No server hosts this model here.", None),
+        ("bob@bravo", bob, "analyst-large", "Not allowed for team bravo.", None),
+        ("mallory (forged)", forged, "enclave-tiny", "Forged token.", None),
+        ("eve (expired)", expired, "enclave-tiny", "Expired token.", None),
+        ("nobody", "", "enclave-tiny", "No token at all.", None),
+        ("alice@alpha", alice, "gpt-9", "Unknown model.", None),
+    ] + [("bob@bravo", bob, "enclave-tiny", f"Bravo request {i}: until the cap.", None) for i in range(6)]
+    return plan, alice
+
+
+def _show_audit(audit: Path) -> None:
+    """Spend by team, the violations feed and the budget alerts, all from the Parquet audit."""
+    console.print(f"\nParquet audit: [bold]{audit}/events/day=*/*.parquet[/]")
+    console.print("Where did the AI budget go? (DuckDB over the Parquet audit)")
+    console.print(f"[cyan]{SAMPLE_SQL}[/]")
+    cols, result = audit_sql.query(audit, SAMPLE_SQL)
+    t = Table()
+    for c in cols:
+        t.add_column(c)
+    for r in result:
+        t.add_row(*("" if v is None else str(v) for v in r))
+    console.print(t)
+    console.print("\n[bold]gateway violations[/] (the feed an assessor queries; live on gw.evt.request.denied.>)")
+    console.print(violations_table(list_violations(audit)[1]))
+    _, alerts = audit_sql.query(
+        audit, "SELECT team, period, amount_micros FROM events WHERE type = 'BudgetThresholdCrossed' ORDER BY seq"
+    )
+    for team, period, pct in alerts:
+        console.print(f"budget alert: team [bold]{team}[/] committed {pct}% of its {period} cap")
+    console.print("Spend report: gateway report spend --by team --plot spend.png (reconciles with the ledger)")
+
+
 def run_demo(data_dir: Path | None) -> int:
     """Start everything on free ports, send the scripted requests, show the audit."""
     tmp = None
@@ -128,29 +178,9 @@ def run_demo(data_dir: Path | None) -> int:
     with console.status("starting nats-server, llama.cpp server and six workers..."):
         gw.__enter__()
     try:
-        keys = data_dir / "keys"
-        alice = issuer.issue(keys, subject="alice", team="alpha", roles=("analyst",))
-        carol = issuer.issue(
-            keys, subject="carol", team="alpha", clearance="SECRET", compartments=("SI",), caveats=("NOFORN",)
-        )
-        bob = issuer.issue(keys, subject="bob", team="bravo")
-        expired = issuer.issue(keys, subject="eve", team="alpha", ttl_s=60, now=int(time.time()) - 3600)
-        forged = issuer.issue(Path(tempfile.mkdtemp()) / "k", subject="mallory", team="alpha")
         console.print(f"gateway up: HTTP {gw.http_url}  NATS {gw.nats_url}")
+        plan, alice = _plan(data_dir / "keys")
         rows: list[tuple[str, str, str, int, dict[str, object]]] = []
-        plan: list[tuple[str, str, str, str, tuple[str, str] | None]] = [
-            ("carol@alpha S//SI", carol, "enclave-tiny", "Summarise the intercept.", ("SECRET//SI", "SECRET//SI")),
-            ("carol@alpha S//SI", carol, "enclave-tiny", "Post it to the open wiki.", ("SECRET//SI", "UNCLASSIFIED")),
-            ("alice@alpha", alice, "enclave-tiny", "Summarise the logistics report.", None),
-            ("alice@alpha", alice, "tiny", "Alias: same model by its short name.", None),
-            ("alice@alpha", alice, "enclave-tiny-v0", "A renamed model, swapped by the catalog.", None),
-            ("alice@alpha", alice, "analyst-large", "No server hosts this model here.", None),
-            ("bob@bravo", bob, "analyst-large", "Not allowed for team bravo.", None),
-            ("mallory (forged)", forged, "enclave-tiny", "Forged token.", None),
-            ("eve (expired)", expired, "enclave-tiny", "Expired token.", None),
-            ("nobody", "", "enclave-tiny", "No token at all.", None),
-            ("alice@alpha", alice, "gpt-9", "Unknown model.", None),
-        ] + [("bob@bravo", bob, "enclave-tiny", f"Bravo request {i}: until the cap.", None) for i in range(6)]
         with console.status("sending requests..."):
             for who, token, model, text, labels in plan:
                 status, body = http_chat(gw.http_url, token, model, text, labels)
@@ -159,25 +189,7 @@ def run_demo(data_dir: Path | None) -> int:
             rows.append(("alice@alpha", "NATS", "enclave-tiny", 200 if reply.get("completion") else 0, reply))
             asyncio.run(wait_audited(gw.settings))
         console.print(_summarize(rows))
-        audit = data_dir / "audit"
-        console.print(f"\nParquet audit: [bold]{audit}/events/day=*/*.parquet[/]")
-        console.print("Where did the AI budget go? (DuckDB over the Parquet audit)")
-        console.print(f"[cyan]{SAMPLE_SQL}[/]")
-        cols, result = audit_sql.query(audit, SAMPLE_SQL)
-        t = Table()
-        for c in cols:
-            t.add_column(c)
-        for r in result:
-            t.add_row(*("" if v is None else str(v) for v in r))
-        console.print(t)
-        console.print("\n[bold]gateway violations[/] (the feed an assessor queries; live on gw.evt.request.denied.>)")
-        console.print(violations_table(list_violations(audit)[1]))
-        _, alerts = audit_sql.query(
-            audit, "SELECT team, period, amount_micros FROM events WHERE type = 'BudgetThresholdCrossed' ORDER BY seq"
-        )
-        for team, period, pct in alerts:
-            console.print(f"budget alert: team [bold]{team}[/] committed {pct}% of its {period} cap")
-        console.print("Spend report: gateway report spend --by team --plot spend.png (reconciles with the ledger)")
+        _show_audit(data_dir / "audit")
         console.print(
             f'Try: gateway sql "SELECT type, count(*) FROM events GROUP BY type" --data-dir {data_dir}'
             if tmp is None

@@ -93,3 +93,20 @@ def _cmdline(pid: str) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_the_demo_shows_completed_denied_write_down_and_over_budget(tmp_path: Path) -> None:
+    """The README's first command, as a user runs it."""
+    env = {**os.environ, "COLUMNS": "220"}
+    out = subprocess.run([sys.executable, "-m", "enclave_gateway.cli", "demo", "--data-dir", str(tmp_path / "d")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    for needle in ("completed by enclave-tiny", "write_down (rule no-write-down)", "budget_exceeded",
+                   "remaining", "model_forbidden", "token_expired", "token_unknown_key", "model_not_found",
+                   "Violations (", "budget alert: team bravo"):
+        assert needle in text, needle
+    status = subprocess.run([sys.executable, "-m", "enclave_gateway.cli", "sql",
+                             "SELECT 'denied=' || count(*) AS n FROM events WHERE type = 'RequestDenied'", "--data-dir",
+                             str(tmp_path / "d")], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and "denied=6" in status.stdout  # write-down, team, 3 tokens, unknown model
