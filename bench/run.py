@@ -29,6 +29,8 @@ from enclave_gateway import issuer, procs
 from enclave_gateway.runtime import Gateway
 from enclave_gateway.schemas import codec, subjects
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
+from enclave_gateway.services import bus
+from enclave_gateway.services.credentials import load_creds
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -72,8 +74,15 @@ def policy_dir(tmp: Path) -> Path:
     return folder
 
 
-async def floor(url: str, requests: int, concurrency: int, data: Path) -> dict[str, float]:
-    """The bare pipeline: 5 worker processes, one JetStream hop each, reply on the client's inbox."""
+async def floor(gw: Gateway, requests: int, concurrency: int, data: Path) -> dict[str, float]:
+    """The bare pipeline: 5 worker processes, one JetStream hop each, reply on the client's inbox.
+
+    It runs on the gateway's own broker as the admin user (no permission checks), so both pay the
+    same server; the gateway's users are permission-checked, which is part of what is measured.
+    """
+    admin = load_creds(gw.settings.creds_dir, "admin")
+    assert admin is not None
+    url = gw.nats_url.replace("nats://", f"nats://{admin.user}:{admin.password}@")
     nc = await nats.connect(url)
     js = nc.jetstream()
     await js.add_stream(StreamConfig(name="FLOOR", subjects=["floor.>"], storage=StorageType.FILE))
@@ -117,7 +126,7 @@ async def scenarios(gw: Gateway, backend: str, token: str, requests: int, concur
 
         results["backend_direct"] = await measure(direct, requests, concurrency)
         results["gateway_http"] = await measure(edge, requests, concurrency)
-    nc = await nats.connect(gw.nats_url)
+    nc = await bus.connect(gw.settings, "app")
     submit = codec.encode(SubmitRequest(token=token, chat=ChatBody(
         model="enclave-tiny", messages=(ChatMessage(role="user", content="benchmark"),), max_tokens=3)))
 
@@ -127,7 +136,7 @@ async def scenarios(gw: Gateway, backend: str, token: str, requests: int, concur
 
     results["gateway_nats"] = await measure(via_nats, requests, concurrency)
     await nc.close()
-    results["floor_5hop"] = await floor(gw.nats_url, requests, concurrency, data)
+    results["floor_5hop"] = await floor(gw, requests, concurrency, data)
     return results
 
 
