@@ -39,10 +39,18 @@ def team_of(event: decider.BudgetInput) -> str | None:
             return event.reservation.team if event.reservation else None
 
 
-async def apply(s: worker.Session, store: LedgerStore, team: str, decide: Callable[[], list[AnyEvent]]) -> None:
-    """Catch up the team, decide, write; on a conflict with another replica, do it all again."""
-    for _ in range(MAX_CONFLICTS):
-        await store.catch_up(team)
+async def apply(
+    s: worker.Session, store: LedgerStore, team: str, decide: Callable[[], list[AnyEvent]], catch_up_first: bool = True
+) -> None:
+    """Decide and write; on a conflict with another replica, catch up the team and do it again.
+
+    A stale view can only make a write conflict, never make it wrong, so a decision that writes
+    may skip the first catch-up (`catch_up_first=False`); one that might decide nothing on a stale
+    view (settling a reservation another replica made) must not.
+    """
+    for attempt in range(MAX_CONFLICTS):
+        if catch_up_first or attempt:
+            await store.catch_up(team)
         try:
             for out in decide():
                 if isinstance(out, LedgerEvent):
@@ -69,7 +77,14 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
                 raise codec.DecodeError(f"budget does not take {type(event).__name__}")
             team = team_of(event)
             if team is not None:
-                await apply(s, store, team, lambda: decider.decide(event, store.state, s.policy.bundle, bus.now_utc()))
+                known = isinstance(event, RequestAuthorized) or event.request_id in store.state.open
+                await apply(
+                    s,
+                    store,
+                    team,
+                    lambda: decider.decide(event, store.state, s.policy.bundle, bus.now_utc()),
+                    catch_up_first=not known,
+                )
 
         housekeeping = asyncio.create_task(_housekeeping(s, store, stop))
         try:
