@@ -42,6 +42,14 @@ period = "month"
 """
 SLOW_MODEL = """
 [[model]]
+id = "blackhole-tiny"
+endpoint = "blackhole"
+context_length = 512
+default_max_tokens = 4
+prompt_micros_per_1k = 2000
+completion_micros_per_1k = 6000
+
+[[model]]
 id = "slow-tiny"
 endpoint = "slow"
 context_length = 512
@@ -61,7 +69,7 @@ def race_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     with open(policies / "catalog.toml", "a") as fh:
         fh.write(SLOW_MODEL)
     with open(policies / "access_policy.csv", "a") as fh:
-        fh.write("p, team:race, enclave-tiny\np, team:crash, slow-tiny\n")
+        fh.write("p, team:race, enclave-tiny\np, team:crash, slow-tiny\np, team:crash, blackhole-tiny\n")
     issuer.ensure_keys(data / "keys")
     return data, policies
 
@@ -86,8 +94,13 @@ async def slow_endpoint(engine: str) -> AsyncIterator[str]:
                                                        headers={"Content-Type": "application/json"}) as r:
             return web.Response(status=r.status, body=await r.read(), content_type="application/json")
 
+    async def never(request: web.Request) -> web.Response:
+        await asyncio.sleep(10)  # a model server that hangs past the invoker's 8 s deadline
+        return web.Response(status=504)
+
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/blackhole/v1/chat/completions", never)
     runner = web.AppRunner(app)
     await runner.setup()
     port = procs.free_port()
@@ -123,8 +136,10 @@ async def race(race_dirs: tuple[Path, Path], race_broker: Broker, engine: str,
                slow_endpoint: str) -> AsyncIterator[RaceGateway]:
     data, policies = race_dirs
     settings = WorkerSettings(nats_url=race_broker.url, data_dir=str(data), policy_dir=str(policies),
-                              endpoints={"local-llama": engine, "slow": slow_endpoint}, http_port=procs.free_port(),
-                              creds_dir=str(data / "creds"))
+                              endpoints={"local-llama": engine, "slow": slow_endpoint,
+                                         "blackhole": f"{slow_endpoint}/blackhole"},
+                              http_port=procs.free_port(), creds_dir=str(data / "creds"), invoke_timeout_s=8.0,
+                              budget_housekeeping_s=1.0)
     supervisor.write_settings(settings)
     await runtime.setup_topology(settings)
     await runtime.activate(settings, policies, "race-test")
@@ -288,3 +303,34 @@ async def _first_reserved(admin: Client, team: str, timeout_s: float = 20.0) -> 
                 return str(e["request_id"])
         await asyncio.sleep(0.05)
     raise AssertionError("no reservation")
+
+
+async def test_a_lost_reservation_expires_by_an_event_and_the_late_failure_changes_nothing(
+        race: RaceGateway, tmp_path: Path) -> None:
+    """With a 1 s reservation TTL, a request stuck at a hung model server is released by the
+    budget's housekeeping before the invoker's 8 s deadline; the late InvocationFailed is a no-op."""
+    original = Path(race.settings.policy_dir)
+    short = tmp_path / "short-ttl"
+    shutil.copytree(original, short)
+    budgets = (short / "budgets.toml").read_text()
+    (short / "budgets.toml").write_text("reservation_ttl_s = 1\n" + budgets)
+    app, admin = await bus.connect(race.settings, "app"), await bus.connect(race.settings, "admin")
+    try:
+        await runtime.activate(race.settings, short, "expiry-test")
+        await asyncio.sleep(1.0)  # every replica switches on the activation
+        token = issuer.issue(Path(race.settings.data_dir) / "keys", subject="lost", team="crash", ttl_s=3600)
+        reply = codec.decode_reply((await app.request(subjects.SUBMIT, _submit(token, "blackhole-tiny"),
+                                                      timeout=60)).data)
+        assert reply.error is not None and reply.error.code == "invocation_failed"  # after the 8 s deadline
+        rid = reply.request_id
+        released = await wait_for_event(admin, rid, "BudgetReleased")
+        failed = await wait_for_event(admin, rid, "InvocationFailed")
+        assert released["reason"] == "expired"
+        assert str(released["occurred_at"]) < str(failed["occurred_at"])  # expired while still hung
+        await asyncio.sleep(1.0)
+        mine = [e["type"] for e in await _ledger(admin, "crash") if e["request_id"] == rid]
+        assert mine == ["BudgetReserved", "BudgetReleased"]  # released once, never charged
+    finally:
+        await runtime.activate(race.settings, original, "expiry-test-restore")
+        await app.close()
+        await admin.close()

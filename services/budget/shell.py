@@ -25,7 +25,6 @@ from .ledger_store import LedgerConflict, LedgerEvent, LedgerStore
 
 log = logging.getLogger("enclave_gateway.budget")
 MAX_CONFLICTS = 50
-HOUSEKEEPING_S = 10.0
 
 
 def team_of(event: decider.BudgetInput) -> str | None:
@@ -86,7 +85,7 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
                     catch_up_first=not known,
                 )
 
-        housekeeping = asyncio.create_task(_housekeeping(s, store, stop))
+        housekeeping = asyncio.create_task(_housekeeping(s, store, stop, settings.budget_housekeeping_s))
         try:
             await bus.consume(s.js, "budget", handle, stop, sequential=True)
         finally:
@@ -97,12 +96,12 @@ def _expiry(store: LedgerStore, bundle: PolicyBundle, now: datetime, team: str) 
     return lambda: decider.expire(store.state, bundle, now, team)
 
 
-async def _housekeeping(s: worker.Session, store: LedgerStore, stop: asyncio.Event) -> None:
+async def _housekeeping(s: worker.Session, store: LedgerStore, stop: asyncio.Event, every_s: float) -> None:
     """Expire reservations whose request was lost, and snapshot the projection when it moved."""
     snapshotted = store.seq
     while not stop.is_set():
         try:
-            await asyncio.wait_for(stop.wait(), HOUSEKEEPING_S)
+            await asyncio.wait_for(stop.wait(), every_s)
             return
         except TimeoutError:
             pass
