@@ -249,3 +249,46 @@ async def test_policy_activation_is_in_the_stream_with_content_and_digest(admin:
     event = codec.decode_as(raw.data or b"", PolicyActivated)
     assert set(event.files) >= {"catalog.toml", "access_policy.csv", "issuers.jwks.json"}
     assert len(event.sha256) == 64 and event.version.startswith("sha256:")
+
+
+async def test_issuer_keys_come_from_the_bundle_and_rotate_by_kid(admin: Client, client: Client, stack,
+                                                                 tmp_path: Path) -> None:
+    from enclave_gateway import issuer
+    from enclave_gateway.services.settings import jwks_path
+
+    original = Path(stack.policy_dir)
+    idp_a, idp_b = tmp_path / "idp-a", tmp_path / "idp-b"
+    issuer.ensure_keys(idp_a)
+    issuer.ensure_keys(idp_b)
+
+    def bundle_with(name: str, *idps: Path) -> Path:
+        folder = shutil.copytree(original, tmp_path / name)
+        keys = [json.loads(jwks_path(d).read_text())["keys"][0] for d in idps]
+        (folder / "issuers.jwks.json").write_text(json.dumps({"keys": keys}))
+        return folder
+
+    async def code_for(token: str) -> str | None:
+        chat = ChatBody(model="enclave-tiny", messages=(ChatMessage(role="user", content="x"),), max_tokens=2)
+        reply = codec.decode_reply((await client.request(subjects.SUBMIT, codec.encode(
+            SubmitRequest(token=token, chat=chat)), timeout=30)).data)
+        return reply.error.code if reply.error else None
+
+    async def eventually(token: str, expected: str | None, timeout_s: float = 10.0) -> None:
+        """Each replica switches when the activation reaches it: ask until the answer is the new one."""
+        deadline = time.monotonic() + timeout_s
+        while (got := await code_for(token)) != expected:
+            assert time.monotonic() < deadline, f"still {got!r}, expected {expected!r}"
+            await asyncio.sleep(0.1)
+
+    token_a = issuer.issue(idp_a, subject="from-idp-a", team="gamma")
+    token_b = issuer.issue(idp_b, subject="from-idp-b", team="gamma")
+    try:
+        assert await code_for(token_a) == "token_unknown_key"
+        await runtime.activate(stack, bundle_with("both", idp_a, idp_b), "rotation-test")
+        await eventually(token_a, None)
+        await eventually(token_b, None)
+        await runtime.activate(stack, bundle_with("only-b", idp_b), "rotation-test")
+        await eventually(token_a, "token_unknown_key")  # key A rotated out
+        assert await code_for(token_b) is None
+    finally:
+        await runtime.activate(stack, original, "rotation-test-restore")
