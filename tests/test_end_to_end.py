@@ -129,3 +129,16 @@ async def test_http_budget_refusal_is_402_with_figures(http_url: str, token_for)
             err = (await r.json())["error"]
     assert err["code"] == "budget_exceeded" and err["type"] == "insufficient_quota"
     assert err["requested_micros"] > err["remaining_micros"]
+
+
+async def test_models_list_shows_only_what_the_session_may_use(http_url: str, token_for) -> None:
+    async with aiohttp.ClientSession() as s:
+        seen = {}
+        for team in ("gamma", "bravo"):
+            async with s.get(f"{http_url}/v1/models", headers={"Authorization": f"Bearer {token_for(team)}"}) as r:
+                assert r.status == 200
+                seen[team] = {m["id"] for m in (await r.json())["data"]}
+        async with s.get(f"{http_url}/v1/models", headers={"Authorization": "Bearer nope"}) as r:
+            assert r.status == 401 and (await r.json())["error"]["code"] == "token_malformed"
+    assert seen["gamma"] == {"enclave-tiny", "analyst-large"}
+    assert seen["bravo"] == {"enclave-tiny"}

@@ -53,6 +53,18 @@ class AccessRules:
         except Exception as exc:
             raise AccessError(f"access rules fail on a probe request: {exc!r}") from exc
 
+    def may_use(self, principals: tuple[str, ...], model_id: str) -> bool:
+        """The team/role table alone (what a caller may see listed); an evaluation error refuses."""
+        try:
+            return bool(
+                self._enforcer.enforce(
+                    {"principals": principals, "label": UNCLASSIFIED},
+                    {"model": model_id, "input": UNCLASSIFIED, "output": UNCLASSIFIED, "accreditation": UNCLASSIFIED},
+                )
+            )
+        except Exception:  # fail closed
+            return False
+
     def first_denial(
         self,
         principals: tuple[str, ...],

@@ -127,6 +127,17 @@ def decide(cmd: RequestSubmitted, state: AuthzState, policy: AuthzPolicy, now: d
     ]
 
 
+def visible_models(token: str, policy: AuthzPolicy, now: datetime) -> list[str] | TokenDefect:
+    """The catalog ids a session's team and roles may use (GET /v1/models lists no others)."""
+    claims = verify(token, policy.keys, now, policy.tokens)
+    if isinstance(claims, TokenDefect):
+        return claims
+    principals = (f"team:{claims.team}", *(f"role:{r}" for r in claims.roles))
+    return [
+        m.id for m in policy.bundle.catalog.model if m.status != "retired" and policy.rules.may_use(principals, m.id)
+    ]
+
+
 def _explain(rule: str, caller: Caller, model_id: str, accreditation: str, labels: tuple[Label, Label]) -> str:
     inp, out = format_label(labels[0]), format_label(labels[1])
     match rule:

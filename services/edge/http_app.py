@@ -11,6 +11,7 @@ from aiohttp import web
 
 from ...schemas import codec
 from ...schemas.commands import ErrorBody, SubmitReply, SubmitRequest
+from ..authz.tokens import TokenDefect
 from . import decider, openai_shapes
 
 if TYPE_CHECKING:
@@ -105,13 +106,9 @@ async def _stream(request: web.Request, reply: SubmitReply) -> web.StreamRespons
 
 
 async def list_models(edge: Edge, request: web.Request) -> web.Response:
-    """GET /v1/models: the catalog's usable models, for a caller with a valid session."""
-    defect = edge.verify_token(bearer(request))
-    if defect is not None:
-        return _error(ErrorBody(code=defect.code, message=defect.detail))
-    data = [
-        {"id": m.id, "object": "model", "created": 0, "owned_by": "enclave-gateway"}
-        for m in edge.session.policy.bundle.catalog.model
-        if m.status != "retired"
-    ]
+    """GET /v1/models: the models this session may use, for a caller with a valid session."""
+    models = edge.models_for(bearer(request))
+    if isinstance(models, TokenDefect):
+        return _error(ErrorBody(code=models.code, message=models.detail))
+    data = [{"id": m, "object": "model", "created": 0, "owned_by": "enclave-gateway"} for m in models]
     return web.json_response({"object": "list", "data": data})

@@ -15,7 +15,8 @@ from nats.aio.msg import Msg
 from ...schemas import codec, subjects
 from ...schemas.commands import SubmitReply, SubmitRequest
 from .. import bus, worker
-from ..authz.tokens import TokenDefect, verify
+from ..authz.decider import visible_models
+from ..authz.tokens import TokenDefect
 from ..settings import WorkerSettings
 from . import decider, http_app
 
@@ -72,11 +73,9 @@ class Edge:
         """The active policy version, recorded on every fact the edge publishes."""
         return self.session.policy.bundle.version
 
-    def verify_token(self, token: str) -> TokenDefect | None:
-        """Check a token for read-only edge routes (GET /v1/models)."""
-        policy = self.session.policy
-        result = verify(token, policy.keys, bus.now_utc(), policy.tokens)
-        return result if isinstance(result, TokenDefect) else None
+    def models_for(self, token: str) -> list[str] | TokenDefect:
+        """What GET /v1/models shows this session: only models its team or roles may use."""
+        return visible_models(token, self.session.policy, bus.now_utc())
 
     async def _on_reply(self, msg: Msg) -> None:
         fut = self.pending.get(msg.subject.rsplit(".", 1)[-1])
