@@ -123,20 +123,26 @@ def decide(event: BudgetInput, state: BudgetState, policy: PolicyBundle, now: da
     """
     match event:
         case RequestAuthorized():
-            primary, team = _reserve(event, state, policy, now), event.caller.team
-        case InvocationCompleted() | InvocationFailed() | RouteUnavailable():
-            team = event.reservation.team
-            if isinstance(event, InvocationCompleted):
-                primary = _settle(event, state, policy, now)
-            else:
-                primary = _release(event.request_id, type(event).__name__, state, policy, now)
-        case RequestFailed():
-            team = event.reservation.team if event.reservation else ""
+            primary = _reserve(event, state, policy, now)
+        case InvocationCompleted():
+            primary = _settle(event, state, policy, now)
+        case InvocationFailed() | RouteUnavailable() | RequestFailed():
             primary = _release(event.request_id, type(event).__name__, state, policy, now)
     after = state
     for fact in primary:
         after = evolve(after, fact)
-    return [*primary, *thresholds(after, policy, now, team)]
+    return [*primary, *thresholds(after, policy, now, team_of(event) or "")]
+
+
+def team_of(event: BudgetInput) -> str | None:
+    """The team whose ledger an input touches (None: a failure that never reserved anything)."""
+    match event:
+        case RequestAuthorized():
+            return event.caller.team
+        case InvocationCompleted() | InvocationFailed() | RouteUnavailable():
+            return event.reservation.team
+        case RequestFailed():
+            return event.reservation.team if event.reservation else None
 
 
 def thresholds(state: BudgetState, policy: PolicyBundle, now: datetime, team: str) -> list[AnyEvent]:

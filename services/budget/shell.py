@@ -27,17 +27,6 @@ log = logging.getLogger("enclave_gateway.budget")
 MAX_CONFLICTS = 50
 
 
-def team_of(event: decider.BudgetInput) -> str | None:
-    """The team whose ledger an input touches."""
-    match event:
-        case RequestAuthorized():
-            return event.caller.team
-        case InvocationCompleted() | InvocationFailed() | RouteUnavailable():
-            return event.reservation.team
-        case RequestFailed():
-            return event.reservation.team if event.reservation else None
-
-
 async def apply(
     s: worker.Session, store: LedgerStore, team: str, decide: Callable[[], list[AnyEvent]], catch_up_first: bool = True
 ) -> None:
@@ -74,7 +63,7 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
                 event, RequestAuthorized | InvocationCompleted | InvocationFailed | RouteUnavailable | RequestFailed
             ):
                 raise codec.DecodeError(f"budget does not take {type(event).__name__}")
-            team = team_of(event)
+            team = decider.team_of(event)
             if team is not None:
                 known = isinstance(event, RequestAuthorized) or event.request_id in store.state.open
                 await apply(
