@@ -112,10 +112,8 @@ class Edge:
         event = codec.decode_event(msg.data)
         if not isinstance(event, decider.Terminal):
             raise codec.DecodeError(f"edge responder does not take {type(event).__name__}")
-        if event.reply_to:
-            await self.nc.publish(event.reply_to, codec.encode(decider.reply_for(event)))
-        for fact in decider.decide(event, decider.initial_state(), self.version, bus.now_utc()):
-            await bus.publish(self.js, fact)
+        # the same path as refusals at the entry; decider.decide states this fact for replay
+        await self.deliver(decider.reply_for(event), event.reply_to, decider.team_of(event))
 
 
 async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
