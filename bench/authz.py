@@ -22,7 +22,7 @@ from enclave_gateway.schemas.events import RequestSubmitted
 from enclave_gateway.services.authz import decider
 from enclave_gateway.services.authz.access import AccessRules
 from enclave_gateway.services.authz.tokens import TokenCache, keyring
-from enclave_gateway.services.policy_store import load_bundle
+from enclave_gateway.services.policy import load_bundle
 from enclave_gateway.services.settings import jwks_path
 
 ROOT = Path(__file__).resolve().parent.parent

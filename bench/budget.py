@@ -26,7 +26,7 @@ from enclave_gateway.services import bus, worker
 from enclave_gateway.services.budget import decider
 from enclave_gateway.services.budget.ledger_store import LedgerStore
 from enclave_gateway.services.budget.shell import apply
-from enclave_gateway.services.policy_store import load_bundle
+from enclave_gateway.services.policy import load_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = datetime.now(UTC)

@@ -25,7 +25,7 @@ import aiohttp
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
-from enclave_gateway import issuer, procs
+from enclave_gateway import issuer, nats_auth, procs
 from enclave_gateway.runtime import Gateway
 from enclave_gateway.schemas import codec, subjects
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
@@ -82,8 +82,7 @@ async def floor(gw: Gateway, requests: int, concurrency: int, data: Path) -> dic
     """
     admin = load_creds(gw.settings.creds_dir, "admin")
     assert admin is not None
-    url = gw.nats_url.replace("nats://", f"nats://{admin.user}:{admin.password}@")
-    nc = await nats.connect(url)
+    nc = await nats.connect(gw.nats_url, nkeys_seed=admin.seed_file, inbox_prefix=admin.inbox_prefix)
     js = nc.jetstream()
     await js.add_stream(StreamConfig(name="FLOOR", subjects=["floor.>"], storage=StorageType.FILE))
     for i in range(HOPS):
@@ -126,12 +125,12 @@ async def scenarios(gw: Gateway, backend: str, token: str, requests: int, concur
 
         results["backend_direct"] = await measure(direct, requests, concurrency)
         results["gateway_http"] = await measure(edge, requests, concurrency)
-    nc = await bus.connect(gw.settings, "app")
+    nc = await bus.connect(gw.settings, "app.bench")
     submit = codec.encode(SubmitRequest(token=token, chat=ChatBody(
         model="enclave-tiny", messages=(ChatMessage(role="user", content="benchmark"),), max_tokens=3)))
 
     async def via_nats() -> None:
-        msg = await nc.request(subjects.SUBMIT, submit, timeout=30)
+        msg = await nc.request(subjects.submit("bench"), submit, timeout=30)
         assert codec.decode_reply(msg.data).completion is not None
 
     results["gateway_nats"] = await measure(via_nats, requests, concurrency)
@@ -153,6 +152,7 @@ def main() -> int:
         backend = f"http://127.0.0.1:{port}"
         try:
             _wait(backend)
+            nats_auth.ensure_creds(tmp / "data" / "creds", ("bench",))
             gw = Gateway(tmp / "data", policy_dir(tmp), nats_port=-1, http_port=0,
                          endpoints={"local-llama": backend}, serve_tiny=None)
             with gw:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import procs
+from . import nats_auth, procs
 
 LISTENING = "Listening for client connections on"
 
@@ -33,10 +33,10 @@ class Broker:
         host: str = "127.0.0.1",
         port: int = -1,
         max_payload: int = 1 << 20,
-        authorization: str = "",
+        creds_dir: Path | None = None,
     ) -> None:
         self.data_dir, self.host, self.port, self.max_payload = data_dir, host, port, max_payload
-        self.authorization = authorization  # an `authorization { users: [...] }` block, or "" for none
+        self.creds_dir = creds_dir  # every identity's NKey seed (None: no authentication, tests of the floor only)
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 
@@ -45,20 +45,30 @@ class Broker:
         """Where the server's log goes."""
         return self.data_dir / "logs" / "nats-server.log"
 
+    @property
+    def pid_file(self) -> Path:
+        """Where the server writes its pid: `gateway app add/remove` signal it to reload."""
+        return self.data_dir / "nats.pid"
+
     def config_text(self) -> str:
         """The server config; `port: -1` lets the server pick a free port and log it."""
         store = (self.data_dir / "nats").resolve()
-        return (
+        text = (
             f'listen: "{self.host}:{self.port}"\n'
             f"max_payload: {self.max_payload}\n"
-            f'jetstream {{ store_dir: "{store}" }}\n' + self.authorization
+            f'pid_file: "{self.pid_file.resolve()}"\n'
+            f'jetstream {{ store_dir: "{store}" }}\n'
         )
+        # the users live in their own file, so adding or revoking an application rewrites only it
+        return text + (f'include "{nats_auth.AUTH_FILE}"\n' if self.creds_dir is not None else "")
 
     def start(self, timeout_s: float = 20.0) -> str:
         """Start the server and return its client URL once it listens."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         conf = self.data_dir / "nats.conf"
-        conf.touch(mode=0o600)  # it holds password hashes
+        if self.creds_dir is not None:
+            nats_auth.ensure_creds(self.creds_dir)
+            nats_auth.write_authorization(self.creds_dir, self.data_dir)
         conf.write_text(self.config_text())
         if self.log_path.exists():
             self.log_path.unlink()

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import audit_sql, issuer
+from .services import registry
 from .services.settings import WorkerSettings
 
 console = Console()
@@ -50,10 +51,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Broker, engine and every worker on this machine until Ctrl-C."""
+    from .config import ConfigError
     from .runtime import Gateway
 
-    gw = Gateway.from_config(Path(args.config), nats_port=None, http_port=None)
+    try:
+        gw = Gateway.from_config(Path(args.config), nats_port=None, http_port=None)
+    except ConfigError as exc:
+        console.print(f"[red]configuration refused:[/] {exc}")
+        return 2
     with gw:
+        for notice in gw.notices:
+            console.print(f"[yellow]{notice}[/]")
         console.print(f"[bold green]Enclave Gateway up[/]: HTTP {gw.http_url}  NATS {gw.nats_url}  data {gw.data_dir}")
         console.print("Ctrl-C to stop.")
         gw.wait_for_signal()
@@ -120,10 +128,38 @@ def cmd_bus_setup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policy_keygen(args: argparse.Namespace) -> int:
+    """Make a policy-signing key pair."""
+    from .policy_admin import keygen
+
+    try:
+        public = keygen(Path(args.out))
+    except FileExistsError as exc:
+        console.print(f"[red]{exc}[/]")
+        return 1
+    console.print(f"signing key {args.out}.key (0600); public key {args.out}.pub.json, key id {public.kid}")
+    console.print("pin the public key in gateway.toml: [policy] trusted_signers = [\"...pub.json\"]")
+    return 0
+
+
+def cmd_policy_sign(args: argparse.Namespace) -> int:
+    """Validate a bundle and sign it (writes bundle.sig beside its files)."""
+    from .policy_admin import sign_folder
+    from .services.policy import PolicyError
+
+    try:
+        sig = sign_folder(Path(args.dir), Path(args.key))
+    except PolicyError as exc:
+        console.print(f"[red]not signed:[/] {exc}")
+        return 1
+    console.print(f"signed {args.dir} (sha256 {sig.sha256[:16]}…) by {sig.kid}")
+    return 0
+
+
 def cmd_policy_activate(args: argparse.Namespace) -> int:
-    """Validate a bundle and make it the active policy of the running gateway."""
+    """Validate a signed bundle and make it the active policy of the running gateway."""
     from .runtime import activate
-    from .services.policy_store import PolicyError
+    from .services.policy import PolicyError
     from .supervisor import read_settings
 
     try:
@@ -135,7 +171,37 @@ def cmd_policy_activate(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         console.print(f"[red]no running gateway at {args.data_dir}:[/] {exc}")
         return 1
-    console.print(f"activated {event.version} (sha256 {event.sha256[:16]}…, git {event.git_commit or '-'})")
+    console.print(f"activated {event.version} (sha256 {event.sha256[:16]}…, signer {event.signer}, "
+                  f"git {event.git_commit or '-'})")
+    return 0
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    """Add, remove or list application identities; the running broker reloads at once."""
+    from . import nats_auth
+
+    data_dir = Path(args.data_dir)
+    creds = data_dir / "creds"
+    try:
+        if args.app_cmd == "add":
+            seed = nats_auth.add_app(creds, args.name)
+        elif args.app_cmd == "remove":
+            nats_auth.remove_app(creds, args.name)
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        console.print(f"[red]{exc}[/]")
+        return 1
+    if args.app_cmd != "list":
+        nats_auth.write_authorization(creds, data_dir)
+        live = nats_auth.reload_broker(data_dir / "nats.pid")
+        state = "the running broker reloaded" if live else "no broker running; it applies at the next `gateway up`"
+        if args.app_cmd == "add":
+            console.print(f"application {args.name!r}: NKey seed {seed} (0600, hand it to the application only)")
+            console.print(f"  submit on gw.submit.{args.name}, inbox prefix _INBOX_app.{args.name}; {state}")
+        else:
+            console.print(f"application {args.name!r} revoked; {state}")
+        return 0
+    rows = [(a, f"gw.submit.{a}", f"_INBOX_app.{a}") for a in nats_auth.apps(creds)]
+    console.print(_table(["application", "submits on", "inbox prefix"], rows, title="Application identities"))
     return 0
 
 
@@ -189,7 +255,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", help="keep the demo's data here (default: a temporary folder)")
     demo.set_defaults(func=cmd_demo)
     w = sub.add_parser("worker", help="run one service (used by `gateway up`)")
-    w.add_argument("name", choices=["edge", "authz", "budget", "router", "invoker", "auditor"])
+    w.add_argument("name", choices=[i.name for i in registry.SERVICES])
     w.add_argument("--settings", required=True)
     w.set_defaults(func=cmd_worker)
     tok = sub.add_parser("token", help="session tokens").add_subparsers(dest="token_cmd", required=True)
@@ -209,11 +275,27 @@ def parser() -> argparse.ArgumentParser:
     bs.add_argument("--data-dir", default="var", help="where creds/admin.creds.json is, if the bus has users")
     bs.set_defaults(func=cmd_bus_setup)
     pol = sub.add_parser("policy", help="policy bundles").add_subparsers(dest="policy_cmd", required=True)
-    pa = pol.add_parser("activate", help="validate a bundle and make it active on every worker")
+    pk = pol.add_parser("keygen", help="make a policy-signing key pair (Ed25519)")
+    pk.add_argument("--out", required=True, help="file stem: writes STEM.key (0600) and STEM.pub.json")
+    pk.set_defaults(func=cmd_policy_keygen)
+    ps = pol.add_parser("sign", help="validate a bundle and sign it (writes DIR/bundle.sig)")
+    ps.add_argument("--key", required=True, help="the signing key (PEM) from `gateway policy keygen`")
+    ps.add_argument("--dir", default="policies")
+    ps.set_defaults(func=cmd_policy_sign)
+    pa = pol.add_parser("activate", help="make a signed bundle active on every worker")
     pa.add_argument("--dir", default="policies")
     pa.add_argument("--data-dir", default="var")
     pa.add_argument("--by", default="operator", help="who activates it (recorded in the event)")
     pa.set_defaults(func=cmd_policy_activate)
+    ap = sub.add_parser("app", help="application identities").add_subparsers(dest="app_cmd", required=True)
+    for verb, text in (("add", "create an application identity"), ("remove", "revoke one on the running server")):
+        a = ap.add_parser(verb, help=text)
+        a.add_argument("name")
+        a.add_argument("--data-dir", default="var")
+        a.set_defaults(func=cmd_app)
+    al = ap.add_parser("list", help="list application identities")
+    al.add_argument("--data-dir", default="var")
+    al.set_defaults(func=cmd_app)
     vi = sub.add_parser("violations", help="denials with the rule that fired")
     vi.add_argument("--since", help="ISO date or timestamp, e.g. 2026-11-25 or 2026-11-25T09:00")
     vi.add_argument("--rule", help="only this rule id, e.g. no-write-down")

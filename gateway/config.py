@@ -38,6 +38,15 @@ class AuthConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     trust_dev_issuer: bool = True  # set false in an enclave: only the identity service's keys count
 
 
+class PolicyConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The policy signers this deployment trusts: public key files from `gateway policy keygen`.
+
+    Empty: `gateway up` makes a dev signer in the data dir and trusts only it (and says so).
+    """
+
+    trusted_signers: list[str] = []
+
+
 class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The whole file; every key has a default so an empty file is valid."""
 
@@ -47,13 +56,30 @@ class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
     endpoints: dict[str, str] = {}
 
 
+class ConfigError(ValueError):
+    """`gateway.toml` is unreadable or holds an unknown key or a wrong type; the message says where."""
+
+
 def load(path: Path | None) -> GatewayConfig:
-    """Read `gateway.toml` (relative paths resolve against its folder); defaults when absent."""
+    """Read `gateway.toml` (relative paths resolve against its folder); defaults when absent.
+
+    Every key is honoured or refused: an unknown key is a typo, and a silently ignored setting in
+    a security product is a lie (issue 8).
+    """
     if path is None or not path.exists():
         return GatewayConfig()
-    cfg = msgspec.convert(tomllib.loads(path.read_text()), GatewayConfig)
+    try:
+        cfg = msgspec.convert(tomllib.loads(path.read_text()), GatewayConfig)
+    except (tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     base = path.parent
-    return msgspec.structs.replace(cfg, data_dir=str(base / cfg.data_dir), policy_dir=str(base / cfg.policy_dir))
+    return msgspec.structs.replace(
+        cfg,
+        data_dir=str(base / cfg.data_dir),
+        policy_dir=str(base / cfg.policy_dir),
+        policy=PolicyConfig(trusted_signers=[str(base / p) for p in cfg.policy.trusted_signers]),
+    )

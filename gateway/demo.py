@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from . import audit_sql, issuer, runtime
+from . import audit_sql, issuer, nats_auth, runtime
 from .runtime import Gateway
 from .schemas import codec, subjects
 from .schemas.commands import ChatBody, ChatMessage, SubmitRequest
@@ -64,9 +64,12 @@ def http_chat(
         return err.code, json.loads(err.read())
 
 
+DEMO_APP = "batch"  # the demo's batch system, with an application identity of its own
+
+
 async def nats_chat(settings: WorkerSettings, token: str, model: str, text: str) -> dict[str, object]:
-    """One request on `gw.submit` as the application user; returns the reply as a dict."""
-    nc = await bus.connect(settings, "app")
+    """One request on `gw.submit.batch` as the application `batch`; returns the reply as a dict."""
+    nc = await bus.connect(settings, f"app.{DEMO_APP}")
     try:
         cmd = SubmitRequest(
             token=token,
@@ -74,7 +77,7 @@ async def nats_chat(settings: WorkerSettings, token: str, model: str, text: str)
                 model=model, messages=(ChatMessage(role="user", content=text),), max_tokens=16, temperature=0.0
             ),
         )
-        msg = await nc.request(subjects.SUBMIT, codec.encode(cmd), timeout=60)
+        msg = await nc.request(subjects.submit(DEMO_APP), codec.encode(cmd), timeout=60)
         reply: dict[str, object] = json.loads(msg.data)
         return reply
     finally:
@@ -174,6 +177,7 @@ def run_demo(data_dir: Path | None) -> int:
     if data_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="gateway-demo-")
         data_dir = Path(tmp.name)
+    nats_auth.ensure_creds(data_dir / "creds", (DEMO_APP,))  # what `gateway app add batch` does
     gw = Gateway(data_dir, _policy_dir(), nats_port=-1, http_port=0, endpoints={}, serve_tiny="local-llama")
     with console.status("starting nats-server, llama.cpp server and six workers..."):
         gw.__enter__()

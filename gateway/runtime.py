@@ -15,13 +15,14 @@ from types import TracebackType
 from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 
-from . import config, issuer, nats_auth, procs, supervisor
+from . import config, issuer, procs, supervisor
 from .broker import Broker
 from .engine import Engine
+from .policy_admin import DEV_SIGNER, activation, dev_signer, trusted
 from .schemas import codec, subjects
 from .schemas.events import PolicyActivated
-from .services import bus
-from .services.policy_store import activation
+from .services import bus, registry
+from .services.policy.signing import load_public
 from .services.settings import WorkerSettings
 
 log = logging.getLogger("enclave_gateway.runtime")
@@ -48,9 +49,23 @@ async def active_policy(settings: WorkerSettings) -> PolicyActivated | None:
         await nc.close()
 
 
+def dev_signing_key(settings: WorkerSettings) -> Path | None:
+    """The data dir's dev policy signer, when this deployment trusts it (no signer pinned)."""
+    stem = settings.keys_dir / DEV_SIGNER
+    key_file, pub_file = stem.with_name(stem.name + ".key"), stem.with_name(stem.name + ".pub.json")
+    if key_file.exists() and pub_file.exists() and load_public(pub_file).kid in settings.policy_signers:
+        return key_file
+    return None
+
+
+def activation_for(settings: WorkerSettings, folder: Path, by: str) -> PolicyActivated:
+    """The signed activation of a folder's bundle (its bundle.sig, else the trusted dev signer)."""
+    return activation(folder, by, bus.now_utc(), settings.policy_signers, dev_signing_key(settings))
+
+
 async def activate(settings: WorkerSettings, folder: Path, by: str) -> PolicyActivated:
-    """Validate the folder's bundle and publish it as the active policy; raises PolicyError."""
-    event = activation(folder, by, bus.now_utc())
+    """Validate the folder's signed bundle and publish it as the active policy; raises PolicyError."""
+    event = activation_for(settings, folder, by)
     nc = await bus.connect(settings, "admin", keep_trying=False)
     try:
         await bus.publish(nc.jetstream(), event)
@@ -64,7 +79,7 @@ async def bootstrap_policy(settings: WorkerSettings, folder: Path) -> str:
     current = await active_policy(settings)
     if current is None:
         return (await activate(settings, folder, "gateway up")).version
-    wanted = activation(folder, "check", bus.now_utc()).version
+    wanted = activation_for(settings, folder, "check").version
     if wanted != current.version:
         log.warning(
             "policy %s stays active; %s in %s differs: run `gateway policy activate`", current.version, wanted, folder
@@ -86,13 +101,20 @@ class Gateway:
         serve_tiny: str | None,
         max_body_bytes: int = 256 * 1024,
         trust_dev_issuer: bool = True,
+        trusted_signers: tuple[Path, ...] = (),
+        nats_host: str = "127.0.0.1",
+        http_host: str = "127.0.0.1",
+        request_timeout_s: float = 120.0,
+        engine_port: int = 0,
     ) -> None:
-        self.trust_dev_issuer = trust_dev_issuer
+        self.trust_dev_issuer, self.trusted_signers = trust_dev_issuer, trusted_signers
+        self.http_host, self.request_timeout_s = http_host, request_timeout_s
         self.data_dir, self.policy_dir = data_dir.resolve(), policy_dir.resolve()
         self.nats_port, self.http_port, self.max_body_bytes = nats_port, http_port, max_body_bytes
         self.endpoints, self.serve_tiny = dict(endpoints), serve_tiny
-        self.broker = Broker(self.data_dir, port=nats_port)
-        self.engine: Engine | None = Engine(self.data_dir) if serve_tiny else None
+        self.broker = Broker(self.data_dir, host=nats_host, port=nats_port, creds_dir=self.data_dir / "creds")
+        self.engine: Engine | None = Engine(self.data_dir, port=engine_port or None) if serve_tiny else None
+        self.notices: list[str] = []  # what `gateway up` must say on start (dev keys in use)
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self.nats_url = self.http_url = self.policy_version = ""
 
@@ -109,6 +131,11 @@ class Gateway:
             serve_tiny=cfg.engine.endpoint if cfg.engine.serve_tiny else None,
             max_body_bytes=cfg.http.max_body_bytes,
             trust_dev_issuer=cfg.auth.trust_dev_issuer,
+            trusted_signers=tuple(Path(p) for p in cfg.policy.trusted_signers),
+            nats_host=cfg.nats.host,
+            http_host=cfg.http.host,
+            request_timeout_s=cfg.http.request_timeout_s,
+            engine_port=cfg.engine.port,
         )
 
     @property
@@ -119,21 +146,24 @@ class Gateway:
     def start(self) -> None:
         """Broker, engine, keys, topology, policy, workers; returns once every worker consumes."""
         issuer.ensure_keys(self.data_dir / "keys")
-        self.broker.authorization = nats_auth.authorization_block(nats_auth.ensure_creds(self.creds_dir))
+        signers = self._signers()
         self.nats_url = self.broker.start()
         if self.engine is not None and self.serve_tiny:
             self.endpoints[self.serve_tiny] = self.engine.start()
         port = self.http_port or procs.free_port()
-        self.http_url = f"http://127.0.0.1:{port}"
+        self.http_url = f"http://{self.http_host}:{port}"
         self.settings = WorkerSettings(
             nats_url=self.nats_url,
             data_dir=str(self.data_dir),
             policy_dir=str(self.policy_dir),
             endpoints=self.endpoints,
+            http_host=self.http_host,
             http_port=port,
             max_body_bytes=self.max_body_bytes,
+            request_timeout_s=self.request_timeout_s,
             creds_dir=str(self.creds_dir),
             trust_dev_issuer=self.trust_dev_issuer,
+            policy_signers=signers,
         )
         supervisor.write_settings(self.settings)
         asyncio.run(setup_topology(self.settings))
@@ -141,6 +171,21 @@ class Gateway:
         self.workers = supervisor.spawn_workers(self.settings)
         for name, proc in self.workers.items():
             procs.wait_for_line(self.data_dir / "logs" / f"{name}.log", f"{name} consuming", proc, 60.0)
+
+    def _signers(self) -> dict[str, str]:
+        """The pinned policy signers; with none configured, the data dir's dev signer (said out loud)."""
+        if self.trusted_signers:
+            return trusted(list(self.trusted_signers))
+        key_file, public, made = dev_signer(self.data_dir / "keys")
+        self.notices.append(
+            f"DEV policy signer {public.kid} {'made' if made else 'in use'} ({key_file}, 0600): "
+            "pin your own in gateway.toml [policy] trusted_signers before an assessment"
+        )
+        if self.trust_dev_issuer:
+            self.notices.append("DEV token issuer trusted ([auth] trust_dev_issuer = true): off in an enclave")
+        for notice in self.notices:
+            log.warning("%s", notice)
+        return {public.kid: public.public_key}
 
     def stop(self) -> None:
         """Workers first (they drain), then the engine, then the broker."""
@@ -198,7 +243,7 @@ async def status_rows(data_dir: Path) -> tuple[list[str], list[tuple[object, ...
         js = nc.jetstream()
         info = await js.stream_info(subjects.STREAM)
         rows: list[tuple[object, ...]] = [("(stream)", info.state.messages, "", "", info.state.bytes)]
-        for name in bus.CONSUMERS:
+        for name in registry.durables():
             ci = await js.consumer_info(subjects.STREAM, name)
             rows.append(
                 (

@@ -11,6 +11,7 @@ from pathlib import Path
 import msgspec
 
 from . import procs
+from .services import registry
 from .services.auditor import shell as auditor
 from .services.authz import shell as authz
 from .services.budget import shell as budget
@@ -20,7 +21,7 @@ from .services.router import shell as router
 from .services.settings import WorkerSettings
 
 Runner = Callable[[WorkerSettings, asyncio.Event], Coroutine[None, None, None]]
-SERVICES: dict[str, Runner] = {
+_RUNNERS: dict[str, Runner] = {
     "edge": edge.run,
     "authz": authz.run,
     "budget": budget.run,
@@ -28,6 +29,8 @@ SERVICES: dict[str, Runner] = {
     "invoker": invoker.run,
     "auditor": auditor.run,
 }
+# The services to run come from the registry of identities; a service without a runner fails here.
+SERVICES: dict[str, Runner] = {ident.name: _RUNNERS[ident.name] for ident in registry.SERVICES}
 
 
 def settings_path(data_dir: Path) -> Path:

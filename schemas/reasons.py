@@ -29,10 +29,12 @@ ReasonCode = Literal[
     "invocation_failed",
     "request_failed",
     "timeout",
+    "reply_subject_refused",  # gw.submit.<app> without a reply subject under the app's own inbox
 ]
 
 HTTP_STATUS: dict[str, int] = {
     "invalid_request": 400,
+    "reply_subject_refused": 400,
     "body_too_large": 413,
     "token_missing": 401,
     "token_malformed": 401,

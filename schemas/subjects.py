@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 STREAM = "GW_EVENTS"
 ALL_EVENTS = "gw.evt.>"
-SUBMIT = "gw.submit"
+SUBMIT = "gw.submit"  # prefix: each application submits on its own `gw.submit.<app>`
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -20,6 +20,23 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 def token(name: str) -> str:
     """A subject token for a team or model name: no dots, spaces or wildcards."""
     return _UNSAFE.sub("_", name) or "_"
+
+
+def submit(app: str) -> str:
+    """Where application `app` sends its requests; only that identity may publish here, so the
+    subject itself names the sender and the edge can check the reply subject against it."""
+    return f"{SUBMIT}.{app}"
+
+
+def app_of_submit(subject: str) -> str | None:
+    """The application a `gw.submit.<app>` subject names, or None for any other subject."""
+    head, _, app = subject.partition(f"{SUBMIT}.")
+    return app if not head and app and "." not in app else None
+
+
+def app_inbox(app: str) -> str:
+    """An application's inbox prefix: the only place it may read, and the only place it is answered."""
+    return f"_INBOX_app.{app}"
 
 
 def request_submitted() -> str:

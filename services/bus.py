@@ -17,7 +17,6 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
-import msgspec
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -28,45 +27,15 @@ from nats.js.errors import BadRequestError, NotFoundError
 from ..schemas import codec, subjects
 from ..schemas.events import AnyEvent, MessageRejected, RequestFailed, Reservation, envelope
 from .credentials import load_creds
+from .registry import ConsumerSpec, durables
 from .settings import WorkerSettings
 
 log = logging.getLogger("enclave_gateway.bus")
 
 MAX_DELIVER = 5
 BACKOFF_S = (0.2, 1.0, 3.0, 6.0)
-TERMINAL = (
-    "gw.evt.request.denied.>",
-    "gw.evt.budget.rejected.>",
-    "gw.evt.route.unavailable.>",
-    "gw.evt.invocation.completed.>",
-    "gw.evt.invocation.failed.>",
-    "gw.evt.request.failed",
-)
-
-
-class ConsumerSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """A durable pull consumer; its name is the service's (STYLE §2)."""
-
-    filters: tuple[str, ...]
-    ack_wait_s: float = 30.0
-    max_ack_pending: int = 10_000
-
-
-CONSUMERS: dict[str, ConsumerSpec] = {
-    "authz": ConsumerSpec(filters=("gw.evt.request.submitted",)),
-    "budget": ConsumerSpec(
-        filters=(
-            "gw.evt.request.authorized.>",
-            "gw.evt.invocation.>",
-            "gw.evt.route.unavailable.>",
-            "gw.evt.request.failed",
-        )
-    ),
-    "router": ConsumerSpec(filters=("gw.evt.ledger.reserved.>",)),
-    "invoker": ConsumerSpec(filters=("gw.evt.route.selected.>",), ack_wait_s=180.0),
-    "edge": ConsumerSpec(filters=TERMINAL),
-    "auditor": ConsumerSpec(filters=(subjects.ALL_EVENTS,), max_ack_pending=50_000),
-}
+# Every durable consumer comes from the one registry of identities (services/registry.py).
+CONSUMERS: dict[str, ConsumerSpec] = durables()
 
 
 def now_utc() -> datetime:
@@ -75,7 +44,7 @@ def now_utc() -> datetime:
 
 
 async def connect(settings: WorkerSettings, name: str, *, keep_trying: bool = True) -> Client:
-    """Connect as service `name`: its own user and inbox prefix when credentials exist (issue 4).
+    """Connect as identity `name`: its own NKey and inbox prefix when credentials exist (issue 8).
 
     Workers keep trying through a broker restart; a CLI call (`keep_trying=False`) fails at once
     with one clear error instead of retrying forever.
@@ -85,8 +54,8 @@ async def connect(settings: WorkerSettings, name: str, *, keep_trying: bool = Tr
     servers = [u.strip() for u in settings.nats_url.split(",") if u.strip()]  # a cluster: every seed URL
     creds = load_creds(settings.creds_dir, name)
     auth: dict[str, str] = {}
-    if creds is not None:
-        auth = {"user": creds.user, "password": creds.password, "inbox_prefix": creds.inbox_prefix}
+    if creds is not None:  # NKey challenge-response: the seed signs the server's nonce, nothing secret is sent
+        auth = {"nkeys_seed": creds.seed_file, "inbox_prefix": creds.inbox_prefix}
     if keep_trying:
         return await nats.connect(
             servers, name=f"gw-{name}", max_reconnect_attempts=-1, reconnect_time_wait=0.5, **auth

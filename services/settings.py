@@ -22,8 +22,11 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Single-machine convenience: also trust the dev issuer key in the data dir. Off in an enclave,
     # where only the bundle's issuers.jwks.json (the identity service's keys) is trusted.
     trust_dev_issuer: bool = True
-    # Where each service's NATS credentials live; empty = connect without authentication.
+    # Where each identity's NKey seed lives; empty = connect without authentication.
     creds_dir: str = ""
+    # Pinned policy signers (key id -> base64 Ed25519 public key), from the deployment's
+    # configuration, never from the bundle or the stream: an activation none of them signed is refused.
+    policy_signers: dict[str, str] = {}
 
     @property
     def keys_dir(self) -> Path:

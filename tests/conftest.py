@@ -14,7 +14,7 @@ import msgspec
 import nats
 import pytest
 import pytest_asyncio
-from enclave_gateway import issuer, nats_auth, procs, runtime, supervisor
+from enclave_gateway import issuer, nats_auth, policy_admin, procs, runtime, supervisor
 from enclave_gateway.broker import Broker
 from enclave_gateway.engine import Engine
 from enclave_gateway.services import bus
@@ -22,6 +22,9 @@ from enclave_gateway.services.settings import WorkerSettings
 from nats.aio.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
+APP = "tester"  # the application identity the session's `client` connects as
+APPS = (APP, "other")
+SUBMIT = f"gw.submit.{APP}"
 TEST_TEAMS = """
 [teams.gamma]
 cap_micros = 1_000_000_000
@@ -62,7 +65,8 @@ def keys_dir(data_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def broker(data_dir: Path) -> Iterator[Broker]:
     """A real nats-server -js on a port it picked itself (`port: -1`), with one user per service."""
-    b = Broker(data_dir, authorization=nats_auth.authorization_block(nats_auth.ensure_creds(data_dir / "creds")))
+    nats_auth.ensure_creds(data_dir / "creds", APPS)
+    b = Broker(data_dir, creds_dir=data_dir / "creds")
     b.start()
     yield b
     b.stop()
@@ -79,10 +83,15 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def settings(broker: Broker, engine: str, data_dir: Path, policy_dir: Path, keys_dir: Path) -> WorkerSettings:
-    """Worker settings pointing at the test broker and engine; a small body limit to test it."""
+    """Worker settings pointing at the test broker and engine; a small body limit to test it.
+
+    The data dir's dev policy signer is the one pinned signer, as `gateway up` does with none configured.
+    """
+    _, signer, _ = policy_admin.dev_signer(keys_dir)
     return WorkerSettings(nats_url=broker.url, data_dir=str(data_dir), policy_dir=str(policy_dir),
                           endpoints={"local-llama": engine}, http_port=procs.free_port(), max_body_bytes=64 * 1024,
-                          request_timeout_s=60.0, creds_dir=str(data_dir / "creds"))
+                          request_timeout_s=60.0, creds_dir=str(data_dir / "creds"),
+                          policy_signers={signer.kid: signer.public_key})
 
 
 @pytest_asyncio.fixture(scope="session")
@@ -121,8 +130,8 @@ async def _wait_http(url: str, task: asyncio.Task[None]) -> None:
 
 @pytest_asyncio.fixture(scope="session")
 async def client(stack: WorkerSettings) -> AsyncIterator[Client]:
-    """An application's NATS connection (user `app`: may only request on gw.submit)."""
-    nc = await bus.connect(stack, "app")
+    """An application's NATS connection (`app.tester`: may only request on gw.submit.tester)."""
+    nc = await bus.connect(stack, f"app.{APP}")
     yield nc
     await nc.close()
 

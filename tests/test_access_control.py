@@ -20,7 +20,8 @@ from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitReques
 from enclave_gateway.schemas.events import PolicyActivated
 from enclave_gateway.services import bus
 from enclave_gateway.services.credentials import load_creds
-from enclave_gateway.services.policy_feed import PolicyFeed
+from enclave_gateway.services.policy.feed import PolicyFeed
+from enclave_gateway.services.worker import whole_bundle
 from enclave_gateway.violations import list_violations
 from nats.aio.client import Client
 from nats.js.errors import NotFoundError
@@ -52,10 +53,10 @@ async def _wait_violation(stack, request_id: str, timeout_s: float = 15.0) -> tu
 async def test_write_down_is_refused_by_gw_submit_and_lands_in_the_violations_table(
         admin: Client, client: Client, token_for, stack) -> None:
     token = token_for("gamma", subject="analyst-1", **SECRET)
-    ok = codec.decode_reply((await client.request(subjects.SUBMIT, _submit(token, "SECRET//SI", "SECRET//SI"),
+    ok = codec.decode_reply((await client.request(subjects.submit("tester"), _submit(token, "SECRET//SI", "SECRET//SI"),
                                                   timeout=30)).data)
     assert ok.completion is not None
-    reply = codec.decode_reply((await client.request(subjects.SUBMIT, _submit(token, "SECRET//SI", "UNCLASSIFIED"),
+    reply = codec.decode_reply((await client.request(subjects.submit("tester"), _submit(token, "SECRET//SI", "UNCLASSIFIED"),
                                                      timeout=30)).data)
     assert reply.error is not None and (reply.error.code, reply.error.rule) == ("write_down", "no-write-down")
     denied = await wait_for_event(admin, reply.request_id, "RequestDenied")
@@ -116,7 +117,7 @@ async def test_violations_follow_subject_is_readable_by_the_soc_user_only(client
     soc = await bus.connect(stack, "soc")
     sub = await soc.subscribe("gw.evt.request.denied.>")
     try:
-        await client.request(subjects.SUBMIT, _submit(token_for("gamma", **SECRET), "SECRET", "U"), timeout=30)
+        await client.request(subjects.submit("tester"), _submit(token_for("gamma", **SECRET), "SECRET", "U"), timeout=30)
         msg = await sub.next_msg(timeout=10)
         assert codec.decode_event(msg.data).rule == "no-write-down"  # type: ignore[union-attr]
     finally:
@@ -124,13 +125,13 @@ async def test_violations_follow_subject_is_readable_by_the_soc_user_only(client
 
 
 async def _raw_app(stack, errors: list[str]) -> Client:  # type: ignore[no-untyped-def]
-    creds = load_creds(stack.creds_dir, "app")
+    creds = load_creds(stack.creds_dir, "app.tester")
     assert creds is not None
 
     async def on_error(e: Exception) -> None:
         errors.append(str(e))
 
-    return await nats.connect(stack.nats_url, user=creds.user, password=creds.password,
+    return await nats.connect(stack.nats_url, nkeys_seed=creds.seed_file,
                               inbox_prefix=creds.inbox_prefix, error_cb=on_error, allow_reconnect=False)
 
 
@@ -173,7 +174,7 @@ async def test_a_service_may_publish_only_what_it_owns(admin: Client, stack) -> 
     async def on_error(e: Exception) -> None:
         errors.append(str(e))
 
-    nc = await nats.connect(stack.nats_url, user=creds.user, password=creds.password,
+    nc = await nats.connect(stack.nats_url, nkeys_seed=creds.seed_file,
                             inbox_prefix=creds.inbox_prefix, error_cb=on_error, allow_reconnect=False)
     try:
         before = await _count(admin, "gw.evt.ledger.>")
@@ -199,15 +200,15 @@ def _bundle_copy(src: Path, dst: Path, access_extra: str = "", access_drop: str 
 async def test_activation_switches_every_replica_and_an_invalid_policy_is_refused(
         admin: Client, client: Client, token_for, stack, tmp_path: Path) -> None:
     original = Path(stack.policy_dir)
-    feeds = [PolicyFeed(admin, admin.jetstream(), f"replica-{i}", []) for i in range(2)]
+    feeds = [PolicyFeed(admin, admin.jetstream(), f"replica-{i}", whole_bundle, stack.policy_signers) for i in range(2)]
     for f in feeds:
         await f.start()
-    before = feeds[0].current.bundle.version
+    before = feeds[0].version
     narrowed = _bundle_copy(original, tmp_path / "narrow", access_drop="p, team:gamma, analyst-large")
     try:
         event = await runtime.activate(stack, narrowed, "test")
-        await _until(lambda: all(f.current.bundle.version == event.version for f in feeds))
-        reply = codec.decode_reply((await client.request(subjects.SUBMIT, _submit(
+        await _until(lambda: all(f.version == event.version for f in feeds))
+        reply = codec.decode_reply((await client.request(subjects.submit("tester"), _submit(
             token_for("gamma"), None, None, model="analyst-large"), timeout=30)).data)
         assert reply.error is not None and reply.error.rule == "team-model-access"
         denied = await wait_for_event(admin, reply.request_id, "RequestDenied")
@@ -222,10 +223,10 @@ async def test_activation_switches_every_replica_and_an_invalid_policy_is_refuse
                                  sha256="0" * 64, activated_by="mallory", files={"catalog.toml": "x"})
         await bus.publish(admin.jetstream(), forged)
         await asyncio.sleep(0.5)
-        assert all(f.current.bundle.version == event.version for f in feeds)
+        assert all(f.version == event.version for f in feeds)
     finally:
         restored = await runtime.activate(stack, original, "test-restore")
-        await _until(lambda: all(f.current.bundle.version == restored.version for f in feeds))
+        await _until(lambda: all(f.version == restored.version for f in feeds))
     assert restored.version == before
 
 
@@ -269,7 +270,7 @@ async def test_issuer_keys_come_from_the_bundle_and_rotate_by_kid(admin: Client,
 
     async def code_for(token: str) -> str | None:
         chat = ChatBody(model="enclave-tiny", messages=(ChatMessage(role="user", content="x"),), max_tokens=2)
-        reply = codec.decode_reply((await client.request(subjects.SUBMIT, codec.encode(
+        reply = codec.decode_reply((await client.request(subjects.submit("tester"), codec.encode(
             SubmitRequest(token=token, chat=chat)), timeout=30)).data)
         return reply.error.code if reply.error else None
 

@@ -19,10 +19,10 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 async def test_requests_are_queryable_in_parquet_with_a_chain_matching_the_stream(admin: Client, client: Client, token_for,
                                                                                    stack) -> None:
     chat = ChatBody(model="enclave-tiny", messages=(ChatMessage(role="user", content="audit me"),), max_tokens=4)
-    msg = await client.request(subjects.SUBMIT, codec.encode(SubmitRequest(token=token_for("gamma"), chat=chat)),
+    msg = await client.request(subjects.submit("tester"), codec.encode(SubmitRequest(token=token_for("gamma"), chat=chat)),
                                timeout=30)
     rid = codec.decode_reply(msg.data).request_id
-    denied = await client.request(subjects.SUBMIT, codec.encode(SubmitRequest(token="", chat=chat)), timeout=30)
+    denied = await client.request(subjects.submit("tester"), codec.encode(SubmitRequest(token="", chat=chat)), timeout=30)
     denied_rid = codec.decode_reply(denied.data).request_id
     await asyncio.sleep(0.5)  # let the settlement and deliveries land before the auditor's last batch
     last = await runtime.wait_audited(admin)

@@ -23,7 +23,7 @@ from enclave_gateway.schemas.labels import Label, dominates, parse_label
 from enclave_gateway.services.authz import decider
 from enclave_gateway.services.authz.access import AccessRules
 from enclave_gateway.services.authz.tokens import keyring
-from enclave_gateway.services.policy_store import bundle_from_files, read_files
+from enclave_gateway.services.policy import bundle_from_files, read_files
 from enclave_gateway.services.settings import jwks_path
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -59,7 +59,7 @@ async def test_http_invalid_body_is_400_with_a_rejection_event(admin: Client, ht
     (codec.encode(SubmitRequest(token="x", chat=ChatBody(model="m", messages=()))), "invalid_request"),
 ])
 async def test_nats_invalid_submit_gets_error_reply_and_event(admin: Client, client: Client, data: bytes, code: str) -> None:
-    msg = await client.request(subjects.SUBMIT, data, timeout=10)
+    msg = await client.request(subjects.submit("tester"), data, timeout=10)
     reply = codec.decode_reply(msg.data)
     assert reply.error is not None and reply.error.code == code
     rejected = await wait_for_event(admin, reply.request_id, "MessageRejected")
@@ -73,7 +73,7 @@ async def test_oversized_body_is_413_by_http_and_refused_by_nats(admin: Client, 
     assert status == 413 and err["code"] == "body_too_large"
     assert await _rejections_mentioning(admin, f"over {stack.max_body_bytes} bytes")
     chat = ChatBody(model="enclave-tiny", messages=(ChatMessage(role="user", content=big),))
-    msg = await client.request(subjects.SUBMIT, codec.encode(SubmitRequest(token="t", chat=chat)), timeout=10)
+    msg = await client.request(subjects.submit("tester"), codec.encode(SubmitRequest(token="t", chat=chat)), timeout=10)
     reply = codec.decode_reply(msg.data)
     assert reply.error is not None and reply.error.code == "body_too_large"
     await wait_for_event(admin, reply.request_id, "MessageRejected")
@@ -124,7 +124,7 @@ async def test_garbage_on_an_event_subject_is_rejected_and_the_worker_lives(admi
         await asyncio.sleep(0.2)
     assert len(found) >= 2
     assert any("missing required field" in str(b["detail"]) for b in found)
-    msg = await client.request(subjects.SUBMIT, codec.encode(SubmitRequest(
+    msg = await client.request(subjects.submit("tester"), codec.encode(SubmitRequest(
         token=token_for("gamma"), chat=ChatBody(model="enclave-tiny", max_tokens=2,
                                                 messages=(ChatMessage(role="user", content="still alive?"),)))),
         timeout=30)
@@ -187,7 +187,7 @@ async def test_bad_tokens_on_gw_submit_get_the_same_codes(admin: Client, client:
         "garbage": ("abc.def", "token_malformed"),
     }[case]
     chat = ChatBody(model="enclave-tiny", messages=(ChatMessage(role="user", content="x"),), max_tokens=2)
-    reply = codec.decode_reply((await client.request(subjects.SUBMIT, codec.encode(
+    reply = codec.decode_reply((await client.request(subjects.submit("tester"), codec.encode(
         SubmitRequest(token=token, chat=chat)), timeout=30)).data)
     assert reply.error is not None and (reply.error.code, reply.error.rule) == (code, "session-token")
     denied = await wait_for_event(admin, reply.request_id, "RequestDenied")
@@ -204,5 +204,5 @@ async def test_lattice_denials_on_gw_submit(client: Client, token_for, labels: t
     chat = ChatBody(model="enclave-tiny", messages=(ChatMessage(role="user", content="x"),), max_tokens=2)
     cmd = SubmitRequest(token=token_for("gamma", clearance=clearance, compartments=("SI",)), chat=chat,
                         input_label=labels[0], output_label=labels[1])
-    reply = codec.decode_reply((await client.request(subjects.SUBMIT, codec.encode(cmd), timeout=30)).data)
+    reply = codec.decode_reply((await client.request(subjects.submit("tester"), codec.encode(cmd), timeout=30)).data)
     assert reply.error is not None and reply.error.rule == rule

@@ -23,7 +23,7 @@ from enclave_gateway.schemas.events import (
 from enclave_gateway.schemas.policy import Budgets, PolicyBundle, TeamBudget
 from enclave_gateway.services import catalog
 from enclave_gateway.services.budget import decider
-from enclave_gateway.services.policy_store import load_bundle
+from enclave_gateway.services.policy import load_bundle
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule

@@ -18,7 +18,7 @@ import nats
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from enclave_gateway import audit_sql, issuer, nats_auth, procs, runtime, supervisor
+from enclave_gateway import audit_sql, issuer, nats_auth, policy_admin, procs, runtime, supervisor
 from enclave_gateway.broker import Broker
 from enclave_gateway.schemas import codec, subjects
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
@@ -77,7 +77,8 @@ def race_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def race_broker(race_dirs: tuple[Path, Path]) -> Iterator[Broker]:
     data, _ = race_dirs
-    b = Broker(data, authorization=nats_auth.authorization_block(nats_auth.ensure_creds(data / "creds")))
+    nats_auth.ensure_creds(data / "creds", ("race",))
+    b = Broker(data, creds_dir=data / "creds")
     b.start()
     yield b
     b.stop()
@@ -135,11 +136,12 @@ class RaceGateway:
 async def race(race_dirs: tuple[Path, Path], race_broker: Broker, engine: str,
                slow_endpoint: str) -> AsyncIterator[RaceGateway]:
     data, policies = race_dirs
+    _, signer, _ = policy_admin.dev_signer(data / "keys")
     settings = WorkerSettings(nats_url=race_broker.url, data_dir=str(data), policy_dir=str(policies),
                               endpoints={"local-llama": engine, "slow": slow_endpoint,
                                          "blackhole": f"{slow_endpoint}/blackhole"},
                               http_port=procs.free_port(), creds_dir=str(data / "creds"), invoke_timeout_s=8.0,
-                              budget_housekeeping_s=1.0)
+                              budget_housekeeping_s=1.0, policy_signers={signer.kid: signer.public_key})
     supervisor.write_settings(settings)
     await runtime.setup_topology(settings)
     await runtime.activate(settings, policies, "race-test")
@@ -193,12 +195,12 @@ async def _settled_down(admin: Client, team: str, timeout_s: float = 60.0) -> li
 
 async def test_a_thousand_concurrent_requests_never_overshoot_with_two_replicas(race: RaceGateway) -> None:
     assert len(race.budgets) == 2 and all(p.poll() is None for p in race.budgets)
-    app, admin = await bus.connect(race.settings, "app"), await bus.connect(race.settings, "admin")
+    app, admin = await bus.connect(race.settings, "app.race"), await bus.connect(race.settings, "admin")
     try:
         await _until_two_pullers(admin)
         token = issuer.issue(Path(race.settings.data_dir) / "keys", subject="racer", team="race", ttl_s=3600)
         payload = _submit(token)
-        replies = await asyncio.gather(*(app.request(subjects.SUBMIT, payload, timeout=120) for _ in range(1000)))
+        replies = await asyncio.gather(*(app.request(subjects.submit("race"), payload, timeout=120) for _ in range(1000)))
         decoded = [codec.decode_reply(m.data) for m in replies]
         completed = [r for r in decoded if r.completion is not None]
         refused = [r for r in decoded if r.error is not None]
@@ -267,10 +269,10 @@ async def test_spend_report_reconciles_with_the_budget_state_and_plots(race: Rac
 
 async def test_killing_budget_between_reserve_and_settle_neither_double_charges_nor_leaks(
         race: RaceGateway) -> None:
-    app, admin = await bus.connect(race.settings, "app"), await bus.connect(race.settings, "admin")
+    app, admin = await bus.connect(race.settings, "app.race"), await bus.connect(race.settings, "admin")
     try:
         token = issuer.issue(Path(race.settings.data_dir) / "keys", subject="victim", team="crash", ttl_s=3600)
-        pending = asyncio.ensure_future(app.request(subjects.SUBMIT, _submit(token, "slow-tiny"), timeout=60))
+        pending = asyncio.ensure_future(app.request(subjects.submit("race"), _submit(token, "slow-tiny"), timeout=60))
         rid = await _first_reserved(admin, "crash")
         race.kill_budgets()  # SIGKILL while the model server is still answering
         reply = codec.decode_reply((await pending).data)
@@ -314,12 +316,12 @@ async def test_a_lost_reservation_expires_by_an_event_and_the_late_failure_chang
     shutil.copytree(original, short)
     budgets = (short / "budgets.toml").read_text()
     (short / "budgets.toml").write_text("reservation_ttl_s = 1\n" + budgets)
-    app, admin = await bus.connect(race.settings, "app"), await bus.connect(race.settings, "admin")
+    app, admin = await bus.connect(race.settings, "app.race"), await bus.connect(race.settings, "admin")
     try:
         await runtime.activate(race.settings, short, "expiry-test")
         await asyncio.sleep(1.0)  # every replica switches on the activation
         token = issuer.issue(Path(race.settings.data_dir) / "keys", subject="lost", team="crash", ttl_s=3600)
-        reply = codec.decode_reply((await app.request(subjects.SUBMIT, _submit(token, "blackhole-tiny"),
+        reply = codec.decode_reply((await app.request(subjects.submit("race"), _submit(token, "blackhole-tiny"),
                                                       timeout=60)).data)
         assert reply.error is not None and reply.error.code == "invocation_failed"  # after the 8 s deadline
         rid = reply.request_id

@@ -23,7 +23,7 @@ class _NoSnapshot(LedgerStore):
 async def _request(client: Client, admin: Client, token: str) -> None:
     """One request, returned once its settlement is in the ledger (it lands after the reply)."""
     chat = ChatBody(model="enclave-tiny", messages=(ChatMessage(role="user", content="ledger"),), max_tokens=2)
-    reply = codec.decode_reply((await client.request(subjects.SUBMIT, codec.encode(
+    reply = codec.decode_reply((await client.request(subjects.submit("tester"), codec.encode(
         SubmitRequest(token=token, chat=chat)), timeout=30)).data)
     assert reply.completion is not None
     await wait_for_event(admin, reply.request_id, "BudgetSettled")

@@ -23,7 +23,7 @@ def _submit(token: str, model: str = "enclave-tiny", text: str = "hello", max_to
 
 
 async def test_nats_entry_completes_with_usage_and_records_every_stage(admin: Client, client: Client, token_for) -> None:
-    msg = await client.request(subjects.SUBMIT, _submit(token_for("gamma")), timeout=30)
+    msg = await client.request(subjects.submit("tester"), _submit(token_for("gamma")), timeout=30)
     reply = codec.decode_reply(msg.data)
     assert reply.error is None and reply.completion is not None
     assert reply.completion.model == "enclave-tiny"
@@ -40,7 +40,7 @@ async def test_nats_entry_completes_with_usage_and_records_every_stage(admin: Cl
 
 
 async def test_every_publish_carries_a_msg_id_matching_the_event_id(admin: Client, client: Client, token_for) -> None:
-    msg = await client.request(subjects.SUBMIT, _submit(token_for("gamma")), timeout=30)
+    msg = await client.request(subjects.submit("tester"), _submit(token_for("gamma")), timeout=30)
     rid = codec.decode_reply(msg.data).request_id
     await wait_for_event(admin, rid, "ResponseDelivered")
     js = admin.jetstream()
@@ -89,7 +89,7 @@ async def test_openai_client_sees_our_reason_code_on_refusal(http_url: str, toke
 
 
 async def test_deprecated_model_is_swapped_and_the_substitution_recorded(admin: Client, client: Client, token_for) -> None:
-    msg = await client.request(subjects.SUBMIT, _submit(token_for("gamma"), model="enclave-tiny-v0"), timeout=30)
+    msg = await client.request(subjects.submit("tester"), _submit(token_for("gamma"), model="enclave-tiny-v0"), timeout=30)
     reply = codec.decode_reply(msg.data)
     assert reply.completion is not None and reply.completion.model == "enclave-tiny"
     route = await wait_for_event(admin, reply.request_id, "RouteSelected")
@@ -97,7 +97,7 @@ async def test_deprecated_model_is_swapped_and_the_substitution_recorded(admin: 
 
 
 async def test_unserved_endpoint_fails_cleanly_and_releases_the_reservation(admin: Client, client: Client, token_for) -> None:
-    msg = await client.request(subjects.SUBMIT, _submit(token_for("gamma"), model="analyst-large"), timeout=30)
+    msg = await client.request(subjects.submit("tester"), _submit(token_for("gamma"), model="analyst-large"), timeout=30)
     reply = codec.decode_reply(msg.data)
     assert reply.error is not None and reply.error.code == "invocation_failed"
     released = await wait_for_event(admin, reply.request_id, "BudgetReleased")
@@ -109,7 +109,7 @@ async def test_over_budget_request_gets_remaining_and_requested(client: Client, 
     token = token_for("tight")
     replies = []
     for _ in range(6):
-        msg = await client.request(subjects.SUBMIT, _submit(token, max_tokens=16), timeout=30)
+        msg = await client.request(subjects.submit("tester"), _submit(token, max_tokens=16), timeout=30)
         replies.append(codec.decode_reply(msg.data))
     refused = [r for r in replies if r.error is not None]
     assert refused, "a 700-micro cap must refuse some of six requests"

@@ -23,7 +23,7 @@ from enclave_gateway.services.auditor import decider as auditor
 from enclave_gateway.services.edge import decider as edge
 from enclave_gateway.services.edge import openai_shapes
 from enclave_gateway.services.invoker import decider as invoker
-from enclave_gateway.services.policy_store import PolicyError, load_bundle
+from enclave_gateway.services.policy import PolicyError, load_bundle
 from enclave_gateway.services.router import decider as router
 
 from .samples import SAMPLES_BY_NAME

@@ -23,7 +23,7 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
     """Serve until `stop` is set, flushing what is buffered on the way out."""
     audit_dir = settings.audit_dir
     state = await asyncio.to_thread(parquet_sink.resume_state, audit_dir)
-    async with worker.session(settings, "auditor", follow_policy=False) as s:
+    async with worker.without_policy(settings, "auditor") as s:
         await _serve(s.js, settings, state, stop)
 
 

@@ -8,13 +8,13 @@ from ...schemas import codec
 from ...schemas.events import RequestSubmitted
 from .. import bus, worker
 from ..settings import WorkerSettings
-from . import decider
+from . import decider, policy_view
 
 
 async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
     """Serve until `stop` is set."""
     state = decider.initial_state()
-    async with worker.session(settings, "authz") as s:
+    async with worker.session(settings, "authz", policy_view.for_worker(settings)) as s:
 
         async def handle(msg: Msg) -> None:
             cmd = codec.decode_as(msg.data, RequestSubmitted)

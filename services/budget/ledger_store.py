@@ -10,6 +10,7 @@ events after it, so a start does not replay the whole history.
 from __future__ import annotations
 
 import logging
+import uuid
 
 import msgspec
 from nats.js import JetStreamContext
@@ -58,25 +59,41 @@ class LedgerStore:
             self.seq = max(self.seq, seq)
 
     async def rebuild(self) -> int:
-        """Snapshot, then every later ledger event through an ordered consumer; returns events read."""
+        """Snapshot, then every later ledger event; returns the number of events read."""
         await self._load_snapshot()
         try:
             last = await self.js.get_last_msg(subjects.STREAM, LEDGER_ALL, direct=True)
         except NotFoundError:
             return 0
-        until, count = int(last.seq or 0), 0
-        if until <= self.seq:
+        return await self._tail(LEDGER_ALL, self.seq + 1, int(last.seq or 0))
+
+    async def _tail(self, filter_subject: str, start: int, until: int) -> int:
+        """Fold the ledger events on `filter_subject` from `start` through `until`.
+
+        An ordered consumer of our own, named (the bare `CONSUMER.CREATE.<stream>` form would let
+        the budget's credential create or update any consumer) and filtered to the ledger, which is
+        exactly what the registry allows the budget (services/registry.py).
+        """
+        if until < start:
             return 0
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.seq + 1)
-        sub = await self.js.subscribe(LEDGER_ALL, stream=subjects.STREAM, ordered_consumer=True, config=config)
+        config = ConsumerConfig(
+            name=f"budget_tail_{uuid.uuid4().hex}",
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start,
+            inactive_threshold=30.0,
+        )
+        sub = await self.js.subscribe(filter_subject, stream=subjects.STREAM, ordered_consumer=True, config=config)
+        count = 0
         try:
-            while self.seq < until:
+            while True:
                 msg = await sub.next_msg(timeout=10)
-                self._fold(msg.metadata.sequence.stream, msg.data)
+                seq = msg.metadata.sequence.stream
+                self._fold(seq, msg.data)
                 count += 1
+                if seq >= until:
+                    return count
         finally:
             await sub.unsubscribe()
-        return count
 
     async def _load_snapshot(self) -> None:
         try:
@@ -97,17 +114,26 @@ class LedgerStore:
         return self.seq
 
     async def catch_up(self, team: str) -> None:
-        """Fold the team's ledger events this replica has not seen (one direct get when current)."""
-        seq = self.last_seq.get(team, 0)
-        while True:
-            try:
-                raw = await self.js.get_msg(
-                    subjects.STREAM, seq=seq + 1, subject=subjects.ledger_filter(team), next=True, direct=True
-                )
-            except NotFoundError:
-                return
-            seq = int(raw.seq or 0)
-            self._fold(seq, raw.data or b"")
+        """Fold the team's ledger events this replica has not seen.
+
+        One scoped direct get of the team's newest ledger fact (the budget may read its ledger and
+        nothing else of the stream). Each ledger write carries the sequence it expected before it,
+        and the server keeps that header: when it names our last seen sequence, the newest fact is
+        the only one we missed. Otherwise a short tail over the team's ledger folds the gap.
+        """
+        known = self.last_seq.get(team, 0)
+        try:
+            raw = await self.js.get_last_msg(subjects.STREAM, subjects.ledger_filter(team), direct=True)
+        except NotFoundError:
+            return
+        newest = int(raw.seq or 0)
+        if newest <= known:
+            return
+        previous = (raw.headers or {}).get(Header.EXPECTED_LAST_SUBJECT_SEQUENCE)
+        if previous is not None and previous.isdigit() and int(previous) == known:
+            self._fold(newest, raw.data or b"")
+            return
+        await self._tail(subjects.ledger_filter(team), known + 1, newest)
 
     async def write(self, event: LedgerEvent) -> None:
         """Append a ledger event only if the team's ledger is where this replica last saw it."""

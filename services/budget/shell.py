@@ -28,7 +28,11 @@ MAX_CONFLICTS = 50
 
 
 async def apply(
-    s: worker.Session, store: LedgerStore, team: str, decide: Callable[[], list[AnyEvent]], catch_up_first: bool = True
+    s: worker.Session[PolicyBundle],
+    store: LedgerStore,
+    team: str,
+    decide: Callable[[], list[AnyEvent]],
+    catch_up_first: bool = True,
 ) -> None:
     """Decide and write; on a conflict with another replica, catch up the team and do it again.
 
@@ -53,7 +57,7 @@ async def apply(
 
 async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
     """Rebuild the projection, then serve until `stop` is set."""
-    async with worker.session(settings, "budget") as s:
+    async with worker.session(settings, "budget", worker.whole_bundle) as s:
         store = LedgerStore(s.js)
         log.info("budget projection rebuilt: %d ledger events after the snapshot", await store.rebuild())
 
@@ -70,7 +74,7 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
                     s,
                     store,
                     team,
-                    lambda: decider.decide(event, store.state, s.policy.bundle, bus.now_utc()),
+                    lambda: decider.decide(event, store.state, s.policy, bus.now_utc()),
                     catch_up_first=not known,
                 )
 
@@ -85,7 +89,9 @@ def _expiry(store: LedgerStore, bundle: PolicyBundle, now: datetime, team: str) 
     return lambda: decider.expire(store.state, bundle, now, team)
 
 
-async def _housekeeping(s: worker.Session, store: LedgerStore, stop: asyncio.Event, every_s: float) -> None:
+async def _housekeeping(
+    s: worker.Session[PolicyBundle], store: LedgerStore, stop: asyncio.Event, every_s: float
+) -> None:
     """Expire reservations whose request was lost, and snapshot the projection when it moved."""
     snapshotted = store.seq
     while not stop.is_set():
@@ -95,7 +101,7 @@ async def _housekeeping(s: worker.Session, store: LedgerStore, stop: asyncio.Eve
         except TimeoutError:
             pass
         try:
-            bundle, now = s.policy.bundle, bus.now_utc()
+            bundle, now = s.policy, bus.now_utc()
             for team in sorted(decider.expiring_teams(store.state, bundle, now)):
                 await apply(s, store, team, _expiry(store, bundle, now, team))
             if store.seq > snapshotted:

@@ -10,7 +10,7 @@ from typing import Literal
 import msgspec
 from msgspec import Struct
 
-from ...schemas import codec
+from ...schemas import codec, subjects
 from ...schemas.commands import ChatBody, ChatMessage, Completion, ErrorBody, SubmitReply, SubmitRequest, Usage
 from ...schemas.events import (
     AnyEvent,
@@ -89,6 +89,24 @@ def validate_chat(chat: ChatBody) -> None:
         raise codec.DecodeError("`messages` must hold at least one message")
     if chat.max_tokens is not None and chat.max_tokens < 1:
         raise codec.DecodeError("`max_tokens` must be at least 1")
+
+
+def refuse_reply_subject(subject: str, reply_to: str | None) -> str | None:
+    """Why a `gw.submit.<app>` request must be refused unanswered and unrun, or None when it may run.
+
+    Only application `app` may publish `gw.submit.<app>` (the server enforces it), so the subject
+    names the sender; the answer may go only below that application's own inbox. Anything else
+    (no reply subject, another application's inbox, an event subject) would let a caller make the
+    edge publish where the caller itself may not.
+    """
+    app = subjects.app_of_submit(subject)
+    if app is None:
+        return f"{subject!r} is not an application's submit subject"
+    if not reply_to:
+        return "a request must carry a reply subject under the application's own inbox"
+    if not reply_to.startswith(subjects.app_inbox(app) + "."):
+        return f"reply subject {reply_to!r} is not under {subjects.app_inbox(app)}."
+    return None
 
 
 def submitted(

@@ -15,7 +15,8 @@ from nats.aio.msg import Msg
 from ...schemas import codec, subjects
 from ...schemas.commands import SubmitReply, SubmitRequest
 from .. import bus, worker
-from ..authz.decider import visible_models
+from ..authz import policy_view
+from ..authz.decider import AuthzPolicy, visible_models
 from ..authz.tokens import TokenDefect
 from ..settings import WorkerSettings
 from . import decider, http_app
@@ -26,16 +27,16 @@ log = logging.getLogger("enclave_gateway.edge")
 class Edge:
     """One edge replica's connections, pending HTTP callers and policy view."""
 
-    def __init__(self, settings: WorkerSettings, session: worker.Session) -> None:
+    def __init__(self, settings: WorkerSettings, session: worker.Session[AuthzPolicy]) -> None:
         self.settings, self.session = settings, session
         self.nc, self.js = session.nc, session.js
         self.inbox = self.nc.new_inbox()
         self.pending: dict[str, asyncio.Future[SubmitReply]] = {}
 
     async def start(self) -> None:
-        """Subscribe to this replica's reply inbox and to `gw.submit` (queue group `edge`)."""
+        """Subscribe to this replica's reply inbox and to every `gw.submit.<app>` (queue group `edge`)."""
         await self.nc.subscribe(f"{self.inbox}.*", cb=self._on_reply)
-        await self.nc.subscribe(subjects.SUBMIT, queue="edge", cb=self._on_submit)
+        await self.nc.subscribe(subjects.submit("*"), queue="edge", cb=self._on_submit)
 
     async def submit(self, entry: Literal["http", "nats"], cmd: SubmitRequest, reply_to: str, request_id: str) -> None:
         """Put a validated request into the pipeline."""
@@ -71,7 +72,7 @@ class Edge:
     @property
     def version(self) -> str:
         """The active policy version, recorded on every fact the edge publishes."""
-        return self.session.policy.bundle.version
+        return self.session.policy_version
 
     def models_for(self, token: str) -> list[str] | TokenDefect:
         """What GET /v1/models shows this session: only models its team or roles may use."""
@@ -85,6 +86,11 @@ class Edge:
     async def _on_submit(self, msg: Msg) -> None:
         request_id = uuid.uuid4().hex
         try:
+            refused = decider.refuse_reply_subject(msg.subject, msg.reply)
+            if refused is not None:  # recorded, never answered, never run
+                log.warning("gw.submit refused: %s", refused)
+                await self.reject(request_id, msg.subject, "reply_subject_refused", refused, None)
+                return
             if len(msg.data) > self.settings.max_body_bytes:
                 await self.reject(
                     request_id,
@@ -103,7 +109,7 @@ class Edge:
             await self.submit("nats", cmd, msg.reply or "", request_id)
         except Exception as exc:  # the caller must hear something; the bus may be down
             log.error("gw.submit failed: %r", exc)
-            if msg.reply:
+            if msg.reply and decider.refuse_reply_subject(msg.subject, msg.reply) is None:
                 reply = decider.error_reply(request_id, "request_failed", f"could not submit: {exc!r}")
                 await self.nc.publish(msg.reply, codec.encode(reply))
 
@@ -118,7 +124,7 @@ class Edge:
 
 async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
     """Serve HTTP, `gw.submit` and the responder until `stop` is set."""
-    async with worker.session(settings, "edge") as s:
+    async with worker.session(settings, "edge", policy_view.for_worker(settings)) as s:
         edge = Edge(settings, s)
         await edge.start()
         runner = web.AppRunner(http_app.build(edge), access_log=None)

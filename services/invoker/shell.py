@@ -42,7 +42,7 @@ def _ms(t0: float) -> float:
 
 async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
     """Serve until `stop` is set."""
-    async with worker.session(settings, "invoker", follow_policy=False) as s:
+    async with worker.without_policy(settings, "invoker") as s:
         await _serve(settings, s.js, stop)
 
 

@@ -14,11 +14,11 @@ from . import decider
 async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
     """Serve until `stop` is set."""
     state = decider.initial_state()
-    async with worker.session(settings, "router") as s:
+    async with worker.session(settings, "router", worker.whole_bundle) as s:
 
         async def handle(msg: Msg) -> None:
             reserved = codec.decode_as(msg.data, BudgetReserved)
-            for event in decider.decide(reserved, state, s.policy.bundle, bus.now_utc()):
+            for event in decider.decide(reserved, state, s.policy, bus.now_utc()):
                 await bus.publish(s.js, event)
 
         await bus.consume(s.js, "router", handle, stop)

@@ -1,28 +1,33 @@
-"""The policy bundle: read from a folder, validated, named by sha256, and carried by PolicyActivated.
+"""The policy bundle: read from a folder, validated for structure, named by sha256.
 
-Validation builds everything a decision needs (catalog, budgets, labels, casbin rules, issuer
-keys), so an invalid bundle is refused before it can be activated and the active one stays.
+Structural validation (catalog, budgets, labels, team names) lives here; the access rules and
+issuer keys are validated by compiling them (`authz.policy_view`), which `gateway policy sign` and
+`activate` do before anything is signed or published, and authz and edge do again on activation.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import tomllib
-from datetime import datetime
 from pathlib import Path
 
 import msgspec
 
-from ..schemas.events import PolicyActivated, envelope
-from ..schemas.labels import LabelError, parse_label
-from ..schemas.policy import Budgets, Catalog, PolicyBundle
+from ...schemas import subjects
+from ...schemas.labels import LabelError, parse_label
+from ...schemas.policy import Budgets, Catalog, PolicyBundle
 
 FILES = ("catalog.toml", "budgets.toml", "access_model.conf", "access_policy.csv", "issuers.jwks.json")
+# A team name becomes a subject token (its ledger, its authorizations): only these characters
+# keep the mapping one-to-one, so two teams can never share a ledger (`a.b` and `a_b` would).
+TEAM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_TEAM_IN_POLICY = re.compile(r"^\s*[pg]\w*\s*,\s*team:([^,\s]+)", re.MULTILINE)
 
 
 class PolicyError(ValueError):
-    """An invalid policy bundle; the message says which file and why."""
+    """An invalid, unsigned or untrusted policy bundle; the message says which file and why."""
 
 
 def digest(files: dict[str, str]) -> str:
@@ -31,6 +36,11 @@ def digest(files: dict[str, str]) -> str:
     for name in FILES:
         h.update(name.encode() + b"\0" + files.get(name, "").encode() + b"\0")
     return h.hexdigest()
+
+
+def version_of(files: dict[str, str]) -> str:
+    """The name every decision records: the bundle's digest, shortened."""
+    return "sha256:" + digest(files)[:16]
 
 
 def read_files(folder: Path) -> dict[str, str]:
@@ -42,10 +52,11 @@ def read_files(folder: Path) -> dict[str, str]:
 
 
 def bundle_from_files(files: dict[str, str]) -> PolicyBundle:
-    """Parse and validate a bundle; raises PolicyError naming the file and the reason."""
+    """Parse a bundle and check its structure; raises PolicyError naming the file and the reason."""
     missing = [n for n in FILES if n not in files]
-    if missing:
-        raise PolicyError(f"policy bundle lacks {', '.join(missing)}")
+    extra = sorted(set(files) - set(FILES))
+    if missing or extra:
+        raise PolicyError(f"policy bundle must hold exactly {', '.join(FILES)} (missing {missing}, extra {extra})")
     try:
         catalog = msgspec.convert(tomllib.loads(files["catalog.toml"]), Catalog)
     except (tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
@@ -55,43 +66,45 @@ def bundle_from_files(files: dict[str, str]) -> PolicyBundle:
     except (tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
         raise PolicyError(f"budgets.toml: {exc}") from exc
     bundle = PolicyBundle(
-        version="sha256:" + digest(files)[:16],
+        version=version_of(files),
         catalog=catalog,
         budgets=budgets,
         access_model=files["access_model.conf"],
         access_policy=files["access_policy.csv"],
         issuers_jwks=files["issuers.jwks.json"],
     )
-    _validate(bundle)
+    _check_catalog(bundle.catalog)
+    check_team_names(list(bundle.budgets.teams), "budgets.toml")
+    check_team_names(_TEAM_IN_POLICY.findall(bundle.access_policy), "access_policy.csv")
     return bundle
 
 
-def _validate(bundle: PolicyBundle) -> None:
-    from .authz.access import AccessError, AccessRules
-    from .authz.tokens import keyring
-
-    ids = [m.id for m in bundle.catalog.model]
+def _check_catalog(catalog: Catalog) -> None:
+    ids = [m.id for m in catalog.model]
     if len(ids) != len(set(ids)):
         raise PolicyError("catalog.toml: duplicate model ids")
-    for model in bundle.catalog.model:
+    for model in catalog.model:
         try:
             parse_label(model.accreditation)
         except LabelError as exc:
             raise PolicyError(f"catalog.toml: model {model.id!r} accreditation: {exc}") from exc
         if model.replacement is not None and model.replacement not in ids:
             raise PolicyError(f"catalog.toml: {model.id!r} is replaced by unknown model {model.replacement!r}")
-    try:
-        AccessRules(bundle)
-    except AccessError as exc:
-        raise PolicyError(f"access_model.conf/access_policy.csv: {exc}") from exc
-    try:
-        keyring([bundle.issuers_jwks])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise PolicyError(f"issuers.jwks.json: {exc}") from exc
+
+
+def check_team_names(names: list[str], where: str) -> None:
+    """Every team name is a subject-safe token, and no two share a subject; raises PolicyError."""
+    seen: dict[str, str] = {}
+    for name in names:
+        if not TEAM_NAME.match(name):
+            raise PolicyError(f"{where}: team name {name!r} must be 1-64 of A-Z a-z 0-9 _ - (it names NATS subjects)")
+        token = subjects.token(name)
+        if seen.setdefault(token, name) != name:
+            raise PolicyError(f"{where}: teams {seen[token]!r} and {name!r} would share the subject token {token!r}")
 
 
 def load_bundle(folder: Path) -> PolicyBundle:
-    """Read and validate the bundle in a folder."""
+    """Read a folder's bundle and check its structure."""
     return bundle_from_files(read_files(folder))
 
 
@@ -102,19 +115,3 @@ def git_commit(folder: Path) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return (out.stdout.strip() or None) if out.returncode == 0 else None
-
-
-def activation(folder: Path, activated_by: str, now: datetime) -> PolicyActivated:
-    """The PolicyActivated fact for a folder's bundle; raises PolicyError when it is invalid."""
-    files = read_files(folder)
-    bundle = bundle_from_files(files)
-    # The time is part of the id: re-activating an earlier version (a rollback) is a new fact.
-    request_id = f"policy-{bundle.version}-{now.strftime('%Y%m%dT%H%M%S%f')}"
-    return PolicyActivated(
-        **envelope(request_id, "activate", now, bundle.version),
-        version=bundle.version,
-        sha256=digest(files),
-        git_commit=git_commit(folder),
-        activated_by=activated_by,
-        files=files,
-    )

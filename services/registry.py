@@ -1,0 +1,305 @@
+"""One registry of identities (DESIGN §3, issue 8): every service, operator role and application,
+with its durable consumer, what it may publish and subscribe, and the JetStream API calls it needs.
+
+The server configuration (`gateway/nats_auth.py`), the consumers (`bus.ensure_topology`), the
+supervisor and the CLI are all derived from this one table, so a permission cannot drift from its
+use. Rules the table obeys (shared/notes/nats-permissions.md, nkeys-and-isolation.md):
+
+- every permission is an explicit allow list; nats-server reads an *empty* allow list as no
+  restriction, so a role that publishes (or subscribes to) nothing is denied `>` instead;
+- only `admin` is unrestricted; no runtime role may create, update, delete or purge a stream, nor
+  create, fetch from, acknowledge on or delete another role's durable consumer;
+- direct gets use the last-by-subject form (`$JS.API.DIRECT.GET.<stream>.<subject>`), scoped to the
+  subjects a role reads; the bare form takes any sequence in its body and so reads the whole stream;
+- each identity has its own inbox prefix; an application's is `_INBOX_app.<name>`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import msgspec
+
+from ..schemas import subjects
+
+STREAM = subjects.STREAM
+API = "$JS.API"
+BUDGET_BUCKET = "GW_BUDGET"  # the budget's projection snapshots (object store)
+APP_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class ConsumerSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A durable pull consumer on GW_EVENTS; its name is the service's (STYLE §2)."""
+
+    filters: tuple[str, ...]
+    ack_wait_s: float = 30.0
+    max_ack_pending: int = 10_000
+
+
+class Identity(msgspec.Struct, frozen=True, kw_only=True):
+    """One NATS identity: who it is and exactly what the server lets it do."""
+
+    name: str
+    kind: Literal["service", "operator", "application"]
+    purpose: str
+    consumer: ConsumerSpec | None = None
+    publish: tuple[str, ...] = ()  # core and JetStream subjects, JetStream API calls included
+    subscribe: tuple[str, ...] = ()  # "subject" or "subject queue"
+    deny_publish: tuple[str, ...] = ()
+    follows_policy: bool = False
+    unrestricted: bool = False  # admin only
+
+    @property
+    def inbox_prefix(self) -> str:
+        """Where its request replies, PubAcks and pull deliveries arrive."""
+        return (
+            subjects.app_inbox(self.name.removeprefix("app.")) if self.kind == "application" else f"_INBOX_{self.name}"
+        )
+
+    @property
+    def seed_name(self) -> str:
+        """The file stem of its NKey seed in the credentials folder."""
+        return self.name
+
+
+# Terminal facts the edge turns into replies (DESIGN §1).
+TERMINAL = (
+    "gw.evt.request.denied.>",
+    "gw.evt.budget.rejected.>",
+    "gw.evt.route.unavailable.>",
+    "gw.evt.invocation.completed.>",
+    "gw.evt.invocation.failed.>",
+    "gw.evt.request.failed",
+)
+
+
+def own_consumer(name: str) -> tuple[str, ...]:
+    """Fetch from and acknowledge on its own durable, nothing else."""
+    return (f"{API}.CONSUMER.MSG.NEXT.{STREAM}.{name}", f"$JS.ACK.{STREAM}.{name}.>")
+
+
+def last_of(subject: str) -> str:
+    """The scoped direct get: the newest message on `subject` (a filter may hold wildcards)."""
+    return f"{API}.DIRECT.GET.{STREAM}.{subject}"
+
+
+POLICY_READ = last_of(subjects.policy_activated())
+ANY_STAGE = (subjects.message_rejected(), subjects.request_failed())  # bad bytes; giving up after max_deliver
+
+
+def _service(
+    name: str,
+    consumer: ConsumerSpec,
+    purpose: str,
+    *,
+    publish: tuple[str, ...] = (),
+    subscribe: tuple[str, ...] = (),
+    policy: bool = True,
+) -> Identity:
+    return Identity(
+        name=name,
+        kind="service",
+        purpose=purpose,
+        consumer=consumer,
+        publish=(*publish, *ANY_STAGE, *own_consumer(name), *((POLICY_READ,) if policy else ())),
+        subscribe=(f"_INBOX_{name}.>", *((subjects.policy_activated(),) if policy else ()), *subscribe),
+        follows_policy=policy,
+    )
+
+
+SERVICES: tuple[Identity, ...] = (
+    _service(
+        "edge",
+        ConsumerSpec(filters=TERMINAL),
+        "both entries and the responder: records requests and deliveries, answers callers",
+        publish=(
+            subjects.request_submitted(),
+            "gw.evt.response.>",
+            # answers: batch callers on their own inbox (checked per request), HTTP callers on any
+            # edge replica's inbox (the replica holding the connection may not be the responder)
+            "_INBOX_app.>",
+            "_INBOX_edge.>",
+        ),
+        subscribe=(f"{subjects.SUBMIT}.* edge",),  # only as queue group `edge`
+    ),
+    _service(
+        "authz",
+        ConsumerSpec(filters=(subjects.request_submitted(),)),
+        "verifies sessions and decides access; the only service that reads bearer tokens",
+        publish=("gw.evt.request.authorized.*", "gw.evt.request.denied.*"),
+    ),
+    _service(
+        "budget",
+        ConsumerSpec(
+            filters=(
+                "gw.evt.request.authorized.>",
+                "gw.evt.invocation.>",
+                "gw.evt.route.unavailable.>",
+                "gw.evt.request.failed",
+            )
+        ),
+        "reserves, settles and releases money on each team's ledger (compare-and-set)",
+        publish=(
+            "gw.evt.ledger.*.*",
+            "gw.evt.budget.rejected.*",
+            last_of("gw.evt.ledger.>"),  # the newest ledger fact of a team: its catch-up read
+            # the projection's rebuild and a long catch-up: its own ephemeral consumers, filtered
+            # to the ledger (registered durables are denied below), and their flow control
+            f"{API}.CONSUMER.CREATE.{STREAM}.*.gw.evt.ledger.>",
+            f"{API}.CONSUMER.DELETE.{STREAM}.*",
+            f"$JS.FC.{STREAM}.>",
+            # projection snapshots in the object store GW_BUDGET: derived data, never the audit trail
+            f"$O.{BUDGET_BUCKET}.>",
+            f"{API}.STREAM.INFO.OBJ_{BUDGET_BUCKET}",
+            f"{API}.STREAM.PURGE.OBJ_{BUDGET_BUCKET}",
+            f"{API}.DIRECT.GET.OBJ_{BUDGET_BUCKET}.>",
+            f"{API}.CONSUMER.CREATE.OBJ_{BUDGET_BUCKET}.>",
+            f"{API}.CONSUMER.DELETE.OBJ_{BUDGET_BUCKET}.>",
+            f"$JS.FC.OBJ_{BUDGET_BUCKET}.>",
+        ),
+    ),
+    _service(
+        "router",
+        ConsumerSpec(filters=("gw.evt.ledger.reserved.>",)),
+        "picks a model endpoint for each reserved request",
+        publish=("gw.evt.route.selected.*", "gw.evt.route.unavailable.*"),
+    ),
+    _service(
+        "invoker",
+        ConsumerSpec(filters=("gw.evt.route.selected.>",), ack_wait_s=180.0),
+        "calls the model server beside it and records the outcome",
+        publish=("gw.evt.invocation.completed.*", "gw.evt.invocation.failed.*"),
+    ),
+    _service(
+        "auditor",
+        ConsumerSpec(filters=(subjects.ALL_EVENTS,), max_ack_pending=50_000),
+        "reads every event into the Parquet audit",
+        policy=False,
+    ),
+)
+
+OPERATORS: tuple[Identity, ...] = (
+    Identity(
+        name="admin",
+        kind="operator",
+        purpose="operator: creates the stream and consumers, activates "
+        "signed policy, reads the stream for status and reports",
+        unrestricted=True,
+    ),
+    Identity(
+        name="soc",
+        kind="operator",
+        purpose="security operations: reads the live violations feed, nothing else",
+        subscribe=("gw.evt.request.denied.>",),
+    ),
+)
+
+
+def application(app: str) -> Identity:
+    """An application's identity (`gateway app add NAME`): submit as itself, read its own inbox."""
+    if not APP_NAME.match(app):
+        raise ValueError(f"application name {app!r} must be 1-64 of A-Z a-z 0-9 _ -")
+    return Identity(
+        name=f"app.{app}",
+        kind="application",
+        purpose=f"application {app}: submits requests and reads its own answers",
+        publish=(subjects.submit(app),),
+        subscribe=(f"{subjects.app_inbox(app)}.>",),
+    )
+
+
+def durables() -> dict[str, ConsumerSpec]:
+    """Every durable consumer of GW_EVENTS, by name."""
+    return {i.name: i.consumer for i in SERVICES if i.consumer is not None}
+
+
+def fixed() -> tuple[Identity, ...]:
+    """Every identity that exists in each deployment (applications are added at run time)."""
+    return (*OPERATORS, *SERVICES)
+
+
+def by_name(name: str, apps: tuple[str, ...] = ()) -> Identity:
+    """The identity called `name` (`app.X` for applications)."""
+    for ident in (*fixed(), *(application(a) for a in apps)):
+        if ident.name == name:
+            return ident
+    if name.startswith("app."):
+        return application(name.removeprefix("app."))
+    raise KeyError(name)
+
+
+def _protected_consumers() -> tuple[str, ...]:
+    """No runtime role may create, update or delete a registered durable, its own included."""
+    out: list[str] = []
+    for durable in durables():
+        out += [
+            f"{API}.CONSUMER.CREATE.{STREAM}.{durable}",
+            f"{API}.CONSUMER.CREATE.{STREAM}.{durable}.>",
+            f"{API}.CONSUMER.DURABLE.CREATE.{STREAM}.{durable}",
+            f"{API}.CONSUMER.DELETE.{STREAM}.{durable}",
+        ]
+    return tuple(out)
+
+
+def permissions(ident: Identity) -> dict[str, dict[str, list[str]]] | None:
+    """The nats-server `permissions` block of an identity; None (everything) for admin only."""
+    if ident.unrestricted:
+        return None
+    publish: dict[str, list[str]] = (
+        {"allow": list(ident.publish), "deny": [*_protected_consumers(), *ident.deny_publish]}
+        if ident.publish
+        else {"deny": [">"]}
+    )
+    subscribe: dict[str, list[str]] = {"allow": list(ident.subscribe)} if ident.subscribe else {"deny": [">"]}
+    return {"publish": publish, "subscribe": subscribe}
+
+
+def matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: `*` is one token, `>` one or more trailing tokens."""
+    p, s = pattern.split("."), subject.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(s) > i
+        if i >= len(s) or (tok != "*" and tok != s[i]):
+            return False
+    return len(p) == len(s)
+
+
+def may_publish(ident: Identity, subject: str) -> bool:
+    """What the server configuration derived from this registry allows (deny wins)."""
+    perms = permissions(ident)
+    if perms is None:
+        return True
+    pub = perms["publish"]
+    if any(matches(d, subject) for d in pub.get("deny", [])):
+        return False
+    return any(matches(a, subject) for a in pub.get("allow", []))
+
+
+def may_subscribe(ident: Identity, subject: str, queue: str | None = None) -> bool:
+    """Whether the derived configuration lets the identity subscribe (with that queue group)."""
+    perms = permissions(ident)
+    if perms is None:
+        return True
+    for entry in perms["subscribe"].get("allow", []):
+        pattern, _, q = entry.partition(" ")
+        if matches(pattern, subject) and (not q or q == queue):
+            return True
+    return False
+
+
+__all__ = [
+    "OPERATORS",
+    "SERVICES",
+    "ConsumerSpec",
+    "Identity",
+    "application",
+    "by_name",
+    "durables",
+    "fixed",
+    "matches",
+    "may_publish",
+    "may_subscribe",
+    "permissions",
+]
