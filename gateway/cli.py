@@ -244,6 +244,12 @@ def cmd_report_spend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_identities(args: argparse.Namespace) -> int:
+    """Print the registry of identities: who may publish and subscribe what (docs/security.md)."""
+    print(registry.markdown_table(), end="")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(prog="gateway", description=__doc__)
@@ -296,6 +302,8 @@ def parser() -> argparse.ArgumentParser:
     al = ap.add_parser("list", help="list application identities")
     al.add_argument("--data-dir", default="var")
     al.set_defaults(func=cmd_app)
+    ids = sub.add_parser("identities", help="the registry of NATS identities and their permissions (Markdown)")
+    ids.set_defaults(func=cmd_identities)
     vi = sub.add_parser("violations", help="denials with the rule that fired")
     vi.add_argument("--since", help="ISO date or timestamp, e.g. 2026-11-25 or 2026-11-25T09:00")
     vi.add_argument("--rule", help="only this rule id, e.g. no-write-down")

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
 STREAM = "GW_EVENTS"
 ALL_EVENTS = "gw.evt.>"
 SUBMIT = "gw.submit"  # prefix: each application submits on its own `gw.submit.<app>`
+APP_INBOXES = "_INBOX_app"  # batch callers' inboxes, one prefix per application
+EDGE_INBOXES = "_INBOX_edge"  # HTTP callers' inboxes, one prefix per edge replica
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -36,7 +38,12 @@ def app_of_submit(subject: str) -> str | None:
 
 def app_inbox(app: str) -> str:
     """An application's inbox prefix: the only place it may read, and the only place it is answered."""
-    return f"_INBOX_app.{app}"
+    return f"{APP_INBOXES}.{app}"
+
+
+def edge_reply(replica: str, request_id: str) -> str:
+    """Where one HTTP caller's reply goes: the inbox of the edge replica holding its connection."""
+    return f"{EDGE_INBOXES}.{replica}.{request_id}"
 
 
 def request_submitted() -> str:
@@ -67,6 +74,11 @@ def message_rejected() -> str:
 def response_delivered() -> str:
     """The caller got its reply."""
     return "gw.evt.response.delivered"
+
+
+def response_undelivered() -> str:
+    """A reply that never reached its caller (gone, or a refused reply subject)."""
+    return "gw.evt.response.undelivered"
 
 
 def ledger(fact: str, team: str) -> str:
@@ -131,6 +143,7 @@ def for_event(event: "AnyEvent") -> str:
         RequestFailed,
         RequestSubmitted,
         ResponseDelivered,
+        ResponseUndelivered,
         RouteSelected,
         RouteUnavailable,
     )
@@ -148,6 +161,8 @@ def for_event(event: "AnyEvent") -> str:
             return message_rejected()
         case ResponseDelivered():
             return response_delivered()
+        case ResponseUndelivered():
+            return response_undelivered()
         case BudgetReserved():
             return ledger("reserved", event.team)
         case BudgetSettled():

@@ -25,7 +25,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ObjectStoreCon
 from nats.js.errors import BadRequestError, NotFoundError
 
 from ..schemas import codec, subjects
-from ..schemas.events import AnyEvent, MessageRejected, RequestFailed, Reservation, envelope
+from ..schemas.events import AnyEvent, BudgetReserved, MessageRejected, RequestFailed, Reservation, envelope
 from .credentials import load_creds
 from .registry import ConsumerSpec, durables
 from .settings import WorkerSettings
@@ -206,6 +206,12 @@ async def _fail(js: JetStreamContext, stage: str, msg: Msg, exc: Exception) -> N
 
 
 def _reservation_of(event: AnyEvent) -> Reservation | None:
+    """The money the failed message held, so the budget releases it at once (issue 8, item 7).
+
+    Stages after the router carry it as `.reservation`; the router's input, `BudgetReserved`, is it.
+    """
+    if isinstance(event, BudgetReserved):
+        return Reservation(team=event.team, period=event.period, micros=event.amount_micros)
     held = getattr(event, "reservation", None)
     return held if isinstance(held, Reservation) else None
 

@@ -170,6 +170,7 @@ SERVICES: tuple[Identity, ...] = (
         ConsumerSpec(filters=("gw.evt.route.selected.>",), ack_wait_s=180.0),
         "calls the model server beside it and records the outcome",
         publish=("gw.evt.invocation.completed.*", "gw.evt.invocation.failed.*"),
+        policy=False,  # it decides nothing under policy: the route it is handed says where to call
     ),
     _service(
         "auditor",
@@ -303,3 +304,18 @@ __all__ = [
     "may_subscribe",
     "permissions",
 ]
+
+
+def markdown_table(idents: tuple[Identity, ...] | None = None) -> str:
+    """The registry as the Markdown table docs/security.md carries (a test keeps the two equal)."""
+    rows = ["| identity | kind | purpose | consumer | may publish | may subscribe |", "|---|---|---|---|---|---|"]
+    for ident in idents or (*fixed(), application("NAME")):
+        perms = permissions(ident)
+        if perms is None:
+            pub = sub = "everything"
+        else:
+            pub = "<br>".join(f"`{s}`" for s in perms["publish"].get("allow", [])) or "nothing (deny `>`)"
+            sub = "<br>".join(f"`{s}`" for s in perms["subscribe"].get("allow", [])) or "nothing (deny `>`)"
+        consumer = f"`{ident.name}`" if ident.consumer else "-"
+        rows.append(f"| `{ident.name}` | {ident.kind} | {ident.purpose} | {consumer} | {pub} | {sub} |")
+    return "\n".join(rows) + "\n"

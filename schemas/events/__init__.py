@@ -18,6 +18,7 @@ from .request import (
     RequestFailed,
     RequestSubmitted,
     ResponseDelivered,
+    ResponseUndelivered,
 )
 from .route import RouteSelected, RouteUnavailable
 
@@ -28,6 +29,7 @@ AnyEvent = (
     | RequestFailed
     | MessageRejected
     | ResponseDelivered
+    | ResponseUndelivered
     | BudgetReserved
     | BudgetRejected
     | BudgetSettled
@@ -47,6 +49,7 @@ CURRENT_EVENT_TYPES: tuple[type[Event], ...] = (
     RequestFailed,
     MessageRejected,
     ResponseDelivered,
+    ResponseUndelivered,
     BudgetReserved,
     BudgetRejected,
     BudgetSettled,
@@ -81,6 +84,7 @@ __all__ = [
     "RequestSubmitted",
     "Reservation",
     "ResponseDelivered",
+    "ResponseUndelivered",
     "RouteSelected",
     "RouteUnavailable",
     "envelope",

@@ -71,3 +71,17 @@ class ResponseDelivered(Event, frozen=True, kw_only=True, tag="ResponseDelivered
     outcome: Literal["completed", "error"]
     code: str | None = None
     team: str | None = None
+
+
+class ResponseUndelivered(Event, frozen=True, kw_only=True, tag="ResponseUndelivered"):
+    """A reply was decided but never reached its caller (issue 8, item 7).
+
+    `caller_gone`: the HTTP caller had already been answered 504 at its deadline, or hung up;
+    `reply_subject_refused`: the terminal event named a subject outside the callers' inboxes;
+    `no_reply_subject`: it named none. `outcome` and `code` describe the reply that was dropped.
+    """
+
+    outcome: Literal["completed", "error"]
+    code: str | None = None
+    team: str | None = None
+    reason: Literal["caller_gone", "reply_subject_refused", "no_reply_subject"]

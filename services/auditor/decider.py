@@ -28,6 +28,7 @@ from ...schemas.events import (
     RequestFailed,
     RequestSubmitted,
     ResponseDelivered,
+    ResponseUndelivered,
     RouteSelected,
     RouteUnavailable,
 )
@@ -161,6 +162,9 @@ def _fill(row: AuditRow, e: AnyEvent) -> None:
             row.reason, row.detail = e.reason, e.detail[:500]
         case ResponseDelivered():
             row.outcome, row.reason, row.team = e.outcome, e.code, e.team
+        case ResponseUndelivered():
+            row.outcome, row.reason, row.team = e.outcome, e.reason, e.team
+            row.detail = f"undelivered reply: {e.code}" if e.code else None
         case BudgetReserved():
             row.period = e.period
             row.team, row.caller, row.model_id, row.amount_micros = (

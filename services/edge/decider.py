@@ -23,12 +23,18 @@ from ...schemas.events import (
     RequestFailed,
     RequestSubmitted,
     ResponseDelivered,
+    ResponseUndelivered,
     RouteUnavailable,
     envelope,
 )
 
 Terminal = RequestDenied | BudgetRejected | RouteUnavailable | InvocationCompleted | InvocationFailed | RequestFailed
 STAGE = "edge"
+# Carries the caller's team from the responder to the edge replica holding an HTTP caller, so the
+# fact that replica records names the team; only edge replicas may publish on `_INBOX_edge.>`.
+TEAM_HEADER = "Gw-Team"
+ReplyRoute = Literal["application", "edge", "refused", "none"]
+HolderView = Literal["waiting", "answered", "gone"]
 
 
 class EdgeState(Struct, frozen=True):
@@ -211,9 +217,75 @@ def _error(
     )
 
 
+def reply_route(reply_to: str | None) -> ReplyRoute:
+    """Who answers a reply subject, and so who records whether the caller got it (issue 8, item 7).
+
+    `application`: a batch caller's inbox: the responder publishes and records. `edge`: an HTTP
+    caller held by one edge replica, the only process that knows whether the caller still waits,
+    so the responder forwards and that replica records. `refused`: anything else, never published
+    (a terminal event's `reply_to` comes from upstream services). `none`: no reply subject at all.
+    """
+    if not reply_to:
+        return "none"
+    head, *rest = reply_to.split(".")
+    if len(rest) < 2 or any(not t or t in ("*", ">") or any(c.isspace() for c in t) for t in rest):
+        return "refused"
+    if head == subjects.APP_INBOXES:
+        return "application"
+    return "edge" if head == subjects.EDGE_INBOXES and len(rest) == 2 else "refused"
+
+
+def reply_target(reply_to: str | None) -> str | None:
+    """The subject the responder may publish a reply on, or None when it must publish nothing."""
+    return reply_to if reply_route(reply_to) in ("application", "edge") else None
+
+
+def reply_headers(event: Terminal) -> dict[str, str] | None:
+    """Headers of the reply: the team, for the edge replica that records an HTTP caller's outcome."""
+    team = team_of(event)
+    return {TEAM_HEADER: team} if team and reply_route(event.reply_to) == "edge" else None
+
+
 def decide(event: Terminal, state: EdgeState, policy_version: str, now: datetime) -> list[AnyEvent]:
-    """The responder's fact for a terminal event: the caller got `reply_for(event)`."""
-    return [delivered(reply_for(event), team_of(event), now, policy_version)]
+    """The responder's fact for a terminal event; the reply itself goes to `reply_target(event.reply_to)`.
+
+    A batch caller's reply is recorded as delivered once published: core NATS cannot tell whether
+    the application still listens. An HTTP caller's is recorded by the replica holding it
+    (`handed_over`), so the responder records nothing for it.
+    """
+    reply, team = reply_for(event), team_of(event)
+    match reply_route(event.reply_to):
+        case "application":
+            return [delivered(reply, team, now, policy_version)]
+        case "edge":
+            return []
+        case "refused":
+            return [undelivered(reply, team, "reply_subject_refused", now, policy_version)]
+        case "none":
+            return [undelivered(reply, team, "no_reply_subject", now, policy_version)]
+
+
+def handed_over(
+    reply: SubmitReply, team: str | None, caller: HolderView, now: datetime, policy_version: str
+) -> list[AnyEvent]:
+    """The fact an edge replica records for a reply to one of its HTTP callers.
+
+    `waiting`: the caller gets this reply (the pipeline's, or the 504 at its deadline); `gone`:
+    the deadline passed or the caller hung up before the reply came; `answered`: a redelivered
+    duplicate of a reply the caller already got, which changes nothing.
+    """
+    match caller:
+        case "waiting":
+            return [delivered(reply, team, now, policy_version)]
+        case "gone":
+            return [undelivered(reply, team, "caller_gone", now, policy_version)]
+        case "answered":
+            return []
+
+
+def timeout_reply(request_id: str) -> SubmitReply:
+    """The 504 an HTTP caller gets when no reply came within the request deadline."""
+    return error_reply(request_id, "timeout", "no answer within the request deadline")
 
 
 def delivered(reply: SubmitReply, team: str | None, now: datetime, policy_version: str) -> ResponseDelivered:
@@ -224,4 +296,21 @@ def delivered(reply: SubmitReply, team: str | None, now: datetime, policy_versio
         outcome="error" if reply.error else "completed",
         code=code,
         team=team,
+    )
+
+
+def undelivered(
+    reply: SubmitReply,
+    team: str | None,
+    reason: Literal["caller_gone", "reply_subject_refused", "no_reply_subject"],
+    now: datetime,
+    policy_version: str,
+) -> ResponseUndelivered:
+    """The fact that a reply never reached its caller; `outcome` and `code` describe that reply."""
+    return ResponseUndelivered(
+        **envelope(reply.request_id, "undelivered", now, policy_version),
+        outcome="error" if reply.error else "completed",
+        code=reply.error.code if reply.error else None,
+        team=team,
+        reason=reason,
     )

@@ -1,7 +1,9 @@
 """Edge shell: the two entries (HTTP, `gw.submit`) and the responder that answers callers.
 
-HTTP requests wait on a future keyed by request id; their reply inbox is this process's
-`<inbox>.<request_id>`, so any edge replica's responder can answer any caller.
+HTTP requests wait on a future keyed by request id; their reply inbox is this replica's
+`_INBOX_edge.<replica>.<request_id>`, so any edge replica's responder can answer any caller. Only
+the replica holding the connection knows whether its caller still waits, so it records what the
+caller got: the reply, the 504 at the deadline, or a late reply as undelivered (issue 8, item 7).
 """
 
 import asyncio
@@ -14,6 +16,7 @@ from nats.aio.msg import Msg
 
 from ...schemas import codec, subjects
 from ...schemas.commands import SubmitReply, SubmitRequest
+from ...schemas.events import AnyEvent
 from .. import bus, worker
 from ..authz import policy_view
 from ..authz.decider import AuthzPolicy, visible_models
@@ -22,6 +25,7 @@ from ..settings import WorkerSettings
 from . import decider, http_app
 
 log = logging.getLogger("enclave_gateway.edge")
+ANSWERED_MEMORY = 4096  # recent answered request ids: a redelivered duplicate reply is not "undelivered"
 
 
 class Edge:
@@ -30,13 +34,18 @@ class Edge:
     def __init__(self, settings: WorkerSettings, session: worker.Session[AuthzPolicy]) -> None:
         self.settings, self.session = settings, session
         self.nc, self.js = session.nc, session.js
-        self.inbox = self.nc.new_inbox()
-        self.pending: dict[str, asyncio.Future[SubmitReply]] = {}
+        self.replica = uuid.uuid4().hex
+        self.pending: dict[str, asyncio.Future[tuple[SubmitReply, str | None]]] = {}
+        self.answered: dict[str, None] = {}  # insertion-ordered, the oldest dropped first
 
     async def start(self) -> None:
-        """Subscribe to this replica's reply inbox and to every `gw.submit.<app>` (queue group `edge`)."""
-        await self.nc.subscribe(f"{self.inbox}.*", cb=self._on_reply)
+        """Listen for replies and subscribe to every `gw.submit.<app>` (queue group `edge`)."""
+        await self.listen()
         await self.nc.subscribe(subjects.submit("*"), queue="edge", cb=self._on_submit)
+
+    async def listen(self) -> None:
+        """Subscribe to this replica's HTTP callers' inbox."""
+        await self.nc.subscribe(subjects.edge_reply(self.replica, "*"), cb=self._on_reply)
 
     async def submit(self, entry: Literal["http", "nats"], cmd: SubmitRequest, reply_to: str, request_id: str) -> None:
         """Put a validated request into the pipeline."""
@@ -51,23 +60,36 @@ class Edge:
         return reply
 
     async def deliver(self, reply: SubmitReply, reply_to: str | None, team: str | None) -> None:
-        """Send the one reply (NATS callers; HTTP callers' inbox is ours) and record it."""
+        """Send an entry refusal to a NATS caller (an HTTP caller gets `reject`'s return value) and record it."""
         if reply_to:
             await self.nc.publish(reply_to, codec.encode(reply))
         await bus.publish(self.js, decider.delivered(reply, team, bus.now_utc(), self.version))
 
     async def call(self, cmd: SubmitRequest) -> SubmitReply:
-        """The HTTP path: submit and wait for the reply on this replica's inbox."""
+        """The HTTP path: submit, wait on this replica's inbox, and record what the caller gets."""
         request_id = uuid.uuid4().hex
-        fut: asyncio.Future[SubmitReply] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[tuple[SubmitReply, str | None]] = asyncio.get_running_loop().create_future()
         self.pending[request_id] = fut
         try:
-            await self.submit("http", cmd, f"{self.inbox}.{request_id}", request_id)
-            return await asyncio.wait_for(fut, self.settings.request_timeout_s)
+            await self.submit("http", cmd, subjects.edge_reply(self.replica, request_id), request_id)
+            reply, team = await asyncio.wait_for(fut, self.settings.request_timeout_s)
+            self.answered[request_id] = None
+            if len(self.answered) > ANSWERED_MEMORY:
+                del self.answered[next(iter(self.answered))]
         except TimeoutError:
-            return decider.error_reply(request_id, "timeout", "no answer within the request deadline")
-        finally:
+            reply, team = decider.timeout_reply(request_id), None
+        finally:  # from here on a reply for this request finds no caller (`_on_reply`)
             self.pending.pop(request_id, None)
+        await self._record(decider.handed_over(reply, team, "waiting", bus.now_utc(), self.version))
+        return reply
+
+    async def _record(self, facts: list[AnyEvent]) -> None:
+        # No redelivery stands behind a caller's outcome: log a failed write loudly, still answer.
+        for fact in facts:
+            try:
+                await bus.publish(self.js, fact)
+            except Exception as exc:
+                log.error("could not record %s for %s: %r", type(fact).__name__, fact.request_id, exc)
 
     @property
     def version(self) -> str:
@@ -79,9 +101,19 @@ class Edge:
         return visible_models(token, self.session.policy, bus.now_utc())
 
     async def _on_reply(self, msg: Msg) -> None:
-        fut = self.pending.get(msg.subject.rsplit(".", 1)[-1])
+        request_id = msg.subject.rsplit(".", 1)[-1]
+        try:
+            reply = codec.decode_reply(msg.data)
+        except codec.DecodeError as exc:  # only edge replicas may publish here: a bug, not input
+            log.error("undecodable reply on %s: %s", msg.subject, exc)
+            return
+        team = (msg.headers or {}).get(decider.TEAM_HEADER)
+        fut = self.pending.get(request_id)
         if fut is not None and not fut.done():
-            fut.set_result(codec.decode_reply(msg.data))
+            fut.set_result((reply, team))
+            return
+        caller: decider.HolderView = "answered" if request_id in self.answered else "gone"
+        await self._record(decider.handed_over(reply, team, caller, bus.now_utc(), self.version))
 
     async def _on_submit(self, msg: Msg) -> None:
         request_id = uuid.uuid4().hex
@@ -89,7 +121,9 @@ class Edge:
             refused = decider.refuse_reply_subject(msg.subject, msg.reply)
             if refused is not None:  # recorded, never answered, never run
                 log.warning("gw.submit refused: %s", refused)
-                await self.reject(request_id, msg.subject, "reply_subject_refused", refused, None)
+                fact = decider.rejected(request_id, msg.subject, "reply_subject_refused", refused, bus.now_utc(),
+                                        self.version)
+                await bus.publish(self.js, fact)  # no reply goes out, so no delivery is recorded
                 return
             if len(msg.data) > self.settings.max_body_bytes:
                 await self.reject(
@@ -114,12 +148,15 @@ class Edge:
                 await self.nc.publish(msg.reply, codec.encode(reply))
 
     async def respond(self, msg: Msg) -> None:
-        """Responder stage: turn a terminal event into the caller's reply."""
+        """Responder stage: turn a terminal event into the caller's reply; never publish it elsewhere."""
         event = codec.decode_event(msg.data)
         if not isinstance(event, decider.Terminal):
             raise codec.DecodeError(f"edge responder does not take {type(event).__name__}")
-        # the same path as refusals at the entry; decider.decide states this fact for replay
-        await self.deliver(decider.reply_for(event), event.reply_to, decider.team_of(event))
+        target = decider.reply_target(event.reply_to)
+        if target is not None:  # an HTTP caller's reply is forwarded to the replica holding it
+            await self.nc.publish(target, codec.encode(decider.reply_for(event)), headers=decider.reply_headers(event))
+        for fact in decider.decide(event, decider.initial_state(), self.version, bus.now_utc()):
+            await bus.publish(self.js, fact)
 
 
 async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:

@@ -1,0 +1,71 @@
+"""Issue 8 item 7: every key of gateway.toml is honoured or refused, and team names are validated
+as subject-safe tokens when a policy is loaded (two names may never share a ledger subject)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from enclave_gateway import cli, config
+from enclave_gateway.runtime import Gateway
+from enclave_gateway.services.policy import PolicyError, load_bundle
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bundle(tmp_path: Path, budgets_extra: str = "", policy_extra: str = "") -> Path:
+    folder = tmp_path / "policies"
+    shutil.copytree(ROOT / "policies", folder)
+    with open(folder / "budgets.toml", "a") as f:
+        f.write(budgets_extra)
+    with open(folder / "access_policy.csv", "a") as f:
+        f.write(policy_extra)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["a.b", "a b", "a*", "a>", "", "x" * 65])
+def test_a_team_name_that_is_not_a_subject_token_is_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(PolicyError, match="team name"):
+        load_bundle(_bundle(tmp_path, budgets_extra=f'\n[teams."{name}"]\ncap_micros = 1\n'))
+
+
+def test_a_team_name_in_the_access_policy_is_checked_too(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match="access_policy.csv"):
+        load_bundle(_bundle(tmp_path, policy_extra="p, team:a.b, enclave-tiny\n"))
+    assert load_bundle(_bundle(tmp_path / "ok", budgets_extra='\n[teams.a_b]\ncap_micros = 1\n'))
+
+
+@pytest.mark.parametrize("text, where", [
+    ("[http]\nhots = '0.0.0.0'\n", "hots"),
+    ("[nats]\nport = 'x'\n", "port"),
+    ("typo = 1\n", "typo"),
+    ("[policy]\ntrusted_signer = []\n", "trusted_signer"),
+])
+def test_an_unknown_or_mistyped_key_is_refused_with_its_name(tmp_path: Path, text: str, where: str,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    with pytest.raises(config.ConfigError, match=where):
+        config.load(path)
+    assert cli.main(["up", "--config", str(path)]) == 2
+    assert where in capsys.readouterr().out
+
+
+def test_every_key_reaches_what_it_configures(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        'data_dir = "d"\npolicy_dir = "p"\n'
+        '[nats]\nhost = "127.0.0.2"\nport = 4333\n'
+        '[http]\nhost = "127.0.0.3"\nport = 8181\nmax_body_bytes = 1000\nrequest_timeout_s = 7.5\n'
+        '[engine]\nserve_tiny = true\nendpoint = "tiny"\nport = 9191\n'
+        '[auth]\ntrust_dev_issuer = false\n'
+        '[policy]\ntrusted_signers = ["keys/ops.pub.json"]\n'
+    )
+    gw = Gateway.from_config(path, nats_port=None, http_port=None)
+    assert gw.data_dir == (tmp_path / "d").resolve() and gw.policy_dir == (tmp_path / "p").resolve()
+    assert 'listen: "127.0.0.2:4333"' in gw.broker.config_text()
+    assert (gw.http_host, gw.http_port, gw.max_body_bytes, gw.request_timeout_s) == ("127.0.0.3", 8181, 1000, 7.5)
+    assert gw.engine is not None and gw.engine.port == 9191 and gw.serve_tiny == "tiny"
+    assert gw.trust_dev_issuer is False
+    assert gw.trusted_signers == (tmp_path / "keys" / "ops.pub.json",)
