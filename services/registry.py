@@ -153,7 +153,11 @@ SERVICES: tuple[Identity, ...] = (
             f"$O.{BUDGET_BUCKET}.>",
             f"{API}.STREAM.INFO.OBJ_{BUDGET_BUCKET}",
             f"{API}.STREAM.PURGE.OBJ_{BUDGET_BUCKET}",
+            f"{API}.STREAM.MSG.GET.OBJ_{BUDGET_BUCKET}",
+            f"{API}.DIRECT.GET.OBJ_{BUDGET_BUCKET}",
             f"{API}.DIRECT.GET.OBJ_{BUDGET_BUCKET}.>",
+            f"{API}.STREAM.NAMES",  # nats-py's object-store reader looks its stream up by subject
+            f"{API}.CONSUMER.CREATE.OBJ_{BUDGET_BUCKET}",  # the bucket is the budget's alone
             f"{API}.CONSUMER.CREATE.OBJ_{BUDGET_BUCKET}.>",
             f"{API}.CONSUMER.DELETE.OBJ_{BUDGET_BUCKET}.>",
             f"$JS.FC.OBJ_{BUDGET_BUCKET}.>",
