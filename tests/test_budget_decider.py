@@ -176,7 +176,7 @@ class CapMachine(RuleBasedStateMachine):
     @invariant()
     def never_over_cap(self) -> None:
         for totals in self.state.ledgers.values():
-            assert 0 <= totals.reserved and totals.spent + totals.reserved <= self.CAP
+            assert totals.reserved >= 0 and totals.spent + totals.reserved <= self.CAP
         held = sum(r.micros for r in self.state.open.values())
         assert held == sum(t.reserved for t in self.state.ledgers.values())
 

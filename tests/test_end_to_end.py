@@ -122,11 +122,10 @@ async def test_over_budget_request_gets_remaining_and_requested(client: Client, 
 async def test_http_budget_refusal_is_402_with_figures(http_url: str, token_for) -> None:
     token = token_for("tight")
     body = {"model": "enclave-tiny", "messages": [{"role": "user", "content": "x" * 400}], "max_tokens": 64}
-    async with aiohttp.ClientSession() as s:
-        async with s.post(f"{http_url}/v1/chat/completions", json=body,
-                          headers={"Authorization": f"Bearer {token}"}) as r:
-            assert r.status == 402
-            err = (await r.json())["error"]
+    async with aiohttp.ClientSession() as s, s.post(f"{http_url}/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {token}"}) as r:
+        assert r.status == 402
+        err = (await r.json())["error"]
     assert err["code"] == "budget_exceeded" and err["type"] == "insufficient_quota"
     assert err["requested_micros"] > err["remaining_micros"]
 
