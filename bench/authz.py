@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
-
 from enclave_gateway import issuer
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage
 from enclave_gateway.schemas.events import RequestSubmitted

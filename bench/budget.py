@@ -17,7 +17,6 @@ from pathlib import Path
 
 import msgspec
 import nats
-
 from enclave_gateway.broker import Broker
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage
 from enclave_gateway.schemas.events import BudgetReserved, Caller, InvocationCompleted, RequestAuthorized, Reservation

@@ -1,7 +1,7 @@
 """One hop of the bare 5-hop JetStream pipeline (the floor the gateway is compared with).
 
 Hop i fetches `floor.<i>`, publishes to `floor.<i+1>` with a Nats-Msg-Id and awaits the PubAck,
-then acks; the last hop replies on the client's inbox. Usage: floor_worker.py URL HOP HOPS
+then acks; the last hop replies on the client's inbox. Usage: floor_worker.py URL HOP HOPS ADMIN_SEED
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import sys
 import nats
 
 
-async def main(url: str, hop: int, hops: int) -> None:
-    nc = await nats.connect(url)
+async def main(url: str, hop: int, hops: int, seed: str) -> None:
+    nc = await nats.connect(url, nkeys_seed=seed, inbox_prefix="_INBOX_admin")
     js = nc.jetstream()
     psub = await js.pull_subscribe_bind(f"hop{hop}", stream="FLOOR")
     print("ready", flush=True)
@@ -36,4 +36,4 @@ async def main(url: str, hop: int, hops: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]))

@@ -13,7 +13,6 @@ import asyncio
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,14 +22,13 @@ from pathlib import Path
 
 import aiohttp
 import nats
-from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
-
 from enclave_gateway import issuer, nats_auth, procs
 from enclave_gateway.runtime import Gateway
 from enclave_gateway.schemas import codec, subjects
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
 from enclave_gateway.services import bus
 from enclave_gateway.services.credentials import load_creds
+from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -88,7 +86,8 @@ async def floor(gw: Gateway, requests: int, concurrency: int, data: Path) -> dic
     for i in range(HOPS):
         await js.add_consumer("FLOOR", ConsumerConfig(durable_name=f"hop{i}", filter_subject=f"floor.{i}",
                                                       ack_policy=AckPolicy.EXPLICIT, max_ack_pending=10_000))
-    workers = [procs.spawn([sys.executable, str(HERE / "floor_worker.py"), url, str(i), str(HOPS)],
+    workers = [procs.spawn([sys.executable, str(HERE / "floor_worker.py"), gw.nats_url, str(i), str(HOPS),
+                            admin.seed_file],
                            data / "logs" / f"floor{i}.log") for i in range(HOPS)]
     for i, w in enumerate(workers):
         procs.wait_for_line(data / "logs" / f"floor{i}.log", "ready", w, 30)
