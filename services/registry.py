@@ -145,9 +145,9 @@ SERVICES: tuple[Identity, ...] = (
             "gw.evt.budget.rejected.*",
             last_of("gw.evt.ledger.>"),  # the newest ledger fact of a team: its catch-up read
             # the projection's rebuild and a long catch-up: its own ephemeral consumers, filtered
-            # to the ledger (registered durables are denied below), and their flow control
+            # to the ledger (registered durables are denied below), and their flow control; they
+            # are never deleted by the budget (nats-py does not), they expire when idle
             f"{API}.CONSUMER.CREATE.{STREAM}.*.gw.evt.ledger.>",
-            f"{API}.CONSUMER.DELETE.{STREAM}.*",
             f"$JS.FC.{STREAM}.>",
             # projection snapshots in the object store GW_BUDGET: derived data, never the audit trail
             f"$O.{BUDGET_BUCKET}.>",

@@ -80,7 +80,7 @@ class LedgerStore:
             name=f"budget_tail_{uuid.uuid4().hex}",
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=start,
-            inactive_threshold=30.0,
+            inactive_threshold=5.0,  # the server removes it once we stop reading: no delete right needed
         )
         sub = await self.js.subscribe(filter_subject, stream=subjects.STREAM, ordered_consumer=True, config=config)
         count = 0
