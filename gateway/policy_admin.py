@@ -8,7 +8,7 @@ and trusts only it, and says so: an enclave replaces it before an assessment (do
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
@@ -59,7 +59,7 @@ def validated_files(folder: Path) -> dict[str, str]:
 def sign_folder(folder: Path, key_file: Path) -> BundleSignature:
     """Validate a bundle and write its `bundle.sig`."""
     files = validated_files(folder)
-    sig = sign_digest(load_private(key_file), digest(files))
+    sig = sign_digest(load_private(key_file), digest(files), datetime.now(UTC))
     (folder / SIGNATURE_FILE).write_bytes(msgspec.json.encode(sig))
     return sig
 
@@ -86,12 +86,12 @@ def activation(folder: Path, activated_by: str, now: datetime, signers: dict[str
     sha = digest(files)
     sig = read_signature(folder)
     if sig is None and fallback_key is not None:
-        sig = sign_digest(load_private(fallback_key), sha)
+        sig = sign_digest(load_private(fallback_key), sha, now)
     if sig is None:
         raise PolicyError(f"{folder} is not signed: run `gateway policy sign --key KEY --dir {folder}`")
     if sig.sha256 != sha:
         raise PolicyError(f"{folder / SIGNATURE_FILE} signs other content ({sig.sha256[:16]}…): sign it again")
-    verify(files, sha, sig.kid, sig.signature, signers)  # the workers check it again; this says why early
+    verify(files, sha, sig.kid, sig.signature, sig.signed_at, signers)  # workers check again; this says why early
     version = bundle_from_files(files).version
     # The time is part of the id: re-activating an earlier version (a rollback) is a new fact.
     request_id = f"policy-{version}-{now.strftime('%Y%m%dT%H%M%S%f')}"
@@ -104,4 +104,5 @@ def activation(folder: Path, activated_by: str, now: datetime, signers: dict[str
         files=files,
         signature=sig.signature,
         signer=sig.kid,
+        signed_at=sig.signed_at,
     )

@@ -22,7 +22,8 @@ from .policy_admin import DEV_SIGNER, activation, dev_signer, trusted
 from .schemas import codec, subjects
 from .schemas.events import PolicyActivated
 from .services import bus, registry
-from .services.policy.signing import load_public
+from .services.policy import PolicyError
+from .services.policy.signing import load_public, signing_time
 from .services.settings import WorkerSettings
 
 log = logging.getLogger("enclave_gateway.runtime")
@@ -43,7 +44,7 @@ async def active_policy(settings: WorkerSettings) -> PolicyActivated | None:
     try:
         raw = await nc.jetstream().get_last_msg(subjects.STREAM, subjects.policy_activated(), direct=True)
         return codec.decode_as(raw.data or b"", PolicyActivated)  # type: ignore[no-any-return]
-    except NotFoundError:
+    except (NotFoundError, codec.DecodeError):  # none yet, or junk stored on the subject (workers skip it too)
         return None
     finally:
         await nc.close()
@@ -66,6 +67,11 @@ def activation_for(settings: WorkerSettings, folder: Path, by: str) -> PolicyAct
 async def activate(settings: WorkerSettings, folder: Path, by: str) -> PolicyActivated:
     """Validate the folder's signed bundle and publish it as the active policy; raises PolicyError."""
     event = activation_for(settings, folder, by)
+    current = await active_policy(settings)
+    if current is not None and current.signed_at and event.signed_at and (
+            signing_time(event.signed_at) <= signing_time(current.signed_at)):
+        raise PolicyError(f"{folder} was signed at {event.signed_at}, before the active policy "
+                          f"({current.signed_at}); workers never go back to an older signature: sign it again")
     nc = await bus.connect(settings, "admin", keep_trying=False)
     try:
         await bus.publish(nc.jetstream(), event)

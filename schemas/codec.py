@@ -8,6 +8,7 @@ from typing import Any
 
 import msgspec
 
+from . import subjects
 from .commands import SubmitReply, SubmitRequest
 from .events import AnyEvent, Event
 from .upcast import READERS, upcast
@@ -41,8 +42,14 @@ def _decoder(cls: type[Any]) -> msgspec.json.Decoder[Any]:
     return dec
 
 
-def decode_event(data: bytes) -> AnyEvent:
-    """Decode any event of any released version into its current type."""
+def decode_event(data: bytes, subject: str | None = None) -> AnyEvent:
+    """Decode any event of any released version into its current type.
+
+    With `subject` (where the message was stored or delivered from), the event must be one that is
+    published exactly there (`subjects.for_event`). The server lets each identity publish only its
+    own subjects, so this binds an event's type to who may have written it: a `RequestAuthorized`
+    body on `gw.evt.request.failed` is refused, not obeyed (issue 8).
+    """
     try:
         head = _header.decode(data)
         reader = READERS.get((head.type, head.schema_version))
@@ -52,13 +59,15 @@ def decode_event(data: bytes) -> AnyEvent:
         event: Event = _decoder(cls).decode(data)
     except msgspec.DecodeError as exc:  # ValidationError is a subclass
         raise DecodeError(str(exc)) from exc
-    result: Any = upcast(event, step)
-    return result  # type: ignore[no-any-return]
+    result: AnyEvent = upcast(event, step)  # type: ignore[assignment]  # the reader registry pairs type and class
+    if subject is not None and (expected := subjects.for_event(result)) != subject:
+        raise DecodeError(f"a {head.type} belongs on {expected!r}, not on {subject!r}")
+    return result
 
 
-def decode_as(data: bytes, cls: type[Any]) -> Any:
-    """Decode into one expected event class (a wrong type is a DecodeError)."""
-    event = decode_event(data)
+def decode_as(data: bytes, cls: type[Any], subject: str | None = None) -> Any:
+    """Decode into one expected event class (a wrong type, or the wrong subject, is a DecodeError)."""
+    event = decode_event(data, subject)
     if not isinstance(event, cls):
         raise DecodeError(f"expected {cls.__name__}, got {type(event).__name__}")
     return event

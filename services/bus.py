@@ -27,7 +27,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from ..schemas import codec, subjects
 from ..schemas.events import AnyEvent, BudgetReserved, MessageRejected, RequestFailed, Reservation, envelope
 from .credentials import load_creds
-from .registry import ConsumerSpec, durables
+from .registry import ConsumerSpec, by_name, durables
 from .settings import WorkerSettings
 
 log = logging.getLogger("enclave_gateway.bus")
@@ -188,8 +188,11 @@ async def _reject(js: JetStreamContext, stage: str, msg: Msg, detail: str) -> No
 
 
 async def _fail(js: JetStreamContext, stage: str, msg: Msg, exc: Exception) -> None:
+    if stage in CONSUMERS and not by_name(stage).fails_requests:
+        await _reject(js, stage, msg, f"gave up after {MAX_DELIVER} attempts: {exc!r}")
+        return
     try:
-        original = codec.decode_event(msg.data)
+        original = codec.decode_event(msg.data, msg.subject)
     except codec.DecodeError:
         await _reject(js, stage, msg, f"undecodable after {MAX_DELIVER} attempts: {exc!r}")
         return

@@ -48,6 +48,8 @@ class Identity(msgspec.Struct, frozen=True, kw_only=True):
     subscribe: tuple[str, ...] = ()  # "subject" or "subject queue"
     deny_publish: tuple[str, ...] = ()
     follows_policy: bool = False
+    # May end a request with RequestFailed (after max_deliver); the auditor records, it never fails one.
+    fails_requests: bool = False
     unrestricted: bool = False  # admin only
 
     @property
@@ -84,8 +86,14 @@ def last_of(subject: str) -> str:
     return f"{API}.DIRECT.GET.{STREAM}.{subject}"
 
 
-POLICY_READ = last_of(subjects.policy_activated())
-ANY_STAGE = (subjects.message_rejected(), subjects.request_failed())  # bad bytes; giving up after max_deliver
+# the newest activation, and every stored one at start (an ordered consumer of its own on exactly
+# the policy subject: junk stored after a valid activation cannot keep a worker from starting)
+POLICY_READ = (
+    last_of(subjects.policy_activated()),
+    f"{API}.CONSUMER.CREATE.{STREAM}.*.{subjects.policy_activated()}",
+    f"$JS.FC.{STREAM}.>",
+)
+FAILS = (subjects.message_rejected(), subjects.request_failed())  # bad bytes; giving up after max_deliver
 
 
 def _service(
@@ -96,15 +104,17 @@ def _service(
     publish: tuple[str, ...] = (),
     subscribe: tuple[str, ...] = (),
     policy: bool = True,
+    fails: bool = True,
 ) -> Identity:
     return Identity(
         name=name,
         kind="service",
         purpose=purpose,
         consumer=consumer,
-        publish=(*publish, *ANY_STAGE, *own_consumer(name), *((POLICY_READ,) if policy else ())),
+        publish=(*publish, *(FAILS if fails else FAILS[:1]), *own_consumer(name), *(POLICY_READ if policy else ())),
         subscribe=(f"_INBOX_{name}.>", *((subjects.policy_activated(),) if policy else ()), *subscribe),
         follows_policy=policy,
+        fails_requests=fails,
     )
 
 
@@ -157,10 +167,6 @@ SERVICES: tuple[Identity, ...] = (
             f"{API}.DIRECT.GET.OBJ_{BUDGET_BUCKET}",
             f"{API}.DIRECT.GET.OBJ_{BUDGET_BUCKET}.>",
             f"{API}.STREAM.NAMES",  # nats-py's object-store reader looks its stream up by subject
-            f"{API}.CONSUMER.CREATE.OBJ_{BUDGET_BUCKET}",  # the bucket is the budget's alone
-            f"{API}.CONSUMER.CREATE.OBJ_{BUDGET_BUCKET}.>",
-            f"{API}.CONSUMER.DELETE.OBJ_{BUDGET_BUCKET}.>",
-            f"$JS.FC.OBJ_{BUDGET_BUCKET}.>",
         ),
     ),
     _service(
@@ -181,6 +187,7 @@ SERVICES: tuple[Identity, ...] = (
         ConsumerSpec(filters=(subjects.ALL_EVENTS,), max_ack_pending=50_000),
         "reads every event into the Parquet audit",
         policy=False,
+        fails=False,  # a request is never failed by its audit: the auditor records bad bytes, nothing more
     ),
 )
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from enclave_gateway.schemas import codec
+from enclave_gateway.schemas import codec, subjects
 from enclave_gateway.schemas.events import (
     BudgetRejected,
     BudgetReserved,
@@ -159,11 +159,15 @@ def test_auditor_rows_hold_digests_not_text_and_chain_in_order() -> None:
     rows = []
     for seq, name in enumerate(["RequestSubmitted", "InvocationCompleted", "BudgetSettled"], start=1):
         event = SAMPLES_BY_NAME[name]
-        row, state = auditor.row_for(state, seq, "gw.evt.x", codec.encode(event), NOW)
+        row, state = auditor.row_for(state, seq, subjects.for_event(event), codec.encode(event), NOW)
         rows.append(row)
     assert rows[0].prompt_sha256 and "hello" not in msgspec.json.encode(rows[0]).decode()
     assert rows[1].completion_sha256 and rows[1].completion_tokens == 8
     assert rows[2].charged_micros == 100 and rows[2].team == "alpha"
+    misplaced, _ = auditor.row_for(state, 4, "gw.evt.request.failed", codec.encode(SAMPLES_BY_NAME["BudgetSettled"]),
+                                   NOW)
+    assert misplaced.type == "Undecodable" and misplaced.charged_micros is None  # recorded, never counted
+    assert "belongs on" in (misplaced.detail or "")
     head = auditor.GENESIS
     for row in rows:
         head = auditor.chain(head, row.seq, row.subject, row.data_sha256)

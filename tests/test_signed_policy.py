@@ -32,14 +32,14 @@ GRANT = "p, team:tight, analyst-large\n"  # what a hostile activation tries to a
 
 
 def _signed(files: dict[str, str], key: Path, *, claimed: dict[str, str] | None = None,
-            signer: str | None = None) -> PolicyActivated:
+            signer: str | None = None, at: datetime | None = None) -> PolicyActivated:
     """An activation of `files`, signed over `claimed` (default: the same files) with `key`."""
-    sig = sign_digest(load_private(key), digest(claimed or files))
+    sig = sign_digest(load_private(key), digest(claimed or files), at or datetime.now(UTC))
     version = "sha256:" + digest(files)[:16]
     return PolicyActivated(event_id=f"forged-{os.urandom(4).hex()}:activate", request_id="forged",
                            occurred_at=datetime.now(UTC), policy_version=version, version=version,
                            sha256=digest(files), activated_by="mallory", files=files,
-                           signature=sig.signature, signer=signer or sig.kid)
+                           signature=sig.signature, signer=signer or sig.kid, signed_at=sig.signed_at)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,9 @@ def test_signer_rotation_and_every_refusal(signers: dict[str, Path]) -> None:
         compile_activation(_signed(files, a, signer=_signed(files, b).signer), both, whole_bundle)
     with pytest.raises(PolicyError, match="unsigned"):
         compile_activation(msgspec.structs.replace(_signed(files, a), signature=None), both, whole_bundle)
+    with pytest.raises(PolicyError, match="does not cover"):  # the signing time is signed too
+        compile_activation(msgspec.structs.replace(_signed(files, a), signed_at="2030-01-01T00:00:00+00:00"),
+                           both, whole_bundle)
     with pytest.raises(PolicyError, match="exactly"):
         extra = {**files, "extra.csv": "p, team:tight, analyst-large"}
         compile_activation(_signed(extra, a), both, whole_bundle)
@@ -108,7 +111,9 @@ async def test_unsigned_untrusted_or_tampered_activations_change_no_decision(
     assert trusted_key is not None
     files = read_files(Path(stack.policy_dir))
     granted = {**files, "access_policy.csv": files["access_policy.csv"] + GRANT}
+    older = datetime(2026, 1, 1, tzinfo=UTC)  # before anything active: a replay of an old signed bundle
     forged = [
+        _signed(granted, trusted_key, at=older),  # validly signed by the trusted key, but older
         msgspec.structs.replace(_signed(granted, trusted_key), signature=None, signer=None),  # unsigned
         _signed(granted, signers["m"]),  # a key nobody pinned
         _signed(granted, trusted_key, claimed=files),  # the trusted key's signature over other content
@@ -119,11 +124,14 @@ async def test_unsigned_untrusted_or_tampered_activations_change_no_decision(
         await bus.publish(js, event)
     await asyncio.sleep(0.5)
     assert await _forbidden(client, admin, token) == version
-    # a fresh replica starting now reads the newest activation, a forged one, and refuses it too
+    # junk stored on the subject by the server itself (a pull request whose reply subject is the
+    # policy subject: any service credential can make the server do that)
+    await js.publish(subjects.policy_activated(), b"", headers={"Nats-Pending-Messages": "50"})
+    # a fresh replica starting now reads every activation, refuses the forged ones and the junk,
+    # and decides under the valid one the running workers use
     feed = PolicyFeed(admin, js, "late-replica", whole_bundle, stack.policy_signers)
-    with pytest.raises(TimeoutError):
-        await feed.start(timeout_s=1.0)
-    assert feed.refused >= 1
+    await feed.start(timeout_s=10.0)
+    assert feed.version == version and feed.refused >= len(forged) + 1
     # the CLI refuses an untrusted signature before publishing anything
     folder = tmp_path / "bundle"
     shutil.copytree(stack.policy_dir, folder)
@@ -133,6 +141,35 @@ async def test_unsigned_untrusted_or_tampered_activations_change_no_decision(
     assert await _forbidden(client, admin, token) == version
     # restore: the signed, trusted policy is the newest again (later tests and restarts read it)
     await runtime.activate(stack, Path(stack.policy_dir), "test-restore")
+
+
+async def test_an_older_signature_is_refused_by_the_cli_and_a_replay_by_the_workers(
+        admin: Client, client: Client, stack: WorkerSettings, token_for, tmp_path: Path) -> None:
+    """Sign A, sign B, activate B: activating A afterwards is a rollback, refused until A is signed again."""
+    key = runtime.dev_signing_key(stack)
+    assert key is not None
+    token = token_for("tight")
+    first, second = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(stack.policy_dir, first)
+    shutil.copytree(stack.policy_dir, second)
+    (second / "access_policy.csv").write_text((second / "access_policy.csv").read_text() + GRANT)
+    assert cli.main(["policy", "sign", "--key", str(key), "--dir", str(first)]) == 0
+    assert cli.main(["policy", "sign", "--key", str(key), "--dir", str(second)]) == 0
+    old = policy_admin.activation(first, "replayer", datetime.now(UTC), stack.policy_signers)
+    granted = await runtime.activate(stack, second, "test")
+    try:
+        await asyncio.sleep(0.5)
+        reply = codec.decode_reply((await client.request(subjects.submit(APP), _ask(token), timeout=30)).data)
+        assert reply.error is None or reply.error.rule != "team-model-access"  # B grants it
+        assert cli.main(["policy", "activate", "--dir", str(first), "--data-dir", stack.data_dir]) == 1
+        await bus.publish(admin.jetstream(), old)  # the replay itself, past the CLI
+        await asyncio.sleep(0.5)
+        reply = codec.decode_reply((await client.request(subjects.submit(APP), _ask(token), timeout=30)).data)
+        assert reply.error is None or reply.error.rule != "team-model-access"  # still B
+        denied_or_ok = await wait_for_event(admin, reply.request_id, "RequestAuthorized")
+        assert denied_or_ok["policy_version"] == granted.version
+    finally:
+        await runtime.activate(stack, Path(stack.policy_dir), "test-restore")
 
 
 async def test_a_pinned_second_signer_is_followed_only_where_it_is_pinned(

@@ -8,6 +8,7 @@ import asyncio
 import uuid
 from pathlib import Path
 
+import msgspec
 import nats
 import pytest
 from enclave_gateway import cli, nats_auth
@@ -19,6 +20,7 @@ from enclave_gateway.services.settings import WorkerSettings
 from nats.aio.client import Client
 
 from .conftest import APPS, stream_events
+from .samples import SAMPLES_BY_NAME
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 S = subjects.STREAM
@@ -50,11 +52,14 @@ JS_FAMILIES = (
         for d in registry.durables()
         for s in (
             f"{API}.CONSUMER.CREATE.{S}.{d}", f"{API}.CONSUMER.CREATE.{S}.{d}.gw.evt.ledger.>",
+            f"{API}.CONSUMER.CREATE.{S}.{d}.gw.evt.policy.activated",
             f"{API}.CONSUMER.DURABLE.CREATE.{S}.{d}", f"{API}.CONSUMER.DELETE.{S}.{d}",
             f"{API}.CONSUMER.INFO.{S}.{d}", f"{API}.CONSUMER.MSG.NEXT.{S}.{d}", f"$JS.ACK.{S}.{d}.1.1.1.1.0",
         )
     ),
     f"$O.{registry.BUDGET_BUCKET}.C.x", "$KV.any.key", f"{API}.STREAM.DELETE.OBJ_{registry.BUDGET_BUCKET}",
+    # a consumer on the snapshot bucket could push its bytes at any subject (hostile review F2)
+    f"{API}.CONSUMER.CREATE.OBJ_{registry.BUDGET_BUCKET}", f"{API}.CONSUMER.CREATE.OBJ_{registry.BUDGET_BUCKET}.x.y",
 )
 SUBSCRIBE_FAMILIES = (
     ">", "gw.evt.>", "gw.evt.request.submitted", "gw.evt.request.denied.>", "gw.evt.policy.activated",
@@ -67,6 +72,8 @@ NEVER = (
     f"{API}.STREAM.MSG.GET.{S}", f"{API}.CONSUMER.CREATE.{S}", "gw.evt.policy.activated",
     *(f"{API}.CONSUMER.DELETE.{S}.{d}" for d in registry.durables()),
     *(f"{API}.CONSUMER.CREATE.{S}.{d}.gw.evt.ledger.>" for d in registry.durables()),
+    *(f"{API}.CONSUMER.CREATE.{S}.{d}.gw.evt.policy.activated" for d in registry.durables()),
+    f"{API}.CONSUMER.CREATE.OBJ_{registry.BUDGET_BUCKET}",
 )
 READS_TOKENS = {"authz", "auditor", "admin"}  # who may read a RequestSubmitted and so a bearer token
 
@@ -182,7 +189,9 @@ async def _rejections(admin: Client, marker: str) -> list[dict[str, object]]:
 
 
 @pytest.mark.parametrize("reply", ["_INBOX_app.other.{m}", "gw.evt.request.failed", "gw.evt.response.delivered",
-                                   "gw.evt.request.submitted", "_INBOX_edge.{m}", "_INBOX_app.tester"])
+                                   "gw.evt.request.submitted", "_INBOX_edge.{m}", "_INBOX_app.tester",
+                                   "_INBOX_app.tester.{m}.>", "_INBOX_app.tester.{m}.*", "_INBOX_app.tester..{m}",
+                                   "_INBOX_app.tester.{m}."])
 async def test_gw_submit_answers_only_on_the_requesters_own_inbox(admin: Client, stack: WorkerSettings, token_for,
                                                                   reply: str) -> None:
     marker = uuid.uuid4().hex
@@ -272,3 +281,34 @@ async def test_app_add_and_remove_on_the_running_broker(stack: WorkerSettings, t
         await nats.connect(stack.nats_url, nkeys_seed=str(revoked), allow_reconnect=False, connect_timeout=2,
                            max_reconnect_attempts=1)
     assert cli.main(["app", "list", "--data-dir", data_dir]) == 0
+
+
+@pytest.mark.parametrize("sample", ["RequestAuthorized", "InvocationCompleted"])
+async def test_an_event_passed_off_on_a_subject_it_does_not_belong_to_is_refused(admin: Client, stack: WorkerSettings,
+                                                                                 sample: str) -> None:
+    """The router may publish `gw.evt.request.failed`; a RequestAuthorized body there must not be
+    reserved and run, nor a forged completion answered (the hostile review's type confusion)."""
+    rid = uuid.uuid4().hex
+    forged = msgspec.structs.replace(SAMPLES_BY_NAME[sample], request_id=rid, event_id=f"{rid}:forged",
+                                     reply_to=f"_INBOX_app.other.{rid}")
+    other = await bus.connect(stack, "app.other")
+    watch = await other.subscribe("_INBOX_app.other.>")
+    router = await bus.connect(stack, "router")
+    try:
+        seq = (await router.jetstream().publish(subjects.request_failed(), codec.encode(forged))).seq
+        rejected_by: set[str] = set()
+        for _ in range(100):
+            events = await stream_events(admin, f"seq-{seq}", subject=subjects.message_rejected(), timeout_s=0.3)
+            rejected_by = {str(body.get("stage")) for _, body in events}
+            if {"budget", "edge"} <= rejected_by:
+                break
+            await asyncio.sleep(0.1)
+        assert {"budget", "edge"} <= rejected_by, rejected_by
+        assert not await stream_events(admin, rid, timeout_s=0.3) or all(
+            body.get("type") not in ("BudgetReserved", "ResponseDelivered", "RouteSelected")
+            for _, body in await stream_events(admin, rid, timeout_s=0.3))
+        with pytest.raises(nats.errors.TimeoutError):
+            await watch.next_msg(timeout=0.5)
+    finally:
+        await router.close()
+        await other.close()

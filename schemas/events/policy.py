@@ -6,9 +6,10 @@ from .base import Event
 class PolicyActivated(Event, frozen=True, kw_only=True, tag="PolicyActivated"):
     """A validated bundle became the one every worker decides under, with its full content.
 
-    `signature` and `signer` (added in issue 8, optional so earlier events still decode) are the
-    policy signer's Ed25519 signature over the digest of `files` and the signer's key id. Workers
-    refuse an activation that a signer pinned in their configuration did not sign.
+    `signature`, `signer` and `signed_at` (added in issue 8, optional so earlier events still
+    decode) are the policy signer's Ed25519 signature over the digest of `files` and the signing
+    time, and the signer's key id. Workers refuse an activation that a signer pinned in their
+    configuration did not sign, or that was signed before the one they decide under.
     """
 
     version: str
@@ -18,3 +19,4 @@ class PolicyActivated(Event, frozen=True, kw_only=True, tag="PolicyActivated"):
     files: dict[str, str]
     signature: str | None = None
     signer: str | None = None
+    signed_at: str | None = None  # signed with the digest: workers never go back to an older signature

@@ -113,7 +113,7 @@ def row_for(
     digest = hashlib.sha256(data).hexdigest()
     head = chain(state.head, seq, subject, digest)
     try:
-        event = codec.decode_event(data)
+        event = codec.decode_event(data, subject)  # a misplaced event is recorded, never counted
     except codec.DecodeError as exc:
         row = AuditRow(
             seq=seq,

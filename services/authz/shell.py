@@ -17,7 +17,7 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
     async with worker.session(settings, "authz", policy_view.for_worker(settings)) as s:
 
         async def handle(msg: Msg) -> None:
-            cmd = codec.decode_as(msg.data, RequestSubmitted)
+            cmd = codec.decode_as(msg.data, RequestSubmitted, msg.subject)
             for event in decider.decide(cmd, state, s.policy, bus.now_utc()):
                 await bus.publish(s.js, event)
 

@@ -9,6 +9,8 @@ events after it, so a start does not replay the whole history.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import uuid
 
@@ -28,6 +30,36 @@ LEDGER_ALL = "gw.evt.ledger.>"
 SNAPSHOT_BUCKET = "GW_BUDGET"
 SNAPSHOT_KEY = "projection"
 LedgerEvent = BudgetReserved | BudgetSettled | BudgetReleased | BudgetThresholdCrossed
+
+
+async def read_object(js: JetStreamContext, bucket: str, key: str) -> bytes:
+    """An object of a JetStream object store, read chunk by chunk with direct gets.
+
+    nats-py's `ObjectStore.get` reads through a consumer it creates; the right to create consumers
+    on the bucket's stream would let a budget credential push stored bytes to any subject (a hostile
+    review did exactly that), so the budget reads with gets only and its digest is checked here.
+    """
+    stream = f"OBJ_{bucket}"
+    meta = await js.get_last_msg(stream, f"$O.{bucket}.M.{base64.urlsafe_b64encode(key.encode()).decode()}",
+                                 direct=True)
+    info = msgspec.json.decode(meta.data or b"", type=_ObjectMeta)
+    chunks, seq, h = [], 0, hashlib.sha256()
+    for _ in range(info.chunks):
+        raw = await js.get_msg(stream, seq=seq + 1, subject=f"$O.{bucket}.C.{info.nuid}", next=True, direct=True)
+        seq = int(raw.seq or 0)
+        chunks.append(raw.data or b"")
+        h.update(raw.data or b"")
+    data = b"".join(chunks)
+    if len(data) != info.size or "SHA-256=" + base64.urlsafe_b64encode(h.digest()).decode() != info.digest:
+        raise ValueError(f"object {bucket}/{key}: size or digest does not match its metadata")
+    return data
+
+
+class _ObjectMeta(msgspec.Struct):
+    nuid: str
+    size: int
+    chunks: int
+    digest: str
 
 
 class LedgerConflict(Exception):
@@ -51,12 +83,20 @@ class LedgerStore:
         self.last_seq: dict[str, int] = {}
         self.seq = 0  # highest ledger stream sequence folded (for snapshots)
 
-    def _fold(self, seq: int, data: bytes) -> None:
-        event = codec.decode_event(data)
+    def _fold(self, seq: int, subject: str, data: bytes) -> None:
+        # Whatever is stored on a team's ledger subject moves its compare-and-set sequence, so the
+        # sequence advances even for bytes that are not a ledger fact published there (junk a
+        # hostile credential made the server store); only a real one changes the money.
+        team = subject.rsplit(".", 1)[-1]  # team names are subject tokens (policy/bundle.py)
+        self.last_seq[team] = max(self.last_seq.get(team, 0), seq)
+        self.seq = max(self.seq, seq)
+        try:
+            event = codec.decode_event(data, subject)
+        except codec.DecodeError as exc:
+            log.error("ledger seq %d on %s is not a ledger fact, skipped: %s", seq, subject, exc)
+            return
         if isinstance(event, LedgerEvent):
             self.state = evolve(self.state, event)
-            self.last_seq[event.team] = max(self.last_seq.get(event.team, 0), seq)
-            self.seq = max(self.seq, seq)
 
     async def rebuild(self) -> int:
         """Snapshot, then every later ledger event; returns the number of events read."""
@@ -88,7 +128,7 @@ class LedgerStore:
             while True:
                 msg = await sub.next_msg(timeout=10)
                 seq = msg.metadata.sequence.stream
-                self._fold(seq, msg.data)
+                self._fold(seq, msg.subject, msg.data)
                 count += 1
                 if seq >= until:
                     return count
@@ -97,12 +137,11 @@ class LedgerStore:
 
     async def _load_snapshot(self) -> None:
         try:
-            store = await self.js.object_store(SNAPSHOT_BUCKET)
-            result = await store.get(SNAPSHOT_KEY)
-        except Exception as exc:  # no bucket or no snapshot yet: a full replay is still correct
-            log.info("no budget snapshot (%r): replaying the ledger", exc)
+            data = await read_object(self.js, SNAPSHOT_BUCKET, SNAPSHOT_KEY)
+            snap = msgspec.json.decode(data, type=Snapshot)
+        except Exception as exc:  # no bucket, no snapshot, or a bad one: a full replay is still correct
+            log.info("no usable budget snapshot (%r): replaying the ledger", exc)
             return
-        snap = msgspec.json.decode(result.data or b"", type=Snapshot)
         self.state, self.last_seq, self.seq = snap.state, dict(snap.last_seq), snap.seq
         log.info("budget snapshot at seq %d loaded", snap.seq)
 
@@ -131,7 +170,7 @@ class LedgerStore:
             return
         previous = (raw.headers or {}).get(Header.EXPECTED_LAST_SUBJECT_SEQUENCE)
         if previous is not None and previous.isdigit() and int(previous) == known:
-            self._fold(newest, raw.data or b"")
+            self._fold(newest, raw.subject or "", raw.data or b"")
             return
         await self._tail(subjects.ledger_filter(team), known + 1, newest)
 
@@ -151,4 +190,4 @@ class LedgerStore:
             raise
         if ack.duplicate:  # written before under this Nats-Msg-Id: the catch-up folds the stored one
             return
-        self._fold(int(ack.seq), codec.encode(event))
+        self._fold(int(ack.seq), subjects.for_event(event), codec.encode(event))

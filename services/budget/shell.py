@@ -62,7 +62,7 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
         log.info("budget projection rebuilt: %d ledger events after the snapshot", await store.rebuild())
 
         async def handle(msg: Msg) -> None:
-            event = codec.decode_event(msg.data)
+            event = codec.decode_event(msg.data, msg.subject)
             if not isinstance(
                 event, RequestAuthorized | InvocationCompleted | InvocationFailed | RouteUnavailable | RequestFailed
             ):

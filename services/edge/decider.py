@@ -110,8 +110,9 @@ def refuse_reply_subject(subject: str, reply_to: str | None) -> str | None:
         return f"{subject!r} is not an application's submit subject"
     if not reply_to:
         return "a request must carry a reply subject under the application's own inbox"
-    if not reply_to.startswith(subjects.app_inbox(app) + "."):
-        return f"reply subject {reply_to!r} is not under {subjects.app_inbox(app)}."
+    if not reply_to.startswith(subjects.app_inbox(app) + ".") or reply_route(reply_to) != "application":
+        # one predicate with the responder: what the entry admits, the responder will answer
+        return f"reply subject {reply_to!r} is not a subject under {subjects.app_inbox(app)}."
     return None
 
 

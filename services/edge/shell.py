@@ -102,6 +102,10 @@ class Edge:
 
     async def _on_reply(self, msg: Msg) -> None:
         request_id = msg.subject.rsplit(".", 1)[-1]
+        if msg.subject != subjects.edge_reply(self.replica, request_id):
+            # a JetStream delivery pushed at our inbox keeps its stored subject: never a reply
+            log.error("ignored a message delivered to this replica's inbox from %s", msg.subject)
+            return
         try:
             reply = codec.decode_reply(msg.data)
         except codec.DecodeError as exc:  # only edge replicas may publish here: a bug, not input
@@ -149,7 +153,7 @@ class Edge:
 
     async def respond(self, msg: Msg) -> None:
         """Responder stage: turn a terminal event into the caller's reply; never publish it elsewhere."""
-        event = codec.decode_event(msg.data)
+        event = codec.decode_event(msg.data, msg.subject)
         if not isinstance(event, decider.Terminal):
             raise codec.DecodeError(f"edge responder does not take {type(event).__name__}")
         target = decider.reply_target(event.reply_to)

@@ -50,7 +50,7 @@ async def _serve(settings: WorkerSettings, js: JetStreamContext, stop: asyncio.E
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=60))
 
     async def handle(msg: Msg) -> None:
-        route = codec.decode_as(msg.data, RouteSelected)
+        route = codec.decode_as(msg.data, RouteSelected, msg.subject)
         base_url = settings.endpoints.get(route.endpoint)
         if base_url is None:
             outcome: decider.CallOutcome = decider.CallFailed(

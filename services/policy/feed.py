@@ -1,30 +1,33 @@
 """Every worker follows the active policy on the stream (DESIGN §2-§3, issue 8).
 
-At start a worker reads the newest `PolicyActivated` (one scoped direct get); afterwards it switches
-on each new one, live, through a core subscription (each replica gets every activation, unlike a
-shared durable consumer). An activation is applied only when a signer pinned in this worker's
-configuration signed exactly its files and the worker's own view compiles; otherwise it is logged
-and refused, and the active policy stays.
+At start a worker reads every stored `PolicyActivated`; afterwards it switches on each new one,
+live, through a core subscription (each replica gets every activation, unlike a shared durable
+consumer). An activation is applied only when it arrived on the policy subject, a signer pinned in
+this worker's configuration signed exactly its files, it was signed after the active one, and the
+worker's own view compiles; otherwise it is logged and refused, and the active policy stays.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Callable
+from datetime import datetime
 from typing import Generic, TypeVar
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from ...schemas import codec, subjects
 from ...schemas.events import PolicyActivated
 from ...schemas.policy import PolicyBundle
 from .bundle import PolicyError, bundle_from_files
-from .signing import TrustedSigners, verify_activation
+from .signing import TrustedSigners, signing_time, verify_activation
 
 log = logging.getLogger("enclave_gateway.policy")
 V = TypeVar("V")
@@ -43,14 +46,22 @@ def compile_activation(event: PolicyActivated, trusted: TrustedSigners, view: Ca
 
 
 class PolicyFeed(Generic[V]):
-    """The policy this worker decides under, compiled to its own view and kept current."""
+    """The policy this worker decides under, compiled to its own view and kept current.
+
+    The active policy is the validly signed activation with the latest signing time this worker
+    has seen on the policy subject; anything else that reaches it (unsigned, untrusted, tampered,
+    older, junk the server was made to store, bytes pushed at the subscription from elsewhere) is
+    logged and refused. A worker starting reads every activation in the stream and takes that one,
+    so junk stored after it cannot keep a worker from starting.
+    """
 
     def __init__(self, nc: Client, js: JetStreamContext, stage: str, view: Callable[[PolicyBundle], V],
                  trusted: TrustedSigners) -> None:
         self.nc, self.js, self.stage, self.view, self.trusted = nc, js, stage, view, dict(trusted)
         self._current: V | None = None
         self.version = ""
-        self.refused = 0  # activations refused since start (tests and `gateway status` read it)
+        self.signed_at: datetime | None = None
+        self.refused = 0  # activations refused since start (tests read it)
         self._ready = asyncio.Event()
 
     @property
@@ -60,28 +71,50 @@ class PolicyFeed(Generic[V]):
         return self._current
 
     async def start(self, timeout_s: float = 60.0) -> None:
-        """Subscribe first (no activation can slip between), then read the newest one."""
+        """Subscribe first (no activation can slip between), then read every stored activation."""
         await self.nc.subscribe(subjects.policy_activated(), cb=self._on_msg)
-        try:
-            raw = await self.js.get_last_msg(subjects.STREAM, subjects.policy_activated(), direct=True)
-            self._apply(raw.data or b"")
-        except NotFoundError:
-            log.warning("%s: no policy is active yet; waiting for `gateway policy activate`", self.stage)
+        await self._read_history()
+        if self._current is None:
+            log.warning("%s: no valid signed policy is active yet; waiting for `gateway policy activate`", self.stage)
         await asyncio.wait_for(self._ready.wait(), timeout_s)
 
-    async def _on_msg(self, msg: Msg) -> None:
-        self._apply(msg.data)
-
-    def _apply(self, data: bytes) -> None:
+    async def _read_history(self) -> None:
+        # an ordered consumer of our own, named and filtered to the policy subject (the registry
+        # allows exactly that); it expires by itself once we stop reading
         try:
-            event = codec.decode_as(data, PolicyActivated)
-            if self._current is not None and event.version == self.version:
-                return
+            last = await self.js.get_last_msg(subjects.STREAM, subjects.policy_activated(), direct=True)
+        except NotFoundError:
+            return
+        config = ConsumerConfig(name=f"{self.stage}_policy_{uuid.uuid4().hex}", inactive_threshold=5.0,
+                                deliver_policy=DeliverPolicy.ALL)
+        sub = await self.js.subscribe(subjects.policy_activated(), stream=subjects.STREAM, ordered_consumer=True,
+                                      config=config)
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=10)
+                self._apply(msg.data, msg.subject)
+                if msg.metadata.sequence.stream >= int(last.seq or 0):
+                    return
+        finally:
+            await sub.unsubscribe()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self._apply(msg.data, msg.subject)
+
+    def _apply(self, data: bytes, subject: str) -> None:
+        try:
+            event = codec.decode_as(data, PolicyActivated, subject)  # bytes pushed from elsewhere keep their subject
+            if event.version == self.version and event.signed_at and self.signed_at == signing_time(event.signed_at):
+                return  # the one we already decide under
+            signed = verify_activation(event, self.trusted)
+            if self.signed_at is not None and signed <= self.signed_at:
+                raise PolicyError(f"signed at {signed.isoformat()}, not after the active policy's "
+                                  f"{self.signed_at.isoformat()}: an old activation replayed")
             compiled = compile_activation(event, self.trusted, self.view)
         except (codec.DecodeError, PolicyError, msgspec.ValidationError) as exc:
             self.refused += 1
             log.error("%s: REFUSED a policy activation, %s stays active: %s", self.stage, self.version or "none", exc)
             return
-        self._current, self.version = compiled, event.version
-        log.info("%s: policy %s active (signed by %s)", self.stage, event.version, event.signer)
+        self._current, self.version, self.signed_at = compiled, event.version, signed
+        log.info("%s: policy %s active (signed by %s at %s)", self.stage, event.version, event.signer, event.signed_at)
         self._ready.set()

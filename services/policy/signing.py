@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
@@ -37,10 +38,16 @@ class SignerKey(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
 
 class BundleSignature(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """`bundle.sig`: who signed which digest."""
+    """`bundle.sig`: who signed which digest, and when.
+
+    `signed_at` is signed too: workers apply only an activation signed later than the one they
+    decide under, so replaying an older signed bundle (a rollback by whoever can make a message
+    appear on the policy subject) changes nothing. A deliberate rollback is a fresh signature.
+    """
 
     kid: str
     sha256: str
+    signed_at: str  # ISO 8601, UTC
     signature: str  # base64
 
 
@@ -91,21 +98,35 @@ def load_public(path: Path) -> SignerKey:
     return key
 
 
-def _message(sha256: str) -> bytes:
-    return _DOMAIN + sha256.encode()
+def _message(sha256: str, signed_at: str) -> bytes:
+    return _DOMAIN + sha256.encode() + b"\n" + signed_at.encode()
 
 
-def sign_digest(private: Ed25519PrivateKey, sha256: str) -> BundleSignature:
-    """Sign a bundle's digest."""
-    sig = private.sign(_message(sha256))
-    return BundleSignature(kid=public_of(private).kid, sha256=sha256, signature=base64.b64encode(sig).decode())
+def signing_time(signed_at: str | None) -> datetime:
+    """The signed time of an activation; raises PolicyError when it is missing or not a UTC time."""
+    try:
+        when = datetime.fromisoformat(signed_at or "")
+    except ValueError as exc:
+        raise PolicyError(f"signature time {signed_at!r} is not an ISO 8601 time") from exc
+    if when.utcoffset() != timedelta(0):
+        raise PolicyError(f"signature time {signed_at!r} is not in UTC")
+    return when
 
 
-def verify(files: dict[str, str], sha256: str, kid: str | None, signature: str | None,
-           trusted: TrustedSigners) -> None:
-    """Raise PolicyError unless a trusted signer signed exactly these files."""
-    if not signature or not kid:
+def sign_digest(private: Ed25519PrivateKey, sha256: str, now: datetime) -> BundleSignature:
+    """Sign a bundle's digest at `now` (UTC)."""
+    signed_at = now.astimezone(UTC).isoformat(timespec="microseconds")
+    sig = private.sign(_message(sha256, signed_at))
+    return BundleSignature(kid=public_of(private).kid, sha256=sha256, signed_at=signed_at,
+                           signature=base64.b64encode(sig).decode())
+
+
+def verify(files: dict[str, str], sha256: str, kid: str | None, signature: str | None, signed_at: str | None,
+           trusted: TrustedSigners) -> datetime:
+    """The signed time, when a trusted signer signed exactly these files; raises PolicyError otherwise."""
+    if not signature or not kid or not signed_at:
         raise PolicyError("unsigned policy bundle")
+    when = signing_time(signed_at)
     if set(files) != set(FILES):
         raise PolicyError(f"a signed bundle holds exactly {', '.join(FILES)}; this one holds {sorted(files)}")
     actual = digest(files)
@@ -116,11 +137,12 @@ def verify(files: dict[str, str], sha256: str, kid: str | None, signature: str |
         raise PolicyError(f"signer {kid!r} is not trusted by this deployment")
     try:
         Ed25519PublicKey.from_public_bytes(base64.b64decode(public)).verify(
-            base64.b64decode(signature, validate=True), _message(actual))
+            base64.b64decode(signature, validate=True), _message(actual, signed_at))
     except (InvalidSignature, ValueError) as exc:
         raise PolicyError(f"signature by {kid!r} does not cover this bundle") from exc
+    return when
 
 
-def verify_activation(event: PolicyActivated, trusted: TrustedSigners) -> None:
-    """Raise PolicyError unless a trusted signer signed exactly the activation's files."""
-    verify(event.files, event.sha256, event.signer, event.signature, trusted)
+def verify_activation(event: PolicyActivated, trusted: TrustedSigners) -> datetime:
+    """The signed time of an activation a trusted signer signed exactly; raises PolicyError otherwise."""
+    return verify(event.files, event.sha256, event.signer, event.signature, event.signed_at, trusted)

@@ -17,7 +17,7 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
     async with worker.session(settings, "router", worker.whole_bundle) as s:
 
         async def handle(msg: Msg) -> None:
-            reserved = codec.decode_as(msg.data, BudgetReserved)
+            reserved = codec.decode_as(msg.data, BudgetReserved, msg.subject)
             for event in decider.decide(reserved, state, s.policy, bus.now_utc()):
                 await bus.publish(s.js, event)
 
