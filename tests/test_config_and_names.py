@@ -69,3 +69,10 @@ def test_every_key_reaches_what_it_configures(tmp_path: Path) -> None:
     assert gw.engine is not None and gw.engine.port == 9191 and gw.serve_tiny == "tiny"
     assert gw.trust_dev_issuer is False
     assert gw.trusted_signers == (tmp_path / "keys" / "ops.pub.json",)
+
+
+def test_a_policy_file_holding_a_nul_is_refused(tmp_path: Path) -> None:
+    """The digest separates names and contents with NUL: a NUL inside a file could move bytes
+    from one file to the next under the same signature (hostile review)."""
+    with pytest.raises(PolicyError, match="NUL"):
+        load_bundle(_bundle(tmp_path, policy_extra="p, team:alpha, enclave-tiny\0\n"))

@@ -57,6 +57,9 @@ def bundle_from_files(files: dict[str, str]) -> PolicyBundle:
     extra = sorted(set(files) - set(FILES))
     if missing or extra:
         raise PolicyError(f"policy bundle must hold exactly {', '.join(FILES)} (missing {missing}, extra {extra})")
+    with_nul = [n for n in FILES if "\0" in files[n]]
+    if with_nul:  # the digest separates files with NUL: text holding one could shift bytes between files
+        raise PolicyError(f"{', '.join(with_nul)}: a policy file may not contain a NUL character")
     try:
         catalog = msgspec.convert(tomllib.loads(files["catalog.toml"]), Catalog)
     except (tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
