@@ -13,16 +13,16 @@ from pathlib import Path
 from types import TracebackType
 
 from nats.aio.client import Client
-from nats.js.errors import NotFoundError
 
 from . import config, issuer, procs, supervisor
 from .broker import Broker
 from .engine import Engine
 from .policy_admin import DEV_SIGNER, activation, dev_signer, trusted
-from .schemas import codec, subjects
+from .schemas import subjects
 from .schemas.events import PolicyActivated
 from .services import bus, registry
 from .services.policy import PolicyError
+from .services.policy.feed import latest_valid, stored_activations
 from .services.policy.signing import load_public, signing_time
 from .services.settings import WorkerSettings
 
@@ -39,13 +39,14 @@ async def setup_topology(settings: WorkerSettings, replicas: int = 1) -> None:
 
 
 async def active_policy(settings: WorkerSettings) -> PolicyActivated | None:
-    """The newest PolicyActivated in the stream, if any."""
+    """The activation the workers decide under: the validly signed one with the latest signing time.
+
+    The newest message on the subject may be a refused forgery or junk a credential made the
+    server store, so operator tooling selects exactly as the workers' feeds do.
+    """
     nc = await bus.connect(settings, "admin", keep_trying=False)
     try:
-        raw = await nc.jetstream().get_last_msg(subjects.STREAM, subjects.policy_activated(), direct=True)
-        return codec.decode_as(raw.data or b"", PolicyActivated)  # type: ignore[no-any-return]
-    except (NotFoundError, codec.DecodeError):  # none yet, or junk stored on the subject (workers skip it too)
-        return None
+        return latest_valid(await stored_activations(nc.jetstream(), "admin"), settings.policy_signers)
     finally:
         await nc.close()
 

@@ -132,6 +132,8 @@ async def test_unsigned_untrusted_or_tampered_activations_change_no_decision(
     feed = PolicyFeed(admin, js, "late-replica", whole_bundle, stack.policy_signers)
     await feed.start(timeout_s=10.0)
     assert feed.version == version and feed.refused >= len(forged) + 1
+    active = await runtime.active_policy(stack)  # operator tooling selects as the workers do
+    assert active is not None and active.version == version
     # the CLI refuses an untrusted signature before publishing anything
     folder = tmp_path / "bundle"
     shutil.copytree(stack.policy_dir, folder)

@@ -45,6 +45,47 @@ def compile_activation(event: PolicyActivated, trusted: TrustedSigners, view: Ca
     return view(bundle)
 
 
+async def stored_activations(js: JetStreamContext, reader: str) -> list[tuple[bytes, str]]:
+    """Every message stored on the policy subject, as (data, subject), oldest first.
+
+    An ordered consumer of the reader's own, named and filtered to exactly the policy subject (the
+    registry allows policy followers exactly that); it expires by itself once reading stops.
+    """
+    try:
+        last = await js.get_last_msg(subjects.STREAM, subjects.policy_activated(), direct=True)
+    except NotFoundError:
+        return []
+    config = ConsumerConfig(name=f"{reader}_policy_{uuid.uuid4().hex}", inactive_threshold=5.0,
+                            deliver_policy=DeliverPolicy.ALL)
+    sub = await js.subscribe(subjects.policy_activated(), stream=subjects.STREAM, ordered_consumer=True,
+                             config=config)
+    out: list[tuple[bytes, str]] = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=10)
+            out.append((msg.data, msg.subject))
+            if msg.metadata.sequence.stream >= int(last.seq or 0):
+                return out
+    finally:
+        await sub.unsubscribe()
+
+
+def latest_valid(messages: list[tuple[bytes, str]], trusted: TrustedSigners) -> PolicyActivated | None:
+    """The activation every worker decides under: validly signed by a pinned signer, latest signed time."""
+    best: tuple[datetime, PolicyActivated] | None = None
+    for data, subject in messages:
+        try:
+            event = codec.decode_as(data, PolicyActivated, subject)
+            signed = verify_activation(event, trusted)
+            if bundle_from_files(event.files).version != event.version:
+                continue
+        except (codec.DecodeError, PolicyError, msgspec.ValidationError):
+            continue
+        if best is None or signed > best[0]:
+            best = (signed, event)
+    return best[1] if best else None
+
+
 class PolicyFeed(Generic[V]):
     """The policy this worker decides under, compiled to its own view and kept current.
 
@@ -79,24 +120,8 @@ class PolicyFeed(Generic[V]):
         await asyncio.wait_for(self._ready.wait(), timeout_s)
 
     async def _read_history(self) -> None:
-        # an ordered consumer of our own, named and filtered to the policy subject (the registry
-        # allows exactly that); it expires by itself once we stop reading
-        try:
-            last = await self.js.get_last_msg(subjects.STREAM, subjects.policy_activated(), direct=True)
-        except NotFoundError:
-            return
-        config = ConsumerConfig(name=f"{self.stage}_policy_{uuid.uuid4().hex}", inactive_threshold=5.0,
-                                deliver_policy=DeliverPolicy.ALL)
-        sub = await self.js.subscribe(subjects.policy_activated(), stream=subjects.STREAM, ordered_consumer=True,
-                                      config=config)
-        try:
-            while True:
-                msg = await sub.next_msg(timeout=10)
-                self._apply(msg.data, msg.subject)
-                if msg.metadata.sequence.stream >= int(last.seq or 0):
-                    return
-        finally:
-            await sub.unsubscribe()
+        for data, subject in await stored_activations(self.js, self.stage):
+            self._apply(data, subject)
 
     async def _on_msg(self, msg: Msg) -> None:
         self._apply(msg.data, msg.subject)
