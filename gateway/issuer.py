@@ -7,7 +7,6 @@ the gateway and its demo. The private key is written 0600 and never leaves the d
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from pathlib import Path
@@ -18,17 +17,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jwt.algorithms import OKPAlgorithm
 
 from .services.authz.tokens import AUDIENCE, ISSUER
+from .services.keys import write_private
 from .services.settings import jwks_path
 
 KEY_FILE = "issuer.key"
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600)
 
 
 def ensure_keys(keys_dir: Path) -> str:
@@ -39,13 +31,13 @@ def ensure_keys(keys_dir: Path) -> str:
         pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        _write_private(key_path, pem)
+        write_private(key_path, pem)
     key = _private_key(keys_dir)
     kid = _kid(key)
     if not jwks_path(keys_dir).exists():
         jwk = json.loads(OKPAlgorithm.to_jwk(key.public_key()))
         jwk.update({"kid": kid, "alg": "EdDSA", "use": "sig"})
-        _write_private(jwks_path(keys_dir), json.dumps({"keys": [jwk]}, indent=2).encode())
+        write_private(jwks_path(keys_dir), json.dumps({"keys": [jwk]}, indent=2).encode())
     return kid
 
 

@@ -17,17 +17,9 @@ import nkeys
 
 from .services import registry
 from .services.credentials import seed_path
+from .services.keys import write_private
 
 AUTH_FILE = "auth.conf"
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Create or replace a file readable by its owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600)  # also when it existed with looser bits
 
 
 def public_key(seed_file: Path) -> str:

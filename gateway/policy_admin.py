@@ -13,12 +13,12 @@ from pathlib import Path
 
 import msgspec
 
-from .nats_auth import write_private
 from .schemas.events import PolicyActivated, envelope
 from .services.authz.policy_view import validate
+from .services.keys import generate, write_private
 from .services.policy import SIGNATURE_FILE, BundleSignature, PolicyError, SignerKey, digest, read_files
 from .services.policy.bundle import bundle_from_files, git_commit
-from .services.policy.signing import generate, load_private, load_public, sign_digest, verify
+from .services.policy.signing import load_private, load_public, sign_digest, verify
 
 DEV_SIGNER = "policy-signer"  # in <data_dir>/keys
 

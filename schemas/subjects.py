@@ -121,6 +121,11 @@ def policy_activated() -> str:
     return "gw.evt.policy.activated"
 
 
+def audit_checkpoint() -> str:
+    """The auditor's signed checkpoints: one chain, guarded by compare-and-set on this subject."""
+    return "gw.evt.audit.checkpoint"
+
+
 def msg_id(request_id: str, stage: str) -> str:
     """`Nats-Msg-Id` and event id: a republish after a crash is deduplicated by the server."""
     return f"{request_id}:{stage}"
@@ -129,6 +134,7 @@ def msg_id(request_id: str, stage: str) -> str:
 def for_event(event: "AnyEvent") -> str:
     """The subject an event is published on, derived from the event alone."""
     from .events import (
+        AuditCheckpoint,
         BudgetRejected,
         BudgetReleased,
         BudgetReserved,
@@ -183,5 +189,7 @@ def for_event(event: "AnyEvent") -> str:
             return invocation_failed(event.model_id)
         case PolicyActivated():
             return policy_activated()
+        case AuditCheckpoint():
+            return audit_checkpoint()
         case _:
             assert_never(event)

@@ -1,5 +1,6 @@
 """Every event type of the contract, and the union the codec decodes."""
 
+from .audit import AuditCheckpoint
 from .base import Caller, Envelope, Event, Reservation, envelope
 from .budget import (
     BudgetRejected,
@@ -40,6 +41,7 @@ AnyEvent = (
     | InvocationCompleted
     | InvocationFailed
     | PolicyActivated
+    | AuditCheckpoint
 )
 
 CURRENT_EVENT_TYPES: tuple[type[Event], ...] = (
@@ -60,11 +62,13 @@ CURRENT_EVENT_TYPES: tuple[type[Event], ...] = (
     InvocationCompleted,
     InvocationFailed,
     PolicyActivated,
+    AuditCheckpoint,
 )
 
 __all__ = [
     "CURRENT_EVENT_TYPES",
     "AnyEvent",
+    "AuditCheckpoint",
     "BudgetRejected",
     "BudgetReleased",
     "BudgetReserved",

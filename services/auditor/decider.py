@@ -13,6 +13,7 @@ from msgspec import Struct
 from ...schemas import codec
 from ...schemas.events import (
     AnyEvent,
+    AuditCheckpoint,
     BudgetRejected,
     BudgetReleased,
     BudgetReserved,
@@ -217,3 +218,5 @@ def _fill(row: AuditRow, e: AnyEvent) -> None:
             row.detail, row.latency_ms = e.detail[:500], e.latency_ms
         case PolicyActivated():
             row.caller, row.detail = e.activated_by, f"{e.version} git {e.git_commit or '-'} sha256 {e.sha256}"
+        case AuditCheckpoint():
+            row.caller, row.detail = e.signer, f"seq {e.seq} head {e.head} after seq {e.previous_seq}"

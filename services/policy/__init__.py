@@ -5,8 +5,9 @@ Nothing here knows how a service decides: authz, budget, router and edge each co
 view of a verified bundle (`PolicyFeed(view=...)`), so no worker builds rules it never uses.
 """
 
+from ..keys import SignerKey
 from .bundle import FILES, PolicyError, bundle_from_files, digest, load_bundle, read_files
-from .signing import SIGNATURE_FILE, BundleSignature, SignerKey, TrustedSigners, sign_digest, verify_activation
+from .signing import SIGNATURE_FILE, BundleSignature, TrustedSigners, sign_digest, verify_activation
 
 __all__ = [
     "FILES",

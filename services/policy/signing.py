@@ -10,31 +10,22 @@ each worker in its settings), never in the bundle or anywhere the stream can cha
 
 from __future__ import annotations
 
-import base64
-import hashlib
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ...schemas.events import PolicyActivated
+from .. import keys
+from ..keys import SignerKey
 from .bundle import FILES, PolicyError, digest
 
 SIGNATURE_FILE = "bundle.sig"  # beside the bundle's files; not part of the digest
 _DOMAIN = b"enclave-gateway/policy-bundle/v1\n"
 
 TrustedSigners = Mapping[str, str]  # key id -> base64 of the raw 32-byte Ed25519 public key
-
-
-class SignerKey(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """A policy signer's public key, as pinned in the deployment's configuration."""
-
-    kid: str
-    public_key: str  # base64, raw 32 bytes
 
 
 class BundleSignature(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -51,51 +42,20 @@ class BundleSignature(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     signature: str  # base64
 
 
-def _raw(pub: Ed25519PublicKey) -> bytes:
-    return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def key_id(public_raw: bytes) -> str:
-    """A key's id is derived from the key itself, so a label can never point at another key."""
-    return "ed25519:" + hashlib.sha256(public_raw).hexdigest()[:16]
-
-
-def public_of(private: Ed25519PrivateKey) -> SignerKey:
-    """The public half of a signing key, with its id."""
-    raw = _raw(private.public_key())
-    return SignerKey(kid=key_id(raw), public_key=base64.b64encode(raw).decode())
-
-
-def generate() -> tuple[bytes, SignerKey]:
-    """A new signing key: (PKCS#8 PEM of the private key, its public key)."""
-    private = Ed25519PrivateKey.generate()
-    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return pem, public_of(private)
-
-
 def load_private(path: Path) -> Ed25519PrivateKey:
-    """A signing key from its PEM file; raises PolicyError when it is not an Ed25519 key."""
+    """A policy-signing key; raises PolicyError when it is not an Ed25519 key."""
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise PolicyError(f"signing key {path}: {exc}") from exc
-    if not isinstance(key, Ed25519PrivateKey):
-        raise PolicyError(f"signing key {path} is not an Ed25519 key")
-    return key
+        return keys.load_private(path)
+    except keys.KeyFileError as exc:
+        raise PolicyError(str(exc)) from exc
 
 
 def load_public(path: Path) -> SignerKey:
     """A pinned signer's public key file; its id is checked against the key."""
     try:
-        key = msgspec.json.decode(path.read_bytes(), type=SignerKey)
-        raw = base64.b64decode(key.public_key, validate=True)
-        Ed25519PublicKey.from_public_bytes(raw)
-    except (OSError, msgspec.DecodeError, ValueError) as exc:
-        raise PolicyError(f"trusted signer {path}: {exc}") from exc
-    if key.kid != key_id(raw):
-        raise PolicyError(f"trusted signer {path}: kid {key.kid!r} does not belong to its key")
-    return key
+        return keys.load_public(path)
+    except keys.KeyFileError as exc:
+        raise PolicyError(f"trusted signer: {exc}") from exc
 
 
 def _message(sha256: str, signed_at: str) -> bytes:
@@ -116,9 +76,8 @@ def signing_time(signed_at: str | None) -> datetime:
 def sign_digest(private: Ed25519PrivateKey, sha256: str, now: datetime) -> BundleSignature:
     """Sign a bundle's digest at `now` (UTC)."""
     signed_at = now.astimezone(UTC).isoformat(timespec="microseconds")
-    sig = private.sign(_message(sha256, signed_at))
-    return BundleSignature(kid=public_of(private).kid, sha256=sha256, signed_at=signed_at,
-                           signature=base64.b64encode(sig).decode())
+    return BundleSignature(kid=keys.public_of(private).kid, sha256=sha256, signed_at=signed_at,
+                           signature=keys.sign(private, _message(sha256, signed_at)))
 
 
 def verify(files: dict[str, str], sha256: str, kid: str | None, signature: str | None, signed_at: str | None,
@@ -135,11 +94,8 @@ def verify(files: dict[str, str], sha256: str, kid: str | None, signature: str |
     public = trusted.get(kid)
     if public is None:
         raise PolicyError(f"signer {kid!r} is not trusted by this deployment")
-    try:
-        Ed25519PublicKey.from_public_bytes(base64.b64decode(public)).verify(
-            base64.b64decode(signature, validate=True), _message(actual, signed_at))
-    except (InvalidSignature, ValueError) as exc:
-        raise PolicyError(f"signature by {kid!r} does not cover this bundle") from exc
+    if not keys.valid(public, signature, _message(actual, signed_at)):
+        raise PolicyError(f"signature by {kid!r} does not cover this bundle")
     return when
 
 
