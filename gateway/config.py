@@ -47,6 +47,14 @@ class PolicyConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     trusted_signers: list[str] = []
 
 
+class AuditConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """How often the auditor signs a checkpoint of the hash chain: after so many events, or so many
+    seconds when any arrived."""
+
+    checkpoint_events: int = 1000
+    checkpoint_seconds: float = 30.0
+
+
 class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The whole file; every key has a default so an empty file is valid."""
 
@@ -57,6 +65,7 @@ class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
+    audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
     endpoints: dict[str, str] = {}
 
 

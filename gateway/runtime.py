@@ -22,7 +22,7 @@ from .schemas import subjects
 from .schemas.events import PolicyActivated
 from .services import bus, registry
 from .services.policy import PolicyError
-from .services.policy.feed import latest_valid, stored_activations
+from .services.policy.feed import latest_valid
 from .services.policy.signing import load_public, signing_time
 from .services.settings import WorkerSettings
 
@@ -46,7 +46,8 @@ async def active_policy(settings: WorkerSettings) -> PolicyActivated | None:
     """
     nc = await bus.connect(settings, "admin", keep_trying=False)
     try:
-        return latest_valid(await stored_activations(nc.jetstream(), "admin"), settings.policy_signers)
+        stored = await bus.stored_on(nc.jetstream(), subjects.policy_activated(), "admin")
+        return latest_valid(stored, settings.policy_signers)
     finally:
         await nc.close()
 
@@ -113,7 +114,9 @@ class Gateway:
         http_host: str = "127.0.0.1",
         request_timeout_s: float = 120.0,
         engine_port: int = 0,
+        audit: config.AuditConfig | None = None,
     ) -> None:
+        self.audit = audit or config.AuditConfig()
         self.trust_dev_issuer, self.trusted_signers = trust_dev_issuer, trusted_signers
         self.http_host, self.request_timeout_s = http_host, request_timeout_s
         self.data_dir, self.policy_dir = data_dir.resolve(), policy_dir.resolve()
@@ -143,6 +146,7 @@ class Gateway:
             http_host=cfg.http.host,
             request_timeout_s=cfg.http.request_timeout_s,
             engine_port=cfg.engine.port,
+            audit=cfg.audit,
         )
 
     @property
@@ -171,6 +175,8 @@ class Gateway:
             creds_dir=str(self.creds_dir),
             trust_dev_issuer=self.trust_dev_issuer,
             policy_signers=signers,
+            audit_checkpoint_events=self.audit.checkpoint_events,
+            audit_checkpoint_s=self.audit.checkpoint_seconds,
         )
         supervisor.write_settings(self.settings)
         asyncio.run(setup_topology(self.settings))

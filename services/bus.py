@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
@@ -104,6 +105,32 @@ async def ensure_topology(js: JetStreamContext, replicas: int = 1) -> None:
         await js.add_consumer(subjects.STREAM, consumer_config(name, spec))
     # Budget projection snapshots: derived data, never the audit trail (services/budget/ledger_store.py).
     await js.create_object_store("GW_BUDGET", config=ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas))
+
+
+async def stored_on(js: JetStreamContext, subject: str, reader: str) -> list[tuple[bytes, str, int]]:
+    """Every message stored on `subject` so far, as (data, subject, stream sequence), oldest first.
+
+    An ordered consumer of the reader's own, named and filtered to exactly that subject (what the
+    registry grants; the bare create form would let a credential create or update any consumer);
+    nats-py never deletes it, the server drops it once idle.
+    """
+    try:
+        last = await js.get_last_msg(subjects.STREAM, subject, direct=True)
+    except NotFoundError:
+        return []
+    config = ConsumerConfig(name=f"{reader}_read_{uuid.uuid4().hex}", inactive_threshold=5.0,
+                            deliver_policy=DeliverPolicy.ALL)
+    sub = await js.subscribe(subject, stream=subjects.STREAM, ordered_consumer=True, config=config)
+    out: list[tuple[bytes, str, int]] = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=10)
+            seq = msg.metadata.sequence.stream
+            out.append((msg.data, msg.subject, seq))
+            if seq >= int(last.seq or 0):
+                return out
+    finally:
+        await sub.unsubscribe()
 
 
 def consumer_config(name: str, spec: ConsumerSpec) -> ConsumerConfig:

@@ -66,11 +66,19 @@ def ensure_key(key_file: Path) -> Ed25519PrivateKey:
 def load_private(path: Path) -> Ed25519PrivateKey:
     """A signing key from its PEM file; raises KeyFileError when it is not an Ed25519 key."""
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
+        return load_private_pem(path.read_bytes())
+    except (OSError, KeyFileError) as exc:
         raise KeyFileError(f"signing key {path}: {exc}") from exc
+
+
+def load_private_pem(pem: bytes) -> Ed25519PrivateKey:
+    """A signing key from PEM bytes; raises KeyFileError when it is not an Ed25519 key."""
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise KeyFileError(str(exc)) from exc
     if not isinstance(key, Ed25519PrivateKey):
-        raise KeyFileError(f"signing key {path} is not an Ed25519 key")
+        raise KeyFileError("not an Ed25519 key")
     return key
 
 

@@ -185,7 +185,15 @@ SERVICES: tuple[Identity, ...] = (
     _service(
         "auditor",
         ConsumerSpec(filters=(subjects.ALL_EVENTS,), max_ack_pending=50_000),
-        "reads every event into the Parquet audit",
+        "reads every event into the Parquet audit and signs checkpoints of the hash chain",
+        publish=(
+            subjects.audit_checkpoint(),
+            # its own ordered consumers: the whole stream in order (the chain) and the checkpoints
+            f"{API}.CONSUMER.CREATE.{STREAM}.*.{subjects.ALL_EVENTS}",
+            f"{API}.CONSUMER.CREATE.{STREAM}.*.{subjects.audit_checkpoint()}",
+            last_of(subjects.audit_checkpoint()),
+            f"$JS.FC.{STREAM}.>",
+        ),
         policy=False,
         fails=False,  # a request is never failed by its audit: the auditor records bad bytes, nothing more
     ),

@@ -27,11 +27,20 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Pinned policy signers (key id -> base64 Ed25519 public key), from the deployment's
     # configuration, never from the bundle or the stream: an activation none of them signed is refused.
     policy_signers: dict[str, str] = {}
+    # The auditor's signed checkpoints of the hash chain: after this many events, or this many
+    # seconds when any arrived (issue 9 item 3).
+    audit_checkpoint_events: int = 1000
+    audit_checkpoint_s: float = 30.0
 
     @property
     def keys_dir(self) -> Path:
         """Where the dev issuer keeps its key pair and the JWKS (0600)."""
         return Path(self.data_dir) / "keys"
+
+    @property
+    def audit_key_file(self) -> Path:
+        """The audit-signing key (0600); `audit-signer.pub.json` beside it is its public half."""
+        return self.keys_dir / "audit-signer.key"
 
     @property
     def audit_dir(self) -> Path:

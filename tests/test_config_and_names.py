@@ -61,6 +61,7 @@ def test_every_key_reaches_what_it_configures(tmp_path: Path) -> None:
         '[engine]\nserve_tiny = true\nendpoint = "tiny"\nport = 9191\n'
         '[auth]\ntrust_dev_issuer = false\n'
         '[policy]\ntrusted_signers = ["keys/ops.pub.json"]\n'
+        '[audit]\ncheckpoint_events = 50\ncheckpoint_seconds = 5.0\n'
     )
     gw = Gateway.from_config(path, nats_port=None, http_port=None)
     assert gw.data_dir == (tmp_path / "d").resolve() and gw.policy_dir == (tmp_path / "p").resolve()
@@ -69,6 +70,7 @@ def test_every_key_reaches_what_it_configures(tmp_path: Path) -> None:
     assert gw.engine is not None and gw.engine.port == 9191 and gw.serve_tiny == "tiny"
     assert gw.trust_dev_issuer is False
     assert gw.trusted_signers == (tmp_path / "keys" / "ops.pub.json",)
+    assert (gw.audit.checkpoint_events, gw.audit.checkpoint_seconds) == (50, 5.0)
 
 
 def test_a_policy_file_holding_a_nul_is_refused(tmp_path: Path) -> None:

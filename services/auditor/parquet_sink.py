@@ -109,9 +109,19 @@ def _write(root: Path, rows: list[AuditRow], schema: pa.Schema) -> list[Path]:
         table = pa.Table.from_pylist([{k: r[k] for k in schema.names} for r in records], schema=schema)
         tmp = path.with_suffix(".tmp")
         pq.write_table(table, tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(folder)  # the rename itself must survive a crash before the auditor acks (issue 9)
         written.append(path)
     return written
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def resume_state(audit_dir: Path) -> AuditorState:

@@ -9,9 +9,10 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from ...schemas import subjects
-from .. import bus, worker
+from .. import bus, keys, worker
 from ..settings import WorkerSettings
 from . import parquet_sink
+from .checkpointer import Checkpointer
 from .decider import AuditorState, AuditRow, row_for
 
 log = logging.getLogger("enclave_gateway.auditor")
@@ -23,8 +24,14 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
     """Serve until `stop` is set, flushing what is buffered on the way out."""
     audit_dir = settings.audit_dir
     state = await asyncio.to_thread(parquet_sink.resume_state, audit_dir)
+    key = keys.ensure_key(settings.audit_key_file)  # 0600 in the data dir; its public half goes in the register
     async with worker.without_policy(settings, "auditor") as s:
-        await _serve(s.js, settings, state, stop)
+        chain = Checkpointer(s.js, key, settings.audit_checkpoint_events, settings.audit_checkpoint_s)
+        checkpointing = asyncio.create_task(chain.run(stop))
+        try:
+            await _serve(s.js, settings, state, stop)
+        finally:
+            await checkpointing
 
 
 async def _serve(js: JetStreamContext, settings: WorkerSettings, state: AuditorState, stop: asyncio.Event) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Callable
 from datetime import datetime
 from typing import Generic, TypeVar
@@ -20,12 +19,11 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
 
 from ...schemas import codec, subjects
 from ...schemas.events import PolicyActivated
 from ...schemas.policy import PolicyBundle
+from ..bus import stored_on
 from .bundle import PolicyError, bundle_from_files
 from .signing import TrustedSigners, signing_time, verify_activation
 
@@ -45,35 +43,10 @@ def compile_activation(event: PolicyActivated, trusted: TrustedSigners, view: Ca
     return view(bundle)
 
 
-async def stored_activations(js: JetStreamContext, reader: str) -> list[tuple[bytes, str]]:
-    """Every message stored on the policy subject, as (data, subject), oldest first.
-
-    An ordered consumer of the reader's own, named and filtered to exactly the policy subject (the
-    registry allows policy followers exactly that); it expires by itself once reading stops.
-    """
-    try:
-        last = await js.get_last_msg(subjects.STREAM, subjects.policy_activated(), direct=True)
-    except NotFoundError:
-        return []
-    config = ConsumerConfig(name=f"{reader}_policy_{uuid.uuid4().hex}", inactive_threshold=5.0,
-                            deliver_policy=DeliverPolicy.ALL)
-    sub = await js.subscribe(subjects.policy_activated(), stream=subjects.STREAM, ordered_consumer=True,
-                             config=config)
-    out: list[tuple[bytes, str]] = []
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=10)
-            out.append((msg.data, msg.subject))
-            if msg.metadata.sequence.stream >= int(last.seq or 0):
-                return out
-    finally:
-        await sub.unsubscribe()
-
-
-def latest_valid(messages: list[tuple[bytes, str]], trusted: TrustedSigners) -> PolicyActivated | None:
+def latest_valid(messages: list[tuple[bytes, str, int]], trusted: TrustedSigners) -> PolicyActivated | None:
     """The activation every worker decides under: validly signed by a pinned signer, latest signed time."""
     best: tuple[datetime, PolicyActivated] | None = None
-    for data, subject in messages:
+    for data, subject, _ in messages:
         try:
             event = codec.decode_as(data, PolicyActivated, subject)
             signed = verify_activation(event, trusted)
@@ -120,7 +93,7 @@ class PolicyFeed(Generic[V]):
         await asyncio.wait_for(self._ready.wait(), timeout_s)
 
     async def _read_history(self) -> None:
-        for data, subject in await stored_activations(self.js, self.stage):
+        for data, subject, _ in await stored_on(self.js, subjects.policy_activated(), self.stage):
             self._apply(data, subject)
 
     async def _on_msg(self, msg: Msg) -> None:
