@@ -63,6 +63,16 @@ def ensure_key(key_file: Path) -> Ed25519PrivateKey:
     return load_private(key_file)
 
 
+def ensure_secret(path: Path, size: int = 32) -> bytes:
+    """A random secret in `path` (0600), made once."""
+    if not path.exists():
+        write_private(path, os.urandom(size))
+    secret = path.read_bytes()
+    if len(secret) < size:
+        raise KeyFileError(f"secret {path} holds {len(secret)} bytes, fewer than {size}")
+    return secret
+
+
 def load_private(path: Path) -> Ed25519PrivateKey:
     """A signing key from its PEM file; raises KeyFileError when it is not an Ed25519 key."""
     try:

@@ -43,6 +43,11 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return self.keys_dir / "audit-signer.key"
 
     @property
+    def audit_digest_key_file(self) -> Path:
+        """The auditor's HMAC key for prompt and completion digests in Parquet (0600, never exported)."""
+        return self.keys_dir / "audit-digest.key"
+
+    @property
     def audit_dir(self) -> Path:
         """Root of the Parquet audit snapshots."""
         return Path(self.data_dir) / "audit"

@@ -36,7 +36,7 @@ async def test_requests_are_queryable_in_parquet_with_a_chain_matching_the_strea
                                      "AND type = 'RequestDenied'")
     assert rows == [("token_missing", "session-token")]
     _, rows = audit_sql.query(audit, f"SELECT count(*) FROM events WHERE request_id = '{rid}' "
-                                     "AND (prompt_sha256 IS NOT NULL OR completion_sha256 IS NOT NULL)")
+                                     "AND (prompt_hmac IS NOT NULL OR completion_hmac IS NOT NULL)")
     assert rows[0][0] == 2
 
     js = admin.jetstream()

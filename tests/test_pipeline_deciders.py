@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
 import pytest
 from enclave_gateway.schemas import codec, subjects
+from enclave_gateway.schemas.commands import ChatMessage
 from enclave_gateway.schemas.events import (
     BudgetRejected,
     BudgetReserved,
     InvocationCompleted,
     InvocationFailed,
     RequestDenied,
+    RequestSubmitted,
     RouteSelected,
     RouteUnavailable,
 )
@@ -31,6 +34,7 @@ from .samples import SAMPLES_BY_NAME
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLE = load_bundle(ROOT / "policies")
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+KEY = b"k" * 32
 
 
 def reserved(model: str, requested: str) -> BudgetReserved:
@@ -159,13 +163,13 @@ def test_auditor_rows_hold_digests_not_text_and_chain_in_order() -> None:
     rows = []
     for seq, name in enumerate(["RequestSubmitted", "InvocationCompleted", "BudgetSettled"], start=1):
         event = SAMPLES_BY_NAME[name]
-        row, state = auditor.row_for(state, seq, subjects.for_event(event), codec.encode(event), NOW)
+        row, state = auditor.row_for(state, seq, subjects.for_event(event), codec.encode(event), NOW, KEY)
         rows.append(row)
-    assert rows[0].prompt_sha256 and "hello" not in msgspec.json.encode(rows[0]).decode()
-    assert rows[1].completion_sha256 and rows[1].completion_tokens == 8
+    assert rows[0].prompt_hmac and "hello" not in msgspec.json.encode(rows[0]).decode()
+    assert rows[1].completion_hmac and rows[1].completion_tokens == 8
     assert rows[2].charged_micros == 100 and rows[2].team == "alpha"
     misplaced, _ = auditor.row_for(state, 4, "gw.evt.request.failed", codec.encode(SAMPLES_BY_NAME["BudgetSettled"]),
-                                   NOW)
+                                   NOW, KEY)
     assert misplaced.type == "Undecodable" and misplaced.charged_micros is None  # recorded, never counted
     assert "belongs on" in (misplaced.detail or "")
     head = auditor.GENESIS
@@ -175,7 +179,7 @@ def test_auditor_rows_hold_digests_not_text_and_chain_in_order() -> None:
 
 
 def test_auditor_keeps_a_row_for_undecodable_bytes() -> None:
-    row, state = auditor.row_for(auditor.initial_state(), 9, "gw.evt.request.submitted", b"\x00junk", NOW)
+    row, state = auditor.row_for(auditor.initial_state(), 9, "gw.evt.request.submitted", b"\x00junk", NOW, KEY)
     assert row.type == "Undecodable" and row.detail and state.seq == 9
 
 
@@ -188,3 +192,32 @@ def test_an_invalid_policy_bundle_is_refused_with_the_reason(tmp_path: Path) -> 
     (tmp_path / "budgets.toml").unlink()
     with pytest.raises(PolicyError, match="budgets.toml"):
         load_bundle(tmp_path)
+
+
+def test_prompt_digests_are_keyed_and_cover_roles_and_boundaries() -> None:
+    """A plain sha256 let anyone holding the Parquet confirm a guessed prompt (issue 9 item 4)."""
+    event = SAMPLES_BY_NAME["RequestSubmitted"]
+    assert isinstance(event, RequestSubmitted)
+    row, _ = auditor.row_for(auditor.initial_state(), 1, subjects.for_event(event), codec.encode(event), NOW, KEY)
+    guess = "".join(m.content for m in event.chat.messages)
+    plain = {hashlib.sha256(guess.encode()).hexdigest(),
+             hashlib.sha256(auditor.canonical_messages(event.chat.messages)).hexdigest()}
+    assert row.prompt_hmac not in plain
+    assert row.prompt_hmac == auditor.keyed_digest(KEY, auditor.canonical_messages(event.chat.messages))
+    other, _ = auditor.row_for(auditor.initial_state(), 1, subjects.for_event(event), codec.encode(event), NOW,
+                               b"x" * 32)
+    assert other.prompt_hmac != row.prompt_hmac  # another deployment's key, another digest
+    split = (ChatMessage(role="user", content="a"), ChatMessage(role="user", content="b"))
+    joined = (ChatMessage(role="user", content="ab"),)
+    system = (ChatMessage(role="system", content="ab"),)
+    digests = {auditor.keyed_digest(KEY, auditor.canonical_messages(m)) for m in (split, joined, system)}
+    assert len(digests) == 3
+
+
+def test_no_model_server_text_reaches_the_parquet() -> None:
+    failed = msgspec.structs.replace(SAMPLES_BY_NAME["InvocationFailed"], detail="<html>upstream says: secret</html>")
+    row, _ = auditor.row_for(auditor.initial_state(), 1, subjects.for_event(failed), codec.encode(failed), NOW, KEY)
+    assert "secret" not in msgspec.json.encode(row).decode()
+    gave_up = msgspec.structs.replace(SAMPLES_BY_NAME["RequestFailed"], detail="ClientError('body: secret')")
+    row, _ = auditor.row_for(auditor.initial_state(), 2, subjects.for_event(gave_up), codec.encode(gave_up), NOW, KEY)
+    assert "secret" not in msgspec.json.encode(row).decode()

@@ -6,11 +6,14 @@ need spend and decisions, the content stays in the stream at the enclave's level
 """
 
 import hashlib
+import hmac
 from datetime import datetime
 
+import msgspec
 from msgspec import Struct
 
 from ...schemas import codec
+from ...schemas.commands import ChatMessage
 from ...schemas.events import (
     AnyEvent,
     AuditCheckpoint,
@@ -71,8 +74,11 @@ class AuditRow(Struct, kw_only=True):
     input_label: str | None = None
     output_label: str | None = None
     clearance: str | None = None
-    prompt_sha256: str | None = None
-    completion_sha256: str | None = None
+    # keyed digests (HMAC-SHA256 with the deployment's audit digest key) of the prompt's canonical
+    # encoding and of the completion: a plain hash would let anyone holding the Parquet confirm a
+    # guessed prompt (issue 9 item 4)
+    prompt_hmac: str | None = None
+    completion_hmac: str | None = None
     data_sha256: str
     chain_hash: str
 
@@ -103,12 +109,18 @@ def chain(prev: str, seq: int, subject: str, data_sha256: str) -> str:
     return h.hexdigest()
 
 
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+def keyed_digest(key: bytes, value: bytes) -> str:
+    """HMAC-SHA256 of a value under the deployment's audit digest key, hex."""
+    return hmac.new(key, value, hashlib.sha256).hexdigest()
+
+
+def canonical_messages(messages: tuple[ChatMessage, ...]) -> bytes:
+    """The prompt as [[role, content], ...] in JSON: roles and message boundaries are part of it."""
+    return msgspec.json.encode([[m.role, m.content] for m in messages])
 
 
 def row_for(
-    state: AuditorState, seq: int, subject: str, data: bytes, stored_at: datetime
+    state: AuditorState, seq: int, subject: str, data: bytes, stored_at: datetime, digest_key: bytes
 ) -> tuple[AuditRow, AuditorState]:
     """The row for one stored message and the new chain head; undecodable bytes still get a row."""
     digest = hashlib.sha256(data).hexdigest()
@@ -139,14 +151,14 @@ def row_for(
         data_sha256=digest,
         chain_hash=head,
     )
-    _fill(row, event)
+    _fill(row, event, digest_key)
     return row, AuditorState(seq=seq, head=head)
 
 
-def _fill(row: AuditRow, e: AnyEvent) -> None:
+def _fill(row: AuditRow, e: AnyEvent, digest_key: bytes) -> None:
     match e:
         case RequestSubmitted():
-            row.model, row.prompt_sha256 = e.chat.model, _sha("".join(m.content for m in e.chat.messages))
+            row.model, row.prompt_hmac = e.chat.model, keyed_digest(digest_key, canonical_messages(e.chat.messages))
         case RequestAuthorized():
             row.team, row.caller, row.model, row.model_id = e.caller.team, e.caller.subject, e.chat.model, e.model_id
             row.input_label, row.output_label, row.clearance = e.input_label, e.output_label, e.caller.clearance
@@ -157,7 +169,7 @@ def _fill(row: AuditRow, e: AnyEvent) -> None:
             row.input_label, row.output_label = e.input_label, e.output_label
             row.clearance = e.caller.clearance if e.caller else None
         case RequestFailed():
-            row.reason, row.detail = e.reason, f"{e.stage}: {e.detail}"
+            row.reason, row.detail = e.reason, f"failed at {e.stage}"  # its detail may quote a model server
             row.team = e.reservation.team if e.reservation else None
         case MessageRejected():
             row.reason, row.detail = e.reason, e.detail[:500]
@@ -212,10 +224,10 @@ def _fill(row: AuditRow, e: AnyEvent) -> None:
                 e.completion_tokens,
                 e.latency_ms,
             )
-            row.outcome, row.completion_sha256 = e.finish_reason, _sha(e.content)
+            row.outcome, row.completion_hmac = e.finish_reason, keyed_digest(digest_key, e.content.encode())
         case InvocationFailed():
             row.team, row.model_id, row.endpoint, row.reason = e.caller.team, e.model_id, e.endpoint, e.error
-            row.detail, row.latency_ms = e.detail[:500], e.latency_ms
+            row.latency_ms = e.latency_ms  # `detail` may hold the model server's own text: it stays in the stream
         case PolicyActivated():
             row.caller, row.detail = e.activated_by, f"{e.version} git {e.git_commit or '-'} sha256 {e.sha256}"
         case AuditCheckpoint():

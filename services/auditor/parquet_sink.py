@@ -51,8 +51,8 @@ SCHEMA = pa.schema(
         ("input_label", pa.string()),
         ("output_label", pa.string()),
         ("clearance", pa.string()),
-        ("prompt_sha256", pa.string()),
-        ("completion_sha256", pa.string()),
+        ("prompt_hmac", pa.string()),
+        ("completion_hmac", pa.string()),
         ("data_sha256", pa.string()),
         ("chain_hash", pa.string()),
     ]

@@ -25,16 +25,18 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
     audit_dir = settings.audit_dir
     state = await asyncio.to_thread(parquet_sink.resume_state, audit_dir)
     key = keys.ensure_key(settings.audit_key_file)  # 0600 in the data dir; its public half goes in the register
+    digest_key = keys.ensure_secret(settings.audit_digest_key_file)
     async with worker.without_policy(settings, "auditor") as s:
         chain = Checkpointer(s.js, key, settings.audit_checkpoint_events, settings.audit_checkpoint_s)
         checkpointing = asyncio.create_task(chain.run(stop))
         try:
-            await _serve(s.js, settings, state, stop)
+            await _serve(s.js, settings, state, digest_key, stop)
         finally:
             await checkpointing
 
 
-async def _serve(js: JetStreamContext, settings: WorkerSettings, state: AuditorState, stop: asyncio.Event) -> None:
+async def _serve(js: JetStreamContext, settings: WorkerSettings, state: AuditorState, digest_key: bytes,
+                 stop: asyncio.Event) -> None:
     audit_dir = settings.audit_dir
     psub = await js.pull_subscribe_bind("auditor", stream=subjects.STREAM)
     rows: list[AuditRow] = []
@@ -59,7 +61,8 @@ async def _serve(js: JetStreamContext, settings: WorkerSettings, state: AuditorS
             for m in batch:
                 seq = m.metadata.sequence.stream
                 if seq > state.seq:  # a redelivery of a row already on disk is skipped
-                    row, state = row_for(state, seq, m.subject, m.data, m.metadata.timestamp or bus.now_utc())
+                    row, state = row_for(state, seq, m.subject, m.data, m.metadata.timestamp or bus.now_utc(),
+                                         digest_key)
                     rows.append(row)
                 msgs.append(m)
             if msgs and not first_at:
