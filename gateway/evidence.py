@@ -1,0 +1,170 @@
+"""`gateway evidence export DIR`: the package an assessor verifies offline (issue 9 item 6, in part).
+
+It holds the exported stream (every stored message, exact bytes), the auditor's Parquet tables,
+the violations feed as CSV and Parquet, the register (the audit signer's public key, the pinned
+policy signers, the policy versions activated and the catalog in force), the checkpoints, and
+`manifest.json` signed by the deployment's audit signer. `replay/verify.py` checks it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import msgspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from rich.progress import Progress
+
+from .replay import package as pkg
+from .runtime import wait_audited
+from .schemas import codec, subjects
+from .schemas.events import AuditCheckpoint, PolicyActivated
+from .services import bus, keys
+from .services.auditor.decider import GENESIS, chain
+from .services.auditor.parquet_sink import violations_glob
+from .services.policy import bundle_from_files
+from .services.policy.feed import latest_valid
+from .services.settings import WorkerSettings
+
+SYSTEM = "Enclave Gateway"
+STREAM_SCHEMA = pa.schema([("seq", pa.int64()), ("subject", pa.string()), ("stored_at", pa.timestamp("us", "UTC")),
+                           ("data", pa.binary())])
+
+
+class _Collected(msgspec.Struct, kw_only=True):
+    first: int = 0
+    last: int = 0
+    count: int = 0
+    head: str = GENESIS
+    checkpoints: list[AuditCheckpoint] = msgspec.field(default_factory=list)
+    activations: list[tuple[bytes, str, int]] = msgspec.field(default_factory=list)
+
+
+async def export(settings: WorkerSettings, out: Path) -> pkg.Manifest:
+    """Write the package for everything stored so far; refuses a folder that is not empty."""
+    _prepare(out)
+    nc = await bus.connect(settings, "admin", keep_trying=False)
+    try:
+        until = await wait_audited(nc, 120.0)  # the audit tables cover every exported message
+        collected = await _write_stream(nc.jetstream(), out / pkg.STREAM, until)
+    finally:
+        await nc.close()
+    _copy_audit(settings.audit_dir, out)
+    (out / pkg.CHECKPOINTS).write_bytes(msgspec.json.format(msgspec.json.encode(collected.checkpoints)))
+    _write_register(settings, out, collected)
+    return _sign_manifest(settings, out, collected)
+
+
+def _prepare(out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+async def _write_stream(js: JetStreamContext, path: Path, until: int) -> _Collected:
+    got = _Collected()
+    if until == 0:
+        pq.write_table(STREAM_SCHEMA.empty_table(), path)
+        return got
+    config = ConsumerConfig(name=f"admin_evidence_{uuid.uuid4().hex}", inactive_threshold=5.0,
+                            deliver_policy=DeliverPolicy.ALL)
+    sub = await js.subscribe(subjects.ALL_EVENTS, stream=subjects.STREAM, ordered_consumer=True, config=config)
+    rows: list[dict[str, object]] = []
+    with pq.ParquetWriter(path, STREAM_SCHEMA) as writer, Progress(transient=True) as progress:
+        task = progress.add_task("exporting the stream", total=until)
+        try:
+            while got.last < until:
+                msg = await sub.next_msg(timeout=10)
+                seq = msg.metadata.sequence.stream
+                rows.append({"seq": seq, "subject": msg.subject, "stored_at": msg.metadata.timestamp,
+                             "data": msg.data})
+                _fold(got, seq, msg.subject, msg.data)
+                if len(rows) >= 5000:
+                    writer.write_table(pa.Table.from_pylist(rows, schema=STREAM_SCHEMA))
+                    rows = []
+                progress.update(task, completed=seq)
+        finally:
+            await sub.unsubscribe()
+        if rows:
+            writer.write_table(pa.Table.from_pylist(rows, schema=STREAM_SCHEMA))
+    return got
+
+
+def _fold(got: _Collected, seq: int, subject: str, data: bytes) -> None:
+    got.first = got.first or seq
+    got.last, got.count = seq, got.count + 1
+    got.head = chain(got.head, seq, subject, hashlib.sha256(data).hexdigest())
+    if subject == subjects.audit_checkpoint():
+        with contextlib.suppress(codec.DecodeError):  # junk on the subject is chained, vouches for nothing
+            got.checkpoints.append(codec.decode_as(data, AuditCheckpoint, subject))
+    elif subject == subjects.policy_activated():
+        got.activations.append((data, subject, seq))
+
+
+def _copy_audit(audit_dir: Path, out: Path) -> None:
+    if audit_dir.exists():
+        shutil.copytree(audit_dir, out / pkg.AUDIT, ignore=shutil.ignore_patterns("*.tmp"))
+    con = duckdb.connect()
+    try:
+        if any((audit_dir / "violations").glob("day=*/*.parquet")):
+            rel = f"read_parquet('{violations_glob(audit_dir)}', hive_partitioning=false)"
+            con.execute(f"COPY (SELECT * FROM {rel} ORDER BY seq) TO '{out / pkg.VIOLATIONS_CSV}' (HEADER)")
+            con.execute(f"COPY (SELECT * FROM {rel} ORDER BY seq) TO '{out / pkg.VIOLATIONS_PARQUET}' (FORMAT parquet)")
+        else:
+            (out / pkg.VIOLATIONS_CSV).write_text("")
+    finally:
+        con.close()
+
+
+def _write_register(settings: WorkerSettings, out: Path, got: _Collected) -> None:
+    policies = []
+    for data, subject, seq in got.activations:
+        try:
+            event = codec.decode_as(data, PolicyActivated, subject)
+        except codec.DecodeError:
+            continue
+        policies.append({"stream_seq": seq, "version": event.version, "sha256": event.sha256,
+                         "git_commit": event.git_commit, "signer": event.signer, "signed_at": event.signed_at,
+                         "activated_by": event.activated_by, "activated_at": event.occurred_at.isoformat()})
+    active = latest_valid(got.activations, settings.policy_signers)
+    catalog = []
+    if active is not None:
+        bundle = bundle_from_files(active.files)
+        catalog = [{"id": m.id, "accreditation": m.accreditation, "status": m.status, "endpoint": m.endpoint,
+                    "aliases": list(m.aliases)} for m in bundle.catalog.model]
+    register = {
+        "system": SYSTEM,
+        "audit_signer": msgspec.to_builtins(keys.public_of(keys.load_private(settings.audit_key_file))),
+        "policy_signers": settings.policy_signers,
+        "policy_in_force": active.version if active else None,
+        "policies": policies,
+        "catalog": catalog,
+        "token_issuers": msgspec.json.decode(active.files["issuers.jwks.json"]) if active else None,
+    }
+    (out / pkg.REGISTER).write_bytes(msgspec.json.format(msgspec.json.encode(register)))
+
+
+def _sign_manifest(settings: WorkerSettings, out: Path, got: _Collected) -> pkg.Manifest:
+    manifest = pkg.Manifest(
+        system=SYSTEM,
+        exported_at=datetime.now(UTC).isoformat(),
+        first_seq=got.first or 1,
+        last_seq=got.last,
+        events=got.count,
+        chain_head=pkg.ChainHead(seq=got.last, head=got.head),
+        files={name: pkg.file_entry(out / name) for name in pkg.listed_files(out)},
+    )
+    raw = msgspec.json.format(msgspec.json.encode(manifest))
+    (out / pkg.MANIFEST).write_bytes(raw)
+    key = keys.load_private(settings.audit_key_file)
+    sig = pkg.ManifestSignature(kid=keys.public_of(key).kid, signature=keys.sign(key, pkg.signing_message(raw)))
+    (out / pkg.MANIFEST_SIG).write_bytes(msgspec.json.encode(sig))
+    return manifest

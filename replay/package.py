@@ -1,0 +1,77 @@
+"""The evidence package's layout and its manifest: one definition for the exporter and the verifier.
+
+A package is a folder. `manifest.json` lists every other file with its sha256 and size, the range
+of stream sequences exported and the chain head at the last one; `manifest.sig` is the deployment's
+audit signer's Ed25519 signature over the manifest's exact bytes. The signer's public key is in
+`register.json`; an assessor compares its key id with the one on the system's record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import msgspec
+
+MANIFEST = "manifest.json"
+MANIFEST_SIG = "manifest.sig"
+STREAM = "stream.parquet"  # every stored message: seq, subject, stored_at, data (exact bytes)
+REGISTER = "register.json"
+CHECKPOINTS = "checkpoints.json"
+VIOLATIONS_CSV = "violations.csv"
+VIOLATIONS_PARQUET = "violations.parquet"
+AUDIT = "audit"  # the auditor's Parquet tables, as written
+DOMAIN = b"enclave-gateway/evidence-manifest/v1\n"
+
+
+class FileEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One file of the package."""
+
+    sha256: str
+    bytes: int
+
+
+class ChainHead(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The hash chain at the last exported message."""
+
+    seq: int
+    head: str
+
+
+class Manifest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What the package holds; signed as a whole."""
+
+    system: str
+    exported_at: str
+    first_seq: int
+    last_seq: int
+    events: int
+    chain_head: ChainHead
+    files: dict[str, FileEntry]
+
+
+class ManifestSignature(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`manifest.sig`."""
+
+    kid: str
+    signature: str
+
+
+def file_entry(path: Path) -> FileEntry:
+    """The digest and size of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return FileEntry(sha256=h.hexdigest(), bytes=path.stat().st_size)
+
+
+def listed_files(root: Path) -> list[str]:
+    """Every file of a package folder but the manifest and its signature, as relative POSIX paths."""
+    own = {root / MANIFEST, root / MANIFEST_SIG}
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p not in own)
+
+
+def signing_message(manifest_bytes: bytes) -> bytes:
+    """What the audit signer signs: the domain tag and the manifest's digest."""
+    return DOMAIN + hashlib.sha256(manifest_bytes).hexdigest().encode()
