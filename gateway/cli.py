@@ -271,6 +271,9 @@ def cmd_evidence_verify(args: argparse.Namespace) -> int:
     from .replay.verify import verify
 
     report = verify(Path(args.dir))
+    if report.notices:
+        console.print(_table(["where", "notice"], [(f.where, f.problem) for f in report.notices],
+                             title="notices (not failures)"))
     if report.ok:
         console.print(f"[green]verified[/]: {report.files} files, {report.events} events, {report.checkpoints} signed "
                       f"checkpoints; audit signer {report.signer} (compare it with the system's record)")

@@ -1,0 +1,164 @@
+"""Issue 9 item 6 (in part): the evidence package verifies offline, and every tampering an
+assessor would try is detected with its place named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+import msgspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from enclave_gateway import cli, evidence
+from enclave_gateway.replay import package as pkg
+from enclave_gateway.replay.verify import verify
+from enclave_gateway.schemas import codec, subjects
+from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
+from enclave_gateway.services import bus, keys
+from enclave_gateway.services.auditor import checkpoints
+from enclave_gateway.services.settings import WorkerSettings
+
+from .conftest import APP
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+@pytest.fixture(scope="module")
+async def exported(stack: WorkerSettings, token_for, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A package of the session's stream, after a completed and a denied request."""
+    nc = await bus.connect(stack, f"app.{APP}")
+    try:
+        for token in (token_for("gamma"), ""):
+            body = SubmitRequest(token=token, chat=ChatBody(model="enclave-tiny", messages=(
+                ChatMessage(role="user", content="evidence"),), max_tokens=2))
+            await nc.request(subjects.submit(APP), codec.encode(body), timeout=30)
+    finally:
+        await nc.close()
+    out = tmp_path_factory.mktemp("evidence") / "package"
+    await evidence.export(stack, out)
+    return out
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _problems(root: Path) -> list[str]:
+    return [f"{f.where}: {f.problem}" for f in verify(root).findings]
+
+
+async def test_an_untouched_package_verifies(exported: Path) -> None:
+    report = verify(exported)
+    assert report.ok, report.findings
+    manifest = msgspec.json.decode((exported / pkg.MANIFEST).read_bytes(), type=pkg.Manifest)
+    assert report.events == manifest.events > 0 and report.files == len(manifest.files)
+    assert {pkg.STREAM, pkg.REGISTER, pkg.CHECKPOINTS, pkg.VIOLATIONS_CSV} <= set(manifest.files)
+    register = json.loads((exported / pkg.REGISTER).read_text())
+    assert register["policy_in_force"] and register["catalog"] and register["audit_signer"]["kid"] == report.signer
+    assert "token_missing" in (exported / pkg.VIOLATIONS_CSV).read_text()
+    assert cli.main(["evidence", "verify", str(exported)]) == 0
+
+
+@pytest.mark.parametrize("name", [pkg.STREAM, pkg.REGISTER, pkg.CHECKPOINTS, pkg.VIOLATIONS_CSV, "audit-file",
+                                  pkg.MANIFEST])
+async def test_one_changed_byte_in_any_file_fails_naming_it(exported: Path, tmp_path: Path, name: str) -> None:
+    root = _copy(exported, tmp_path / "p")
+    if name == "audit-file":
+        name = next(n for n in pkg.listed_files(root) if n.startswith(pkg.AUDIT))
+    path = root / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    problems = _problems(root)
+    assert problems and any(p.startswith(name) for p in problems), problems
+    assert cli.main(["evidence", "verify", str(root)]) == 1
+
+
+def _rewrite_stream(root: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    """Rewrite the exported stream and update the manifest's digest of it (not its signature)."""
+    table = pq.read_table(root / pkg.STREAM)
+    rows = edit(table.to_pylist())
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), root / pkg.STREAM)
+    manifest = msgspec.json.decode((root / pkg.MANIFEST).read_bytes(), type=pkg.Manifest)
+    files = {**manifest.files, pkg.STREAM: pkg.file_entry(root / pkg.STREAM)}
+    (root / pkg.MANIFEST).write_bytes(msgspec.json.encode(msgspec.structs.replace(manifest, files=files)))
+
+
+async def test_a_deleted_event_is_named_by_its_sequence(exported: Path, tmp_path: Path) -> None:
+    root = _copy(exported, tmp_path / "p")
+    _rewrite_stream(root, lambda rows: rows[:5] + rows[6:])
+    problems = _problems(root)
+    assert any("seq 6..6 are missing" in p for p in problems), problems
+    assert any(p.startswith(pkg.MANIFEST) and "signature" in p for p in problems)  # re-signing needs the key
+
+
+async def test_reordered_events_are_named(exported: Path, tmp_path: Path) -> None:
+    root = _copy(exported, tmp_path / "p")
+    _rewrite_stream(root, lambda rows: [*rows[:3], rows[4], rows[3], *rows[5:]])
+    problems = _problems(root)
+    assert any("seq 4 comes after seq 5" in p for p in problems), problems
+
+
+async def test_a_changed_event_is_named_even_with_a_consistent_file_digest(exported: Path, tmp_path: Path) -> None:
+    root = _copy(exported, tmp_path / "p")
+
+    def alter(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+        row = rows[2]
+        row["data"] = bytes(row["data"]).replace(b'"', b"'", 1)  # type: ignore[call-overload]
+        return rows
+
+    _rewrite_stream(root, alter)
+    problems = _problems(root)
+    assert any("(seq 3)" in p and "differ from the digest the auditor recorded" in p for p in problems), problems
+    assert any("does not reach the signed head" in p for p in problems)
+
+
+async def test_a_truncated_tail_is_detected(exported: Path, tmp_path: Path) -> None:
+    root = _copy(exported, tmp_path / "p")
+    _rewrite_stream(root, lambda rows: rows[:-3])
+    problems = _problems(root)
+    assert any("truncated" in p for p in problems), problems
+
+
+async def test_a_swapped_file_and_an_extra_file_are_detected(exported: Path, tmp_path: Path) -> None:
+    root = _copy(exported, tmp_path / "p")
+    shutil.copy(root / pkg.REGISTER, root / pkg.CHECKPOINTS)
+    (root / "planted.csv").write_text("team,spent\nalpha,0\n")
+    problems = _problems(root)
+    assert any(p.startswith(pkg.CHECKPOINTS) and "changed or swapped" in p for p in problems), problems
+    assert any(p.startswith("planted.csv") and "not listed" in p for p in problems)
+
+
+async def test_a_package_re_signed_with_another_key_is_refused(exported: Path, tmp_path: Path) -> None:
+    root = _copy(exported, tmp_path / "p")
+    pem, public = keys.generate()
+    other = keys.load_private_pem(pem)
+    raw = (root / pkg.MANIFEST).read_bytes()
+    sig = pkg.ManifestSignature(kid=public.kid, signature=keys.sign(other, pkg.signing_message(raw)))
+    (root / pkg.MANIFEST_SIG).write_bytes(msgspec.json.encode(sig))
+    problems = _problems(root)
+    assert any("does not verify with the register's audit key" in p for p in problems), problems
+
+
+async def test_a_checkpoint_the_audit_key_did_not_sign_is_a_notice(exported: Path, tmp_path: Path) -> None:
+    """Anyone with a publish right could have put it there: it vouches for nothing, and says so."""
+    root = _copy(exported, tmp_path / "p")
+    pem, public = keys.generate()
+    other = keys.load_private_pem(pem)
+    cursor = checkpoints.Cursor(seq=2, head="ab" * 32)
+    forged = checkpoints.checkpoint(cursor, public.kid, keys.sign(other, checkpoints.unsigned(cursor)),
+                                    datetime(2026, 11, 28, tzinfo=UTC))
+
+    def append(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+        last = rows[-1]
+        return [*rows, {**last, "seq": int(str(last["seq"])) + 1, "subject": subjects.audit_checkpoint(),
+                        "data": codec.encode(forged)}]
+
+    _rewrite_stream(root, append)
+    report = verify(root)
+    assert any("vouches for nothing" in n.problem and "seq 2" in n.problem for n in report.notices)
+    assert not any("vouches" in f.problem for f in report.findings)
