@@ -30,11 +30,13 @@ ReasonCode = Literal[
     "request_failed",
     "timeout",
     "reply_subject_refused",  # gw.submit.<app> without a reply subject under the app's own inbox
+    "authorization_stale",  # an authorization older than the budget's memory of closed requests
 ]
 
 HTTP_STATUS: dict[str, int] = {
     "invalid_request": 400,
     "reply_subject_refused": 400,
+    "authorization_stale": 409,
     "body_too_large": 413,
     "token_missing": 401,
     "token_malformed": 401,
@@ -67,6 +69,7 @@ ERROR_TYPE: dict[int, str] = {
     402: "insufficient_quota",
     403: "permission_error",
     404: "not_found_error",
+    409: "conflict_error",
     413: "invalid_request_error",
     500: "server_error",
     502: "server_error",

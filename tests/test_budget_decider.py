@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
@@ -139,17 +139,31 @@ class CapMachine(RuleBasedStateMachine):
         self.state = decider.initial_state()
         self.policy = bundle(self.CAP)
         self.n = 0
+        self.seen: list[RequestAuthorized] = []
 
     def _apply(self, event) -> None:  # type: ignore[no-untyped-def]
         decided = decider.decide(event, self.state, self.policy, NOW)
         for d in decided:
             self.state = decider.evolve(self.state, d)
-        assert decider.decide(event, self.state, self.policy, NOW) == [] or isinstance(event, RequestAuthorized)
+        # the equinox property: once its decided events are folded in, the same input decides nothing
+        again = decider.decide(event, self.state, self.policy, NOW)
+        assert again == [] or (isinstance(event, RequestAuthorized) and all(
+            isinstance(d, BudgetRejected) for d in again)), again  # a refusal folds nothing, so it repeats
+
+    @rule(data=st.data())
+    def an_authorization_arrives_again(self, data: st.DataObject) -> None:
+        """A redelivery after the duplicate window, or a copy stored by abuse (docs/security.md)."""
+        if self.seen:
+            event = data.draw(st.sampled_from(self.seen))
+            assert decider.decide(event, self.state, self.policy, NOW) == [] or event.request_id not in (
+                set(self.state.open) | set(self.state.closed))
 
     @rule(text=st.text(max_size=60), max_tokens=st.one_of(st.none(), st.integers(1, 600)))
     def reserve(self, text: str, max_tokens: int | None) -> None:
         self.n += 1
-        self._apply(authorized(f"r{self.n}", text=text, max_tokens=max_tokens))
+        event = authorized(f"r{self.n}", text=text, max_tokens=max_tokens)
+        self.seen.append(event)
+        self._apply(event)
 
     @rule(data=st.data(), prompt=st.integers(0, 5000), completion=st.integers(0, 5000))
     def settle(self, data: st.DataObject, prompt: int, completion: int) -> None:
@@ -159,7 +173,6 @@ class CapMachine(RuleBasedStateMachine):
 
     @rule(minutes=st.integers(0, 30))
     def time_passes_and_lost_reservations_expire(self, minutes: int) -> None:
-        from datetime import timedelta
 
         later = NOW + timedelta(minutes=minutes)
         for team in decider.expiring_teams(self.state, self.policy, later):
@@ -221,3 +234,31 @@ def test_a_lost_reservation_expires_after_the_deadline_by_an_event() -> None:
     held = Reservation(team="t", period="2026-11", micros=reserved.amount_micros)  # type: ignore[attr-defined]
     late, _ = run([completed("lost", held, 1, 1)], state, policy)
     assert late == []  # a completion after expiry charges nothing twice and holds nothing
+
+
+def test_an_authorization_seen_again_after_its_request_closed_reserves_nothing() -> None:
+    """The known gap issue 9 names: a RequestAuthorized redelivered after its request settled, past
+    the duplicate window, reserved a second time. A copy stored by abuse is the same case."""
+    policy = bundle(10_000)
+    [reserved], state = run([authorized("r1")], decider.initial_state(), policy)
+    held = Reservation(team="t", period="2026-11", micros=reserved.amount_micros)  # type: ignore[attr-defined]
+    _, settled = run([completed("r1", held, 10, 8)], state, policy)
+    _, released = run([failed("r1", held)], state, policy)
+    for closed in (settled, released):
+        assert decider.decide(authorized("r1"), closed, policy, NOW + timedelta(hours=1)) == []
+    later = NOW + decider.CLOSED_HORIZON + timedelta(minutes=1)
+    [stale] = decider.decide(authorized("r2"), settled, policy, later)
+    assert isinstance(stale, BudgetRejected) and stale.reason == "authorization_stale"
+
+
+def test_the_memory_of_closed_requests_is_bounded_by_the_horizon() -> None:
+    policy = bundle(10_000_000)
+    state = decider.initial_state()
+    for i, at in enumerate((NOW, NOW + timedelta(days=1), NOW + timedelta(days=3))):
+        rid = f"r{i}"
+        [reserved] = decider.decide(msgspec.structs.replace(authorized(rid), occurred_at=at), state, policy, at)
+        state = decider.evolve(state, reserved)
+        held = Reservation(team="t", period=reserved.period, micros=reserved.amount_micros)  # type: ignore[attr-defined]
+        for d in decider.decide(completed(rid, held, 1, 1), state, policy, at):
+            state = decider.evolve(state, d)
+    assert set(state.closed) == {"r1", "r2"}  # r0 closed more than two days before r2

@@ -18,6 +18,7 @@ from ...schemas.events import (
     BudgetReserved,
     BudgetSettled,
     BudgetThresholdCrossed,
+    Envelope,
     Event,
     InvocationCompleted,
     InvocationFailed,
@@ -32,6 +33,7 @@ from ...schemas.policy import ModelEntry, PolicyBundle
 from .. import catalog
 
 BudgetInput = RequestAuthorized | InvocationCompleted | InvocationFailed | RouteUnavailable | RequestFailed
+CLOSED_HORIZON = timedelta(days=2)  # longer than any reservation may stay open (policy TTL, validated)
 
 
 class Totals(Struct, frozen=True):
@@ -48,6 +50,10 @@ class BudgetState(Struct, frozen=True, kw_only=True):
     open: dict[str, Reservation] = {}
     opened_at: dict[str, datetime] = {}
     alerted: dict[str, int] = {}  # the highest threshold (percent) already announced
+    # Requests settled or released, with when: a RequestAuthorized seen again after its request
+    # closed (a redelivery after the duplicate window, or a copy a credential made the server
+    # store) reserves nothing. Kept for CLOSED_HORIZON; an authorization older than that is stale.
+    closed: dict[str, datetime] = {}
 
 
 def initial_state() -> BudgetState:
@@ -89,22 +95,30 @@ def evolve(state: BudgetState, event: Event) -> BudgetState:
             )
         case BudgetSettled() | BudgetReleased():
             rid = event.request_id
+            horizon = event.occurred_at - CLOSED_HORIZON
+            closed = {k: at for k, at in state.closed.items() if at >= horizon}
             return _with(
                 state,
                 event,
                 open_={k: v for k, v in state.open.items() if k != rid},
                 opened_at={k: v for k, v in state.opened_at.items() if k != rid},
+                closed={**closed, rid: event.occurred_at},
             )
         case BudgetThresholdCrossed():
             key = ledger_key(event.team, event.period)
             alerted = {**state.alerted, key: max(state.alerted.get(key, 0), event.threshold_pct)}
-            return BudgetState(ledgers=state.ledgers, open=state.open, opened_at=state.opened_at, alerted=alerted)
+            return BudgetState(ledgers=state.ledgers, open=state.open, opened_at=state.opened_at, alerted=alerted,
+                               closed=state.closed)
         case _:
             return state
 
 
 def _with(
-    state: BudgetState, event: LedgerTotals, open_: dict[str, Reservation], opened_at: dict[str, datetime]
+    state: BudgetState,
+    event: LedgerTotals,
+    open_: dict[str, Reservation],
+    opened_at: dict[str, datetime],
+    closed: dict[str, datetime] | None = None,
 ) -> BudgetState:
     totals = Totals(spent=event.spent_micros, reserved=event.reserved_micros)
     return BudgetState(
@@ -112,6 +126,7 @@ def _with(
         open=open_,
         opened_at=opened_at,
         alerted=state.alerted,
+        closed=state.closed if closed is None else closed,
     )
 
 
@@ -191,26 +206,16 @@ def expiring_teams(state: BudgetState, policy: PolicyBundle, now: datetime) -> s
 
 
 def _reserve(event: RequestAuthorized, state: BudgetState, policy: PolicyBundle, now: datetime) -> list[AnyEvent]:
-    if event.request_id in state.open:
-        return []
+    if event.request_id in state.open or event.request_id in state.closed:
+        return []  # reserved before: this is a redelivery or a copy, never a second charge
     env = envelope(event.request_id, "reserve", now, policy.version)
+    if event.occurred_at < now - CLOSED_HORIZON:  # too old to know whether it was reserved before
+        return [_rejected(event, env, "authorization_stale")]
     team = event.caller.team
     budget = policy.budgets.teams.get(team)
     model = catalog.find(policy.catalog, event.model_id)
     if budget is None or model is None:
-        return [
-            BudgetRejected(
-                **env,
-                caller=event.caller,
-                model_id=event.model_id,
-                period="",
-                requested_micros=0,
-                remaining_micros=0,
-                cap_micros=0,
-                reason="budget_not_configured",
-                reply_to=event.reply_to,
-            )
-        ]
+        return [_rejected(event, env, "budget_not_configured")]
     period = period_of(budget.period, now)
     totals = state.ledgers.get(ledger_key(team, period), Totals())
     max_tokens = effective_max_tokens(model, event.chat)
@@ -246,6 +251,20 @@ def _reserve(event: RequestAuthorized, state: BudgetState, policy: PolicyBundle,
             reply_to=event.reply_to,
         )
     ]
+
+
+def _rejected(event: RequestAuthorized, env: Envelope, reason: str) -> BudgetRejected:
+    return BudgetRejected(
+        **env,
+        caller=event.caller,
+        model_id=event.model_id,
+        period="",
+        requested_micros=0,
+        remaining_micros=0,
+        cap_micros=0,
+        reason=reason,
+        reply_to=event.reply_to,
+    )
 
 
 def _settle(event: InvocationCompleted, state: BudgetState, policy: PolicyBundle, now: datetime) -> list[AnyEvent]:

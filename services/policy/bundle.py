@@ -77,6 +77,9 @@ def bundle_from_files(files: dict[str, str]) -> PolicyBundle:
         issuers_jwks=files["issuers.jwks.json"],
     )
     _check_catalog(bundle.catalog)
+    if not 0 < bundle.budgets.reservation_ttl_s <= 86_400:
+        # the budget remembers closed requests for two days; a reservation must close well within
+        raise PolicyError("budgets.toml: reservation_ttl_s must be between 1 and 86400 seconds")
     check_team_names(list(bundle.budgets.teams), "budgets.toml")
     check_team_names(_TEAM_IN_POLICY.findall(bundle.access_policy), "access_policy.csv")
     return bundle
