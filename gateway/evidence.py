@@ -33,6 +33,7 @@ from .services.auditor.parquet_sink import violations_glob
 from .services.policy import bundle_from_files
 from .services.policy.feed import latest_valid
 from .services.settings import WorkerSettings
+from .validation_doc import write as write_validation_document
 
 SYSTEM = "Enclave Gateway"
 STREAM_SCHEMA = pa.schema([("seq", pa.int64()), ("subject", pa.string()), ("stored_at", pa.timestamp("us", "UTC")),
@@ -60,6 +61,7 @@ async def export(settings: WorkerSettings, out: Path) -> pkg.Manifest:
     _copy_audit(settings.audit_dir, out)
     (out / pkg.CHECKPOINTS).write_bytes(msgspec.json.format(msgspec.json.encode(collected.checkpoints)))
     _write_register(settings, out, collected)
+    write_validation_document(out)
     return _sign_manifest(settings, out, collected)
 
 

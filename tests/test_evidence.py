@@ -4,6 +4,7 @@ assessor would try is detected with its place named."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,6 +61,12 @@ async def test_an_untouched_package_verifies(exported: Path) -> None:
     register = json.loads((exported / pkg.REGISTER).read_text())
     assert register["policy_in_force"] and register["catalog"] and register["audit_signer"]["kid"] == report.signer
     assert "token_missing" in (exported / pkg.VIOLATIONS_CSV).read_text()
+    page = (exported / "validation.html").read_text()
+    images = re.findall(r'<img src="([^"]+)"', page)
+    assert len(images) == 3 and all((exported / i).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
+    assert all(i in manifest.files for i in images) and "validation.html" in manifest.files
+    assert all(control in page for control in ("AU-2", "AU-3", "AU-9(3)", "AU-10", "AU-11", "AU-12", "AC-3",
+                                                "AC-4", "AC-16"))
     assert cli.main(["evidence", "verify", str(exported)]) == 0
 
 
