@@ -269,14 +269,19 @@ def cmd_evidence_export(args: argparse.Namespace) -> int:
 def cmd_evidence_verify(args: argparse.Namespace) -> int:
     """Check an evidence package offline; exit 1 naming every failure."""
     from .replay.verify import verify
+    from .services import keys
 
-    report = verify(Path(args.dir))
+    anchor = keys.load_public(Path(args.audit_key)) if args.audit_key else None
+    report = verify(Path(args.dir), anchor)
+    console.print(f"audit signer {report.signer}, key fingerprint sha256:{report.fingerprint}; events seq "
+                  f"{report.first_seq}..{report.last_seq}")
     if report.notices:
         console.print(_table(["where", "notice"], [(f.where, f.problem) for f in report.notices],
                              title="notices (not failures)"))
     if report.ok:
+        anchored = "anchored to the trusted audit key" if report.anchored else "[yellow]UNANCHORED[/] (--audit-key)"
         console.print(f"[green]verified[/]: {report.files} files, {report.events} events, {report.checkpoints} signed "
-                      f"checkpoints; audit signer {report.signer} (compare it with the system's record)")
+                      f"checkpoints; {anchored}")
         return 0
     console.print(_table(["where", "problem"], [(f.where, f.problem) for f in report.findings],
                          title=f"[red]evidence NOT verified: {len(report.findings)} failure(s)[/]"))
@@ -342,6 +347,7 @@ def parser() -> argparse.ArgumentParser:
     ee.set_defaults(func=cmd_evidence_export)
     evv = ev.add_parser("verify", help="check an evidence package offline, naming every failure")
     evv.add_argument("dir")
+    evv.add_argument("--audit-key", help="the deployment's audit-signer.pub.json, from out of band: the trust anchor")
     evv.set_defaults(func=cmd_evidence_verify)
     ids = sub.add_parser("identities", help="the registry of NATS identities and their permissions (Markdown)")
     ids.set_defaults(func=cmd_identities)

@@ -18,6 +18,7 @@ from pathlib import Path
 import duckdb
 import msgspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -58,7 +59,7 @@ async def export(settings: WorkerSettings, out: Path) -> pkg.Manifest:
         collected = await _write_stream(nc.jetstream(), out / pkg.STREAM, until)
     finally:
         await nc.close()
-    _copy_audit(settings.audit_dir, out)
+    _copy_audit(settings.audit_dir, out, collected.last)
     (out / pkg.CHECKPOINTS).write_bytes(msgspec.json.format(msgspec.json.encode(collected.checkpoints)))
     _write_register(settings, out, collected)
     write_validation_document(out)
@@ -111,13 +112,22 @@ def _fold(got: _Collected, seq: int, subject: str, data: bytes) -> None:
         got.activations.append((data, subject, seq))
 
 
-def _copy_audit(audit_dir: Path, out: Path) -> None:
+def _copy_audit(audit_dir: Path, out: Path, until: int) -> None:
+    """The audit tables up to the last exported event (the auditor may have written more since)."""
     if audit_dir.exists():
         shutil.copytree(audit_dir, out / pkg.AUDIT, ignore=shutil.ignore_patterns("*.tmp"))
+    for path in sorted((out / pkg.AUDIT).glob("*/day=*/*.parquet")):
+        table = pq.read_table(path)
+        kept = table.filter(pc.less_equal(table.column("seq"), until))
+        if kept.num_rows == 0:
+            path.unlink()
+        elif kept.num_rows < table.num_rows:
+            pq.write_table(kept, path)
     con = duckdb.connect()
     try:
         if any((audit_dir / "violations").glob("day=*/*.parquet")):
-            rel = f"read_parquet('{violations_glob(audit_dir)}', hive_partitioning=false)"
+            rel = f"(SELECT * FROM read_parquet('{violations_glob(audit_dir)}', hive_partitioning=false) " \
+                  f"WHERE seq <= {int(until)})"
             con.execute(f"COPY (SELECT * FROM {rel} ORDER BY seq) TO '{out / pkg.VIOLATIONS_CSV}' (HEADER)")
             con.execute(f"COPY (SELECT * FROM {rel} ORDER BY seq) TO '{out / pkg.VIOLATIONS_PARQUET}' (FORMAT parquet)")
         else:

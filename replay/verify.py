@@ -1,30 +1,53 @@
-"""`gateway evidence verify DIR`: check an evidence package offline (no broker, no network).
+"""`gateway evidence verify DIR [--audit-key PUB]`: check an evidence package offline (no broker,
+no network), naming the place of every failure.
 
-It checks, and names the place of every failure:
-- the manifest's signature, by the audit signer whose public key the register carries;
-- every file against the manifest (a changed byte, a swapped file, a missing or an extra file);
-- the exported stream: sequences contiguous and in order (a deleted or reordered event), each
-  event's bytes against the digest the auditor recorded for that sequence, the hash chain
-  recomputed from the events against every signed checkpoint and the manifest's chain head, and
-  the last sequence against the manifest (a truncated tail).
+Trust starts from the audit signer's public key. Given `--audit-key` (the deployment's
+`audit-signer.pub.json`, obtained out of band), the register's key must be that key; without it the
+package can at best be consistent with itself, and the report says so (unanchored).
+
+Then nothing in the package is taken on its word; everything derived is derived again:
+- only regular files count: a symlink, FIFO or device anywhere is refused unread;
+- the manifest's signature by the audit key, and every file against the manifest;
+- the exported stream from seq 1: contiguous, in order, well-typed; the hash chain recomputed from
+  it against every signed checkpoint and the signed head; the tail against the manifest;
+- the audit tables rebuilt from the stream by the auditor's own decider: one row per event, every
+  column equal (the keyed prompt and completion digests, whose key never leaves the deployment,
+  only for presence), the chain hash included;
+- the violations CSV and Parquet against the denials rebuilt from the stream; `checkpoints.json`,
+  the register's policy history, policy in force and catalog against the stream.
 """
 
 from __future__ import annotations
 
 import base64
+import csv
 import hashlib
+import io
+import os
+import stat
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..schemas import codec, subjects
-from ..schemas.events import AuditCheckpoint
+from ..schemas.events import AuditCheckpoint, PolicyActivated
 from ..services import keys
 from ..services.auditor import checkpoints
-from ..services.auditor.decider import GENESIS, chain
+from ..services.auditor.decider import GENESIS, AuditorState, AuditRow, row_for
+from ..services.auditor.parquet_sink import SCHEMA, VIOLATION_COLUMNS
+from ..services.policy import bundle_from_files
+from ..services.policy.feed import latest_valid
 from . import package as pkg
+
+MAX_JSON_BYTES = 64 << 20
+KEYED = ("prompt_hmac", "completion_hmac")  # the digest key stays in the deployment: presence only
+STREAM_FIELDS = {"seq": pa.int64(), "subject": pa.string(), "stored_at": pa.timestamp("us", "UTC"),
+                 "data": pa.binary()}
 
 
 class Finding(msgspec.Struct, frozen=True, kw_only=True):
@@ -38,12 +61,14 @@ class Report(msgspec.Struct, kw_only=True):
     """What was checked and what failed."""
 
     signer: str = ""
+    fingerprint: str = ""  # sha256 of the audit signer's raw public key, in full
+    anchored: bool = False
     files: int = 0
     events: int = 0
     checkpoints: int = 0
+    first_seq: int = 0
+    last_seq: int = 0
     findings: list[Finding] = msgspec.field(default_factory=list)
-    # in the stream but vouching for nothing (a checkpoint the audit key did not sign): worth a look,
-    # not a failure of the package
     notices: list[Finding] = msgspec.field(default_factory=list)
 
     @property
@@ -55,124 +80,226 @@ class Report(msgspec.Struct, kw_only=True):
         """Record a failed check."""
         self.findings.append(Finding(where=where, problem=problem))
 
+    def notice(self, where: str, problem: str) -> None:
+        """Record something worth a look that is not a failure of the package."""
+        self.notices.append(Finding(where=where, problem=problem))
+
+
+class PolicyRecord(msgspec.Struct, kw_only=True):
+    """A policy activation as the register lists it."""
+
+    stream_seq: int
+    version: str
+    sha256: str
+    git_commit: str | None = None
+    signer: str | None = None
+    signed_at: str | None = None
+    activated_by: str
+    activated_at: str
+
 
 class Register(msgspec.Struct, kw_only=True):
-    """The part of `register.json` verification needs (the rest is for people)."""
+    """`register.json`."""
 
+    system: str
     audit_signer: keys.SignerKey
+    policy_signers: dict[str, str]
+    policy_in_force: str | None
+    policies: list[PolicyRecord]
+    catalog: list[dict[str, Any]]
+    token_issuers: Any = None
 
 
-def verify(root: Path) -> Report:
-    """Every check of the package in `root`."""
+def verify(root: Path, anchor: keys.SignerKey | None = None) -> Report:
+    """Every check of the package in `root`; never raises for what the package holds."""
     report = Report()
-    try:
-        raw = (root / pkg.MANIFEST).read_bytes()
-        manifest = msgspec.json.decode(raw, type=pkg.Manifest)
-    except (OSError, msgspec.DecodeError) as exc:
-        report.fail(pkg.MANIFEST, f"missing or unreadable: {exc}")
+    regular = _regular_files(root, report)
+    manifest_raw = _read_small(root, pkg.MANIFEST, regular, report)
+    register_raw = _read_small(root, pkg.REGISTER, regular, report)
+    if manifest_raw is None or register_raw is None:
         return report
     try:
-        register = msgspec.json.decode((root / pkg.REGISTER).read_bytes(), type=Register)
-    except (OSError, msgspec.DecodeError) as exc:
-        report.fail(pkg.REGISTER, f"missing or unreadable, so no key to check signatures with: {exc}")
-        _check_files(root, manifest, report)
+        manifest = msgspec.json.decode(manifest_raw, type=pkg.Manifest)
+    except msgspec.DecodeError as exc:
+        report.fail(pkg.MANIFEST, f"unreadable: {exc}")
         return report
-    signer = register.audit_signer
-    report.signer = signer.kid
-    _check_signature(root, raw, signer, report)
-    _check_files(root, manifest, report)
-    _check_stream(root, manifest, signer, report)
+    try:
+        register = msgspec.json.decode(register_raw, type=Register)
+        signer_raw = base64.b64decode(register.audit_signer.public_key, validate=True)
+    except (msgspec.DecodeError, ValueError) as exc:
+        report.fail(pkg.REGISTER, f"unreadable, so no key to check signatures with: {exc}")
+        _check_files(root, manifest, regular, report)
+        return report
+    report.signer, report.fingerprint = register.audit_signer.kid, hashlib.sha256(signer_raw).hexdigest()
+    report.first_seq, report.last_seq = manifest.first_seq, manifest.last_seq
+    _anchor(register.audit_signer, anchor, report)
+    steps: list[tuple[str, Callable[[], None]]] = [
+        (pkg.MANIFEST_SIG, lambda: _check_signature(root, manifest_raw, register.audit_signer, regular, report)),
+        ("files", lambda: _check_files(root, manifest, regular, report)),
+        (pkg.STREAM, lambda: _check_everything_derived(root, manifest, register, regular, report)),
+    ]
+    for where, step in steps:
+        try:
+            step()
+        except Exception as exc:  # a malformed package is a finding with its place, never a traceback
+            report.fail(where, f"could not be checked: {exc!r}")
     return report
 
 
-def _check_signature(root: Path, raw: bytes, signer: keys.SignerKey, report: Report) -> None:
-    try:
-        sig = msgspec.json.decode((root / pkg.MANIFEST_SIG).read_bytes(), type=pkg.ManifestSignature)
-    except (OSError, msgspec.DecodeError) as exc:
-        report.fail(pkg.MANIFEST_SIG, f"missing or unreadable: {exc}")
+def _regular_files(root: Path, report: Report) -> set[str]:
+    """Relative paths of the package's regular files; anything else is refused without reading it."""
+    found: set[str] = set()
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        for name in [*dirs, *files]:
+            path = Path(folder) / name
+            rel = path.relative_to(root).as_posix()
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                report.fail(rel, "a symbolic link: refused, a package holds regular files only")
+            elif name in files and not stat.S_ISREG(mode):
+                report.fail(rel, "not a regular file (FIFO, socket or device): refused unread")
+            elif name in files:
+                found.add(rel)
+    return found
+
+
+def _read_small(root: Path, name: str, regular: set[str], report: Report) -> bytes | None:
+    if name not in regular:
+        report.fail(name, "missing, or not a regular file")
+        return None
+    if (root / name).stat().st_size > MAX_JSON_BYTES:
+        report.fail(name, f"larger than {MAX_JSON_BYTES} bytes: refused")
+        return None
+    return (root / name).read_bytes()
+
+
+def _anchor(signer: keys.SignerKey, anchor: keys.SignerKey | None, report: Report) -> None:
+    if anchor is None:
+        report.notice(pkg.REGISTER, "UNANCHORED: the register's audit key was not compared with a trusted copy "
+                                    "(--audit-key); whoever made the package could have signed it with any key")
         return
-    if keys.key_id(_raw_key(signer)) != signer.kid:
+    report.anchored = True
+    if signer.public_key != anchor.public_key:
+        report.fail(pkg.REGISTER, f"the audit key {signer.kid} is not the trusted audit key {anchor.kid}: "
+                                  "the package was signed by someone else")
+
+
+def _check_signature(root: Path, raw: bytes, signer: keys.SignerKey, regular: set[str], report: Report) -> None:
+    sig_raw = _read_small(root, pkg.MANIFEST_SIG, regular, report)
+    if sig_raw is None:
+        return
+    sig = msgspec.json.decode(sig_raw, type=pkg.ManifestSignature)
+    if keys.key_id(base64.b64decode(signer.public_key)) != signer.kid:
         report.fail(pkg.REGISTER, f"the audit signer's kid {signer.kid} does not belong to its key")
     if sig.kid != signer.kid or not keys.valid(signer.public_key, sig.signature, pkg.signing_message(raw)):
         report.fail(pkg.MANIFEST, f"the signature by {sig.kid} does not verify with the register's audit key "
                                   f"{signer.kid}: the manifest was changed or signed by another key")
 
 
-def _raw_key(signer: keys.SignerKey) -> bytes:
-    return base64.b64decode(signer.public_key)
-
-
-def _check_files(root: Path, manifest: pkg.Manifest, report: Report) -> None:
-    present = set(pkg.listed_files(root))
+def _check_files(root: Path, manifest: pkg.Manifest, regular: set[str], report: Report) -> None:
     for name, entry in sorted(manifest.files.items()):
-        path = root / name
-        if name not in present:
-            report.fail(name, "listed in the manifest but missing")
+        if name not in regular:
+            report.fail(name, "listed in the manifest but missing (or not a regular file)")
             continue
-        actual = pkg.file_entry(path)
+        actual = pkg.file_entry(root / name)
         if actual != entry:
             report.fail(name, f"sha256 {actual.sha256[:16]}… ({actual.bytes} bytes) differs from the manifest's "
                               f"{entry.sha256[:16]}… ({entry.bytes} bytes): changed or swapped")
         report.files += 1
-    for name in sorted(present - set(manifest.files)):
+    for name in sorted(regular - set(manifest.files) - {pkg.MANIFEST, pkg.MANIFEST_SIG}):
         report.fail(name, "not listed in the manifest")
 
 
-def _audited_digests(root: Path, report: Report) -> dict[int, str]:
-    """The digest the auditor recorded for each sequence; an unreadable table is a finding, not a crash."""
-    out: dict[int, str] = {}
-    for path in sorted((root / pkg.AUDIT / "events").glob("day=*/*.parquet")):
-        try:
-            table = pq.read_table(path, columns=["seq", "data_sha256"])
-        except (OSError, ValueError, pa.ArrowException) as exc:
-            report.fail(path.relative_to(root).as_posix(), f"unreadable audit table: {exc}")
-            continue
-        out.update(zip(table.column("seq").to_pylist(), table.column("data_sha256").to_pylist(), strict=True))
-    return out
+class _Rebuilt(msgspec.Struct, kw_only=True):
+    """What the stream says every derived file must hold."""
+
+    rows: dict[int, AuditRow] = msgspec.field(default_factory=dict)
+    checkpoints: list[AuditCheckpoint] = msgspec.field(default_factory=list)
+    activations: list[tuple[bytes, str, int]] = msgspec.field(default_factory=list)
 
 
-def _check_stream(root: Path, manifest: pkg.Manifest, signer: keys.SignerKey, report: Report) -> None:
-    try:
-        table = pq.read_table(root / pkg.STREAM, columns=["seq", "subject", "data"])
-    except (OSError, ValueError, pa.ArrowException) as exc:
-        report.fail(pkg.STREAM, f"unreadable: {exc}")
+def _check_everything_derived(root: Path, manifest: pkg.Manifest, register: Register, regular: set[str],
+                              report: Report) -> None:
+    rebuilt = _check_stream(root, manifest, register.audit_signer, regular, report)
+    if rebuilt is None:
         return
-    audited = _audited_digests(root, report)
-    head, previous, heads = GENESIS, manifest.first_seq - 1, {}
-    seqs, subjects_, datas = (table.column(c).to_pylist() for c in ("seq", "subject", "data"))
-    for row, (seq, subject, data) in enumerate(zip(seqs, subjects_, datas, strict=True)):
+    _check_audit_tables(root, manifest, rebuilt, regular, report)
+    _check_violations(root, rebuilt, regular, report)
+    _check_register(root, register, rebuilt, report)
+
+
+def _stream_batches(path: Path, report: Report) -> Iterator[tuple[int, int, str, bytes, datetime]] | None:
+    """(row, seq, subject, data, stored_at) in file order, in bounded batches; None when the schema is wrong."""
+    pf = pq.ParquetFile(path)
+    fields = {f.name: f.type for f in pf.schema_arrow}
+    if any(fields.get(name) != kind for name, kind in STREAM_FIELDS.items()):
+        report.fail(pkg.STREAM, f"columns {fields} are not {STREAM_FIELDS}")
+        return None
+
+    def rows() -> Iterator[tuple[int, int, str, bytes, datetime]]:
+        n = 0
+        for batch in pf.iter_batches(batch_size=4096, columns=list(STREAM_FIELDS)):
+            for seq, subject, stored_at, data in zip(*(batch.column(i).to_pylist() for i in range(4)), strict=True):
+                if seq is None or subject is None or data is None or stored_at is None:
+                    report.fail(f"{pkg.STREAM} row {n}", "a null seq, subject, time or body")
+                else:
+                    yield n, seq, subject, data, stored_at
+                n += 1
+
+    return rows()
+
+
+def _check_stream(root: Path, manifest: pkg.Manifest, signer: keys.SignerKey, regular: set[str],
+                  report: Report) -> _Rebuilt | None:
+    if pkg.STREAM not in regular:
+        return None
+    batches = _stream_batches(root / pkg.STREAM, report)
+    if batches is None:
+        return None
+    if manifest.first_seq != 1:
+        report.fail(pkg.MANIFEST, f"starts at seq {manifest.first_seq}: the chain is anchored only from the "
+                                  "stream's first event")
+    rebuilt, state = _Rebuilt(), AuditorState()
+    heads: dict[int, str] = {0: GENESIS}
+    previous = 0
+    for row, seq, subject, data, stored_at in batches:
         where = f"{pkg.STREAM} row {row} (seq {seq})"
         if seq > previous + 1:
             report.fail(where, f"events seq {previous + 1}..{seq - 1} are missing: deleted")
         elif seq <= previous:
             report.fail(where, f"seq {seq} comes after seq {previous}: reordered or duplicated")
-        previous = max(previous, seq)
-        digest = hashlib.sha256(data).hexdigest()
-        if seq in audited and audited[seq] != digest:
-            report.fail(where, "the event's bytes differ from the digest the auditor recorded for this seq")
-        head = chain(head, seq, subject, digest)
-        heads[seq] = head
+            continue
+        previous = seq
+        audit_row, state = row_for(state, seq, subject, data, stored_at, b"\0" * 32)
+        rebuilt.rows[seq] = audit_row
+        heads[seq] = state.head
         report.events += 1
         if subject == subjects.audit_checkpoint():
-            _check_checkpoint(where, data, heads, signer, report)
+            _check_checkpoint(where, data, heads, signer, rebuilt, report)
+        elif subject == subjects.policy_activated():
+            rebuilt.activations.append((data, subject, seq))
     if previous != manifest.last_seq or report.events != manifest.events:
         report.fail(pkg.STREAM, f"ends at seq {previous} with {report.events} events, the manifest covers "
                                 f"{manifest.first_seq}..{manifest.last_seq} ({manifest.events}): truncated or padded")
-    if heads.get(manifest.chain_head.seq) != manifest.chain_head.head:
+    if manifest.chain_head.seq != manifest.last_seq or heads.get(manifest.chain_head.seq) != manifest.chain_head.head:
         report.fail(pkg.MANIFEST, f"the chain recomputed from the events does not reach the signed head at seq "
                                   f"{manifest.chain_head.seq}")
+    if report.checkpoints == 0 and report.events:
+        report.notice(pkg.STREAM, "no signed checkpoint: only the manifest's signature vouches for the events")
+    return rebuilt
 
 
-def _check_checkpoint(where: str, data: bytes, heads: dict[int, str], signer: keys.SignerKey,
+def _check_checkpoint(where: str, data: bytes, heads: dict[int, str], signer: keys.SignerKey, rebuilt: _Rebuilt,
                       report: Report) -> None:
     try:
         cp = codec.decode_as(data, AuditCheckpoint, subjects.audit_checkpoint())
     except codec.DecodeError:
         return  # junk stored on the subject: chained like any message, vouches for nothing
+    rebuilt.checkpoints.append(cp)  # checkpoints.json lists every one found; only valid ones vouch
     message = checkpoints.message(cp.seq, cp.head, cp.previous_seq, cp.previous_head)
     if cp.signer != signer.kid or not keys.valid(signer.public_key, cp.signature, message):
-        report.notices.append(Finding(where=where, problem=f"a checkpoint claiming seq {cp.seq} is not signed by the "
-                                                           "register's audit key: it vouches for nothing"))
+        report.notice(where, f"a checkpoint claiming seq {cp.seq} is not signed by the register's audit key: it "
+                             "vouches for nothing")
         return
     if heads.get(cp.seq) != cp.head:
         report.fail(where, f"the chain recomputed from the events differs from the signed checkpoint at seq "
@@ -180,3 +307,98 @@ def _check_checkpoint(where: str, data: bytes, heads: dict[int, str], signer: ke
                            "or reordered")
         return
     report.checkpoints += 1
+
+
+def _plain(row: AuditRow) -> dict[str, Any]:
+    return dict(msgspec.to_builtins(row, builtin_types=(datetime,)))
+
+
+def _comparable(row: dict[str, Any]) -> dict[str, Any]:
+    out = {k: row.get(k) for k in SCHEMA.names}
+    for k in KEYED:
+        out[k] = out[k] is not None
+    if isinstance(when := out.get("occurred_at"), datetime):
+        out["occurred_at"] = when.astimezone(UTC)
+    return out
+
+
+def _check_audit_tables(root: Path, manifest: pkg.Manifest, rebuilt: _Rebuilt, regular: set[str],
+                        report: Report) -> None:
+    seen: set[int] = set()
+    changed_at: int | None = None  # the first event whose bytes differ from what the auditor recorded
+    for name in sorted(n for n in manifest.files if n.startswith(f"{pkg.AUDIT}/events/") and n in regular):
+        try:
+            table = pq.read_table(root / name)
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            report.fail(name, f"unreadable audit table: {exc}")
+            continue
+        for row in table.to_pylist():
+            seq = row.get("seq")
+            if not isinstance(seq, int) or seq not in rebuilt.rows or seq in seen:
+                report.fail(name, f"row for seq {seq!r}: no such event in the stream, or a second row for it")
+                continue
+            seen.add(seq)
+            expected = _comparable(_plain(rebuilt.rows[seq]))
+            differing = [k for k, v in _comparable(row).items() if v != expected[k]]
+            if "data_sha256" in differing:
+                report.fail(f"{pkg.STREAM} (seq {seq})", "the event's bytes differ from the digest the auditor "
+                                                         f"recorded for this seq in {name}")
+                changed_at = seq if changed_at is None else min(changed_at, seq)
+            elif differing == ["chain_hash"] and changed_at is not None and seq > changed_at:
+                continue  # follows from the changed event above
+            elif differing:
+                report.fail(name, f"row for seq {seq} differs from the stream in {', '.join(differing)}")
+    missing = sorted(set(rebuilt.rows) - seen)
+    if missing:
+        report.fail(f"{pkg.AUDIT}/events", f"{len(missing)} event(s) have no audit row, first seq {missing[0]}")
+
+
+def _check_violations(root: Path, rebuilt: _Rebuilt, regular: set[str], report: Report) -> None:
+    denials = [_plain(r) for _, r in sorted(rebuilt.rows.items()) if r.type == "RequestDenied"]
+    expected = [[str(d[c]) if d[c] is not None else "" for c in ("seq", "request_id", "rule", "reason")]
+                for d in denials]
+    if pkg.VIOLATIONS_CSV in regular:
+        text = (root / pkg.VIOLATIONS_CSV).read_text(errors="replace")
+        found = [[r.get(c) or "" for c in ("seq", "request_id", "rule", "reason")] for r in csv.DictReader(
+            io.StringIO(text))]
+        if found != expected:
+            report.fail(pkg.VIOLATIONS_CSV, f"holds {len(found)} denial(s); the stream holds {len(expected)} "
+                                            "(or they differ in seq, request, rule or reason)")
+    if pkg.VIOLATIONS_PARQUET in regular:
+        rows = [_violation(r) for r in pq.read_table(root / pkg.VIOLATIONS_PARQUET).to_pylist()]
+        if rows != [_violation(d) for d in denials]:
+            report.fail(pkg.VIOLATIONS_PARQUET, f"holds {len(rows)} row(s) that are not the stream's "
+                                                f"{len(denials)} denial(s)")
+    elif denials:
+        report.fail(pkg.VIOLATIONS_PARQUET, f"missing while the stream holds {len(denials)} denial(s)")
+
+
+def _violation(row: dict[str, Any]) -> dict[str, Any]:
+    return {c: v.astimezone(UTC) if isinstance(v := row.get(c), datetime) else v for c in VIOLATION_COLUMNS}
+
+
+def _check_register(root: Path, register: Register, rebuilt: _Rebuilt, report: Report) -> None:
+    stored = msgspec.json.decode((root / pkg.CHECKPOINTS).read_bytes(), type=list[AuditCheckpoint])
+    if stored != rebuilt.checkpoints:
+        report.fail(pkg.CHECKPOINTS, f"lists {len(stored)} checkpoint(s); the stream holds "
+                                     f"{len(rebuilt.checkpoints)} signed by the audit key (or they differ)")
+    history = []
+    for data, subject, seq in rebuilt.activations:
+        try:
+            e = codec.decode_as(data, PolicyActivated, subject)
+        except codec.DecodeError:
+            continue
+        history.append(PolicyRecord(stream_seq=seq, version=e.version, sha256=e.sha256, git_commit=e.git_commit,
+                                    signer=e.signer, signed_at=e.signed_at, activated_by=e.activated_by,
+                                    activated_at=e.occurred_at.isoformat()))
+    if msgspec.to_builtins(history) != msgspec.to_builtins(register.policies):
+        report.fail(pkg.REGISTER, "its policy history is not the activations in the stream")
+    active = latest_valid(rebuilt.activations, register.policy_signers)
+    if (active.version if active else None) != register.policy_in_force:
+        report.fail(pkg.REGISTER, f"policy in force {register.policy_in_force} is not the stream's latest validly "
+                                  f"signed activation {active.version if active else None}")
+    if active is not None:
+        catalog = [{"id": m.id, "accreditation": m.accreditation, "status": m.status, "endpoint": m.endpoint,
+                    "aliases": list(m.aliases)} for m in bundle_from_files(active.files).catalog.model]
+        if catalog != register.catalog:
+            report.fail(pkg.REGISTER, "its catalog is not the catalog of the policy in force")

@@ -4,6 +4,7 @@ assessor would try is detected with its place named."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from datetime import UTC, datetime
@@ -169,3 +170,84 @@ async def test_a_checkpoint_the_audit_key_did_not_sign_is_a_notice(exported: Pat
     report = verify(root)
     assert any("vouches for nothing" in n.problem and "seq 2" in n.problem for n in report.notices)
     assert not any("vouches" in f.problem for f in report.findings)
+
+
+def _resign(root: Path, key_file: Path) -> None:
+    """What an export does after the files are written: every digest, then the audit key's signature."""
+    manifest = msgspec.json.decode((root / pkg.MANIFEST).read_bytes(), type=pkg.Manifest)
+    files = {n: pkg.file_entry(root / n) for n in pkg.listed_files(root)}
+    raw = msgspec.json.encode(msgspec.structs.replace(manifest, files=files))
+    (root / pkg.MANIFEST).write_bytes(raw)
+    key = keys.load_private(key_file)
+    sig = pkg.ManifestSignature(kid=keys.public_of(key).kid, signature=keys.sign(key, pkg.signing_message(raw)))
+    (root / pkg.MANIFEST_SIG).write_bytes(msgspec.json.encode(sig))
+
+
+async def test_audit_tables_edited_before_an_honest_export_are_caught_row_by_row(
+        exported: Path, stack: WorkerSettings, tmp_path: Path) -> None:
+    """The export signs what it copies: the verifier rebuilds every derived file from the stream."""
+    root = _copy(exported, tmp_path / "p")
+    table_file = next(root / n for n in pkg.listed_files(root) if n.startswith(f"{pkg.AUDIT}/events/"))
+    rows = pq.read_table(table_file).to_pylist()
+    target = next(r for r in rows if r["team"])
+    target["team"] = "someone-else"
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(table_file)), table_file)
+    (root / pkg.VIOLATIONS_CSV).write_text("seq,request_id,rule,reason\n")
+    _resign(root, stack.audit_key_file)
+    problems = _problems(root)
+    assert any(f"row for seq {target['seq']} differs from the stream in team" in p for p in problems), problems
+    assert any(p.startswith(pkg.VIOLATIONS_CSV) for p in problems)
+
+
+async def test_a_swapped_audit_key_fails_against_the_trust_anchor(exported: Path, stack: WorkerSettings,
+                                                                  tmp_path: Path) -> None:
+    root = _copy(exported, tmp_path / "p")
+    pem, public = keys.generate()
+    mallory = tmp_path / "mallory.key"
+    keys.write_private(mallory, pem)
+    register = json.loads((root / pkg.REGISTER).read_text())
+    register["audit_signer"] = msgspec.to_builtins(public)
+    (root / pkg.REGISTER).write_text(json.dumps(register))
+    _resign(root, mallory)
+    unanchored = verify(root)
+    assert any("UNANCHORED" in n.problem for n in unanchored.notices) and unanchored.fingerprint
+    trusted = keys.load_public(stack.audit_key_file.with_name("audit-signer.pub.json"))
+    anchored = verify(root, trusted)
+    assert any("is not the trusted audit key" in f.problem for f in anchored.findings)
+    assert verify(exported, trusted).ok and verify(exported, trusted).anchored
+    pub_file = stack.audit_key_file.with_name("audit-signer.pub.json")
+    assert cli.main(["evidence", "verify", str(root), "--audit-key", str(pub_file)]) == 1
+
+
+async def test_malformed_packages_are_findings_never_crashes_or_hangs(exported: Path, tmp_path: Path) -> None:
+    nulls = _copy(exported, tmp_path / "nulls")
+    table = pq.read_table(nulls / pkg.STREAM)
+    rows = table.to_pylist()
+    rows[1]["data"] = None
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), nulls / pkg.STREAM)
+    assert any("null" in p for p in _problems(nulls))
+
+    typed = _copy(exported, tmp_path / "typed")
+    pq.write_table(pa.table({"seq": ["1"], "subject": [1], "data": ["x"]}), typed / pkg.STREAM)
+    assert any(p.startswith(pkg.STREAM) and "columns" in p for p in _problems(typed))
+
+    fifo = _copy(exported, tmp_path / "fifo")
+    (fifo / pkg.REGISTER).unlink()
+    os.mkfifo(fifo / pkg.REGISTER)  # reading it would block forever
+    assert any(p.startswith(pkg.REGISTER) and "not a regular file" in p for p in _problems(fifo))
+
+    linked = _copy(exported, tmp_path / "linked")
+    (linked / pkg.AUDIT / "events" / "day=2000-01-01").symlink_to(tmp_path / "nulls" / pkg.AUDIT / "events")
+    assert any("symbolic link" in p for p in _problems(linked))
+
+    badkey = _copy(exported, tmp_path / "badkey")
+    register = json.loads((badkey / pkg.REGISTER).read_text())
+    register["audit_signer"]["public_key"] = "abc"
+    (badkey / pkg.REGISTER).write_text(json.dumps(register))
+    assert any(p.startswith(pkg.REGISTER) for p in _problems(badkey))
+
+    late = _copy(exported, tmp_path / "late")
+    manifest = json.loads((late / pkg.MANIFEST).read_text())
+    manifest["first_seq"] = 5
+    (late / pkg.MANIFEST).write_text(json.dumps(manifest))
+    assert any("starts at seq 5" in p for p in _problems(late))
