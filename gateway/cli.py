@@ -288,6 +288,22 @@ def cmd_evidence_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Re-run every recorded decision with its recorded policy; exit 1 on any mismatch."""
+    from . import replay_cli
+
+    if args.package:
+        stored, jwks = replay_cli.from_package(Path(args.package))
+    else:
+        try:
+            stored, jwks = replay_cli.from_stream(Path(args.data_dir))
+        except (FileNotFoundError, OSError) as exc:
+            console.print(f"[red]no running gateway at {args.data_dir}:[/] {exc!r} (or replay an evidence package: "
+                          "--package DIR)")
+            return 1
+    return replay_cli.run(console, stored, jwks, args.from_seq, args.to_seq, args.show)
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(prog="gateway", description=__doc__)
@@ -340,6 +356,13 @@ def parser() -> argparse.ArgumentParser:
     al = ap.add_parser("list", help="list application identities")
     al.add_argument("--data-dir", default="var")
     al.set_defaults(func=cmd_app)
+    rp = sub.add_parser("replay", help="re-run every recorded decision with the policy it was made under")
+    rp.add_argument("--from", dest="from_seq", type=int, default=0, help="first stream sequence to check")
+    rp.add_argument("--to", dest="to_seq", type=int, default=None, help="last stream sequence to check")
+    rp.add_argument("--package", help="replay an evidence package's exported stream instead of the live one")
+    rp.add_argument("--show", type=int, default=5, help="how many mismatches to show in full")
+    rp.add_argument("--data-dir", default="var")
+    rp.set_defaults(func=cmd_replay)
     ev = sub.add_parser("evidence", help="evidence packages for assessors").add_subparsers(dest="ev_cmd", required=True)
     ee = ev.add_parser("export", help="write the signed evidence package of the running gateway into DIR")
     ee.add_argument("dir")

@@ -31,6 +31,7 @@ from .schemas.events import AuditCheckpoint, PolicyActivated
 from .services import bus, keys
 from .services.auditor.decider import GENESIS, chain
 from .services.auditor.parquet_sink import violations_glob
+from .services.authz.policy_view import dev_jwks
 from .services.policy import bundle_from_files
 from .services.policy.feed import latest_valid
 from .services.settings import WorkerSettings
@@ -160,6 +161,8 @@ def _write_register(settings: WorkerSettings, out: Path, got: _Collected) -> Non
         "policies": policies,
         "catalog": catalog,
         "token_issuers": msgspec.json.decode(active.files["issuers.jwks.json"]) if active else None,
+        # the dev issuer's public keys when the deployment trusts it: replay verifies tokens with them
+        "dev_token_issuer": msgspec.json.decode(jwks[0]) if (jwks := dev_jwks(settings)) else None,
     }
     (out / pkg.REGISTER).write_bytes(msgspec.json.format(msgspec.json.encode(register)))
 

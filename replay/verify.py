@@ -108,6 +108,7 @@ class Register(msgspec.Struct, kw_only=True):
     policies: list[PolicyRecord]
     catalog: list[dict[str, Any]]
     token_issuers: Any = None
+    dev_token_issuer: Any = None
 
 
 def verify(root: Path, anchor: keys.SignerKey | None = None) -> Report:

@@ -98,6 +98,7 @@ def settings(broker: Broker, engine: str, data_dir: Path, policy_dir: Path, keys
 async def stack(settings: WorkerSettings) -> AsyncIterator[WorkerSettings]:
     """Every worker running as tasks of the session loop; yields once the edge answers HTTP."""
     await runtime.setup_topology(settings)
+    supervisor.write_settings(settings)  # what `gateway up` leaves for the CLI (`--data-dir`)
     await runtime.activate(settings, Path(settings.policy_dir), "conftest")
     stop = asyncio.Event()
     task = asyncio.create_task(supervisor.run_all(settings, stop))

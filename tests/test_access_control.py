@@ -215,7 +215,7 @@ async def test_activation_switches_every_replica_and_an_invalid_policy_is_refuse
         assert denied["policy_version"] == event.version != before
 
         broken = _bundle_copy(original, tmp_path / "broken", access_drop="p2, no-write-down, m4")
-        assert cli.main(["policy", "activate", "--dir", str(broken), "--data-dir", stack.data_dir]) == 1
+        assert await asyncio.to_thread(cli.main, ["policy", "activate", "--dir", str(broken), "--data-dir", stack.data_dir]) == 1
         active = await runtime.active_policy(stack)
         assert active is not None and active.version == event.version
 

@@ -139,7 +139,7 @@ async def test_unsigned_untrusted_or_tampered_activations_change_no_decision(
     shutil.copytree(stack.policy_dir, folder)
     (folder / "access_policy.csv").write_text(granted["access_policy.csv"])
     assert cli.main(["policy", "sign", "--key", str(signers["m"]), "--dir", str(folder)]) == 0
-    assert cli.main(["policy", "activate", "--dir", str(folder), "--data-dir", stack.data_dir]) == 1
+    assert await asyncio.to_thread(cli.main, ["policy", "activate", "--dir", str(folder), "--data-dir", stack.data_dir]) == 1
     assert await _forbidden(client, admin, token) == version
     # restore: the signed, trusted policy is the newest again (later tests and restarts read it)
     await runtime.activate(stack, Path(stack.policy_dir), "test-restore")
@@ -163,7 +163,7 @@ async def test_an_older_signature_is_refused_by_the_cli_and_a_replay_by_the_work
         await asyncio.sleep(0.5)
         reply = codec.decode_reply((await client.request(subjects.submit(APP), _ask(token), timeout=30)).data)
         assert reply.error is None or reply.error.rule != "team-model-access"  # B grants it
-        assert cli.main(["policy", "activate", "--dir", str(first), "--data-dir", stack.data_dir]) == 1
+        assert await asyncio.to_thread(cli.main, ["policy", "activate", "--dir", str(first), "--data-dir", stack.data_dir]) == 1
         await bus.publish(admin.jetstream(), old)  # the replay itself, past the CLI
         await asyncio.sleep(0.5)
         reply = codec.decode_reply((await client.request(subjects.submit(APP), _ask(token), timeout=30)).data)

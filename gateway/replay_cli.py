@@ -1,0 +1,70 @@
+"""`gateway replay`: re-run every recorded decision from the live stream or an evidence package."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from .replay import package as pkg
+from .replay.engine import Result, Stored, diff, replay
+from .schemas import subjects
+from .services import bus
+from .services.authz.policy_view import dev_jwks
+from .supervisor import read_settings
+
+
+def from_stream(data_dir: Path) -> tuple[list[Stored], list[str]]:
+    """Every stored message of the running gateway, and the dev issuer's keys when it is trusted."""
+    settings = read_settings(data_dir)
+
+    async def read() -> list[Stored]:
+        nc = await bus.connect(settings, "admin", keep_trying=False)
+        try:
+            return [(seq, subject, data) for data, subject, seq in
+                    await bus.stored_on(nc.jetstream(), subjects.ALL_EVENTS, "admin")]
+        finally:
+            await nc.close()
+
+    return asyncio.run(read()), dev_jwks(settings)
+
+
+def from_package(root: Path) -> tuple[list[Stored], list[str]]:
+    """The exported stream of an evidence package (verify it first), and the dev issuer it recorded."""
+    table = pq.read_table(root / pkg.STREAM, columns=["seq", "subject", "data"])
+    stored = list(zip(*(table.column(c).to_pylist() for c in ("seq", "subject", "data")), strict=True))
+    register = json.loads((root / pkg.REGISTER).read_text())
+    dev = register.get("dev_token_issuer")
+    return stored, [json.dumps(dev)] if dev else []
+
+
+def run(console: Console, stored: list[Stored], jwks: list[str], first: int, last: int | None, show: int) -> int:
+    """Replay with a progress bar, print the result and the first mismatches; the exit code."""
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("re-deciding", total=len(stored))
+        result = replay(stored, jwks, first, last, lambda n: progress.update(task, completed=n))
+    report(console, result, show)
+    return 0 if result.ok else 1
+
+
+def report(console: Console, result: Result, show: int) -> None:
+    """Counts, then each of the first `show` mismatches with the fields that differ."""
+    share = 100.0 * result.reproduced / result.decisions if result.decisions else 100.0
+    colour = "green" if result.ok else "red"
+    console.print(f"[{colour}]{result.reproduced} of {result.decisions} decisions reproduced ({share:.2f}%)[/], "
+                  f"{len(result.mismatches)} mismatch(es); {result.observations} observations recorded, not "
+                  "re-decided")
+    for line in result.policies_refused:
+        console.print(f"[yellow]recorded policy not replayable:[/] {line}")
+    for m in result.mismatches[:show]:
+        table = Table(title=f"seq {m.seq} {m.decision} for request {m.request_id}: {m.why}")
+        for col in ("field", "recorded", "replayed"):
+            table.add_column(col, overflow="fold")
+        for row in diff(m):
+            table.add_row(*row)
+        console.print(table)

@@ -1,0 +1,242 @@
+"""Replay (DESIGN §6, issue 9 item 5, in part): re-run every recorded decision with the policy it
+was made under and compare it with what was recorded. Pure over a sequence of stored messages:
+no bus, no clock; the same deciders the services run (STYLE §1).
+
+Re-decided today:
+- authz: each `RequestAuthorized` / `RequestDenied` from its `RequestSubmitted`, at its recorded time;
+- router: each `RouteSelected` / `RouteUnavailable` from its `BudgetReserved`;
+- budget: each reservation, settlement, release and refusal from its input, against the projection
+  folded from every ledger fact stored before it (the compare-and-set guarantees the writer saw
+  exactly those).
+The invoker's outcome is an observation (recorded, not re-decided), and so are the edge's delivery
+facts. Expiries are decided by the budget's clock, not by an input event, so they are checked for
+consistency (the reservation was open and old enough) rather than re-decided: issue 9 item 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+
+import msgspec
+
+from ..schemas import codec
+from ..schemas.events import (
+    AnyEvent,
+    BudgetRejected,
+    BudgetReleased,
+    BudgetReserved,
+    BudgetSettled,
+    BudgetThresholdCrossed,
+    InvocationCompleted,
+    InvocationFailed,
+    PolicyActivated,
+    RequestAuthorized,
+    RequestDenied,
+    RequestFailed,
+    RequestSubmitted,
+    RouteSelected,
+    RouteUnavailable,
+)
+from ..schemas.policy import PolicyBundle
+from ..services.authz import decider as authz
+from ..services.authz.decider import AuthzPolicy
+from ..services.authz.policy_view import compile_view
+from ..services.budget import decider as budget
+from ..services.policy import PolicyError, bundle_from_files
+from ..services.router import decider as router
+
+Stored = tuple[int, str, bytes]  # stream sequence, subject, exact bytes
+
+
+class Mismatch(msgspec.Struct, frozen=True, kw_only=True):
+    """A recorded decision that replay did not reproduce."""
+
+    seq: int
+    request_id: str
+    decision: str  # the recorded event's type
+    why: str
+    recorded: str  # the recorded event, JSON
+    replayed: str  # what the decider decided now, JSON ("" when it could not run)
+
+
+class Result(msgspec.Struct, kw_only=True):
+    """What replay checked."""
+
+    decisions: int = 0
+    reproduced: int = 0
+    observations: int = 0  # recorded, not re-decided (the invoker's outcome, deliveries)
+    mismatches: list[Mismatch] = msgspec.field(default_factory=list)
+    policies_refused: list[str] = msgspec.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Every decision reproduced."""
+        return not self.mismatches
+
+
+class _Policies:
+    """Recorded policies by version, compiled on first use."""
+
+    def __init__(self, extra_jwks: list[str]) -> None:
+        self.extra_jwks = extra_jwks
+        self.bundles: dict[str, PolicyBundle] = {}
+        self.views: dict[str, AuthzPolicy] = {}
+        self.refused: dict[str, str] = {}
+
+    def record(self, event: PolicyActivated) -> None:
+        try:
+            bundle = bundle_from_files(event.files)
+        except PolicyError as exc:
+            self.refused[event.version] = str(exc)
+            return
+        if bundle.version != event.version:  # the recorded content is not what that version names
+            self.refused[event.version] = f"its content is {bundle.version}, not {event.version}"
+            return
+        self.bundles.setdefault(event.version, bundle)
+
+    def bundle(self, version: str) -> PolicyBundle:
+        if version not in self.bundles:
+            raise PolicyError(self.refused.get(version, f"policy {version} is not in the replayed stream"))
+        return self.bundles[version]
+
+    def authz(self, version: str) -> AuthzPolicy:
+        if version not in self.views:
+            self.views[version] = compile_view(self.bundle(version), self.extra_jwks)
+        return self.views[version]
+
+
+def replay(stored: Iterable[Stored], extra_jwks: list[str] | None = None, first: int = 0, last: int | None = None,
+           progress: Callable[[int], None] | None = None) -> Result:
+    """Re-decide every decision in `stored` (stream order) stored at sequences `first..last`.
+
+    The budget's projection is folded from the very first message whatever the range, so a
+    decision is re-made on exactly the state it was made on. Mismatches name the decision and why.
+    """
+    messages = list(stored)
+    result, policies = Result(), _Policies(extra_jwks or [])
+    inputs: dict[tuple[str, str], AnyEvent] = {}
+    for _, subject, data in messages:  # first pass: policies and the inputs decisions are made from
+        event = _decode(subject, data)
+        if isinstance(event, PolicyActivated):
+            policies.record(event)
+        elif event is not None:
+            inputs[(type(event).__name__, event.request_id)] = event
+    result.policies_refused = [f"{v}: {why}" for v, why in sorted(policies.refused.items())]
+    state = budget.initial_state()
+    for n, (seq, subject, data) in enumerate(messages):
+        event = _decode(subject, data)
+        if event is not None:
+            if first <= seq and (last is None or seq <= last):
+                _check(seq, event, inputs, state, policies, result)
+            state = budget.evolve(state, event)
+        if progress is not None and n % 1000 == 0:
+            progress(n)
+    return result
+
+
+def _decode(subject: str, data: bytes) -> AnyEvent | None:
+    try:
+        return codec.decode_event(data, subject)
+    except codec.DecodeError:
+        return None  # junk and misplaced bytes decide nothing and were decided by nothing
+
+
+def _check(seq: int, event: AnyEvent, inputs: dict[tuple[str, str], AnyEvent], state: budget.BudgetState,
+           policies: _Policies, result: Result) -> None:
+    rid = event.request_id
+    match event:
+        case RequestAuthorized() | RequestDenied():
+            source = inputs.get(("RequestSubmitted", rid))
+            if isinstance(source, RequestSubmitted):
+                _compare(seq, event, result, lambda: authz.decide(
+                    source, authz.initial_state(), policies.authz(event.policy_version), event.occurred_at))
+            elif isinstance(event, RequestAuthorized):
+                _mismatch(result, seq, event, "no RequestSubmitted it could have been decided from", "")
+        case RouteSelected() | RouteUnavailable():
+            reserved = inputs.get(("BudgetReserved", rid))
+            if isinstance(reserved, BudgetReserved):
+                _compare(seq, event, result, lambda: router.decide(
+                    reserved, router.initial_state(), policies.bundle(event.policy_version), event.occurred_at))
+            else:
+                _mismatch(result, seq, event, "no BudgetReserved it could have been decided from", "")
+        case BudgetReserved() | BudgetRejected() | BudgetSettled() | BudgetThresholdCrossed():
+            _check_budget(seq, event, inputs, state, policies, result)
+        case BudgetReleased():
+            if event.reason == "expired":
+                _check_expiry(seq, event, state, policies, result)
+            else:
+                _check_budget(seq, event, inputs, state, policies, result)
+        case _:
+            result.observations += 1
+
+
+_BUDGET_INPUT: dict[str, tuple[str, ...]] = {
+    "BudgetReserved": ("RequestAuthorized",),
+    "BudgetRejected": ("RequestAuthorized",),
+    "BudgetSettled": ("InvocationCompleted",),
+    "BudgetReleased": ("InvocationFailed", "RouteUnavailable", "RequestFailed"),
+}
+
+
+def _check_budget(seq: int, event: AnyEvent, inputs: dict[tuple[str, str], AnyEvent], state: budget.BudgetState,
+                  policies: _Policies, result: Result) -> None:
+    if isinstance(event, BudgetThresholdCrossed):
+        result.observations += 1  # announced with the decision that crossed it: checked there
+        return
+    names = (str(event.reason),) if isinstance(event, BudgetReleased) else _BUDGET_INPUT[type(event).__name__]
+    source = next((inputs[(n, event.request_id)] for n in names if (n, event.request_id) in inputs), None)
+    if not isinstance(source, RequestAuthorized | InvocationCompleted | InvocationFailed | RouteUnavailable |
+                      RequestFailed):
+        _mismatch(result, seq, event, f"no {' or '.join(names)} it could have been decided from", "")
+        return
+    _compare(seq, event, result, lambda: budget.decide(
+        source, state, policies.bundle(event.policy_version), event.occurred_at))
+
+
+def _check_expiry(seq: int, event: BudgetReleased, state: budget.BudgetState, policies: _Policies,
+                  result: Result) -> None:
+    result.decisions += 1
+    try:
+        ttl = policies.bundle(event.policy_version).budgets.reservation_ttl_s
+    except PolicyError as exc:
+        _mismatch(result, seq, event, str(exc), "", counted=True)
+        return
+    opened = state.opened_at.get(event.request_id)
+    if opened is None or event.occurred_at - opened < timedelta(seconds=ttl):
+        _mismatch(result, seq, event, "an expiry of a reservation that was not open, or not yet due", "",
+                  counted=True)
+        return
+    result.reproduced += 1
+
+
+def _compare(seq: int, event: AnyEvent, result: Result, decide: Callable[[], list[AnyEvent]]) -> None:
+    result.decisions += 1
+    try:
+        replayed = decide()
+    except PolicyError as exc:
+        _mismatch(result, seq, event, f"its policy cannot be replayed: {exc}", "", counted=True)
+        return
+    recorded = codec.encode(event)
+    if any(codec.encode(r) == recorded for r in replayed):
+        result.reproduced += 1
+        return
+    same_type = [r for r in replayed if type(r) is type(event)]
+    why = "decided differently" if same_type or replayed else "decided nothing"
+    shown = codec.encode(same_type[0] if same_type else replayed[0]).decode() if replayed else ""
+    _mismatch(result, seq, event, why, shown, counted=True)
+
+
+def _mismatch(result: Result, seq: int, event: AnyEvent, why: str, replayed: str, counted: bool = False) -> None:
+    if not counted:
+        result.decisions += 1
+    result.mismatches.append(Mismatch(seq=seq, request_id=event.request_id, decision=type(event).__name__, why=why,
+                                      recorded=codec.encode(event).decode(), replayed=replayed))
+
+
+def diff(m: Mismatch) -> list[tuple[str, str, str]]:
+    """(field, recorded, replayed) for each field that differs: the readable part of a mismatch."""
+    recorded = msgspec.json.decode(m.recorded)
+    replayed = msgspec.json.decode(m.replayed) if m.replayed else {}
+    return [(k, str(recorded.get(k)), str(replayed.get(k))) for k in sorted(set(recorded) | set(replayed))
+            if recorded.get(k) != replayed.get(k)]
