@@ -253,10 +253,11 @@ def cmd_identities(args: argparse.Namespace) -> int:
 def cmd_evidence_export(args: argparse.Namespace) -> int:
     """Write the evidence package of the running gateway."""
     from .evidence import export
-    from .supervisor import read_settings
+    from .runtime import reachable_settings
 
     try:
-        manifest = asyncio.run(export(read_settings(Path(args.data_dir)), Path(args.dir)))
+        with reachable_settings(Path(args.data_dir)) as settings:
+            manifest = asyncio.run(export(settings, Path(args.dir)))
     except (FileExistsError, FileNotFoundError) as exc:
         console.print(f"[red]{exc}[/]")
         return 1

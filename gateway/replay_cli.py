@@ -13,16 +13,20 @@ from rich.table import Table
 
 from .replay import package as pkg
 from .replay.engine import Result, Stored, diff, replay
+from .runtime import reachable_settings
 from .schemas import subjects
 from .services import bus
 from .services.authz.policy_view import dev_jwks
-from .supervisor import read_settings
+from .services.settings import WorkerSettings
 
 
 def from_stream(data_dir: Path) -> tuple[list[Stored], list[str]]:
-    """Every stored message of the running gateway, and the dev issuer's keys when it is trusted."""
-    settings = read_settings(data_dir)
+    """Every stored message of the data dir's stream, and the dev issuer's keys when it is trusted."""
+    with reachable_settings(data_dir) as settings:
+        return _read(settings), dev_jwks(settings)
 
+
+def _read(settings: WorkerSettings) -> list[Stored]:
     async def read() -> list[Stored]:
         nc = await bus.connect(settings, "admin", keep_trying=False)
         try:
@@ -31,7 +35,7 @@ def from_stream(data_dir: Path) -> tuple[list[Stored], list[str]]:
         finally:
             await nc.close()
 
-    return asyncio.run(read()), dev_jwks(settings)
+    return asyncio.run(read())
 
 
 def from_package(root: Path) -> tuple[list[Stored], list[str]]:

@@ -4,14 +4,17 @@ active policy, and the worker processes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
+import msgspec
 from nats.aio.client import Client
 
 from . import config, issuer, procs, supervisor
@@ -246,6 +249,32 @@ async def wait_audited(nc: Client, timeout_s: float = 30.0) -> int:
             return int(info.state.last_seq)
         await asyncio.sleep(0.2)
     raise TimeoutError("the auditor did not catch up with the stream")
+
+
+@contextlib.contextmanager
+def reachable_settings(data_dir: Path) -> Iterator[WorkerSettings]:
+    """Settings that reach the data dir's stream: the running gateway's, or, when none runs, an
+    embedded broker started on the stored data for the duration (`gateway replay` or `evidence
+    export` after `gateway demo --data-dir D` has stopped); no worker is started."""
+    settings = supervisor.read_settings(data_dir)
+
+    async def alive() -> bool:
+        try:
+            nc = await bus.connect(settings, "admin", keep_trying=False)
+        except Exception:  # nothing listens there any more
+            return False
+        await nc.close()
+        return True
+
+    if asyncio.run(alive()):
+        yield settings
+        return
+    broker = Broker(data_dir.resolve(), creds_dir=data_dir.resolve() / "creds")
+    url = broker.start()
+    try:
+        yield msgspec.structs.replace(settings, nats_url=url)
+    finally:
+        broker.stop()
 
 
 async def status_rows(data_dir: Path) -> tuple[list[str], list[tuple[object, ...]]]:

@@ -110,3 +110,22 @@ def test_the_demo_shows_completed_denied_write_down_and_over_budget(tmp_path: Pa
                              "SELECT 'denied=' || count(*) AS n FROM events WHERE type = 'RequestDenied'", "--data-dir",
                              str(tmp_path / "d")], capture_output=True, text=True, timeout=60)
     assert status.returncode == 0 and "denied=6" in status.stdout  # write-down, team, 3 tokens, unknown model
+
+    # issue 9's assessor path after the demo has stopped: replay, export, verify offline
+    def gateway(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "enclave_gateway.cli", *argv], capture_output=True, text=True,
+                              timeout=180, env=env)
+
+    data = str(tmp_path / "d")
+    replayed = gateway("replay", "--data-dir", data)
+    assert replayed.returncode == 0 and "(100.00%)" in replayed.stdout, replayed.stdout + replayed.stderr
+    exported = gateway("evidence", "export", str(tmp_path / "pkg"), "--data-dir", data)
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    anchor = str(tmp_path / "d" / "keys" / "audit-signer.pub.json")
+    verified = gateway("evidence", "verify", str(tmp_path / "pkg"), "--audit-key", anchor)
+    assert verified.returncode == 0 and "anchored" in verified.stdout, verified.stdout
+    stream = tmp_path / "pkg" / "stream.parquet"
+    body = bytearray(stream.read_bytes())
+    body[len(body) // 3] ^= 0x01
+    stream.write_bytes(bytes(body))
+    assert gateway("evidence", "verify", str(tmp_path / "pkg"), "--audit-key", anchor).returncode == 1
