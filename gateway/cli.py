@@ -274,6 +274,15 @@ def cmd_evidence_verify(args: argparse.Namespace) -> int:
 
     anchor = keys.load_public(Path(args.audit_key)) if args.audit_key else None
     report = verify(Path(args.dir), anchor)
+    if args.oscal:
+        from . import oscal
+
+        summary = (f"{report.files} files, {report.events} events (seq {report.first_seq}..{report.last_seq}), "
+                   f"{report.checkpoints} signed checkpoints, audit key sha256:{report.fingerprint}, "
+                   f"{'anchored' if report.anchored else 'unanchored'}; {len(report.findings)} failure(s)")
+        results = oscal.assessment_results([(f.where, f.problem) for f in report.findings], summary, args.dir,
+                                           oscal.now_utc())
+        console.print(f"OSCAL assessment results: {oscal.write_validated(results, Path(args.oscal))}")
     console.print(f"audit signer {report.signer}, key fingerprint sha256:{report.fingerprint}; events seq "
                   f"{report.first_seq}..{report.last_seq}")
     if report.notices:
@@ -371,6 +380,7 @@ def parser() -> argparse.ArgumentParser:
     ee.set_defaults(func=cmd_evidence_export)
     evv = ev.add_parser("verify", help="check an evidence package offline, naming every failure")
     evv.add_argument("dir")
+    evv.add_argument("--oscal", help="also write the result as OSCAL assessment results (JSON) here")
     evv.add_argument("--audit-key", help="the deployment's audit-signer.pub.json, from out of band: the trust anchor")
     evv.set_defaults(func=cmd_evidence_verify)
     ids = sub.add_parser("identities", help="the registry of NATS identities and their permissions (Markdown)")

@@ -14,6 +14,7 @@ import shutil
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import msgspec
@@ -24,6 +25,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from rich.progress import Progress
 
+from . import oscal
 from .replay import package as pkg
 from .runtime import wait_audited
 from .schemas import codec, subjects
@@ -62,7 +64,8 @@ async def export(settings: WorkerSettings, out: Path) -> pkg.Manifest:
         await nc.close()
     _copy_audit(settings.audit_dir, out, collected.last)
     (out / pkg.CHECKPOINTS).write_bytes(msgspec.json.format(msgspec.json.encode(collected.checkpoints)))
-    _write_register(settings, out, collected)
+    register = _write_register(settings, out, collected)
+    oscal.write_validated(oscal.component_definition(register, oscal.now_utc()), out / oscal.COMPONENT_FILE)
     write_validation_document(out)
     return _sign_manifest(settings, out, collected)
 
@@ -137,7 +140,7 @@ def _copy_audit(audit_dir: Path, out: Path, until: int) -> None:
         con.close()
 
 
-def _write_register(settings: WorkerSettings, out: Path, got: _Collected) -> None:
+def _write_register(settings: WorkerSettings, out: Path, got: _Collected) -> dict[str, Any]:
     policies = []
     for data, subject, seq in got.activations:
         try:
@@ -165,6 +168,7 @@ def _write_register(settings: WorkerSettings, out: Path, got: _Collected) -> Non
         "dev_token_issuer": msgspec.json.decode(jwks[0]) if (jwks := dev_jwks(settings)) else None,
     }
     (out / pkg.REGISTER).write_bytes(msgspec.json.format(msgspec.json.encode(register)))
+    return register
 
 
 def _sign_manifest(settings: WorkerSettings, out: Path, got: _Collected) -> pkg.Manifest:

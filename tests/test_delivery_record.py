@@ -136,8 +136,8 @@ async def test_a_completion_after_the_deadline_is_recorded_undelivered(admin: Cl
         reply = await replica.call(SubmitRequest(token=token_for("gamma"), chat=chat))
         assert reply.error is not None and reply.error.code == "timeout"
         rid = reply.request_id
-        await wait_for_event(admin, rid, "InvocationCompleted", timeout_s=30)  # the model did answer, late
-        late = await wait_for_event(admin, rid, "ResponseUndelivered", timeout_s=15)
+        await wait_for_event(admin, rid, "InvocationCompleted", timeout_s=60)  # the model did answer, late
+        late = await wait_for_event(admin, rid, "ResponseUndelivered", timeout_s=45)  # the whole stream is polled
     assert (late["outcome"], late["reason"], late["team"], late["code"]) == ("completed", "caller_gone", "gamma", None)
     events = [body for _, body in await stream_events(admin, rid)]
     delivered = [b for b in events if b["type"] == "ResponseDelivered"]

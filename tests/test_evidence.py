@@ -251,3 +251,28 @@ async def test_malformed_packages_are_findings_never_crashes_or_hangs(exported: 
     manifest["first_seq"] = 5
     (late / pkg.MANIFEST).write_text(json.dumps(manifest))
     assert any("starts at seq 5" in p for p in _problems(late))
+
+
+async def test_oscal_component_definition_and_assessment_results_validate_with_trestle(
+        exported: Path, tmp_path: Path) -> None:
+    """FedRAMP and RMF tooling reads them unchanged: trestle's schema models and validators accept both."""
+    from enclave_gateway import oscal
+    from trestle.oscal.assessment_results import AssessmentResults
+    from trestle.oscal.component import ComponentDefinition
+
+    component = ComponentDefinition.oscal_read(exported / oscal.COMPONENT_FILE)
+    assert component is not None and oscal.COMPONENT_FILE in json.loads((exported / pkg.MANIFEST).read_text())["files"]
+    implemented = {r.control_id for c in component.components for ci in c.control_implementations
+                   for r in ci.implemented_requirements}
+    assert implemented == {"au-2", "au-3", "au-9.3", "au-10", "au-11", "au-12", "ac-3", "ac-4", "ac-16"}
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    assert cli.main(["evidence", "verify", str(exported), "--oscal", str(good)]) == 0
+    tampered = _copy(exported, tmp_path / "p")
+    (tampered / pkg.VIOLATIONS_CSV).write_text("")
+    assert cli.main(["evidence", "verify", str(tampered), "--oscal", str(bad)]) == 1
+    states = {}
+    for name, path in (("good", good), ("bad", bad)):
+        results = AssessmentResults.oscal_read(path)
+        assert results is not None
+        states[name] = {f.target.status.state.value for f in results.results[0].findings}
+    assert states == {"good": {"satisfied"}, "bad": {"not-satisfied"}}
