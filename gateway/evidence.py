@@ -27,6 +27,7 @@ from rich.progress import Progress
 
 from . import oscal
 from .replay import package as pkg
+from .replay.engine import replay
 from .runtime import wait_audited
 from .schemas import codec, subjects
 from .schemas.events import AuditCheckpoint, PolicyActivated
@@ -50,6 +51,7 @@ class _Collected(msgspec.Struct, kw_only=True):
     count: int = 0
     head: str = GENESIS
     checkpoints: list[AuditCheckpoint] = msgspec.field(default_factory=list)
+    stored: list[tuple[int, str, bytes]] = msgspec.field(default_factory=list)
     activations: list[tuple[bytes, str, int]] = msgspec.field(default_factory=list)
 
 
@@ -65,9 +67,20 @@ async def export(settings: WorkerSettings, out: Path) -> pkg.Manifest:
     _copy_audit(settings.audit_dir, out, collected.last)
     (out / pkg.CHECKPOINTS).write_bytes(msgspec.json.format(msgspec.json.encode(collected.checkpoints)))
     register = _write_register(settings, out, collected)
+    (out / pkg.REPLAY).write_bytes(msgspec.json.format(msgspec.json.encode(replay_summary(collected.stored,
+                                                                                          dev_jwks(settings)))))
     oscal.write_validated(oscal.component_definition(register, oscal.now_utc()), out / oscal.COMPONENT_FILE)
     write_validation_document(out)
     return _sign_manifest(settings, out, collected)
+
+
+def replay_summary(stored: list[tuple[int, str, bytes]], jwks: list[str]) -> pkg.ReplaySummary:
+    """Replay every decision of the exported stream; the summary the package and its document carry."""
+    result = replay(stored, jwks)
+    return pkg.ReplaySummary(
+        decisions=result.decisions, reproduced=result.reproduced, observations=result.observations,
+        mismatches=[f"seq {m.seq} {m.decision} request {m.request_id}: {m.why}" for m in result.mismatches[:100]],
+        policies_refused=result.policies_refused)
 
 
 def _prepare(out: Path) -> None:
@@ -106,6 +119,7 @@ async def _write_stream(js: JetStreamContext, path: Path, until: int) -> _Collec
 
 
 def _fold(got: _Collected, seq: int, subject: str, data: bytes) -> None:
+    got.stored.append((seq, subject, data))
     got.first = got.first or seq
     got.last, got.count = seq, got.count + 1
     got.head = chain(got.head, seq, subject, hashlib.sha256(data).hexdigest())

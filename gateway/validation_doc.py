@@ -8,6 +8,7 @@ import html
 from pathlib import Path
 
 import duckdb
+import msgspec
 
 from .replay import package as pkg
 
@@ -45,6 +46,10 @@ def write(root: Path) -> list[Path]:
     """Write validation.md, validation.html and the plots into the package folder."""
     figures = _figures(root)
     counts = _counts(root)
+    replayed = msgspec.json.decode((root / pkg.REPLAY).read_bytes(), type=pkg.ReplaySummary)
+    counts["replay"] = (f"{replayed.reproduced} of {replayed.decisions} recorded decisions reproduced by replay "
+                        f"with the policy each was made under; {len(replayed.mismatches)} mismatch(es)"
+                        + "".join(f"; {m}" for m in replayed.mismatches[:10]))
     md = _markdown(counts, figures)
     (root / "validation.md").write_text(md)
     (root / "validation.html").write_text(_html(counts, figures))
@@ -117,6 +122,10 @@ def _markdown(counts: dict[str, object], figures: dict[str, Path]) -> str:
         f"{counts['checkpoints']} signed checkpoints). Check the package with `gateway evidence verify DIR`; every "
         "figure below is computed from `audit/events` in this package.",
         "",
+        "## Replay",
+        "",
+        f"{counts['replay']}.",
+        "",
         "## Controls (NIST SP 800-53 rev5)",
         "",
         "| control | asks | evidenced by |",
@@ -142,7 +151,8 @@ def _html(counts: dict[str, object], figures: dict[str, Path]) -> str:
         "<h1>Enclave Gateway: validation document</h1>"
         f"<p>Events {counts['first']}..{counts['last']} ({counts['events']} audit rows, {counts['denials']} denials, "
         f"{counts['checkpoints']} signed checkpoints). Check the package with <code>gateway evidence verify DIR"
-        "</code>.</p><h2>Controls (NIST SP 800-53 rev5)</h2>"
+        f"</code>.</p><h2>Replay</h2><p>{html.escape(str(counts['replay']))}.</p>"
+        "<h2>Controls (NIST SP 800-53 rev5)</h2>"
         f"<table><tr><th>control</th><th>asks</th><th>evidenced by</th></tr>{rows}</table>"
         f"<h2>Figures</h2>{imgs}</body></html>\n"
     )

@@ -21,6 +21,7 @@ CHECKPOINTS = "checkpoints.json"
 VIOLATIONS_CSV = "violations.csv"
 VIOLATIONS_PARQUET = "violations.parquet"
 AUDIT = "audit"  # the auditor's Parquet tables, as written
+REPLAY = "replay.json"  # the replay of every decision in the exported stream, at export
 DOMAIN = b"enclave-gateway/evidence-manifest/v1\n"
 
 
@@ -48,6 +49,16 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     events: int
     chain_head: ChainHead
     files: dict[str, FileEntry]
+
+
+class ReplaySummary(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`replay.json`: what replaying the exported stream gave at export; verify replays it again."""
+
+    decisions: int
+    reproduced: int
+    observations: int
+    mismatches: list[str]  # "seq N DecisionType request R: why", the first 100
+    policies_refused: list[str]
 
 
 class ManifestSignature(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -43,6 +43,7 @@ from ..services.auditor.parquet_sink import SCHEMA, VIOLATION_COLUMNS
 from ..services.policy import bundle_from_files
 from ..services.policy.feed import latest_valid
 from . import package as pkg
+from .engine import replay
 
 MAX_JSON_BYTES = 64 << 20
 KEYED = ("prompt_hmac", "completion_hmac")  # the digest key stays in the deployment: presence only
@@ -215,6 +216,7 @@ class _Rebuilt(msgspec.Struct, kw_only=True):
     """What the stream says every derived file must hold."""
 
     rows: dict[int, AuditRow] = msgspec.field(default_factory=dict)
+    stored: list[tuple[int, str, bytes]] = msgspec.field(default_factory=list)
     checkpoints: list[AuditCheckpoint] = msgspec.field(default_factory=list)
     activations: list[tuple[bytes, str, int]] = msgspec.field(default_factory=list)
 
@@ -227,6 +229,7 @@ def _check_everything_derived(root: Path, manifest: pkg.Manifest, register: Regi
     _check_audit_tables(root, manifest, rebuilt, regular, report)
     _check_violations(root, rebuilt, regular, report)
     _check_register(root, register, rebuilt, report)
+    _check_replay(root, register, rebuilt, regular, report)
 
 
 def _stream_batches(path: Path, report: Report) -> Iterator[tuple[int, int, str, bytes, datetime]] | None:
@@ -271,6 +274,7 @@ def _check_stream(root: Path, manifest: pkg.Manifest, signer: keys.SignerKey, re
             report.fail(where, f"seq {seq} comes after seq {previous}: reordered or duplicated")
             continue
         previous = seq
+        rebuilt.stored.append((seq, subject, data))
         audit_row, state = row_for(state, seq, subject, data, stored_at, b"\0" * 32)
         rebuilt.rows[seq] = audit_row
         heads[seq] = state.head
@@ -372,6 +376,24 @@ def _check_violations(root: Path, rebuilt: _Rebuilt, regular: set[str], report: 
                                                 f"{len(denials)} denial(s)")
     elif denials:
         report.fail(pkg.VIOLATIONS_PARQUET, f"missing while the stream holds {len(denials)} denial(s)")
+
+
+def _check_replay(root: Path, register: Register, rebuilt: _Rebuilt, regular: set[str], report: Report) -> None:
+    """Replay the exported stream again: the result must be the one the package records."""
+    if pkg.REPLAY not in regular:
+        report.fail(pkg.REPLAY, "missing: the package must record the replay of its decisions")
+        return
+    recorded = msgspec.json.decode((root / pkg.REPLAY).read_bytes(), type=pkg.ReplaySummary)
+    jwks = [msgspec.json.encode(register.dev_token_issuer).decode()] if register.dev_token_issuer else []
+    result = replay(rebuilt.stored, jwks)
+    again = [f"seq {m.seq} {m.decision} request {m.request_id}: {m.why}" for m in result.mismatches[:100]]
+    if (result.decisions, result.reproduced, result.observations, again) != (
+            recorded.decisions, recorded.reproduced, recorded.observations, recorded.mismatches):
+        report.fail(pkg.REPLAY, f"records {recorded.reproduced} of {recorded.decisions} decisions reproduced; "
+                                f"replaying the exported stream gives {result.reproduced} of {result.decisions}")
+    if result.mismatches:
+        report.notice(pkg.REPLAY, f"{len(result.mismatches)} recorded decision(s) are not reproduced by replay, "
+                                  f"first: {again[0]} (gateway replay --package DIR shows each)")
 
 
 def _violation(row: dict[str, Any]) -> dict[str, Any]:

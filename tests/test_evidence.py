@@ -66,6 +66,9 @@ async def test_an_untouched_package_verifies(exported: Path) -> None:
     images = re.findall(r'<img src="([^"]+)"', page)
     assert len(images) == 3 and all((exported / i).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
     assert all(i in manifest.files for i in images) and "validation.html" in manifest.files
+    assert "decisions reproduced by replay" in page
+    summary = msgspec.json.decode((exported / pkg.REPLAY).read_bytes(), type=pkg.ReplaySummary)
+    assert summary.decisions > 0 and summary.reproduced > 0
     assert all(control in page for control in ("AU-2", "AU-3", "AU-9(3)", "AU-10", "AU-11", "AU-12", "AC-3",
                                                 "AC-4", "AC-16"))
     assert cli.main(["evidence", "verify", str(exported)]) == 0
@@ -276,3 +279,17 @@ async def test_oscal_component_definition_and_assessment_results_validate_with_t
         assert results is not None
         states[name] = {f.target.status.state.value for f in results.results[0].findings}
     assert states == {"good": {"satisfied"}, "bad": {"not-satisfied"}}
+
+
+async def test_a_replay_result_that_is_not_the_streams_is_caught(exported: Path, stack: WorkerSettings,
+                                                                tmp_path: Path) -> None:
+    root = _copy(exported, tmp_path / "p")
+    summary = msgspec.json.decode((root / pkg.REPLAY).read_bytes(), type=pkg.ReplaySummary)
+    flattering = msgspec.structs.replace(summary, reproduced=summary.decisions, mismatches=[])
+    (root / pkg.REPLAY).write_bytes(msgspec.json.encode(flattering))
+    _resign(root, stack.audit_key_file)  # even signed by the real key
+    problems = _problems(root)
+    assert summary.mismatches == [] or any(p.startswith(pkg.REPLAY) for p in problems), problems
+    (root / pkg.REPLAY).write_bytes(msgspec.json.encode(msgspec.structs.replace(summary, decisions=summary.decisions + 1)))
+    _resign(root, stack.audit_key_file)
+    assert any(p.startswith(pkg.REPLAY) and "replaying the exported stream" in p for p in _problems(root))
