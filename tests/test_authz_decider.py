@@ -309,3 +309,16 @@ def test_a_cached_token_still_expires(policy: decider.AuthzPolicy, keys: Path) -
     assert isinstance(decide(cached, token), RequestAuthorized)
     late = decide(cached, token, at=NOW + 3600)
     assert isinstance(late, RequestDenied) and late.reason == "token_expired"
+
+
+def test_the_memo_of_access_decisions_never_changes_one(policy: decider.AuthzPolicy) -> None:
+    """first_denial remembers answers per compiled policy; each must equal casbin's own, fresh."""
+    from enclave_gateway.schemas.labels import parse_label
+
+    rules = policy.rules
+    cases = [(("team:alpha",), "enclave-tiny"), (("team:alpha",), "analyst-large"), (("team:nobody",), "u-model")]
+    for principals, model in cases:
+        for labels in (("SECRET", "SECRET"), ("SECRET", "UNCLASSIFIED"), ("UNCLASSIFIED", "UNCLASSIFIED")):
+            args = (principals, parse_label("SECRET"), model, parse_label("SECRET"), *map(parse_label, labels))
+            first, again = rules.first_denial(*args), rules.first_denial(*args)
+            assert first == again == rules._first_denial(*args)[0]

@@ -6,6 +6,8 @@ reservation is admitted only if it fits, a settlement charges at most what was r
 releases (failure, no route, expiry) only give money back.
 """
 
+from __future__ import annotations
+
 from datetime import datetime, timedelta
 
 from msgspec import Struct
@@ -34,6 +36,7 @@ from .. import catalog
 
 BudgetInput = RequestAuthorized | InvocationCompleted | InvocationFailed | RouteUnavailable | RequestFailed
 CLOSED_HORIZON = timedelta(days=2)  # longer than any reservation may stay open (policy TTL, validated)
+GENERATION = 4096  # closed ids folded into one frozen generation
 
 
 class Totals(Struct, frozen=True):
@@ -41,6 +44,32 @@ class Totals(Struct, frozen=True):
 
     spent: int = 0
     reserved: int = 0
+
+
+class Closed(Struct, frozen=True, kw_only=True):
+    """Request ids settled or released, remembered for CLOSED_HORIZON.
+
+    Folding one more must not copy them all (a busy deployment closes millions in two days), so the
+    newest few are a small dict and the rest frozen generations, dropped whole once they age out.
+    """
+
+    recent: dict[str, datetime] = {}
+    generations: tuple[tuple[datetime, frozenset[str]], ...] = ()  # (newest close time, ids), oldest first
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self.recent or any(request_id in ids for _, ids in self.generations)
+
+    def __len__(self) -> int:
+        return len(self.recent) + sum(len(ids) for _, ids in self.generations)
+
+    def add(self, request_id: str, at: datetime) -> Closed:
+        """These ids plus one, closed at `at`; generations older than the horizon are dropped."""
+        horizon = at - CLOSED_HORIZON
+        generations = tuple(g for g in self.generations if g[0] >= horizon)
+        if len(self.recent) < GENERATION:
+            return Closed(recent={**self.recent, request_id: at}, generations=generations)
+        sealed = (max(self.recent.values()), frozenset(self.recent))
+        return Closed(recent={request_id: at}, generations=(*generations, sealed))
 
 
 class BudgetState(Struct, frozen=True, kw_only=True):
@@ -53,7 +82,7 @@ class BudgetState(Struct, frozen=True, kw_only=True):
     # Requests settled or released, with when: a RequestAuthorized seen again after its request
     # closed (a redelivery after the duplicate window, or a copy a credential made the server
     # store) reserves nothing. Kept for CLOSED_HORIZON; an authorization older than that is stale.
-    closed: dict[str, datetime] = {}
+    closed: Closed = Closed()
 
 
 def initial_state() -> BudgetState:
@@ -95,14 +124,12 @@ def evolve(state: BudgetState, event: Event) -> BudgetState:
             )
         case BudgetSettled() | BudgetReleased():
             rid = event.request_id
-            horizon = event.occurred_at - CLOSED_HORIZON
-            closed = {k: at for k, at in state.closed.items() if at >= horizon}
             return _with(
                 state,
                 event,
                 open_={k: v for k, v in state.open.items() if k != rid},
                 opened_at={k: v for k, v in state.opened_at.items() if k != rid},
-                closed={**closed, rid: event.occurred_at},
+                closed=state.closed.add(rid, event.occurred_at),
             )
         case BudgetThresholdCrossed():
             key = ledger_key(event.team, event.period)
@@ -118,7 +145,7 @@ def _with(
     event: LedgerTotals,
     open_: dict[str, Reservation],
     opened_at: dict[str, datetime],
-    closed: dict[str, datetime] | None = None,
+    closed: Closed | None = None,
 ) -> BudgetState:
     totals = Totals(spent=event.spent_micros, reserved=event.reserved_micros)
     return BudgetState(
