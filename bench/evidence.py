@@ -118,7 +118,7 @@ def write_package(stored: list[tuple[int, str, bytes, datetime]], jwks: str, sig
     key = keys.ensure_key(audit_key)
     public = keys.public_of(key)
     cursor, rows, state, with_cps = checkpoints.Cursor(), [], AuditorState(), []
-    for seq, subject, data, at in stored:  # checkpoints are messages too: renumber as they are inserted
+    for _, subject, data, at in stored:  # checkpoints are messages too: renumber as they are inserted
         with_cps.append((len(with_cps) + 1, subject, data, at))
         cursor = checkpoints.advance(cursor, len(with_cps), subject, data)
         if checkpoints.due(cursor, 1000, 0.0, 3600.0):
@@ -148,8 +148,7 @@ def write_package(stored: list[tuple[int, str, bytes, datetime]], jwks: str, sig
     plain = [(s, sub, d) for s, sub, d, _ in stored]
     (root / pkg.REPLAY).write_bytes(msgspec.json.encode(replay_summary(plain, [jwks])))
     act = codec.decode_as(stored[0][2], PolicyActivated, stored[0][1])
-    catalog = [{"id": m.id, "accreditation": m.accreditation, "status": m.status, "endpoint": m.endpoint,
-                "aliases": list(m.aliases)} for m in bundle_from_files(act.files).catalog.model]
+    catalog = pkg.catalog_entries(bundle_from_files(act.files))
     register = {"system": "Enclave Gateway (bench)", "audit_signer": msgspec.to_builtins(public),
                 "policy_signers": signers, "policy_in_force": act.version,
                 "policies": [{"stream_seq": 1, "version": act.version, "sha256": act.sha256,

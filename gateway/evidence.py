@@ -167,9 +167,7 @@ def _write_register(settings: WorkerSettings, out: Path, got: _Collected) -> dic
     active = latest_valid(got.activations, settings.policy_signers)
     catalog = []
     if active is not None:
-        bundle = bundle_from_files(active.files)
-        catalog = [{"id": m.id, "accreditation": m.accreditation, "status": m.status, "endpoint": m.endpoint,
-                    "aliases": list(m.aliases)} for m in bundle.catalog.model]
+        catalog = pkg.catalog_entries(bundle_from_files(active.files))
     register = {
         "system": SYSTEM,
         "audit_signer": msgspec.to_builtins(keys.public_of(keys.load_private(settings.audit_key_file))),

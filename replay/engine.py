@@ -113,19 +113,17 @@ def replay(stored: Iterable[Stored], extra_jwks: list[str] | None = None, first:
     The budget's projection is folded from the very first message whatever the range, so a
     decision is re-made on exactly the state it was made on. Mismatches name the decision and why.
     """
-    messages = list(stored)
+    decoded = [(seq, _decode(subject, data)) for seq, subject, data in stored]  # once: it is most of the cost
     result, policies = Result(), _Policies(extra_jwks or [])
     inputs: dict[tuple[str, str], AnyEvent] = {}
-    for _, subject, data in messages:  # first pass: policies and the inputs decisions are made from
-        event = _decode(subject, data)
+    for _, event in decoded:  # first pass: policies and the inputs decisions are made from
         if isinstance(event, PolicyActivated):
             policies.record(event)
         elif event is not None:
             inputs[(type(event).__name__, event.request_id)] = event
     result.policies_refused = [f"{v}: {why}" for v, why in sorted(policies.refused.items())]
     state = budget.initial_state()
-    for n, (seq, subject, data) in enumerate(messages):
-        event = _decode(subject, data)
+    for n, (seq, event) in enumerate(decoded):
         if event is not None:
             if first <= seq and (last is None or seq <= last):
                 _check(seq, event, inputs, state, policies, result)

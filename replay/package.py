@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import msgspec
+
+from ..schemas.policy import PolicyBundle
 
 MANIFEST = "manifest.json"
 MANIFEST_SIG = "manifest.sig"
@@ -66,6 +69,12 @@ class ManifestSignature(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
 
     kid: str
     signature: str
+
+
+def catalog_entries(bundle: PolicyBundle) -> list[dict[str, Any]]:
+    """The register's view of a catalog: what each model is and is accredited for."""
+    return [{"id": m.id, "accreditation": m.accreditation, "status": m.status, "endpoint": m.endpoint,
+             "aliases": list(m.aliases)} for m in bundle.catalog.model]
 
 
 def file_entry(path: Path) -> FileEntry:

@@ -420,8 +420,5 @@ def _check_register(root: Path, register: Register, rebuilt: _Rebuilt, report: R
     if (active.version if active else None) != register.policy_in_force:
         report.fail(pkg.REGISTER, f"policy in force {register.policy_in_force} is not the stream's latest validly "
                                   f"signed activation {active.version if active else None}")
-    if active is not None:
-        catalog = [{"id": m.id, "accreditation": m.accreditation, "status": m.status, "endpoint": m.endpoint,
-                    "aliases": list(m.aliases)} for m in bundle_from_files(active.files).catalog.model]
-        if catalog != register.catalog:
-            report.fail(pkg.REGISTER, "its catalog is not the catalog of the policy in force")
+    if active is not None and pkg.catalog_entries(bundle_from_files(active.files)) != register.catalog:
+        report.fail(pkg.REGISTER, "its catalog is not the catalog of the policy in force")
