@@ -1,5 +1,5 @@
 """The Parquet tables analysts and assessors query are a public contract (issue 9 item 9): their
-schemas are frozen in tests/golden/parquet/ and a change must be deliberate (a new golden file and
+schemas are frozen in tests/golden_parquet/ and a change must be deliberate (a new golden file and
 a note in docs/architecture.md), never an accident of a refactor."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from enclave_gateway.evidence import STREAM_SCHEMA
 from enclave_gateway.services.auditor.parquet_sink import SCHEMA, VIOLATION_SCHEMA
 
-GOLDEN = Path(__file__).parent / "golden" / "parquet"
+GOLDEN = Path(__file__).parent / "golden_parquet"
 
 
 @pytest.mark.parametrize("name, schema", [("events", SCHEMA), ("violations", VIOLATION_SCHEMA),
