@@ -83,6 +83,7 @@ class _Policies:
         self.bundles: dict[str, PolicyBundle] = {}
         self.views: dict[str, AuthzPolicy] = {}
         self.refused: dict[str, str] = {}
+        self.seqs: dict[str, int] = {}  # where each input was stored, by event id (its first copy)
 
     def record(self, event: PolicyActivated) -> None:
         try:
@@ -116,11 +117,12 @@ def replay(stored: Iterable[Stored], extra_jwks: list[str] | None = None, first:
     decoded = [(seq, _decode(subject, data)) for seq, subject, data in stored]  # once: it is most of the cost
     result, policies = Result(), _Policies(extra_jwks or [])
     inputs: dict[tuple[str, str], AnyEvent] = {}
-    for _, event in decoded:  # first pass: policies and the inputs decisions are made from
+    for seq, event in decoded:  # first pass: policies and the inputs decisions are made from
         if isinstance(event, PolicyActivated):
             policies.record(event)
         elif event is not None:
             inputs[(type(event).__name__, event.request_id)] = event
+            policies.seqs.setdefault(event.event_id, seq)
     result.policies_refused = [f"{v}: {why}" for v, why in sorted(policies.refused.items())]
     state = budget.initial_state()
     for n, (seq, event) in enumerate(decoded):
@@ -147,14 +149,14 @@ def _check(seq: int, event: AnyEvent, inputs: dict[tuple[str, str], AnyEvent], s
         case RequestAuthorized() | RequestDenied():
             source = inputs.get(("RequestSubmitted", rid))
             if isinstance(source, RequestSubmitted):
-                _compare(seq, event, result, lambda: authz.decide(
+                _compare(seq, event, result, source, policies, lambda: authz.decide(
                     source, authz.initial_state(), policies.authz(event.policy_version), event.occurred_at))
             elif isinstance(event, RequestAuthorized):
                 _mismatch(result, seq, event, "no RequestSubmitted it could have been decided from", "")
         case RouteSelected() | RouteUnavailable():
             reserved = inputs.get(("BudgetReserved", rid))
             if isinstance(reserved, BudgetReserved):
-                _compare(seq, event, result, lambda: router.decide(
+                _compare(seq, event, result, reserved, policies, lambda: router.decide(
                     reserved, router.initial_state(), policies.bundle(event.policy_version), event.occurred_at))
             else:
                 _mismatch(result, seq, event, "no BudgetReserved it could have been decided from", "")
@@ -188,7 +190,7 @@ def _check_budget(seq: int, event: AnyEvent, inputs: dict[tuple[str, str], AnyEv
                       RequestFailed):
         _mismatch(result, seq, event, f"no {' or '.join(names)} it could have been decided from", "")
         return
-    _compare(seq, event, result, lambda: budget.decide(
+    _compare(seq, event, result, source, policies, lambda: budget.decide(
         source, state, policies.bundle(event.policy_version), event.occurred_at))
 
 
@@ -208,10 +210,19 @@ def _check_expiry(seq: int, event: BudgetReleased, state: budget.BudgetState, po
     result.reproduced += 1
 
 
-def _compare(seq: int, event: AnyEvent, result: Result, decide: Callable[[], list[AnyEvent]]) -> None:
+def _compare(seq: int, event: AnyEvent, result: Result, cause: AnyEvent, policies: _Policies,
+             decide: Callable[[], list[AnyEvent]]) -> None:
     result.decisions += 1
+    if event.causation_id is not None and (event.causation_id, event.causation_seq) != (
+            cause.event_id, policies.seqs.get(cause.event_id)):
+        _mismatch(result, seq, event, f"it names its input {event.causation_id} at seq {event.causation_seq}, but "
+                                      f"its input is {cause.event_id} at seq {policies.seqs.get(cause.event_id)}",
+                  "", counted=True)
+        return
     try:
-        replayed = decide()
+        # the shell stamps the causation, which the decider cannot know: carry the recorded one over
+        replayed = [msgspec.structs.replace(r, causation_id=event.causation_id, causation_seq=event.causation_seq)
+                    for r in decide()]
     except PolicyError as exc:
         _mismatch(result, seq, event, f"its policy cannot be replayed: {exc}", "", counted=True)
         return

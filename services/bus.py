@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
+import msgspec
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -157,6 +158,11 @@ async def publish_ack(js: JetStreamContext, event: AnyEvent, headers: dict[str, 
 async def publish(js: JetStreamContext, event: AnyEvent, headers: dict[str, str] | None = None) -> int:
     """Publish an event (see `publish_ack`); returns its stream sequence."""
     return int((await publish_ack(js, event, headers)).seq)
+
+
+def caused(event: AnyEvent, cause: AnyEvent, msg: Msg) -> AnyEvent:
+    """`event` stamped with the input it was decided from: that input's id and stream sequence."""
+    return msgspec.structs.replace(event, causation_id=cause.event_id, causation_seq=msg.metadata.sequence.stream)
 
 
 Handler = Callable[[Msg], Awaitable[None]]

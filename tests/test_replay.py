@@ -120,3 +120,37 @@ async def test_gateway_replay_and_evidence_replay_from_a_package(window: tuple[i
     assert await asyncio.to_thread(gateway, "evidence", "export", pkg, "--data-dir", stack.data_dir) == 0
     assert await asyncio.to_thread(gateway, "evidence", "verify", pkg) == 0
     assert await asyncio.to_thread(gateway, "replay", "--from", str(first), "--package", pkg) == 0
+
+
+async def test_every_decision_records_the_input_it_was_decided_from(window: tuple[int, list[Stored]]) -> None:
+    """Causation (issue 9 item 1): each decided fact names its input's id and stream sequence."""
+    first, stored = window
+    by_id = {}
+    decided = []
+    for seq, subject, data in stored:
+        if seq < first:
+            continue
+        event = codec.decode_event(data, subject)
+        by_id[event.event_id] = (seq, event)
+        if type(event).__name__ in ("RequestAuthorized", "RequestDenied", "BudgetReserved", "RouteSelected",
+                                    "InvocationCompleted", "BudgetSettled"):
+            decided.append(event)
+    assert decided and all(e.causation_id in by_id and by_id[e.causation_id][0] == e.causation_seq for e in decided)
+    pairs = {(type(e).__name__, type(by_id[e.causation_id][1]).__name__) for e in decided if e.causation_id}
+    assert {("RequestAuthorized", "RequestSubmitted"), ("BudgetReserved", "RequestAuthorized"),
+            ("RouteSelected", "BudgetReserved"), ("InvocationCompleted", "RouteSelected"),
+            ("BudgetSettled", "InvocationCompleted")} <= pairs
+
+
+async def test_a_decision_that_names_the_wrong_input_is_named(window: tuple[int, list[Stored]],
+                                                              stack: WorkerSettings) -> None:
+    first, stored = window
+    altered: list[Stored] = []
+    target = None
+    for seq, subject, data in stored:
+        if target is None and seq >= first and subject.startswith("gw.evt.route.selected."):
+            event = codec.decode_event(data, subject)
+            data, target = codec.encode(msgspec.structs.replace(event, causation_seq=1)), seq
+        altered.append((seq, subject, data))
+    result = replay(altered, dev_jwks(stack), first=first)
+    assert [(m.seq, "names its input" in m.why) for m in result.mismatches] == [(target, True)]

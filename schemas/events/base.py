@@ -18,6 +18,11 @@ class Event(Struct, frozen=True, kw_only=True, tag_field="type"):
     occurred_at: datetime
     policy_version: str
     schema_version: int = 1
+    # The input this fact was decided from: its event id and stream sequence (issue 9), so replay
+    # pairs every output with its input. Set by the shell, which knows the sequence; None for facts
+    # decided from no stored input (an entry's own facts, expiry) and for events recorded earlier.
+    causation_id: str | None = None
+    causation_seq: int | None = None
 
 
 class Caller(Struct, frozen=True, kw_only=True):

@@ -19,6 +19,6 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
         async def handle(msg: Msg) -> None:
             cmd = codec.decode_as(msg.data, RequestSubmitted, msg.subject)
             for event in decider.decide(cmd, state, s.policy, bus.now_utc()):
-                await bus.publish(s.js, event)
+                await bus.publish(s.js, bus.caused(event, cmd, msg))
 
         await bus.consume(s.js, "authz", handle, stop)

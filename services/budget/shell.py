@@ -33,6 +33,7 @@ async def apply(
     team: str,
     decide: Callable[[], list[AnyEvent]],
     catch_up_first: bool = True,
+    cause: tuple[AnyEvent, Msg] | None = None,
 ) -> None:
     """Decide and write; on a conflict with another replica, catch up the team and do it again.
 
@@ -44,7 +45,8 @@ async def apply(
         if catch_up_first or attempt:
             await store.catch_up(team)
         try:
-            for out in decide():
+            for decided in decide():
+                out = bus.caused(decided, *cause) if cause else decided
                 if isinstance(out, LedgerEvent):
                     await store.write(out)
                 else:
@@ -76,6 +78,7 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
                     team,
                     lambda: decider.decide(event, store.state, s.policy, bus.now_utc()),
                     catch_up_first=not known,
+                    cause=(event, msg),
                 )
 
         housekeeping = asyncio.create_task(_housekeeping(s, store, stop, settings.budget_housekeeping_s))

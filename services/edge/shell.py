@@ -160,7 +160,7 @@ class Edge:
         if target is not None:  # an HTTP caller's reply is forwarded to the replica holding it
             await self.nc.publish(target, codec.encode(decider.reply_for(event)), headers=decider.reply_headers(event))
         for fact in decider.decide(event, decider.initial_state(), self.version, bus.now_utc()):
-            await bus.publish(self.js, fact)
+            await bus.publish(self.js, bus.caused(fact, event, msg))
 
 
 async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:

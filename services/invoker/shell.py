@@ -59,7 +59,7 @@ async def _serve(settings: WorkerSettings, js: JetStreamContext, stop: asyncio.E
         else:
             outcome = await call(session, base_url, decider.request_body(route), settings.invoke_timeout_s)
         for event in decider.decide(route, outcome, route.policy_version, bus.now_utc()):
-            await bus.publish(js, event)
+            await bus.publish(js, bus.caused(event, route, msg))
 
     try:
         await bus.consume(js, "invoker", handle, stop, batch=128)

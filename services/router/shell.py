@@ -19,6 +19,6 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
         async def handle(msg: Msg) -> None:
             reserved = codec.decode_as(msg.data, BudgetReserved, msg.subject)
             for event in decider.decide(reserved, state, s.policy, bus.now_utc()):
-                await bus.publish(s.js, event)
+                await bus.publish(s.js, bus.caused(event, reserved, msg))
 
         await bus.consume(s.js, "router", handle, stop)
