@@ -23,6 +23,7 @@ import msgspec
 from ..schemas import codec
 from ..schemas.events import (
     AnyEvent,
+    BudgetClockTicked,
     BudgetRejected,
     BudgetReleased,
     BudgetReserved,
@@ -84,6 +85,7 @@ class _Policies:
         self.views: dict[str, AuthzPolicy] = {}
         self.refused: dict[str, str] = {}
         self.seqs: dict[str, int] = {}  # where each input was stored, by event id (its first copy)
+        self.by_id: dict[str, AnyEvent] = {}
 
     def record(self, event: PolicyActivated) -> None:
         try:
@@ -123,6 +125,7 @@ def replay(stored: Iterable[Stored], extra_jwks: list[str] | None = None, first:
         elif event is not None:
             inputs[(type(event).__name__, event.request_id)] = event
             policies.seqs.setdefault(event.event_id, seq)
+            policies.by_id.setdefault(event.event_id, event)
     result.policies_refused = [f"{v}: {why}" for v, why in sorted(policies.refused.items())]
     state = budget.initial_state()
     for n, (seq, event) in enumerate(decoded):
@@ -163,7 +166,11 @@ def _check(seq: int, event: AnyEvent, inputs: dict[tuple[str, str], AnyEvent], s
         case BudgetReserved() | BudgetRejected() | BudgetSettled() | BudgetThresholdCrossed():
             _check_budget(seq, event, inputs, state, policies, result)
         case BudgetReleased():
-            if event.reason == "expired":
+            tick = policies.by_id.get(event.causation_id or "")
+            if event.reason == "expired" and isinstance(tick, BudgetClockTicked):  # the timer is an input
+                _compare(seq, event, result, tick, policies, lambda: budget.decide(
+                    tick, state, policies.bundle(event.policy_version), event.occurred_at))
+            elif event.reason == "expired":  # recorded before expiry was decided from a tick
                 _check_expiry(seq, event, state, policies, result)
             else:
                 _check_budget(seq, event, inputs, state, policies, result)

@@ -96,6 +96,11 @@ def budget_rejected(team: str) -> str:
     return f"gw.evt.budget.rejected.{token(team)}"
 
 
+def budget_ticked(team: str) -> str:
+    """The budget's clock, for a team with reservations past their deadline (an input, like any)."""
+    return f"gw.evt.budget.ticked.{token(team)}"
+
+
 def route_selected(model_id: str) -> str:
     """Partitioned by model so an invoker subscribes only to the models it hosts."""
     return f"gw.evt.route.selected.{token(model_id)}"
@@ -135,6 +140,7 @@ def for_event(event: "AnyEvent") -> str:
     """The subject an event is published on, derived from the event alone."""
     from .events import (
         AuditCheckpoint,
+        BudgetClockTicked,
         BudgetRejected,
         BudgetReleased,
         BudgetReserved,
@@ -191,5 +197,7 @@ def for_event(event: "AnyEvent") -> str:
             return policy_activated()
         case AuditCheckpoint():
             return audit_checkpoint()
+        case BudgetClockTicked():
+            return budget_ticked(event.team)
         case _:
             assert_never(event)

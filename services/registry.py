@@ -147,12 +147,14 @@ SERVICES: tuple[Identity, ...] = (
                 "gw.evt.invocation.>",
                 "gw.evt.route.unavailable.>",
                 "gw.evt.request.failed",
+                "gw.evt.budget.ticked.>",
             )
         ),
         "reserves, settles and releases money on each team's ledger (compare-and-set)",
         publish=(
             "gw.evt.ledger.*.*",
             "gw.evt.budget.rejected.*",
+            "gw.evt.budget.ticked.*",
             last_of("gw.evt.ledger.>"),  # the newest ledger fact of a team: its catch-up read
             # the projection's rebuild and a long catch-up: its own ephemeral consumers, filtered
             # to the ledger (registered durables are denied below), and their flow control; they

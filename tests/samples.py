@@ -8,6 +8,7 @@ from enclave_gateway.schemas.commands import ChatBody, ChatMessage
 from enclave_gateway.schemas.events import (
     AnyEvent,
     AuditCheckpoint,
+    BudgetClockTicked,
     BudgetRejected,
     BudgetReleased,
     BudgetReserved,
@@ -78,6 +79,7 @@ def samples() -> list[AnyEvent]:
                          error="timeout", detail="60s", latency_ms=60000.0, reservation=HELD, reply_to="_INBOX.x"),
         PolicyActivated(**envelope("policy-" + PV, "activate", T, PV), version=PV, sha256="ab" * 32,
                         git_commit="0" * 40, activated_by="ops", files={"catalog.toml": "[[model]]\n"}),
+        BudgetClockTicked(**envelope("budget-tick-alpha-20261125T093000000000", "tick", T, PV), team="alpha"),
         AuditCheckpoint(**envelope("audit-1000", "checkpoint", T, "n/a"), seq=1000, head="cd" * 32,
                         previous_seq=0, previous_head="0" * 64, count=1000, signer="ed25519:0011223344556677",
                         signature="c2lnbmF0dXJl"),

@@ -273,3 +273,18 @@ def test_closing_many_requests_seals_generations_instead_of_copying_them_all() -
         closed = closed.add(f"r{i}", NOW)
     assert len(closed.generations) == 2 and len(closed.recent) == 5 and len(closed) == decider.GENERATION * 2 + 5
     assert "r0" in closed and f"r{decider.GENERATION * 2 + 4}" in closed and "never" not in closed
+
+
+def test_expiry_is_decided_from_the_clock_tick_event_at_its_time() -> None:
+    """Timers are inputs (issue 9 item 1): a tick decides exactly what `expire` would, at the tick's time."""
+    policy = bundle(10_000, ttl_s=60)
+    [reserved], state = run([authorized("r1")], decider.initial_state(), policy)
+    assert not decider.expiring_teams(state, policy, NOW + timedelta(seconds=30))
+    later = NOW + timedelta(seconds=61)
+    assert decider.expiring_teams(state, policy, later) == {"t"}
+    tick = decider.tick("t", later, policy)
+    released = decider.decide(tick, state, policy, later + timedelta(hours=5))  # `now` of the shell is ignored
+    assert released == decider.expire(state, policy, later, "t") and isinstance(released[0], BudgetReleased)
+    assert released[0].occurred_at == later and released[0].reason == "expired"
+    state = decider.evolve(state, released[0])
+    assert decider.decide(tick, state, policy, later) == []  # a second tick, or a redelivery, decides nothing

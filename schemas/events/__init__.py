@@ -3,6 +3,7 @@
 from .audit import AuditCheckpoint
 from .base import Caller, Envelope, Event, Reservation, envelope
 from .budget import (
+    BudgetClockTicked,
     BudgetRejected,
     BudgetReleased,
     BudgetReserved,
@@ -42,6 +43,7 @@ AnyEvent = (
     | InvocationFailed
     | PolicyActivated
     | AuditCheckpoint
+    | BudgetClockTicked
 )
 
 CURRENT_EVENT_TYPES: tuple[type[Event], ...] = (
@@ -63,12 +65,14 @@ CURRENT_EVENT_TYPES: tuple[type[Event], ...] = (
     InvocationFailed,
     PolicyActivated,
     AuditCheckpoint,
+    BudgetClockTicked,
 )
 
 __all__ = [
     "CURRENT_EVENT_TYPES",
     "AnyEvent",
     "AuditCheckpoint",
+    "BudgetClockTicked",
     "BudgetRejected",
     "BudgetReleased",
     "BudgetReserved",

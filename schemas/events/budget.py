@@ -65,7 +65,18 @@ class BudgetRejected(Event, frozen=True, kw_only=True, tag="BudgetRejected"):
     reply_to: str
 
 
+class BudgetClockTicked(Event, frozen=True, kw_only=True, tag="BudgetClockTicked"):
+    """The budget's clock reached `occurred_at` with reservations of `team` past their deadline.
+
+    Timers are inputs (DESIGN §2): expiring lost reservations is decided from this fact, at its
+    time, so replay re-decides it like any other decision.
+    """
+
+    team: str
+
+
 __all__ = [
+    "BudgetClockTicked",
     "BudgetRejected",
     "BudgetReleased",
     "BudgetReserved",

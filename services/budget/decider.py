@@ -15,6 +15,7 @@ from msgspec import Struct
 from ...schemas.commands import ChatBody
 from ...schemas.events import (
     AnyEvent,
+    BudgetClockTicked,
     BudgetRejected,
     BudgetReleased,
     BudgetReserved,
@@ -34,7 +35,9 @@ from ...schemas.events import (
 from ...schemas.policy import ModelEntry, PolicyBundle
 from .. import catalog
 
-BudgetInput = RequestAuthorized | InvocationCompleted | InvocationFailed | RouteUnavailable | RequestFailed
+BudgetInput = (
+    RequestAuthorized | InvocationCompleted | InvocationFailed | RouteUnavailable | RequestFailed | BudgetClockTicked
+)
 CLOSED_HORIZON = timedelta(days=2)  # longer than any reservation may stay open (policy TTL, validated)
 GENERATION = 4096  # closed ids folded into one frozen generation
 
@@ -170,6 +173,9 @@ def decide(event: BudgetInput, state: BudgetState, policy: PolicyBundle, now: da
             primary = _settle(event, state, policy, now)
         case InvocationFailed() | RouteUnavailable() | RequestFailed():
             primary = _release(event.request_id, type(event).__name__, state, policy, now)
+        case BudgetClockTicked():
+            now = event.occurred_at  # the tick is the clock: decided at its time, whoever consumes it when
+            primary = expire(state, policy, now, event.team)
     after = state
     for fact in primary:
         after = evolve(after, fact)
@@ -185,6 +191,8 @@ def team_of(event: BudgetInput) -> str | None:
             return event.reservation.team
         case RequestFailed():
             return event.reservation.team if event.reservation else None
+        case BudgetClockTicked():
+            return event.team
 
 
 def thresholds(state: BudgetState, policy: PolicyBundle, now: datetime, team: str) -> list[AnyEvent]:
@@ -224,6 +232,12 @@ def expire(state: BudgetState, policy: PolicyBundle, now: datetime, team: str) -
             out.extend(_release(rid, "expired", state, policy, now))
             state = evolve(state, out[-1])
     return out
+
+
+def tick(team: str, now: datetime, policy: PolicyBundle) -> BudgetClockTicked:
+    """The fact that the budget's clock reached `now` for a team with overdue reservations."""
+    return BudgetClockTicked(**envelope(f"budget-tick-{team}-{now.strftime('%Y%m%dT%H%M%S%f')}", "tick", now,
+                                        policy.version), team=team)
 
 
 def expiring_teams(state: BudgetState, policy: PolicyBundle, now: datetime) -> set[str]:

@@ -4,13 +4,13 @@ beside it, a timer that expires lost reservations and snapshots the projection."
 import asyncio
 import logging
 from collections.abc import Callable
-from datetime import datetime
 
 from nats.aio.msg import Msg
 
 from ...schemas import codec
 from ...schemas.events import (
     AnyEvent,
+    BudgetClockTicked,
     InvocationCompleted,
     InvocationFailed,
     RequestAuthorized,
@@ -66,7 +66,13 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
         async def handle(msg: Msg) -> None:
             event = codec.decode_event(msg.data, msg.subject)
             if not isinstance(
-                event, RequestAuthorized | InvocationCompleted | InvocationFailed | RouteUnavailable | RequestFailed
+                event,
+                RequestAuthorized
+                | InvocationCompleted
+                | InvocationFailed
+                | RouteUnavailable
+                | RequestFailed
+                | BudgetClockTicked,
             ):
                 raise codec.DecodeError(f"budget does not take {type(event).__name__}")
             team = decider.team_of(event)
@@ -88,10 +94,6 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
             housekeeping.cancel()
 
 
-def _expiry(store: LedgerStore, bundle: PolicyBundle, now: datetime, team: str) -> Callable[[], list[AnyEvent]]:
-    return lambda: decider.expire(store.state, bundle, now, team)
-
-
 async def _housekeeping(
     s: worker.Session[PolicyBundle], store: LedgerStore, stop: asyncio.Event, every_s: float
 ) -> None:
@@ -106,7 +108,7 @@ async def _housekeeping(
         try:
             bundle, now = s.policy, bus.now_utc()
             for team in sorted(decider.expiring_teams(store.state, bundle, now)):
-                await apply(s, store, team, _expiry(store, bundle, now, team))
+                await bus.publish(s.js, decider.tick(team, now, bundle))  # decided when consumed, like any input
             if store.seq > snapshotted:
                 snapshotted = await store.save_snapshot()
         except Exception as exc:  # housekeeping retries on the next tick; serving goes on
