@@ -303,15 +303,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from . import replay_cli
 
     if args.package:
-        stored, jwks = replay_cli.from_package(Path(args.package))
+        stored, jwks, trusted = replay_cli.from_package(Path(args.package))
     else:
         try:
-            stored, jwks = replay_cli.from_stream(Path(args.data_dir))
+            stored, jwks, trusted = replay_cli.from_stream(Path(args.data_dir))
         except (FileNotFoundError, OSError) as exc:
             console.print(f"[red]no running gateway at {args.data_dir}:[/] {exc!r} (or replay an evidence package: "
                           "--package DIR)")
             return 1
-    return replay_cli.run(console, stored, jwks, args.from_seq, args.to_seq, args.show)
+    return replay_cli.run(console, stored, jwks, trusted, args.from_seq, args.to_seq, args.show)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -67,16 +67,17 @@ async def export(settings: WorkerSettings, out: Path) -> pkg.Manifest:
     _copy_audit(settings.audit_dir, out, collected.last)
     (out / pkg.CHECKPOINTS).write_bytes(msgspec.json.format(msgspec.json.encode(collected.checkpoints)))
     register = _write_register(settings, out, collected)
-    (out / pkg.REPLAY).write_bytes(msgspec.json.format(msgspec.json.encode(replay_summary(collected.stored,
-                                                                                          dev_jwks(settings)))))
+    summary = replay_summary(collected.stored, dev_jwks(settings), settings.policy_signers)
+    (out / pkg.REPLAY).write_bytes(msgspec.json.format(msgspec.json.encode(summary)))
     oscal.write_validated(oscal.component_definition(register, oscal.now_utc()), out / oscal.COMPONENT_FILE)
     write_validation_document(out)
     return _sign_manifest(settings, out, collected)
 
 
-def replay_summary(stored: list[tuple[int, str, bytes]], jwks: list[str]) -> pkg.ReplaySummary:
+def replay_summary(stored: list[tuple[int, str, bytes]], jwks: list[str],
+                   trusted: dict[str, str] | None = None) -> pkg.ReplaySummary:
     """Replay every decision of the exported stream; the summary the package and its document carry."""
-    result = replay(stored, jwks)
+    result = replay(stored, jwks, trusted=trusted)
     return pkg.ReplaySummary(
         decisions=result.decisions, reproduced=result.reproduced, observations=result.observations,
         mismatches=[f"seq {m.seq} {m.decision} request {m.request_id}: {m.why}" for m in result.mismatches[:100]],

@@ -76,7 +76,7 @@ def read_signature(folder: Path) -> BundleSignature | None:
 
 
 def activation(folder: Path, activated_by: str, now: datetime, signers: dict[str, str],
-               fallback_key: Path | None = None) -> PolicyActivated:
+               fallback_key: Path | None = None, dev_issuers_jwks: str | None = None) -> PolicyActivated:
     """The signed PolicyActivated for a folder's bundle; raises PolicyError when it is invalid,
     unsigned, signed for other content, or signed by a key this deployment does not trust.
 
@@ -85,13 +85,15 @@ def activation(folder: Path, activated_by: str, now: datetime, signers: dict[str
     files = validated_files(folder)
     sha = digest(files)
     sig = read_signature(folder)
-    if sig is None and fallback_key is not None:
-        sig = sign_digest(load_private(fallback_key), sha, now)
+    carried = None
+    if sig is None and fallback_key is not None:  # the dev signer signs here, and may vouch for the dev issuer
+        carried = dev_issuers_jwks
+        sig = sign_digest(load_private(fallback_key), sha, now, carried)
     if sig is None:
         raise PolicyError(f"{folder} is not signed: run `gateway policy sign --key KEY --dir {folder}`")
     if sig.sha256 != sha:
         raise PolicyError(f"{folder / SIGNATURE_FILE} signs other content ({sig.sha256[:16]}…): sign it again")
-    verify(files, sha, sig.kid, sig.signature, sig.signed_at, signers)  # workers check again; this says why early
+    verify(files, sha, sig.kid, sig.signature, sig.signed_at, signers, carried)  # workers check it again
     version = bundle_from_files(files).version
     # The time is part of the id: re-activating an earlier version (a rollback) is a new fact.
     request_id = f"policy-{version}-{now.strftime('%Y%m%dT%H%M%S%f')}"
@@ -105,4 +107,5 @@ def activation(folder: Path, activated_by: str, now: datetime, signers: dict[str
         signature=sig.signature,
         signer=sig.kid,
         signed_at=sig.signed_at,
+        dev_issuers_jwks=carried,
     )

@@ -20,10 +20,10 @@ from .services.authz.policy_view import dev_jwks
 from .services.settings import WorkerSettings
 
 
-def from_stream(data_dir: Path) -> tuple[list[Stored], list[str]]:
-    """Every stored message of the data dir's stream, and the dev issuer's keys when it is trusted."""
+def from_stream(data_dir: Path) -> tuple[list[Stored], list[str], dict[str, str]]:
+    """Every stored message of the data dir's stream, the dev issuer's keys when it is trusted, the pins."""
     with reachable_settings(data_dir) as settings:
-        return _read(settings), dev_jwks(settings)
+        return _read(settings), dev_jwks(settings), settings.policy_signers
 
 
 def _read(settings: WorkerSettings) -> list[Stored]:
@@ -38,20 +38,21 @@ def _read(settings: WorkerSettings) -> list[Stored]:
     return asyncio.run(read())
 
 
-def from_package(root: Path) -> tuple[list[Stored], list[str]]:
+def from_package(root: Path) -> tuple[list[Stored], list[str], dict[str, str]]:
     """The exported stream of an evidence package (verify it first), and the dev issuer it recorded."""
     table = pq.read_table(root / pkg.STREAM, columns=["seq", "subject", "data"])
     stored = list(zip(*(table.column(c).to_pylist() for c in ("seq", "subject", "data")), strict=True))
     register = json.loads((root / pkg.REGISTER).read_text())
     dev = register.get("dev_token_issuer")
-    return stored, [json.dumps(dev)] if dev else []
+    return stored, [json.dumps(dev)] if dev else [], dict(register.get("policy_signers") or {})
 
 
-def run(console: Console, stored: list[Stored], jwks: list[str], first: int, last: int | None, show: int) -> int:
+def run(console: Console, stored: list[Stored], jwks: list[str], trusted: dict[str, str], first: int,
+        last: int | None, show: int) -> int:
     """Replay with a progress bar, print the result and the first mismatches; the exit code."""
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("re-deciding", total=len(stored))
-        result = replay(stored, jwks, first, last, lambda n: progress.update(task, completed=n))
+        result = replay(stored, jwks, first, last, lambda n: progress.update(task, completed=n), trusted)
     report(console, result, show)
     return 0 if result.ok else 1
 

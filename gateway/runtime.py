@@ -24,6 +24,7 @@ from .policy_admin import DEV_SIGNER, activation, dev_signer, trusted
 from .schemas import subjects
 from .schemas.events import PolicyActivated
 from .services import bus, registry
+from .services.authz.policy_view import dev_jwks
 from .services.policy import PolicyError
 from .services.policy.feed import latest_valid
 from .services.policy.signing import load_public, signing_time
@@ -66,7 +67,9 @@ def dev_signing_key(settings: WorkerSettings) -> Path | None:
 
 def activation_for(settings: WorkerSettings, folder: Path, by: str) -> PolicyActivated:
     """The signed activation of a folder's bundle (its bundle.sig, else the trusted dev signer)."""
-    return activation(folder, by, bus.now_utc(), settings.policy_signers, dev_signing_key(settings))
+    trusted_dev = dev_jwks(settings)
+    return activation(folder, by, bus.now_utc(), settings.policy_signers, dev_signing_key(settings),
+                      trusted_dev[0] if trusted_dev else None)
 
 
 async def activate(settings: WorkerSettings, folder: Path, by: str) -> PolicyActivated:

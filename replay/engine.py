@@ -44,7 +44,7 @@ from ..services.authz import decider as authz
 from ..services.authz.decider import AuthzPolicy
 from ..services.authz.policy_view import compile_view
 from ..services.budget import decider as budget
-from ..services.policy import PolicyError, bundle_from_files
+from ..services.policy import PolicyError, bundle_from_files, verify_activation
 from ..services.router import decider as router
 
 Stored = tuple[int, str, bytes]  # stream sequence, subject, exact bytes
@@ -79,13 +79,14 @@ class Result(msgspec.Struct, kw_only=True):
 class _Policies:
     """Recorded policies by version, compiled on first use."""
 
-    def __init__(self, extra_jwks: list[str]) -> None:
-        self.extra_jwks = extra_jwks
+    def __init__(self, extra_jwks: list[str], trusted: dict[str, str] | None) -> None:
+        self.extra_jwks, self.trusted = extra_jwks, trusted
         self.bundles: dict[str, PolicyBundle] = {}
         self.views: dict[str, AuthzPolicy] = {}
         self.refused: dict[str, str] = {}
         self.seqs: dict[str, int] = {}  # where each input was stored, by event id (its first copy)
         self.by_id: dict[str, AnyEvent] = {}
+        self.dev_jwks: dict[str, str] = {}
 
     def record(self, event: PolicyActivated) -> None:
         try:
@@ -97,6 +98,18 @@ class _Policies:
             self.refused[event.version] = f"its content is {bundle.version}, not {event.version}"
             return
         self.bundles.setdefault(event.version, bundle)
+        if event.dev_issuers_jwks and self._signed(event):  # tokens then verify from the stream alone
+            self.dev_jwks.setdefault(event.version, event.dev_issuers_jwks)
+
+    def _signed(self, event: PolicyActivated) -> bool:
+        """Only keys a pinned policy signer vouched for are taken (when replay knows the pins)."""
+        if self.trusted is None:
+            return True
+        try:
+            verify_activation(event, self.trusted)
+        except PolicyError:
+            return False
+        return True
 
     def bundle(self, version: str) -> PolicyBundle:
         if version not in self.bundles:
@@ -105,19 +118,20 @@ class _Policies:
 
     def authz(self, version: str) -> AuthzPolicy:
         if version not in self.views:
-            self.views[version] = compile_view(self.bundle(version), self.extra_jwks)
+            carried = [self.dev_jwks[version]] if version in self.dev_jwks else []
+            self.views[version] = compile_view(self.bundle(version), [*carried, *self.extra_jwks])
         return self.views[version]
 
 
 def replay(stored: Iterable[Stored], extra_jwks: list[str] | None = None, first: int = 0, last: int | None = None,
-           progress: Callable[[int], None] | None = None) -> Result:
+           progress: Callable[[int], None] | None = None, trusted: dict[str, str] | None = None) -> Result:
     """Re-decide every decision in `stored` (stream order) stored at sequences `first..last`.
 
     The budget's projection is folded from the very first message whatever the range, so a
     decision is re-made on exactly the state it was made on. Mismatches name the decision and why.
     """
     decoded = [(seq, _decode(subject, data)) for seq, subject, data in stored]  # once: it is most of the cost
-    result, policies = Result(), _Policies(extra_jwks or [])
+    result, policies = Result(), _Policies(extra_jwks or [], trusted)
     inputs: dict[tuple[str, str], AnyEvent] = {}
     for seq, event in decoded:  # first pass: policies and the inputs decisions are made from
         if isinstance(event, PolicyActivated):

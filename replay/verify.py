@@ -385,7 +385,7 @@ def _check_replay(root: Path, register: Register, rebuilt: _Rebuilt, regular: se
         return
     recorded = msgspec.json.decode((root / pkg.REPLAY).read_bytes(), type=pkg.ReplaySummary)
     jwks = [msgspec.json.encode(register.dev_token_issuer).decode()] if register.dev_token_issuer else []
-    result = replay(rebuilt.stored, jwks)
+    result = replay(rebuilt.stored, jwks, trusted=register.policy_signers)
     again = [f"seq {m.seq} {m.decision} request {m.request_id}: {m.why}" for m in result.mismatches[:100]]
     if (result.decisions, result.reproduced, result.observations, again) != (
             recorded.decisions, recorded.reproduced, recorded.observations, recorded.mismatches):

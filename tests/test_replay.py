@@ -154,3 +154,14 @@ async def test_a_decision_that_names_the_wrong_input_is_named(window: tuple[int,
         altered.append((seq, subject, data))
     result = replay(altered, dev_jwks(stack), first=first)
     assert [(m.seq, "names its input" in m.why) for m in result.mismatches] == [(target, True)]
+
+
+async def test_a_dev_token_verifies_from_the_stream_alone(window: tuple[int, list[Stored]],
+                                                          stack: WorkerSettings) -> None:
+    """The dev signer signs the dev issuer's keys into the activation (issue 9 item 1): replay needs no
+    key from the data dir, and keys an unpinned signer vouched for are not taken."""
+    first, stored = window
+    alone = replay(stored, [], first=first, trusted=stack.policy_signers)
+    assert alone.ok and alone.decisions > 0
+    distrusting = replay(stored, [], first=first, trusted={})
+    assert any(m.decision == "RequestAuthorized" for m in distrusting.mismatches)

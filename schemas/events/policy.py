@@ -20,3 +20,6 @@ class PolicyActivated(Event, frozen=True, kw_only=True, tag="PolicyActivated"):
     signature: str | None = None
     signer: str | None = None
     signed_at: str | None = None  # signed with the digest: workers never go back to an older signature
+    # The dev token issuer's public keys (JWKS), when the deployment trusts it and the dev signer signs
+    # the activation: covered by the signature, so a dev token is verifiable from the stream alone.
+    dev_issuers_jwks: str | None = None

@@ -10,6 +10,7 @@ each worker in its settings), never in the bundle or anywhere the stream can cha
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -58,8 +59,11 @@ def load_public(path: Path) -> SignerKey:
         raise PolicyError(f"trusted signer: {exc}") from exc
 
 
-def _message(sha256: str, signed_at: str) -> bytes:
-    return _DOMAIN + sha256.encode() + b"\n" + signed_at.encode()
+def _message(sha256: str, signed_at: str, dev_issuers_jwks: str | None = None) -> bytes:
+    message = _DOMAIN + sha256.encode() + b"\n" + signed_at.encode()
+    if dev_issuers_jwks is not None:  # the dev issuer's keys, when an activation carries them, are signed too
+        message += b"\ndev-issuers " + hashlib.sha256(dev_issuers_jwks.encode()).hexdigest().encode()
+    return message
 
 
 def signing_time(signed_at: str | None) -> datetime:
@@ -73,15 +77,16 @@ def signing_time(signed_at: str | None) -> datetime:
     return when
 
 
-def sign_digest(private: Ed25519PrivateKey, sha256: str, now: datetime) -> BundleSignature:
-    """Sign a bundle's digest at `now` (UTC)."""
+def sign_digest(private: Ed25519PrivateKey, sha256: str, now: datetime,
+                dev_issuers_jwks: str | None = None) -> BundleSignature:
+    """Sign a bundle's digest at `now` (UTC), and the dev issuer's keys when the activation carries them."""
     signed_at = now.astimezone(UTC).isoformat(timespec="microseconds")
     return BundleSignature(kid=keys.public_of(private).kid, sha256=sha256, signed_at=signed_at,
-                           signature=keys.sign(private, _message(sha256, signed_at)))
+                           signature=keys.sign(private, _message(sha256, signed_at, dev_issuers_jwks)))
 
 
 def verify(files: dict[str, str], sha256: str, kid: str | None, signature: str | None, signed_at: str | None,
-           trusted: TrustedSigners) -> datetime:
+           trusted: TrustedSigners, dev_issuers_jwks: str | None = None) -> datetime:
     """The signed time, when a trusted signer signed exactly these files; raises PolicyError otherwise."""
     if not signature or not kid or not signed_at:
         raise PolicyError("unsigned policy bundle")
@@ -94,11 +99,12 @@ def verify(files: dict[str, str], sha256: str, kid: str | None, signature: str |
     public = trusted.get(kid)
     if public is None:
         raise PolicyError(f"signer {kid!r} is not trusted by this deployment")
-    if not keys.valid(public, signature, _message(actual, signed_at)):
+    if not keys.valid(public, signature, _message(actual, signed_at, dev_issuers_jwks)):
         raise PolicyError(f"signature by {kid!r} does not cover this bundle")
     return when
 
 
 def verify_activation(event: PolicyActivated, trusted: TrustedSigners) -> datetime:
     """The signed time of an activation a trusted signer signed exactly; raises PolicyError otherwise."""
-    return verify(event.files, event.sha256, event.signer, event.signature, event.signed_at, trusted)
+    return verify(event.files, event.sha256, event.signer, event.signature, event.signed_at, trusted,
+                  event.dev_issuers_jwks)
