@@ -151,9 +151,7 @@ def write_package(stored: list[tuple[int, str, bytes, datetime]], jwks: str, sig
     catalog = pkg.catalog_entries(bundle_from_files(act.files))
     register = {"system": "Enclave Gateway (bench)", "audit_signer": msgspec.to_builtins(public),
                 "policy_signers": signers, "policy_in_force": act.version,
-                "policies": [{"stream_seq": 1, "version": act.version, "sha256": act.sha256,
-                              "git_commit": act.git_commit, "signer": act.signer, "signed_at": act.signed_at,
-                              "activated_by": act.activated_by, "activated_at": act.occurred_at.isoformat()}],
+                "policies": msgspec.to_builtins(pkg.policy_history([(stored[0][2], stored[0][1], 1)])),
                 "catalog": catalog, "token_issuers": None, "dev_token_issuer": json.loads(jwks)}
     (root / pkg.REGISTER).write_bytes(msgspec.json.encode(register))
     manifest = pkg.Manifest(system="bench", exported_at=T0.isoformat(), first_seq=1, last_seq=len(stored),

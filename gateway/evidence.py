@@ -30,7 +30,7 @@ from .replay import package as pkg
 from .replay.engine import replay
 from .runtime import wait_audited
 from .schemas import codec, subjects
-from .schemas.events import AuditCheckpoint, PolicyActivated
+from .schemas.events import AuditCheckpoint
 from .services import bus, keys
 from .services.auditor.decider import GENESIS, chain
 from .services.auditor.parquet_sink import violations_glob
@@ -156,15 +156,7 @@ def _copy_audit(audit_dir: Path, out: Path, until: int) -> None:
 
 
 def _write_register(settings: WorkerSettings, out: Path, got: _Collected) -> dict[str, Any]:
-    policies = []
-    for data, subject, seq in got.activations:
-        try:
-            event = codec.decode_as(data, PolicyActivated, subject)
-        except codec.DecodeError:
-            continue
-        policies.append({"stream_seq": seq, "version": event.version, "sha256": event.sha256,
-                         "git_commit": event.git_commit, "signer": event.signer, "signed_at": event.signed_at,
-                         "activated_by": event.activated_by, "activated_at": event.occurred_at.isoformat()})
+    policies = msgspec.to_builtins(pkg.policy_history(got.activations))
     active = latest_valid(got.activations, settings.policy_signers)
     catalog = []
     if active is not None:

@@ -14,6 +14,8 @@ from typing import Any
 
 import msgspec
 
+from ..schemas import codec
+from ..schemas.events import PolicyActivated
 from ..schemas.policy import PolicyBundle
 
 MANIFEST = "manifest.json"
@@ -69,6 +71,33 @@ class ManifestSignature(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
 
     kid: str
     signature: str
+
+
+class PolicyRecord(msgspec.Struct, kw_only=True):
+    """A policy activation as the register lists it."""
+
+    stream_seq: int
+    version: str
+    sha256: str
+    git_commit: str | None = None
+    signer: str | None = None
+    signed_at: str | None = None
+    activated_by: str
+    activated_at: str
+
+
+def policy_history(activations: list[tuple[bytes, str, int]]) -> list[PolicyRecord]:
+    """Every decodable activation stored on the policy subject, in stream order."""
+    history = []
+    for data, subject, seq in activations:
+        try:
+            e = codec.decode_as(data, PolicyActivated, subject)
+        except codec.DecodeError:
+            continue
+        history.append(PolicyRecord(stream_seq=seq, version=e.version, sha256=e.sha256, git_commit=e.git_commit,
+                                    signer=e.signer, signed_at=e.signed_at, activated_by=e.activated_by,
+                                    activated_at=e.occurred_at.isoformat()))
+    return history
 
 
 def catalog_entries(bundle: PolicyBundle) -> list[dict[str, Any]]:

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..schemas import codec, subjects
-from ..schemas.events import AuditCheckpoint, PolicyActivated
+from ..schemas.events import AuditCheckpoint
 from ..services import keys
 from ..services.auditor import checkpoints
 from ..services.auditor.decider import GENESIS, AuditorState, AuditRow, row_for
@@ -86,19 +86,6 @@ class Report(msgspec.Struct, kw_only=True):
         self.notices.append(Finding(where=where, problem=problem))
 
 
-class PolicyRecord(msgspec.Struct, kw_only=True):
-    """A policy activation as the register lists it."""
-
-    stream_seq: int
-    version: str
-    sha256: str
-    git_commit: str | None = None
-    signer: str | None = None
-    signed_at: str | None = None
-    activated_by: str
-    activated_at: str
-
-
 class Register(msgspec.Struct, kw_only=True):
     """`register.json`."""
 
@@ -106,7 +93,7 @@ class Register(msgspec.Struct, kw_only=True):
     audit_signer: keys.SignerKey
     policy_signers: dict[str, str]
     policy_in_force: str | None
-    policies: list[PolicyRecord]
+    policies: list[pkg.PolicyRecord]
     catalog: list[dict[str, Any]]
     token_issuers: Any = None
     dev_token_issuer: Any = None
@@ -405,15 +392,7 @@ def _check_register(root: Path, register: Register, rebuilt: _Rebuilt, report: R
     if stored != rebuilt.checkpoints:
         report.fail(pkg.CHECKPOINTS, f"lists {len(stored)} checkpoint(s); the stream holds "
                                      f"{len(rebuilt.checkpoints)} signed by the audit key (or they differ)")
-    history = []
-    for data, subject, seq in rebuilt.activations:
-        try:
-            e = codec.decode_as(data, PolicyActivated, subject)
-        except codec.DecodeError:
-            continue
-        history.append(PolicyRecord(stream_seq=seq, version=e.version, sha256=e.sha256, git_commit=e.git_commit,
-                                    signer=e.signer, signed_at=e.signed_at, activated_by=e.activated_by,
-                                    activated_at=e.occurred_at.isoformat()))
+    history = pkg.policy_history(rebuilt.activations)
     if msgspec.to_builtins(history) != msgspec.to_builtins(register.policies):
         report.fail(pkg.REGISTER, "its policy history is not the activations in the stream")
     active = latest_valid(rebuilt.activations, register.policy_signers)
