@@ -6,6 +6,7 @@ from pathlib import Path
 
 import duckdb
 
+from .replay import tables
 from .services.auditor.parquet_sink import events_glob
 
 
@@ -17,6 +18,7 @@ def connect(audit_dir: Path) -> duckdb.DuckDBPyConnection:
             f"CREATE VIEW events AS SELECT * FROM read_parquet('{events_glob(audit_dir)}', "
             "hive_partitioning=false, union_by_name=true)"
         )
+        tables.create_views(con)  # requests, decisions, invocations, spend, checkpoints, policies
     else:
         con.execute("CREATE VIEW events AS SELECT NULL::BIGINT AS seq, NULL::VARCHAR AS type WHERE false")
     return con

@@ -27,6 +27,7 @@ from rich.progress import Progress
 
 from . import oscal
 from .replay import package as pkg
+from .replay import tables
 from .replay.engine import replay
 from .runtime import wait_audited
 from .schemas import codec, subjects
@@ -65,6 +66,7 @@ async def export(settings: WorkerSettings, out: Path) -> pkg.Manifest:
     finally:
         await nc.close()
     _copy_audit(settings.audit_dir, out, collected.last)
+    _write_tables(out)
     (out / pkg.CHECKPOINTS).write_bytes(msgspec.json.format(msgspec.json.encode(collected.checkpoints)))
     register = _write_register(settings, out, collected)
     summary = replay_summary(collected.stored, dev_jwks(settings), settings.policy_signers)
@@ -151,6 +153,19 @@ def _copy_audit(audit_dir: Path, out: Path, until: int) -> None:
             con.execute(f"COPY (SELECT * FROM {rel} ORDER BY seq) TO '{out / pkg.VIOLATIONS_PARQUET}' (FORMAT parquet)")
         else:
             (out / pkg.VIOLATIONS_CSV).write_text("")
+    finally:
+        con.close()
+
+
+def _write_tables(out: Path) -> None:
+    """The analysts' tables, day-partitioned, from the package's own audit rows (one definition)."""
+    if not any((out / pkg.AUDIT / "events").glob("day=*/*.parquet")):
+        return
+    con = duckdb.connect()
+    try:
+        con.execute(f"CREATE VIEW events AS SELECT * FROM read_parquet('{out / pkg.AUDIT}/events/day=*/*.parquet', "
+                    "hive_partitioning=false, union_by_name=true)")
+        tables.write(con, out / pkg.TABLES)
     finally:
         con.close()
 

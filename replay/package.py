@@ -26,6 +26,7 @@ CHECKPOINTS = "checkpoints.json"
 VIOLATIONS_CSV = "violations.csv"
 VIOLATIONS_PARQUET = "violations.parquet"
 AUDIT = "audit"  # the auditor's Parquet tables, as written
+TABLES = "tables"  # requests, decisions, invocations, spend, violations, checkpoints, policies by day
 REPLAY = "replay.json"  # the replay of every decision in the exported stream, at export
 DOMAIN = b"enclave-gateway/evidence-manifest/v1\n"
 

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -43,6 +44,7 @@ from ..services.auditor.parquet_sink import SCHEMA, VIOLATION_COLUMNS
 from ..services.policy import bundle_from_files
 from ..services.policy.feed import latest_valid
 from . import package as pkg
+from . import tables
 from .engine import replay
 
 MAX_JSON_BYTES = 64 << 20
@@ -217,6 +219,7 @@ def _check_everything_derived(root: Path, manifest: pkg.Manifest, register: Regi
     _check_violations(root, rebuilt, regular, report)
     _check_register(root, register, rebuilt, report)
     _check_replay(root, register, rebuilt, regular, report)
+    _check_tables(root, regular, report)
 
 
 def _stream_batches(path: Path, report: Report) -> Iterator[tuple[int, int, str, bytes, datetime]] | None:
@@ -381,6 +384,28 @@ def _check_replay(root: Path, register: Register, rebuilt: _Rebuilt, regular: se
     if result.mismatches:
         report.notice(pkg.REPLAY, f"{len(result.mismatches)} recorded decision(s) are not reproduced by replay, "
                                   f"first: {again[0]} (gateway replay --package DIR shows each)")
+
+
+def _check_tables(root: Path, regular: set[str], report: Report) -> None:
+    """Each analysts' table must be exactly what its one definition gives over the audit rows."""
+    events = sorted(n for n in regular if n.startswith(f"{pkg.AUDIT}/events/") and n.endswith(".parquet"))
+    if not events:
+        return
+    con = duckdb.connect()
+    try:
+        listing = ", ".join(f"'{root / n}'" for n in events)
+        con.execute(f"CREATE VIEW events AS SELECT * FROM read_parquet([{listing}], hive_partitioning=false, "
+                    "union_by_name=true)")
+        for name, sql in tables.TABLES.items():
+            folder = root / pkg.TABLES / name
+            if any(n.startswith(f"{pkg.TABLES}/{name}/") for n in regular):
+                wrong = tables.differs(con, name, folder)
+                if wrong:
+                    report.fail(f"{pkg.TABLES}/{name}", f"{wrong} row(s) are not what the audit rows give")
+            elif con.execute(f"SELECT count(*) FROM ({sql})").fetchone() != (0,):
+                report.fail(f"{pkg.TABLES}/{name}", "missing while the audit rows hold some")
+    finally:
+        con.close()
 
 
 def _violation(row: dict[str, Any]) -> dict[str, Any]:

@@ -290,6 +290,29 @@ async def test_a_replay_result_that_is_not_the_streams_is_caught(exported: Path,
     _resign(root, stack.audit_key_file)  # even signed by the real key
     problems = _problems(root)
     assert summary.mismatches == [] or any(p.startswith(pkg.REPLAY) for p in problems), problems
-    (root / pkg.REPLAY).write_bytes(msgspec.json.encode(msgspec.structs.replace(summary, decisions=summary.decisions + 1)))
+    padded = msgspec.structs.replace(summary, decisions=summary.decisions + 1)
+    (root / pkg.REPLAY).write_bytes(msgspec.json.encode(padded))
     _resign(root, stack.audit_key_file)
     assert any(p.startswith(pkg.REPLAY) and "replaying the exported stream" in p for p in _problems(root))
+
+
+async def test_the_analysts_tables_are_derived_once_and_checked_again(exported: Path, stack: WorkerSettings,
+                                                                      tmp_path: Path) -> None:
+    from enclave_gateway import audit_sql
+    from enclave_gateway.replay import tables
+
+    present = {n.split("/")[1] for n in pkg.listed_files(exported) if n.startswith(f"{pkg.TABLES}/")}
+    assert {"requests", "decisions", "invocations", "spend", "violations", "policies"} <= present
+    assert all("/day=" in n for n in pkg.listed_files(exported) if n.startswith(f"{pkg.TABLES}/"))
+    for name in ("requests", "decisions", "spend", "checkpoints", "policies"):  # the same views for `gateway sql`
+        cols, _ = audit_sql.query(Path(stack.data_dir) / "audit", f"SELECT * FROM {name} LIMIT 1")
+        assert "seq" in cols and "day" in cols
+    root = _copy(exported, tmp_path / "p")
+    spend = next(root / n for n in pkg.listed_files(root) if n.startswith(f"{pkg.TABLES}/spend/"))
+    rows = pq.read_table(spend).to_pylist()
+    rows[0]["charged_micros"] = 0  # where did the budget go? not there
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(spend)), spend)
+    _resign(root, stack.audit_key_file)
+    assert any(p.startswith(f"{pkg.TABLES}/spend") and "row(s)" in p for p in _problems(root))
+    assert set(tables.TABLES) == {"requests", "decisions", "invocations", "spend", "violations", "checkpoints",
+                                  "policies"}
