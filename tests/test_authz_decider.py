@@ -322,3 +322,23 @@ def test_the_memo_of_access_decisions_never_changes_one(policy: decider.AuthzPol
             args = (principals, parse_label("SECRET"), model, parse_label("SECRET"), *map(parse_label, labels))
             first, again = rules.first_denial(*args), rules.first_denial(*args)
             assert first == again == rules._first_denial(*args)[0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(team=st.sampled_from(["alpha", "bravo", "nobody"]), model=st.sampled_from(["u-model", "s-model", "x"]),
+       token_kind=st.sampled_from(["good", "garbage", "missing"]))
+def test_once_its_decision_is_folded_in_the_same_request_decides_nothing(policy: decider.AuthzPolicy, keys: Path,
+                                                                         team: str, model: str,
+                                                                         token_kind: str) -> None:
+    """The equinox property (issue 9 item 2), for allows and denials alike."""
+    token = {"good": issuer.issue(keys, subject="s", team=team, now=NOW), "garbage": "x.y.z", "missing": ""}[token_kind]
+    cmd = submitted(token, model)
+    at = datetime.fromtimestamp(NOW, UTC)
+    state = decider.initial_state()
+    decided = decider.decide(cmd, state, policy, at)
+    assert len(decided) == 1
+    for event in decided:
+        state = decider.evolve(state, event)
+    assert decider.decide(cmd, state, policy, at) == []
+    assert decider.decide(msgspec.structs.replace(cmd, request_id="other", event_id="other:submit"), state, policy,
+                          at) != []  # only that request

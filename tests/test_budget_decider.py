@@ -22,6 +22,7 @@ from enclave_gateway.schemas.events import (
 )
 from enclave_gateway.schemas.policy import Budgets, PolicyBundle, TeamBudget
 from enclave_gateway.services import catalog
+from enclave_gateway.services import remembered
 from enclave_gateway.services.budget import decider
 from enclave_gateway.services.policy import load_bundle
 from hypothesis import settings
@@ -269,10 +270,10 @@ def test_the_memory_of_closed_requests_is_bounded_by_the_horizon() -> None:
 
 def test_closing_many_requests_seals_generations_instead_of_copying_them_all() -> None:
     closed = decider.Closed()
-    for i in range(decider.GENERATION * 2 + 5):
+    for i in range(remembered.GENERATION * 2 + 5):
         closed = closed.add(f"r{i}", NOW)
-    assert len(closed.generations) == 2 and len(closed.recent) == 5 and len(closed) == decider.GENERATION * 2 + 5
-    assert "r0" in closed and f"r{decider.GENERATION * 2 + 4}" in closed and "never" not in closed
+    assert len(closed.generations) == 2 and len(closed.recent) == 5 and len(closed) == remembered.GENERATION * 2 + 5
+    assert "r0" in closed and f"r{remembered.GENERATION * 2 + 4}" in closed and "never" not in closed
 
 
 def test_expiry_is_decided_from_the_clock_tick_event_at_its_time() -> None:

@@ -221,3 +221,27 @@ def test_no_model_server_text_reaches_the_parquet() -> None:
     gave_up = msgspec.structs.replace(SAMPLES_BY_NAME["RequestFailed"], detail="ClientError('body: secret')")
     row, _ = auditor.row_for(auditor.initial_state(), 2, subjects.for_event(gave_up), codec.encode(gave_up), NOW, KEY)
     assert "secret" not in msgspec.json.encode(row).decode()
+
+
+@pytest.mark.parametrize("name", ["BudgetReserved"])
+def test_the_router_routes_a_request_once(name: str) -> None:
+    reserved = SAMPLES_BY_NAME[name]
+    assert isinstance(reserved, BudgetReserved)
+    state = router.initial_state()
+    decided = router.decide(reserved, state, BUNDLE, NOW)
+    assert decided
+    for event in decided:
+        state = router.evolve(state, event)
+    assert router.decide(reserved, state, BUNDLE, NOW) == []
+
+
+@pytest.mark.parametrize("name", ["RequestDenied", "BudgetRejected", "RouteUnavailable", "InvocationCompleted",
+                                  "InvocationFailed", "RequestFailed"])
+def test_the_edge_records_a_request_outcome_once(name: str) -> None:
+    terminal = msgspec.structs.replace(SAMPLES_BY_NAME[name], reply_to="_INBOX_app.tester.abc")
+    state = edge.initial_state()
+    decided = edge.decide(terminal, state, "v", NOW)  # type: ignore[arg-type]
+    assert decided
+    for event in decided:
+        state = edge.evolve(state, event)
+    assert edge.decide(terminal, state, "v", NOW) == []  # type: ignore[arg-type]

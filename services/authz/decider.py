@@ -26,6 +26,7 @@ from ...schemas.events import (
 from ...schemas.labels import UNCLASSIFIED, Label, LabelError, format_label, parse_label
 from ...schemas.policy import PolicyBundle
 from .. import catalog
+from ..remembered import Remembered
 from .access import TEAM_MODEL_ACCESS, AccessRules
 from .tokens import KeyRing, TokenCache, TokenDefect, verify
 
@@ -38,8 +39,10 @@ REASONS = {
 }
 
 
-class AuthzState(Struct, frozen=True):
-    """Authz keeps no state between requests."""
+class AuthzState(Struct, frozen=True, kw_only=True):
+    """The requests already decided (idempotency, issue 9 item 2); nothing else is kept."""
+
+    decided: Remembered = Remembered()
 
 
 class AuthzPolicy(Struct, frozen=True, kw_only=True):
@@ -58,7 +61,9 @@ def initial_state() -> AuthzState:
 
 
 def evolve(state: AuthzState, event: Event) -> AuthzState:
-    """Authz is stateless: every event leaves the state as it is."""
+    """A decision of this stage remembers its request; every other event leaves the state as it is."""
+    if isinstance(event, RequestAuthorized | RequestDenied):
+        return AuthzState(decided=state.decided.add(event.request_id, event.occurred_at))
     return state
 
 
@@ -70,7 +75,9 @@ def effective_labels(cmd: RequestSubmitted, clearance: Label) -> tuple[Label, La
 
 
 def decide(cmd: RequestSubmitted, state: AuthzState, policy: AuthzPolicy, now: datetime) -> list[AnyEvent]:
-    """Authorize one submitted request: exactly one RequestAuthorized or RequestDenied."""
+    """Authorize one submitted request: exactly one RequestAuthorized or RequestDenied (none if decided before)."""
+    if cmd.request_id in state.decided:
+        return []
     env = envelope(cmd.request_id, STAGE, now, policy.bundle.version)
 
     def deny(

@@ -18,7 +18,9 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
 
         async def handle(msg: Msg) -> None:
             cmd = codec.decode_as(msg.data, RequestSubmitted, msg.subject)
+            nonlocal state
             for event in decider.decide(cmd, state, s.policy, bus.now_utc()):
                 await bus.publish(s.js, bus.caused(event, cmd, msg))
+                state = decider.evolve(state, event)  # a redelivery after the duplicate window decides nothing
 
         await bus.consume(s.js, "authz", handle, stop)

@@ -34,12 +34,13 @@ from ...schemas.events import (
 )
 from ...schemas.policy import ModelEntry, PolicyBundle
 from .. import catalog
+from ..remembered import HORIZON
+from ..remembered import Remembered as Closed
 
 BudgetInput = (
     RequestAuthorized | InvocationCompleted | InvocationFailed | RouteUnavailable | RequestFailed | BudgetClockTicked
 )
-CLOSED_HORIZON = timedelta(days=2)  # longer than any reservation may stay open (policy TTL, validated)
-GENERATION = 4096  # closed ids folded into one frozen generation
+CLOSED_HORIZON = HORIZON  # longer than any reservation may stay open (policy TTL, validated)
 
 
 class Totals(Struct, frozen=True):
@@ -47,32 +48,6 @@ class Totals(Struct, frozen=True):
 
     spent: int = 0
     reserved: int = 0
-
-
-class Closed(Struct, frozen=True, kw_only=True):
-    """Request ids settled or released, remembered for CLOSED_HORIZON.
-
-    Folding one more must not copy them all (a busy deployment closes millions in two days), so the
-    newest few are a small dict and the rest frozen generations, dropped whole once they age out.
-    """
-
-    recent: dict[str, datetime] = {}
-    generations: tuple[tuple[datetime, frozenset[str]], ...] = ()  # (newest close time, ids), oldest first
-
-    def __contains__(self, request_id: str) -> bool:
-        return request_id in self.recent or any(request_id in ids for _, ids in self.generations)
-
-    def __len__(self) -> int:
-        return len(self.recent) + sum(len(ids) for _, ids in self.generations)
-
-    def add(self, request_id: str, at: datetime) -> Closed:
-        """These ids plus one, closed at `at`; generations older than the horizon are dropped."""
-        horizon = at - CLOSED_HORIZON
-        generations = tuple(g for g in self.generations if g[0] >= horizon)
-        if len(self.recent) < GENERATION:
-            return Closed(recent={**self.recent, request_id: at}, generations=generations)
-        sealed = (max(self.recent.values()), frozenset(self.recent))
-        return Closed(recent={request_id: at}, generations=(*generations, sealed))
 
 
 class BudgetState(Struct, frozen=True, kw_only=True):

@@ -27,6 +27,7 @@ from ...schemas.events import (
     RouteUnavailable,
     envelope,
 )
+from ..remembered import Remembered
 
 Terminal = RequestDenied | BudgetRejected | RouteUnavailable | InvocationCompleted | InvocationFailed | RequestFailed
 STAGE = "edge"
@@ -37,8 +38,10 @@ ReplyRoute = Literal["application", "edge", "refused", "none"]
 HolderView = Literal["waiting", "answered", "gone"]
 
 
-class EdgeState(Struct, frozen=True):
-    """The edge keeps no decision state."""
+class EdgeState(Struct, frozen=True, kw_only=True):
+    """The requests whose outcome was already recorded (idempotency)."""
+
+    recorded: Remembered = Remembered()
 
 
 def initial_state() -> EdgeState:
@@ -47,7 +50,9 @@ def initial_state() -> EdgeState:
 
 
 def evolve(state: EdgeState, event: Event) -> EdgeState:
-    """No event changes the edge's state."""
+    """A recorded outcome remembers its request."""
+    if isinstance(event, ResponseDelivered | ResponseUndelivered):
+        return EdgeState(recorded=state.recorded.add(event.request_id, event.occurred_at))
     return state
 
 
@@ -254,6 +259,8 @@ def decide(event: Terminal, state: EdgeState, policy_version: str, now: datetime
     the application still listens. An HTTP caller's is recorded by the replica holding it
     (`handed_over`), so the responder records nothing for it.
     """
+    if event.request_id in state.recorded:
+        return []  # its outcome is on record: a redelivered terminal records nothing twice
     reply, team = reply_for(event), team_of(event)
     match reply_route(event.reply_to):
         case "application":

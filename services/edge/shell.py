@@ -35,6 +35,7 @@ class Edge:
         self.settings, self.session = settings, session
         self.nc, self.js = session.nc, session.js
         self.replica = uuid.uuid4().hex
+        self.state = decider.initial_state()  # the outcomes this replica recorded, for idempotency
         self.pending: dict[str, asyncio.Future[tuple[SubmitReply, str | None]]] = {}
         self.answered: dict[str, None] = {}  # insertion-ordered, the oldest dropped first
 
@@ -156,11 +157,14 @@ class Edge:
         event = codec.decode_event(msg.data, msg.subject)
         if not isinstance(event, decider.Terminal):
             raise codec.DecodeError(f"edge responder does not take {type(event).__name__}")
+        if event.request_id in self.state.recorded:
+            return  # answered and recorded already: a redelivery answers nobody twice
         target = decider.reply_target(event.reply_to)
         if target is not None:  # an HTTP caller's reply is forwarded to the replica holding it
             await self.nc.publish(target, codec.encode(decider.reply_for(event)), headers=decider.reply_headers(event))
-        for fact in decider.decide(event, decider.initial_state(), self.version, bus.now_utc()):
+        for fact in decider.decide(event, self.state, self.version, bus.now_utc()):
             await bus.publish(self.js, bus.caused(fact, event, msg))
+            self.state = decider.evolve(self.state, fact)
 
 
 async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:

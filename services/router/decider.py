@@ -11,12 +11,15 @@ from msgspec import Struct
 from ...schemas.events import AnyEvent, BudgetReserved, Event, Reservation, RouteSelected, RouteUnavailable, envelope
 from ...schemas.policy import PolicyBundle
 from .. import catalog
+from ..remembered import Remembered
 
 STAGE = "route"
 
 
-class RouterState(Struct, frozen=True):
-    """Routing by catalog needs no state yet (latency-aware strategies will fold completions)."""
+class RouterState(Struct, frozen=True, kw_only=True):
+    """The requests already routed (idempotency); latency-aware strategies will fold completions."""
+
+    routed: Remembered = Remembered()
 
 
 def initial_state() -> RouterState:
@@ -25,12 +28,16 @@ def initial_state() -> RouterState:
 
 
 def evolve(state: RouterState, event: Event) -> RouterState:
-    """No event changes the router's state yet."""
+    """A route of this stage remembers its request."""
+    if isinstance(event, RouteSelected | RouteUnavailable):
+        return RouterState(routed=state.routed.add(event.request_id, event.occurred_at))
     return state
 
 
 def decide(event: BudgetReserved, state: RouterState, policy: PolicyBundle, now: datetime) -> list[AnyEvent]:
-    """One RouteSelected or RouteUnavailable for a reserved request."""
+    """One RouteSelected or RouteUnavailable for a reserved request (none if routed before)."""
+    if event.request_id in state.routed:
+        return []
     env = envelope(event.request_id, STAGE, now, policy.version)
     held = Reservation(team=event.team, period=event.period, micros=event.amount_micros)
     resolved = catalog.resolve(policy.catalog, event.model_id)

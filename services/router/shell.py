@@ -18,7 +18,9 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
 
         async def handle(msg: Msg) -> None:
             reserved = codec.decode_as(msg.data, BudgetReserved, msg.subject)
+            nonlocal state
             for event in decider.decide(reserved, state, s.policy, bus.now_utc()):
                 await bus.publish(s.js, bus.caused(event, reserved, msg))
+                state = decider.evolve(state, event)
 
         await bus.consume(s.js, "router", handle, stop)

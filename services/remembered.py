@@ -1,0 +1,38 @@
+"""Request ids a decider has already decided, remembered for a bounded time (issue 9 item 2).
+
+Deciders are idempotent: once the events they decided are folded in, the same input decides
+nothing, even when it arrives again after the broker's duplicate window (a redelivery, or a copy a
+credential made the server store). Folding one more id must not copy them all, so the newest few
+are a small dict and the rest frozen generations, dropped whole once they age out.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from msgspec import Struct
+
+HORIZON = timedelta(days=2)
+GENERATION = 4096  # ids folded into one frozen generation
+
+
+class Remembered(Struct, frozen=True, kw_only=True):
+    """Ids seen, with when, for HORIZON."""
+
+    recent: dict[str, datetime] = {}
+    generations: tuple[tuple[datetime, frozenset[str]], ...] = ()  # (newest time, ids), oldest first
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self.recent or any(request_id in ids for _, ids in self.generations)
+
+    def __len__(self) -> int:
+        return len(self.recent) + sum(len(ids) for _, ids in self.generations)
+
+    def add(self, request_id: str, at: datetime) -> Remembered:
+        """These ids plus one, seen at `at`; generations older than the horizon are dropped."""
+        horizon = at - HORIZON
+        generations = tuple(g for g in self.generations if g[0] >= horizon)
+        if len(self.recent) < GENERATION:
+            return Remembered(recent={**self.recent, request_id: at}, generations=generations)
+        sealed = (max(self.recent.values()), frozenset(self.recent))
+        return Remembered(recent={request_id: at}, generations=(*generations, sealed))
