@@ -257,8 +257,8 @@ def cmd_evidence_export(args: argparse.Namespace) -> int:
 
     try:
         with reachable_settings(Path(args.data_dir)) as settings:
-            manifest = asyncio.run(export(settings, Path(args.dir)))
-    except (FileExistsError, FileNotFoundError) as exc:
+            manifest = asyncio.run(export(settings, Path(args.dir), args.period))
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
         console.print(f"[red]{exc}[/]")
         return 1
     head = manifest.chain_head.head[:16]
@@ -376,6 +376,8 @@ def parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evidence", help="evidence packages for assessors").add_subparsers(dest="ev_cmd", required=True)
     ee = ev.add_parser("export", help="write the signed evidence package of the running gateway into DIR")
     ee.add_argument("dir")
+    ee.add_argument("--period", help="YYYY, YYYY-MM or YYYY-MM-DD: tables, violations and the document cover only "
+                                     "those days (the stream and its chain are always whole)")
     ee.add_argument("--data-dir", default="var")
     ee.set_defaults(func=cmd_evidence_export)
     evv = ev.add_parser("verify", help="check an evidence package offline, naming every failure")

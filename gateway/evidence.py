@@ -56,8 +56,13 @@ class _Collected(msgspec.Struct, kw_only=True):
     activations: list[tuple[bytes, str, int]] = msgspec.field(default_factory=list)
 
 
-async def export(settings: WorkerSettings, out: Path) -> pkg.Manifest:
-    """Write the package for everything stored so far; refuses a folder that is not empty."""
+async def export(settings: WorkerSettings, out: Path, period: str | None = None) -> pkg.Manifest:
+    """Write the package for everything stored so far; refuses a folder that is not empty.
+
+    `period` (YYYY, YYYY-MM or YYYY-MM-DD) restricts the analysts' tables, the violations feed and
+    the validation document to those days; the stream and its chain are always exported whole.
+    """
+    tables.in_period(period)  # a bad period is refused before anything is written
     _prepare(out)
     nc = await bus.connect(settings, "admin", keep_trying=False)
     try:
@@ -65,15 +70,15 @@ async def export(settings: WorkerSettings, out: Path) -> pkg.Manifest:
         collected = await _write_stream(nc.jetstream(), out / pkg.STREAM, until)
     finally:
         await nc.close()
-    _copy_audit(settings.audit_dir, out, collected.last)
-    _write_tables(out)
+    _copy_audit(settings.audit_dir, out, collected.last, period)
+    _write_tables(out, period)
     (out / pkg.CHECKPOINTS).write_bytes(msgspec.json.format(msgspec.json.encode(collected.checkpoints)))
     register = _write_register(settings, out, collected)
     summary = replay_summary(collected.stored, dev_jwks(settings), settings.policy_signers)
     (out / pkg.REPLAY).write_bytes(msgspec.json.format(msgspec.json.encode(summary)))
     oscal.write_validated(oscal.component_definition(register, oscal.now_utc()), out / oscal.COMPONENT_FILE)
-    write_validation_document(out)
-    return _sign_manifest(settings, out, collected)
+    write_validation_document(out, period)
+    return _sign_manifest(settings, out, collected, period)
 
 
 def replay_summary(stored: list[tuple[int, str, bytes]], jwks: list[str],
@@ -133,7 +138,7 @@ def _fold(got: _Collected, seq: int, subject: str, data: bytes) -> None:
         got.activations.append((data, subject, seq))
 
 
-def _copy_audit(audit_dir: Path, out: Path, until: int) -> None:
+def _copy_audit(audit_dir: Path, out: Path, until: int, period: str | None) -> None:
     """The audit tables up to the last exported event (the auditor may have written more since)."""
     if audit_dir.exists():
         shutil.copytree(audit_dir, out / pkg.AUDIT, ignore=shutil.ignore_patterns("*.tmp"))
@@ -148,7 +153,7 @@ def _copy_audit(audit_dir: Path, out: Path, until: int) -> None:
     try:
         if any((audit_dir / "violations").glob("day=*/*.parquet")):
             rel = f"(SELECT * FROM read_parquet('{violations_glob(audit_dir)}', hive_partitioning=false) " \
-                  f"WHERE seq <= {int(until)})"
+                  f"WHERE seq <= {int(until)} AND {tables.in_period(period)})"
             con.execute(f"COPY (SELECT * FROM {rel} ORDER BY seq) TO '{out / pkg.VIOLATIONS_CSV}' (HEADER)")
             con.execute(f"COPY (SELECT * FROM {rel} ORDER BY seq) TO '{out / pkg.VIOLATIONS_PARQUET}' (FORMAT parquet)")
         else:
@@ -157,7 +162,7 @@ def _copy_audit(audit_dir: Path, out: Path, until: int) -> None:
         con.close()
 
 
-def _write_tables(out: Path) -> None:
+def _write_tables(out: Path, period: str | None) -> None:
     """The analysts' tables, day-partitioned, from the package's own audit rows (one definition)."""
     if not any((out / pkg.AUDIT / "events").glob("day=*/*.parquet")):
         return
@@ -165,7 +170,7 @@ def _write_tables(out: Path) -> None:
     try:
         con.execute(f"CREATE VIEW events AS SELECT * FROM read_parquet('{out / pkg.AUDIT}/events/day=*/*.parquet', "
                     "hive_partitioning=false, union_by_name=true)")
-        tables.write(con, out / pkg.TABLES)
+        tables.write(con, out / pkg.TABLES, period)
     finally:
         con.close()
 
@@ -191,8 +196,9 @@ def _write_register(settings: WorkerSettings, out: Path, got: _Collected) -> dic
     return register
 
 
-def _sign_manifest(settings: WorkerSettings, out: Path, got: _Collected) -> pkg.Manifest:
+def _sign_manifest(settings: WorkerSettings, out: Path, got: _Collected, period: str | None) -> pkg.Manifest:
     manifest = pkg.Manifest(
+        period=period,
         system=SYSTEM,
         exported_at=datetime.now(UTC).isoformat(),
         first_seq=got.first or 1,

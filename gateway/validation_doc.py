@@ -11,6 +11,7 @@ import duckdb
 import msgspec
 
 from .replay import package as pkg
+from .replay import tables
 
 # (control, what it asks, where this package evidences it)
 CONTROLS: tuple[tuple[str, str, str], ...] = (
@@ -42,10 +43,10 @@ CONTROLS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def write(root: Path) -> list[Path]:
-    """Write validation.md, validation.html and the plots into the package folder."""
-    figures = _figures(root)
-    counts = _counts(root)
+def write(root: Path, period: str | None = None) -> list[Path]:
+    """Write validation.md, validation.html and the plots (of the period's days) into the package folder."""
+    figures = _figures(root, period)
+    counts = _counts(root, period)
     replayed = msgspec.json.decode((root / pkg.REPLAY).read_bytes(), type=pkg.ReplaySummary)
     counts["replay"] = (f"{replayed.reproduced} of {replayed.decisions} recorded decisions reproduced by replay "
                         f"with the policy each was made under; {len(replayed.mismatches)} mismatch(es)"
@@ -56,27 +57,27 @@ def write(root: Path) -> list[Path]:
     return [root / "validation.md", root / "validation.html", *figures.values()]
 
 
-def _query(root: Path, sql: str) -> list[tuple[object, ...]]:
+def _query(root: Path, sql: str, period: str | None = None) -> list[tuple[object, ...]]:
     events = root / pkg.AUDIT / "events"
     if not any(events.glob("day=*/*.parquet")):
         return []
     con = duckdb.connect()
     try:
         con.execute(f"CREATE VIEW events AS SELECT * FROM read_parquet('{events}/day=*/*.parquet', "
-                    "hive_partitioning=false, union_by_name=true)")
+                    f"hive_partitioning=false, union_by_name=true) WHERE {tables.in_period(period)}")
         return con.execute(sql).fetchall()
     finally:
         con.close()
 
 
-def _counts(root: Path) -> dict[str, object]:
+def _counts(root: Path, period: str | None) -> dict[str, object]:
     rows = _query(root, "SELECT count(*), count(*) FILTER (type = 'RequestDenied'), "
-                        "count(*) FILTER (type = 'AuditCheckpoint'), min(seq), max(seq) FROM events")
+                        "count(*) FILTER (type = 'AuditCheckpoint'), min(seq), max(seq) FROM events", period)
     total, denied, checkpoints, first, last = rows[0] if rows else (0, 0, 0, None, None)
     return {"events": total, "denials": denied, "checkpoints": checkpoints, "first": first, "last": last}
 
 
-def _figures(root: Path) -> dict[str, Path]:
+def _figures(root: Path, period: str | None) -> dict[str, Path]:
     import matplotlib
 
     matplotlib.use("Agg")  # no display in an enclave server room
@@ -99,7 +100,7 @@ def _figures(root: Path) -> dict[str, Path]:
     }
     out: dict[str, Path] = {}
     for title, (sql, name) in specs.items():
-        rows = _query(root, sql)
+        rows = _query(root, sql, period)
         fig, ax = plt.subplots(figsize=(7, 3.5))
         labels = [str(r[0]) for r in rows]
         values = [float(str(r[1])) for r in rows]

@@ -55,6 +55,9 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     events: int
     chain_head: ChainHead
     files: dict[str, FileEntry]
+    # The analysts' tables, the violations and the document cover only days in this period; the
+    # stream, the audit rows and the chain stay whole (the chain and replay need every event).
+    period: str | None = None
 
 
 class ReplaySummary(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

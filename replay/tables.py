@@ -7,9 +7,21 @@ Their columns are part of the public contract (docs/architecture.md lists them):
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import duckdb
+
+PERIOD = re.compile(r"^\d{4}(-\d{2}){0,2}$")  # 2026, 2026-11 or 2026-11-28: a prefix of the `day` column
+
+
+def in_period(period: str | None) -> str:
+    """The SQL predicate on `day` for a period (TRUE without one); raises ValueError on a bad period."""
+    if period is None:
+        return "TRUE"
+    if not PERIOD.match(period):
+        raise ValueError(f"period {period!r} is not YYYY, YYYY-MM or YYYY-MM-DD")
+    return f"day LIKE '{period}%'"
 
 TABLES: dict[str, str] = {
     "requests": (
@@ -53,11 +65,12 @@ def create_views(con: duckdb.DuckDBPyConnection) -> None:
             con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
 
 
-def write(con: duckdb.DuckDBPyConnection, out: Path) -> list[str]:
-    """Each table as day-partitioned Parquet under `out/<name>/day=YYYY-MM-DD/`; the names written."""
+def write(con: duckdb.DuckDBPyConnection, out: Path, period: str | None = None) -> list[str]:
+    """Each table, restricted to the period, as day-partitioned Parquet under `out/<name>/day=…/`."""
     written = []
     out.mkdir(parents=True, exist_ok=True)
-    for name, sql in TABLES.items():
+    for name, base in TABLES.items():
+        sql = f"SELECT * FROM ({base}) WHERE {in_period(period)}"
         target = out / name
         if con.execute(f"SELECT count(*) FROM ({sql})").fetchone() == (0,):
             continue
@@ -67,10 +80,10 @@ def write(con: duckdb.DuckDBPyConnection, out: Path) -> list[str]:
     return written
 
 
-def differs(con: duckdb.DuckDBPyConnection, name: str, folder: Path) -> int:
-    """Rows in either the stored table or the table derived from `events`, but not both."""
+def differs(con: duckdb.DuckDBPyConnection, name: str, folder: Path, period: str | None = None) -> int:
+    """Rows in either the stored table or the table derived from `events` for the period, but not both."""
     stored = f"(SELECT * FROM read_parquet('{folder}/*/*.parquet', hive_partitioning=false))"  # day: the folder
-    derived = f"(SELECT * EXCLUDE (day) FROM ({TABLES[name]}))"
+    derived = f"(SELECT * EXCLUDE (day) FROM ({TABLES[name]}) WHERE {in_period(period)})"
     row = con.execute(f"SELECT (SELECT count(*) FROM ({stored} EXCEPT ALL {derived})) + "
                       f"(SELECT count(*) FROM ({derived} EXCEPT ALL {stored}))").fetchone()
     return int(row[0]) if row else 0

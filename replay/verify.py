@@ -216,10 +216,10 @@ def _check_everything_derived(root: Path, manifest: pkg.Manifest, register: Regi
     if rebuilt is None:
         return
     _check_audit_tables(root, manifest, rebuilt, regular, report)
-    _check_violations(root, rebuilt, regular, report)
+    _check_violations(root, rebuilt, regular, report, manifest.period)
     _check_register(root, register, rebuilt, report)
     _check_replay(root, register, rebuilt, regular, report)
-    _check_tables(root, regular, report)
+    _check_tables(root, regular, report, manifest.period)
 
 
 def _stream_batches(path: Path, report: Report) -> Iterator[tuple[int, int, str, bytes, datetime]] | None:
@@ -348,8 +348,9 @@ def _check_audit_tables(root: Path, manifest: pkg.Manifest, rebuilt: _Rebuilt, r
         report.fail(f"{pkg.AUDIT}/events", f"{len(missing)} event(s) have no audit row, first seq {missing[0]}")
 
 
-def _check_violations(root: Path, rebuilt: _Rebuilt, regular: set[str], report: Report) -> None:
-    denials = [_plain(r) for _, r in sorted(rebuilt.rows.items()) if r.type == "RequestDenied"]
+def _check_violations(root: Path, rebuilt: _Rebuilt, regular: set[str], report: Report, period: str | None) -> None:
+    denials = [_plain(r) for _, r in sorted(rebuilt.rows.items())
+               if r.type == "RequestDenied" and (period is None or r.day.startswith(period))]
     expected = [[str(d[c]) if d[c] is not None else "" for c in ("seq", "request_id", "rule", "reason")]
                 for d in denials]
     if pkg.VIOLATIONS_CSV in regular:
@@ -386,7 +387,7 @@ def _check_replay(root: Path, register: Register, rebuilt: _Rebuilt, regular: se
                                   f"first: {again[0]} (gateway replay --package DIR shows each)")
 
 
-def _check_tables(root: Path, regular: set[str], report: Report) -> None:
+def _check_tables(root: Path, regular: set[str], report: Report, period: str | None) -> None:
     """Each analysts' table must be exactly what its one definition gives over the audit rows."""
     events = sorted(n for n in regular if n.startswith(f"{pkg.AUDIT}/events/") and n.endswith(".parquet"))
     if not events:
@@ -399,10 +400,10 @@ def _check_tables(root: Path, regular: set[str], report: Report) -> None:
         for name, sql in tables.TABLES.items():
             folder = root / pkg.TABLES / name
             if any(n.startswith(f"{pkg.TABLES}/{name}/") for n in regular):
-                wrong = tables.differs(con, name, folder)
+                wrong = tables.differs(con, name, folder, period)
                 if wrong:
                     report.fail(f"{pkg.TABLES}/{name}", f"{wrong} row(s) are not what the audit rows give")
-            elif con.execute(f"SELECT count(*) FROM ({sql})").fetchone() != (0,):
+            elif con.execute(f"SELECT count(*) FROM ({sql}) WHERE {tables.in_period(period)}").fetchone() != (0,):
                 report.fail(f"{pkg.TABLES}/{name}", "missing while the audit rows hold some")
     finally:
         con.close()

@@ -316,3 +316,20 @@ async def test_the_analysts_tables_are_derived_once_and_checked_again(exported: 
     assert any(p.startswith(f"{pkg.TABLES}/spend") and "row(s)" in p for p in _problems(root))
     assert set(tables.TABLES) == {"requests", "decisions", "invocations", "spend", "violations", "checkpoints",
                                   "policies"}
+
+
+async def test_a_period_package_restricts_the_tables_and_still_verifies(stack: WorkerSettings,
+                                                                        tmp_path: Path) -> None:
+    """`--period`: the analysts' files cover only those days; the stream and its chain stay whole."""
+    today = datetime.now(UTC).strftime("%Y-%m")
+    for period, expect_rows in (("1999", False), (today, True)):
+        out = tmp_path / period
+        manifest = await evidence.export(stack, out, period)
+        assert manifest.period == period and manifest.first_seq == 1
+        report = verify(out)
+        assert report.ok, report.findings
+        has_tables = any(n.startswith(f"{pkg.TABLES}/") for n in pkg.listed_files(out))
+        assert has_tables == expect_rows
+        assert ("token_missing" in (out / pkg.VIOLATIONS_CSV).read_text()) == expect_rows
+    with pytest.raises(ValueError, match="period"):
+        await evidence.export(stack, tmp_path / "bad", "Nov-2026")
