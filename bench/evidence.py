@@ -20,12 +20,14 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import duckdb
 import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from enclave_gateway import issuer, policy_admin
 from enclave_gateway.evidence import STREAM_SCHEMA, replay_summary
 from enclave_gateway.replay import package as pkg
+from enclave_gateway.replay import tables
 from enclave_gateway.replay.engine import replay
 from enclave_gateway.replay.verify import verify
 from enclave_gateway.schemas import codec, subjects
@@ -140,6 +142,11 @@ def write_package(stored: list[tuple[int, str, bytes, datetime]], jwks: str, sig
     records = msgspec.to_builtins(rows, builtin_types=(datetime,))
     pq.write_table(pa.Table.from_pylist([{k: r[k] for k in SCHEMA.names} for r in records], schema=SCHEMA),
                    root / pkg.AUDIT / "events" / "day=2026-11-28" / "seq-all.parquet")
+    con = duckdb.connect()
+    con.execute(f"CREATE VIEW events AS SELECT * FROM read_parquet('{root / pkg.AUDIT}/events/day=*/*.parquet', "
+                "hive_partitioning=false)")
+    tables.write(con, root / pkg.TABLES)  # the analysts' tables, from their one definition
+    con.close()
     pq.write_table(VIOLATION_SCHEMA.empty_table(), root / pkg.VIOLATIONS_PARQUET)
     (root / pkg.VIOLATIONS_CSV).write_text("seq,request_id,rule,reason\n")
     cps = [codec.decode_as(d, checkpoints.AuditCheckpoint, s) for _, s, d, _ in stored

@@ -5,10 +5,30 @@ safe subject tokens; events always carry the exact names.
 """
 
 import re
-from typing import TYPE_CHECKING, assert_never
+from typing import assert_never
 
-if TYPE_CHECKING:
-    from .events import AnyEvent
+from .events import (
+    AnyEvent,
+    AuditCheckpoint,
+    BudgetClockTicked,
+    BudgetRejected,
+    BudgetReleased,
+    BudgetReserved,
+    BudgetSettled,
+    BudgetThresholdCrossed,
+    InvocationCompleted,
+    InvocationFailed,
+    MessageRejected,
+    PolicyActivated,
+    RequestAuthorized,
+    RequestDenied,
+    RequestFailed,
+    RequestSubmitted,
+    ResponseDelivered,
+    ResponseUndelivered,
+    RouteSelected,
+    RouteUnavailable,
+)
 
 STREAM = "GW_EVENTS"
 ALL_EVENTS = "gw.evt.>"
@@ -136,29 +156,8 @@ def msg_id(request_id: str, stage: str) -> str:
     return f"{request_id}:{stage}"
 
 
-def for_event(event: "AnyEvent") -> str:
+def for_event(event: AnyEvent) -> str:
     """The subject an event is published on, derived from the event alone."""
-    from .events import (
-        AuditCheckpoint,
-        BudgetClockTicked,
-        BudgetRejected,
-        BudgetReleased,
-        BudgetReserved,
-        BudgetSettled,
-        BudgetThresholdCrossed,
-        InvocationCompleted,
-        InvocationFailed,
-        MessageRejected,
-        PolicyActivated,
-        RequestAuthorized,
-        RequestDenied,
-        RequestFailed,
-        RequestSubmitted,
-        ResponseDelivered,
-        ResponseUndelivered,
-        RouteSelected,
-        RouteUnavailable,
-    )
 
     match event:
         case RequestSubmitted():
