@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import shutil
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
 from rich.progress import Progress
 
 from . import oscal
@@ -102,15 +100,12 @@ async def _write_stream(js: JetStreamContext, path: Path, until: int) -> _Collec
     if until == 0:
         pq.write_table(STREAM_SCHEMA.empty_table(), path)
         return got
-    config = ConsumerConfig(name=f"admin_evidence_{uuid.uuid4().hex}", inactive_threshold=5.0,
-                            deliver_policy=DeliverPolicy.ALL)
-    sub = await js.subscribe(subjects.ALL_EVENTS, stream=subjects.STREAM, ordered_consumer=True, config=config)
     rows: list[dict[str, object]] = []
+    messages = bus.stored_between(js, subjects.ALL_EVENTS, "admin_evidence", 1, until)
     with pq.ParquetWriter(path, STREAM_SCHEMA) as writer, Progress(transient=True) as progress:
         task = progress.add_task("exporting the stream", total=until)
-        try:
-            while got.last < until:
-                msg = await sub.next_msg(timeout=10)
+        async with contextlib.aclosing(messages) as msgs:
+            async for msg in msgs:
                 seq = msg.metadata.sequence.stream
                 rows.append({"seq": seq, "subject": msg.subject, "stored_at": msg.metadata.timestamp,
                              "data": msg.data})
@@ -119,8 +114,6 @@ async def _write_stream(js: JetStreamContext, path: Path, until: int) -> _Collec
                     writer.write_table(pa.Table.from_pylist(rows, schema=STREAM_SCHEMA))
                     rows = []
                 progress.update(task, completed=seq)
-        finally:
-            await sub.unsubscribe()
         if rows:
             writer.write_table(pa.Table.from_pylist(rows, schema=STREAM_SCHEMA))
     return got

@@ -291,8 +291,7 @@ def _check_checkpoint(where: str, data: bytes, heads: dict[int, str], signer: ke
     except codec.DecodeError:
         return  # junk stored on the subject: chained like any message, vouches for nothing
     rebuilt.checkpoints.append(cp)  # checkpoints.json lists every one found; only valid ones vouch
-    message = checkpoints.message(cp.seq, cp.head, cp.previous_seq, cp.previous_head)
-    if cp.signer != signer.kid or not keys.valid(signer.public_key, cp.signature, message):
+    if not checkpoints.signed_by(cp, signer):
         report.notice(where, f"a checkpoint claiming seq {cp.seq} is not signed by the register's audit key: it "
                              "vouches for nothing")
         return

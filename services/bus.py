@@ -13,9 +13,10 @@ Nothing is dropped silently and no message stops a worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 import msgspec
@@ -108,30 +109,42 @@ async def ensure_topology(js: JetStreamContext, replicas: int = 1) -> None:
     await js.create_object_store("GW_BUDGET", config=ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas))
 
 
-async def stored_on(js: JetStreamContext, subject: str, reader: str) -> list[tuple[bytes, str, int]]:
-    """Every message stored on `subject` so far, as (data, subject, stream sequence), oldest first.
+async def own_reader(js: JetStreamContext, subject: str, reader: str, start: int) -> JetStreamContext.PushSubscription:
+    """An ordered consumer of the reader's own over `subject`, from stream sequence `start`.
 
-    An ordered consumer of the reader's own, named and filtered to exactly that subject (what the
-    registry grants; the bare create form would let a credential create or update any consumer);
-    nats-py never deletes it, the server drops it once idle.
+    Named and filtered to exactly that subject, which is what the registry grants (the bare create
+    form would let a credential create or update any consumer). nats-py never deletes it and no
+    runtime role may: the server drops it once idle.
     """
+    config = ConsumerConfig(name=f"{reader}_{uuid.uuid4().hex}", inactive_threshold=5.0,
+                            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start))
+    return await js.subscribe(subject, stream=subjects.STREAM, ordered_consumer=True, config=config)
+
+
+async def stored_between(js: JetStreamContext, subject: str, reader: str, start: int, until: int
+                         ) -> AsyncGenerator[Msg, None]:
+    """The messages stored on `subject` from sequence `start` through `until`, in order."""
+    if until < start:
+        return
+    sub = await own_reader(js, subject, reader, start)
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=10)
+            yield msg
+            if msg.metadata.sequence.stream >= until:
+                return
+    finally:
+        await sub.unsubscribe()
+
+
+async def stored_on(js: JetStreamContext, subject: str, reader: str) -> list[tuple[bytes, str, int]]:
+    """Every message stored on `subject` so far, as (data, subject, stream sequence), oldest first."""
     try:
         last = await js.get_last_msg(subjects.STREAM, subject, direct=True)
     except NotFoundError:
         return []
-    config = ConsumerConfig(name=f"{reader}_read_{uuid.uuid4().hex}", inactive_threshold=5.0,
-                            deliver_policy=DeliverPolicy.ALL)
-    sub = await js.subscribe(subject, stream=subjects.STREAM, ordered_consumer=True, config=config)
-    out: list[tuple[bytes, str, int]] = []
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=10)
-            seq = msg.metadata.sequence.stream
-            out.append((msg.data, msg.subject, seq))
-            if seq >= int(last.seq or 0):
-                return out
-    finally:
-        await sub.unsubscribe()
+    async with contextlib.aclosing(stored_between(js, subject, reader, 1, int(last.seq or 0))) as msgs:
+        return [(msg.data, msg.subject, msg.metadata.sequence.stream) async for msg in msgs]
 
 
 def consumer_config(name: str, spec: ConsumerSpec) -> ConsumerConfig:

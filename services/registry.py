@@ -59,11 +59,6 @@ class Identity(msgspec.Struct, frozen=True, kw_only=True):
             subjects.app_inbox(self.name.removeprefix("app.")) if self.kind == "application" else f"_INBOX_{self.name}"
         )
 
-    @property
-    def seed_name(self) -> str:
-        """The file stem of its NKey seed in the credentials folder."""
-        return self.name
-
 
 # Terminal facts the edge turns into replies (DESIGN §1).
 TERMINAL = (

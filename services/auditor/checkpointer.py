@@ -15,12 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 
 import nats
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy, Header
+from nats.js.api import Header
 from nats.js.errors import APIError
 
 from ...schemas import codec, subjects
@@ -47,8 +46,7 @@ class Checkpointer:
 
     def valid(self, cp: AuditCheckpoint) -> bool:
         """Signed by this deployment's audit key over exactly its chain position."""
-        message = checkpoints.message(cp.seq, cp.head, cp.previous_seq, cp.previous_head)
-        return cp.signer == self.public.kid and keys.valid(self.public.public_key, cp.signature, message)
+        return checkpoints.signed_by(cp, self.public)
 
     async def resume(self) -> None:
         """Continue after the valid checkpoint that vouches for the furthest position."""
@@ -75,10 +73,7 @@ class Checkpointer:
             await self._follow(stop)
 
     async def _follow(self, stop: asyncio.Event) -> None:
-        config = ConsumerConfig(name=f"auditor_chain_{uuid.uuid4().hex}", inactive_threshold=5.0,
-                                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.cursor.seq + 1)
-        sub = await self.js.subscribe(subjects.ALL_EVENTS, stream=subjects.STREAM, ordered_consumer=True,
-                                      config=config)
+        sub = await bus.own_reader(self.js, subjects.ALL_EVENTS, "auditor_chain", self.cursor.seq + 1)
         last_checkpoint = time.monotonic()
         try:
             while not stop.is_set():

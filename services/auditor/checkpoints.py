@@ -15,6 +15,8 @@ from msgspec import Struct
 
 from ...schemas import subjects
 from ...schemas.events import AuditCheckpoint, envelope
+from .. import keys
+from ..keys import SignerKey
 from .decider import GENESIS, chain
 
 DOMAIN = b"enclave-gateway/audit-checkpoint/v1\n"
@@ -46,6 +48,17 @@ def due(cursor: Cursor, every_events: int, elapsed_s: float, every_s: float) -> 
 def message(seq: int, head: str, previous_seq: int, previous_head: str) -> bytes:
     """What the audit signer signs: the domain tag and the chain position it vouches for."""
     return DOMAIN + f"{seq}\n{head}\n{previous_seq}\n{previous_head}".encode()
+
+
+def signed_by(cp: AuditCheckpoint, signer: SignerKey) -> bool:
+    """Whether `signer` signed exactly this checkpoint's chain position."""
+    message = checkpoint_message(cp)
+    return cp.signer == signer.kid and keys.valid(signer.public_key, cp.signature, message)
+
+
+def checkpoint_message(cp: AuditCheckpoint) -> bytes:
+    """The signing message of a recorded checkpoint."""
+    return message(cp.seq, cp.head, cp.previous_seq, cp.previous_head)
 
 
 def unsigned(cursor: Cursor) -> bytes:

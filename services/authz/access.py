@@ -84,7 +84,7 @@ class AccessRules:
         key = (principals, clearance, model_id, accreditation, input_label, output_label)
         if key in self._decided:
             return self._decided[key]
-        denial, clean = self._first_denial(principals, clearance, model_id, accreditation, input_label, output_label)
+        denial, clean = self._first_denial(*key)
         if clean:  # a refusal caused by an evaluation error is never remembered
             if len(self._decided) >= DECIDED_MEMORY:
                 self._decided.clear()  # bounded: callers with ever-new attributes cannot grow it without end

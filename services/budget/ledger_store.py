@@ -10,13 +10,13 @@ events after it, so a start does not replay the whole history.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
-import uuid
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy, Header
+from nats.js.api import Header
 from nats.js.errors import APIError, NotFoundError
 
 from ...schemas import codec, subjects
@@ -108,32 +108,15 @@ class LedgerStore:
         return await self._tail(LEDGER_ALL, self.seq + 1, int(last.seq or 0))
 
     async def _tail(self, filter_subject: str, start: int, until: int) -> int:
-        """Fold the ledger events on `filter_subject` from `start` through `until`.
-
-        An ordered consumer of our own, named (the bare `CONSUMER.CREATE.<stream>` form would let
-        the budget's credential create or update any consumer) and filtered to the ledger, which is
-        exactly what the registry allows the budget (services/registry.py).
-        """
-        if until < start:
-            return 0
-        config = ConsumerConfig(
-            name=f"budget_tail_{uuid.uuid4().hex}",
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=start,
-            inactive_threshold=5.0,  # the server removes it once we stop reading: no delete right needed
-        )
-        sub = await self.js.subscribe(filter_subject, stream=subjects.STREAM, ordered_consumer=True, config=config)
+        """Fold the ledger events on `filter_subject` from `start` through `until` (a reader of our own,
+        filtered to the ledger: exactly what the registry allows the budget)."""
         count = 0
-        try:
-            while True:
-                msg = await sub.next_msg(timeout=10)
-                seq = msg.metadata.sequence.stream
-                self._fold(seq, msg.subject, msg.data)
+        messages = bus.stored_between(self.js, filter_subject, "budget_tail", start, until)
+        async with contextlib.aclosing(messages) as msgs:
+            async for msg in msgs:
+                self._fold(msg.metadata.sequence.stream, msg.subject, msg.data)
                 count += 1
-                if seq >= until:
-                    return count
-        finally:
-            await sub.unsubscribe()
+        return count
 
     async def _load_snapshot(self) -> None:
         try:

@@ -31,16 +31,18 @@ log = logging.getLogger("enclave_gateway.policy")
 V = TypeVar("V")
 
 
-def compile_activation(event: PolicyActivated, trusted: TrustedSigners, view: Callable[[PolicyBundle], V]) -> V:
-    """Verify an activation's signature, parse its bundle and compile one service's view of it.
-
-    Raises PolicyError; the caller keeps its active policy.
-    """
-    verify_activation(event, trusted)
+def verified_bundle(event: PolicyActivated, trusted: TrustedSigners) -> tuple[datetime, PolicyBundle]:
+    """The signing time and the bundle of an activation a pinned signer signed; raises PolicyError."""
+    signed = verify_activation(event, trusted)
     bundle = bundle_from_files(event.files)
     if bundle.version != event.version:
         raise PolicyError(f"policy claims version {event.version} but its content is {bundle.version}")
-    return view(bundle)
+    return signed, bundle
+
+
+def compile_activation(event: PolicyActivated, trusted: TrustedSigners, view: Callable[[PolicyBundle], V]) -> V:
+    """Verify an activation, parse its bundle and compile one service's view of it; raises PolicyError."""
+    return view(verified_bundle(event, trusted)[1])
 
 
 def latest_valid(messages: list[tuple[bytes, str, int]], trusted: TrustedSigners) -> PolicyActivated | None:
@@ -49,9 +51,7 @@ def latest_valid(messages: list[tuple[bytes, str, int]], trusted: TrustedSigners
     for data, subject, _ in messages:
         try:
             event = codec.decode_as(data, PolicyActivated, subject)
-            signed = verify_activation(event, trusted)
-            if bundle_from_files(event.files).version != event.version:
-                continue
+            signed, _ = verified_bundle(event, trusted)
         except (codec.DecodeError, PolicyError, msgspec.ValidationError):
             continue
         if best is None or signed > best[0]:
@@ -104,11 +104,11 @@ class PolicyFeed(Generic[V]):
             event = codec.decode_as(data, PolicyActivated, subject)  # bytes pushed from elsewhere keep their subject
             if event.version == self.version and event.signed_at and self.signed_at == signing_time(event.signed_at):
                 return  # the one we already decide under
-            signed = verify_activation(event, self.trusted)
+            signed, bundle = verified_bundle(event, self.trusted)
             if self.signed_at is not None and signed <= self.signed_at:
                 raise PolicyError(f"signed at {signed.isoformat()}, not after the active policy's "
                                   f"{self.signed_at.isoformat()}: an old activation replayed")
-            compiled = compile_activation(event, self.trusted, self.view)
+            compiled = self.view(bundle)
         except (codec.DecodeError, PolicyError, msgspec.ValidationError) as exc:
             self.refused += 1
             log.error("%s: REFUSED a policy activation, %s stays active: %s", self.stage, self.version or "none", exc)
