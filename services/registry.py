@@ -151,10 +151,12 @@ SERVICES: tuple[Identity, ...] = (
             "gw.evt.budget.rejected.*",
             "gw.evt.budget.ticked.*",
             last_of("gw.evt.ledger.>"),  # the newest ledger fact of a team: its catch-up read
+            last_of("gw.evt.budget.rejected.>"),  # and its newest refusal (a refused request is closed)
             # the projection's rebuild and a long catch-up: its own ephemeral consumers, filtered
-            # to the ledger (registered durables are denied below), and their flow control; they
+            # to the ledger or its refusals (registered durables are denied below), and their flow control; they
             # are never deleted by the budget (nats-py does not), they expire when idle
             f"{API}.CONSUMER.CREATE.{STREAM}.*.gw.evt.ledger.>",
+            f"{API}.CONSUMER.CREATE.{STREAM}.*.gw.evt.budget.rejected.>",
             f"$JS.FC.{STREAM}.>",
             # projection snapshots in the object store GW_BUDGET: derived data, never the audit trail
             f"$O.{BUDGET_BUCKET}.>",

@@ -148,8 +148,7 @@ class CapMachine(RuleBasedStateMachine):
             self.state = decider.evolve(self.state, d)
         # the equinox property: once its decided events are folded in, the same input decides nothing
         again = decider.decide(event, self.state, self.policy, NOW)
-        assert again == [] or (isinstance(event, RequestAuthorized) and all(
-            isinstance(d, BudgetRejected) for d in again)), again  # a refusal folds nothing, so it repeats
+        assert again == [], again
 
     @rule(data=st.data())
     def an_authorization_arrives_again(self, data: st.DataObject) -> None:
@@ -250,6 +249,14 @@ def test_an_authorization_seen_again_after_its_request_closed_reserves_nothing()
     later = NOW + decider.CLOSED_HORIZON + timedelta(minutes=1)
     [stale] = decider.decide(authorized("r2"), settled, policy, later)
     assert isinstance(stale, BudgetRejected) and stale.reason == "authorization_stale"
+
+
+def test_an_authorization_seen_again_after_it_was_refused_reserves_nothing_even_once_it_fits() -> None:
+    """A refused request is closed too: its caller was told no, so a redelivery after the duplicate
+    window must not reserve (and run) it once the team has money again (a raised cap, a new period)."""
+    [refused], state = run([authorized("r1", max_tokens=600)], decider.initial_state(), bundle(100))
+    assert isinstance(refused, BudgetRejected) and "r1" in state.closed
+    assert decider.decide(authorized("r1", max_tokens=600), state, bundle(10_000_000), NOW + timedelta(days=40)) == []
 
 
 def test_the_memory_of_closed_requests_is_bounded_by_the_horizon() -> None:

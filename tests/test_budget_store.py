@@ -67,3 +67,24 @@ async def test_catch_up_folds_writes_made_by_another_replica(admin: Client, clie
         assert mine.state.ledgers[key].spent > 0
     finally:
         await nc.close()
+
+
+async def test_a_refusal_closes_its_request_for_every_replica(admin: Client, client: Client, token_for,
+                                                              stack) -> None:
+    """A refused request is closed on the stream: a replica rebuilding, or one handed the authorization
+    again after another refused it, folds the refusal and would reserve nothing for it."""
+    chat = ChatBody(model="enclave-tiny", messages=(ChatMessage(role="user", content="too much"),), max_tokens=4000)
+    reply = codec.decode_reply((await client.request(subjects.submit("tester"), codec.encode(
+        SubmitRequest(token=token_for("tight"), chat=chat)), timeout=30)).data)
+    assert reply.error is not None and reply.error.code == "budget_exceeded"
+    nc = await bus.connect(stack, "budget")
+    try:
+        rebuilt = LedgerStore(nc.jetstream())
+        await rebuilt.rebuild()
+        assert reply.request_id in rebuilt.state.closed
+        stale = LedgerStore(nc.jetstream())  # a replica that never saw the refusal
+        assert reply.request_id not in stale.state.closed
+        await stale.catch_up_refusals("tight")
+        assert reply.request_id in stale.state.closed
+    finally:
+        await nc.close()

@@ -57,7 +57,7 @@ class BudgetState(Struct, frozen=True, kw_only=True):
     open: dict[str, Reservation] = {}
     opened_at: dict[str, datetime] = {}
     alerted: dict[str, int] = {}  # the highest threshold (percent) already announced
-    # Requests settled or released, with when: a RequestAuthorized seen again after its request
+    # Requests settled, released or refused, with when: a RequestAuthorized seen again after its request
     # closed (a redelivery after the duplicate window, or a copy a credential made the server
     # store) reserves nothing. Kept for CLOSED_HORIZON; an authorization older than that is stale.
     closed: Closed = Closed()
@@ -90,7 +90,7 @@ def effective_max_tokens(model: ModelEntry, chat: ChatBody) -> int:
 
 
 def evolve(state: BudgetState, event: Event) -> BudgetState:
-    """Fold one ledger event; every other event leaves the state as it is."""
+    """Fold one ledger event or refusal; every other event leaves the state as it is."""
     match event:
         case BudgetReserved():
             held = Reservation(team=event.team, period=event.period, micros=event.amount_micros)
@@ -109,6 +109,11 @@ def evolve(state: BudgetState, event: Event) -> BudgetState:
                 opened_at={k: v for k, v in state.opened_at.items() if k != rid},
                 closed=state.closed.add(rid, event.occurred_at),
             )
+        case BudgetRejected():
+            # a refusal closes the request too: its caller was told no, so a redelivery after the
+            # duplicate window must not reserve it once the team has money again
+            return BudgetState(ledgers=state.ledgers, open=state.open, opened_at=state.opened_at,
+                               alerted=state.alerted, closed=state.closed.add(event.request_id, event.occurred_at))
         case BudgetThresholdCrossed():
             key = ledger_key(event.team, event.period)
             alerted = {**state.alerted, key: max(state.alerted.get(key, 0), event.threshold_pct)}

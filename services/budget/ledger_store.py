@@ -13,6 +13,7 @@ import base64
 import contextlib
 import hashlib
 import logging
+from collections.abc import Callable
 
 import msgspec
 from nats.js import JetStreamContext
@@ -20,13 +21,14 @@ from nats.js.api import Header
 from nats.js.errors import APIError, NotFoundError
 
 from ...schemas import codec, subjects
-from ...schemas.events import BudgetReleased, BudgetReserved, BudgetSettled, BudgetThresholdCrossed
+from ...schemas.events import BudgetRejected, BudgetReleased, BudgetReserved, BudgetSettled, BudgetThresholdCrossed
 from .. import bus
 from .decider import BudgetState, evolve
 
 log = logging.getLogger("enclave_gateway.budget")
 WRONG_LAST_SEQUENCE = 10071
 LEDGER_ALL = "gw.evt.ledger.>"
+REFUSALS_ALL = "gw.evt.budget.rejected.>"
 SNAPSHOT_BUCKET = "GW_BUDGET"
 SNAPSHOT_KEY = "projection"
 LedgerEvent = BudgetReserved | BudgetSettled | BudgetReleased | BudgetThresholdCrossed
@@ -72,6 +74,8 @@ class Snapshot(msgspec.Struct, kw_only=True):
     seq: int
     last_seq: dict[str, int]
     state: BudgetState
+    refusals_through: int = 0  # the highest refusal sequence folded (older snapshots: none)
+    refused_seq: dict[str, int] = {}
 
 
 class LedgerStore:
@@ -82,6 +86,10 @@ class LedgerStore:
         self.state = BudgetState()
         self.last_seq: dict[str, int] = {}
         self.seq = 0  # highest ledger stream sequence folded (for snapshots)
+        # Refusals live outside the ledger (they never conflict with writes) but close their request
+        # all the same, so they are folded too: at rebuild, and on a redelivered authorization.
+        self.refused_seq: dict[str, int] = {}
+        self.refusals_through = 0
 
     def _fold(self, seq: int, subject: str, data: bytes) -> None:
         # Whatever is stored on a team's ledger subject moves its compare-and-set sequence, so the
@@ -98,25 +106,54 @@ class LedgerStore:
         if isinstance(event, LedgerEvent):
             self.state = evolve(self.state, event)
 
-    async def rebuild(self) -> int:
-        """Snapshot, then every later ledger event; returns the number of events read."""
-        await self._load_snapshot()
+    def fold_refusal(self, seq: int, subject: str, data: bytes) -> None:
+        """Fold a stored BudgetRejected: its request is closed (junk on the subject moves nothing)."""
+        team = subject.rsplit(".", 1)[-1]
+        self.refused_seq[team] = max(self.refused_seq.get(team, 0), seq)
+        self.refusals_through = max(self.refusals_through, seq)
         try:
-            last = await self.js.get_last_msg(subjects.STREAM, LEDGER_ALL, direct=True)
+            event = codec.decode_event(data, subject)
+        except codec.DecodeError as exc:
+            log.error("refusal seq %d on %s is not a refusal, skipped: %s", seq, subject, exc)
+            return
+        if isinstance(event, BudgetRejected):
+            self.state = evolve(self.state, event)
+
+    async def rebuild(self) -> int:
+        """Snapshot, then every later ledger event and refusal; returns the number of events read."""
+        await self._load_snapshot()
+        count = 0
+        for filter_subject, after, fold in ((LEDGER_ALL, self.seq, self._fold),
+                                            (REFUSALS_ALL, self.refusals_through, self.fold_refusal)):
+            newest = await self._newest(filter_subject)
+            count += await self._tail(filter_subject, after + 1, newest, fold)
+        return count
+
+    async def _newest(self, filter_subject: str) -> int:
+        try:
+            return int((await self.js.get_last_msg(subjects.STREAM, filter_subject, direct=True)).seq or 0)
         except NotFoundError:
             return 0
-        return await self._tail(LEDGER_ALL, self.seq + 1, int(last.seq or 0))
 
-    async def _tail(self, filter_subject: str, start: int, until: int) -> int:
-        """Fold the ledger events on `filter_subject` from `start` through `until` (a reader of our own,
-        filtered to the ledger: exactly what the registry allows the budget)."""
-        count = 0
+    async def _tail(self, filter_subject: str, start: int, until: int,
+                    fold: Callable[[int, str, bytes], None] | None = None) -> int:
+        """Fold the events on `filter_subject` from `start` through `until` (a reader of our own,
+        filtered to the ledger or the refusals: exactly what the registry allows the budget)."""
+        count, fold = 0, fold or self._fold
         messages = bus.stored_between(self.js, filter_subject, "budget_tail", start, until)
         async with contextlib.aclosing(messages) as msgs:
             async for msg in msgs:
-                self._fold(msg.metadata.sequence.stream, msg.subject, msg.data)
+                fold(msg.metadata.sequence.stream, msg.subject, msg.data)
                 count += 1
         return count
+
+    async def catch_up_refusals(self, team: str) -> None:
+        """Fold the team's refusals this replica has not seen: another replica may have refused a
+        request whose authorization is now delivered again here."""
+        known = self.refused_seq.get(team, 0)
+        newest = await self._newest(subjects.budget_rejected(team))
+        if newest > known:
+            await self._tail(subjects.budget_rejected(team), known + 1, newest, self.fold_refusal)
 
     async def _load_snapshot(self) -> None:
         try:
@@ -126,12 +163,14 @@ class LedgerStore:
             log.info("no usable budget snapshot (%r): replaying the ledger", exc)
             return
         self.state, self.last_seq, self.seq = snap.state, dict(snap.last_seq), snap.seq
+        self.refused_seq, self.refusals_through = dict(snap.refused_seq), snap.refusals_through
         log.info("budget snapshot at seq %d loaded", snap.seq)
 
     async def save_snapshot(self) -> int:
         """Store the projection; any replica may, a newer one simply has less to replay."""
         store = await self.js.object_store(SNAPSHOT_BUCKET)
-        data = msgspec.json.encode(Snapshot(seq=self.seq, last_seq=self.last_seq, state=self.state))
+        data = msgspec.json.encode(Snapshot(seq=self.seq, last_seq=self.last_seq, state=self.state,
+                                           refusals_through=self.refusals_through, refused_seq=self.refused_seq))
         await store.put(SNAPSHOT_KEY, data)  # chunked: the projection may outgrow one message
         return self.seq
 

@@ -7,10 +7,11 @@ from collections.abc import Callable
 
 from nats.aio.msg import Msg
 
-from ...schemas import codec
+from ...schemas import codec, subjects
 from ...schemas.events import (
     AnyEvent,
     BudgetClockTicked,
+    BudgetRejected,
     InvocationCompleted,
     InvocationFailed,
     RequestAuthorized,
@@ -49,6 +50,9 @@ async def apply(
                 out = bus.caused(decided, *cause) if cause else decided
                 if isinstance(out, LedgerEvent):
                     await store.write(out)
+                elif isinstance(out, BudgetRejected):
+                    seq = await bus.publish(s.js, out)
+                    store.fold_refusal(seq, subjects.for_event(out), codec.encode(out))
                 else:
                     await bus.publish(s.js, out)
             return
@@ -77,6 +81,8 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
                 raise codec.DecodeError(f"budget does not take {type(event).__name__}")
             team = decider.team_of(event)
             if team is not None:
+                if isinstance(event, RequestAuthorized) and msg.metadata.num_delivered > 1:
+                    await store.catch_up_refusals(team)  # refused by a replica that then died before its ack
                 known = isinstance(event, RequestAuthorized) or event.request_id in store.state.open
                 await apply(
                     s,
