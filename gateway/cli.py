@@ -302,6 +302,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
     """Re-run every recorded decision with its recorded policy; exit 1 on any mismatch."""
     from . import replay_cli
 
+    if args.source == "parquet" and not args.package:
+        console.print("[red]--source parquet replays a Parquet snapshot of the stream: name it with --package DIR[/] "
+                      "(the stream.parquet of an evidence package; the audit tables do not hold the inputs)")
+        return 2
+    if args.source == "stream" and args.package:
+        console.print("[red]--package replays the package's Parquet stream, not the live one: drop --source stream[/]")
+        return 2
     if args.package:
         stored, jwks, trusted = replay_cli.from_package(Path(args.package))
     else:
@@ -369,7 +376,10 @@ def parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("replay", help="re-run every recorded decision with the policy it was made under")
     rp.add_argument("--from", dest="from_seq", type=int, default=0, help="first stream sequence to check")
     rp.add_argument("--to", dest="to_seq", type=int, default=None, help="last stream sequence to check")
-    rp.add_argument("--package", help="replay an evidence package's exported stream instead of the live one")
+    rp.add_argument("--source", choices=("stream", "parquet"), default=None,
+                    help="stream: the gateway's JetStream stream (default); parquet: the Parquet snapshot of the "
+                         "stream in an evidence package (--package)")
+    rp.add_argument("--package", help="the evidence package whose stream.parquet to replay (implies --source parquet)")
     rp.add_argument("--show", type=int, default=5, help="how many mismatches to show in full")
     rp.add_argument("--data-dir", default="var")
     rp.set_defaults(func=cmd_replay)

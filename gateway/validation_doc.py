@@ -45,9 +45,9 @@ CONTROLS: tuple[tuple[str, str, str], ...] = (
 
 def write(root: Path, period: str | None = None) -> list[Path]:
     """Write validation.md, validation.html and the plots (of the period's days) into the package folder."""
-    figures = _figures(root, period)
-    counts = _counts(root, period)
     replayed = msgspec.json.decode((root / pkg.REPLAY).read_bytes(), type=pkg.ReplaySummary)
+    figures = _figures(root, period, replayed)
+    counts = _counts(root, period)
     counts["replay"] = (f"{replayed.reproduced} of {replayed.decisions} recorded decisions reproduced by replay "
                         f"with the policy each was made under; {len(replayed.mismatches)} mismatch(es)"
                         + "".join(f"; {m}" for m in replayed.mismatches[:10]))
@@ -77,12 +77,7 @@ def _counts(root: Path, period: str | None) -> dict[str, object]:
     return {"events": total, "denials": denied, "checkpoints": checkpoints, "first": first, "last": last}
 
 
-def _figures(root: Path, period: str | None) -> dict[str, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display in an enclave server room
-    import matplotlib.pyplot as plt
-
+def _figures(root: Path, period: str | None, replayed: pkg.ReplaySummary) -> dict[str, Path]:
     folder = root / "plots"
     folder.mkdir(exist_ok=True)
     specs = {
@@ -101,18 +96,32 @@ def _figures(root: Path, period: str | None) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for title, (sql, name) in specs.items():
         rows = _query(root, sql, period)
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        labels = [str(r[0]) for r in rows]
-        values = [float(str(r[1])) for r in rows]
-        bars = ax.barh(labels, values, color="#2b6cb0")
-        ax.bar_label(bars, labels=[f"{v:,.6g}" for v in values], fontsize=8)
-        ax.set_title(title if rows else f"{title}: none in this period")
-        ax.invert_yaxis()
-        fig.tight_layout()
-        fig.savefig(folder / name, dpi=110)
-        plt.close(fig)
-        out[title] = folder / name
+        out[title] = _bar(folder / name, title if rows else f"{title}: none in this period",
+                          [(str(r[0]), float(str(r[1]))) for r in rows])
+    title = "Replay of every recorded decision (whole stream)"
+    out[title] = _bar(folder / "replay_result.png", title, [
+        ("reproduced", float(replayed.reproduced)),
+        ("not reproduced", float(replayed.decisions - replayed.reproduced)),
+        ("observations (not re-decided)", float(replayed.observations)),
+    ], colours=["#2f855a", "#c53030", "#718096"])
     return out
+
+
+def _bar(path: Path, title: str, bars: list[tuple[str, float]], colours: list[str] | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display in an enclave server room
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    drawn = ax.barh([b[0] for b in bars], [b[1] for b in bars], color=colours or "#2b6cb0")
+    ax.bar_label(drawn, labels=[f"{b[1]:,.6g}" for b in bars], fontsize=8)
+    ax.set_title(title)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _markdown(counts: dict[str, object], figures: dict[str, Path]) -> str:

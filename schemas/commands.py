@@ -7,14 +7,14 @@ command from an OpenAI chat-completions request, so both entries share one contr
 from msgspec import Struct
 
 
-class ChatMessage(Struct, frozen=True, kw_only=True):
+class ChatMessage(Struct, frozen=True, kw_only=True, gc=False):
     """One OpenAI-style chat message."""
 
     role: str
     content: str
 
 
-class ChatBody(Struct, frozen=True, kw_only=True):
+class ChatBody(Struct, frozen=True, kw_only=True, gc=False):
     """The part of an OpenAI chat-completions request the gateway forwards."""
 
     model: str
@@ -24,7 +24,7 @@ class ChatBody(Struct, frozen=True, kw_only=True):
     seed: int | None = None
 
 
-class SubmitRequest(Struct, frozen=True, kw_only=True):
+class SubmitRequest(Struct, frozen=True, kw_only=True, gc=False):
     """A request on `gw.submit`: a session token plus the chat body."""
 
     token: str
@@ -33,14 +33,14 @@ class SubmitRequest(Struct, frozen=True, kw_only=True):
     output_label: str | None = None
 
 
-class Usage(Struct, frozen=True, kw_only=True):
+class Usage(Struct, frozen=True, kw_only=True, gc=False):
     """Token counts the model server reported."""
 
     prompt_tokens: int
     completion_tokens: int
 
 
-class Completion(Struct, frozen=True, kw_only=True):
+class Completion(Struct, frozen=True, kw_only=True, gc=False):
     """A successful answer."""
 
     model: str
@@ -51,7 +51,7 @@ class Completion(Struct, frozen=True, kw_only=True):
     reserved_micros: int
 
 
-class ErrorBody(Struct, frozen=True, kw_only=True):
+class ErrorBody(Struct, frozen=True, kw_only=True, gc=False):
     """A refusal or failure, with our reason code (schemas.reasons)."""
 
     code: str
@@ -61,7 +61,7 @@ class ErrorBody(Struct, frozen=True, kw_only=True):
     requested_micros: int | None = None
 
 
-class SubmitReply(Struct, frozen=True, kw_only=True):
+class SubmitReply(Struct, frozen=True, kw_only=True, gc=False):
     """The reply on the caller's inbox: exactly one of `completion` and `error` is set."""
 
     request_id: str

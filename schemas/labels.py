@@ -9,6 +9,7 @@ e.g. `SECRET//SI/TK//NOFORN`; abbreviations U, CUI, C, S, TS are accepted.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from msgspec import Struct
@@ -34,7 +35,7 @@ class LabelError(ValueError):
     """A marking string that is not a label; the message says what is wrong."""
 
 
-class Label(Struct, frozen=True, kw_only=True):
+class Label(Struct, frozen=True, kw_only=True, gc=False):
     """A point in the lattice."""
 
     level: int
@@ -54,6 +55,7 @@ def join(a: Label, b: Label) -> Label:
     return Label(level=max(a.level, b.level), controls=a.controls | b.controls)
 
 
+@functools.lru_cache(maxsize=4096)  # pure, and the same few markings recur on every request
 def parse_label(text: str) -> Label:
     """Parse a marking string; raises LabelError."""
     parts = [p.strip() for p in text.strip().upper().split("//")]
@@ -78,6 +80,7 @@ def make_label(level: str, compartments: tuple[str, ...] = (), caveats: tuple[st
     return parse_label(marking)
 
 
+@functools.lru_cache(maxsize=4096)
 def format_label(label: Label) -> str:
     """The canonical marking string: level, then controls sorted."""
     controls = "/".join(sorted(label.controls))

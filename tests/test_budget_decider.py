@@ -276,11 +276,26 @@ def test_the_memory_of_closed_requests_is_bounded_by_the_horizon() -> None:
 
 
 def test_closing_many_requests_seals_generations_instead_of_copying_them_all() -> None:
+    """Folding one id copies at most the small recent dict; sealed generations merge like a binary
+    counter, so 37 sealed generations' worth of ids sit in popcount(37) = 3 sets, every id kept."""
     closed = decider.Closed()
-    for i in range(remembered.GENERATION * 2 + 5):
+    total = remembered.GENERATION * 37 + 5
+    for i in range(total):
+        closed = closed.add(f"r{i}", NOW + timedelta(seconds=i))
+    assert len(closed.recent) == 5 and len(closed) == total
+    assert [len(ids) for _, ids in closed.generations] == [remembered.GENERATION * n for n in (32, 4, 1)]
+    assert all(f"r{i}" in closed for i in range(total)) and "never" not in closed
+    newest = [at for at, _ in closed.generations]
+    assert newest == sorted(newest)  # oldest first, each aged out by its newest id
+
+
+def test_a_merged_generation_ages_out_whole_once_its_newest_id_is_past_the_horizon() -> None:
+    closed = decider.Closed()
+    for i in range(remembered.GENERATION * 2 + 1):
         closed = closed.add(f"r{i}", NOW)
-    assert len(closed.generations) == 2 and len(closed.recent) == 5 and len(closed) == remembered.GENERATION * 2 + 5
-    assert "r0" in closed and f"r{remembered.GENERATION * 2 + 4}" in closed and "never" not in closed
+    assert len(closed.generations) == 1
+    later = closed.add("late", NOW + remembered.HORIZON + timedelta(seconds=1))
+    assert "r0" not in later and "late" in later
 
 
 def test_expiry_is_decided_from_the_clock_tick_event_at_its_time() -> None:

@@ -7,7 +7,7 @@ import json
 import os
 import re
 import shutil
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
@@ -64,7 +64,8 @@ async def test_an_untouched_package_verifies(exported: Path) -> None:
     assert "token_missing" in (exported / pkg.VIOLATIONS_CSV).read_text()
     page = (exported / "validation.html").read_text()
     images = re.findall(r'<img src="([^"]+)"', page)
-    assert len(images) == 3 and all((exported / i).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
+    assert len(images) == 4 and all((exported / i).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
+    assert "plots/replay_result.png" in images
     assert all(i in manifest.files for i in images) and "validation.html" in manifest.files
     assert "decisions reproduced by replay" in page
     summary = msgspec.json.decode((exported / pkg.REPLAY).read_bytes(), type=pkg.ReplaySummary)
@@ -200,6 +201,37 @@ async def test_audit_tables_edited_before_an_honest_export_are_caught_row_by_row
     problems = _problems(root)
     assert any(f"row for seq {target['seq']} differs from the stream in team" in p for p in problems), problems
     assert any(p.startswith(pkg.VIOLATIONS_CSV) for p in problems)
+
+
+async def test_audit_rows_duplicated_dropped_or_blanked_are_each_named(exported: Path, stack: WorkerSettings,
+                                                                       tmp_path: Path) -> None:
+    """The column-wise comparison passes equal rows only: every other row is named, in the auditor's
+    schema or a table rewritten with another one."""
+    root = _copy(exported, tmp_path / "p")
+    table_file = next(root / n for n in pkg.listed_files(root) if n.startswith(f"{pkg.AUDIT}/events/"))
+    schema = pq.read_schema(table_file)
+    rows = pq.read_table(table_file).to_pylist()
+    dropped = rows.pop(0)
+    blanked = next(r for r in rows if r["prompt_hmac"])
+    blanked["prompt_hmac"] = None
+    moved = rows[-1]
+    moved["occurred_at"] = moved["occurred_at"] + timedelta(seconds=1)
+    rows.append(dict(rows[1]))
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), table_file)
+    _resign(root, stack.audit_key_file)
+    problems = _problems(root)
+    assert any(f"row for seq {blanked['seq']} differs from the stream in prompt_hmac" in p for p in problems)
+    assert any(f"row for seq {moved['seq']} differs from the stream in occurred_at" in p for p in problems)
+    assert any(f"row for seq {rows[1]['seq']}: no such event in the stream, or a second row" in p for p in problems)
+    assert any(f"have no audit row, first seq {dropped['seq']}" in p for p in problems), problems
+
+    retyped = _copy(exported, tmp_path / "retyped")  # same values, another schema: checked row by row
+    retyped_file = retyped / table_file.relative_to(root)
+    table = pq.read_table(retyped_file)
+    pq.write_table(table.cast(pa.schema([pa.field(f.name, pa.large_string() if f.name == "team" else f.type)
+                                         for f in table.schema])), retyped_file)
+    _resign(retyped, stack.audit_key_file)
+    assert not [p for p in _problems(retyped) if "audit" in p], _problems(retyped)
 
 
 async def test_a_swapped_audit_key_fails_against_the_trust_anchor(exported: Path, stack: WorkerSettings,

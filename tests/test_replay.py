@@ -120,6 +120,10 @@ async def test_gateway_replay_and_evidence_replay_from_a_package(window: tuple[i
     assert await asyncio.to_thread(gateway, "evidence", "export", pkg, "--data-dir", stack.data_dir) == 0
     assert await asyncio.to_thread(gateway, "evidence", "verify", pkg) == 0
     assert await asyncio.to_thread(gateway, "replay", "--from", str(first), "--package", pkg) == 0
+    assert await asyncio.to_thread(gateway, "replay", "--from", str(first), "--source", "parquet", "--package",
+                                   pkg) == 0
+    assert await asyncio.to_thread(gateway, "replay", "--source", "parquet", "--data-dir", stack.data_dir) == 2
+    assert await asyncio.to_thread(gateway, "replay", "--source", "stream", "--package", pkg) == 2
 
 
 async def test_every_decision_records_the_input_it_was_decided_from(window: tuple[int, list[Stored]]) -> None:

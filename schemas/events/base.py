@@ -10,7 +10,7 @@ from typing import TypedDict
 from msgspec import Struct
 
 
-class Event(Struct, frozen=True, kw_only=True, tag_field="type"):
+class Event(Struct, frozen=True, kw_only=True, tag_field="type", gc=False):
     """Base of every event: a past-tense fact with the policy version it was decided under."""
 
     event_id: str
@@ -25,7 +25,7 @@ class Event(Struct, frozen=True, kw_only=True, tag_field="type"):
     causation_seq: int | None = None
 
 
-class Caller(Struct, frozen=True, kw_only=True):
+class Caller(Struct, frozen=True, kw_only=True, gc=False):
     """Who asked, as proven by a verified session token."""
 
     subject: str
@@ -35,7 +35,7 @@ class Caller(Struct, frozen=True, kw_only=True):
     clearance: str | None = None  # the session's label: level, compartments and caveats
 
 
-class Reservation(Struct, frozen=True, kw_only=True):
+class Reservation(Struct, frozen=True, kw_only=True, gc=False):
     """Money held for one request until it is settled or released (integer micro-units)."""
 
     team: str

@@ -7,6 +7,7 @@ need spend and decisions, the content stays in the stream at the enclave's level
 
 import hashlib
 import hmac
+from collections.abc import Callable
 from datetime import datetime
 
 import msgspec
@@ -109,9 +110,16 @@ def chain(prev: str, seq: int, subject: str, data_sha256: str) -> str:
     return h.hexdigest()
 
 
+UNKEYED = "unkeyed"
+
+
 def keyed_digest(key: bytes, value: bytes) -> str:
     """HMAC-SHA256 of a value under the deployment's audit digest key, hex."""
     return hmac.new(key, value, hashlib.sha256).hexdigest()
+
+
+def _keyed(key: bytes | None, value: Callable[[], bytes]) -> str:
+    return UNKEYED if key is None else keyed_digest(key, value())
 
 
 def canonical_messages(messages: tuple[ChatMessage, ...]) -> bytes:
@@ -120,20 +128,38 @@ def canonical_messages(messages: tuple[ChatMessage, ...]) -> bytes:
 
 
 def row_for(
-    state: AuditorState, seq: int, subject: str, data: bytes, stored_at: datetime, digest_key: bytes
+    state: AuditorState, seq: int, subject: str, data: bytes, stored_at: datetime, digest_key: bytes | None
 ) -> tuple[AuditRow, AuditorState]:
     """The row for one stored message and the new chain head; undecodable bytes still get a row."""
+    try:
+        event: AnyEvent | codec.DecodeError = codec.decode_event(data, subject)  # a misplaced event is recorded
+    except codec.DecodeError as exc:
+        event = exc
+    return row_of(state, seq, subject, data, stored_at, digest_key, event)
+
+
+def row_of(
+    state: AuditorState,
+    seq: int,
+    subject: str,
+    data: bytes,
+    stored_at: datetime,
+    digest_key: bytes | None,
+    event: AnyEvent | codec.DecodeError,
+) -> tuple[AuditRow, AuditorState]:
+    """`row_for` given the message already decoded (or its decode error), so a verifier decodes once.
+
+    Without a digest key (a verifier holds none) the keyed digests read UNKEYED: present, not computed.
+    """
     digest = hashlib.sha256(data).hexdigest()
     head = chain(state.head, seq, subject, digest)
-    try:
-        event = codec.decode_event(data, subject)  # a misplaced event is recorded, never counted
-    except codec.DecodeError as exc:
+    if isinstance(event, codec.DecodeError):
         row = AuditRow(
             seq=seq,
             subject=subject,
             type="Undecodable",
-            day=stored_at.strftime("%Y-%m-%d"),
-            detail=str(exc)[:500],
+            day=stored_at.date().isoformat(),
+            detail=str(event)[:500],
             data_sha256=digest,
             chain_hash=head,
         )
@@ -146,7 +172,7 @@ def row_for(
         event_id=event.event_id,
         request_id=event.request_id,
         occurred_at=event.occurred_at,
-        day=event.occurred_at.strftime("%Y-%m-%d"),
+        day=event.occurred_at.date().isoformat(),
         policy_version=event.policy_version,
         data_sha256=digest,
         chain_hash=head,
@@ -155,10 +181,11 @@ def row_for(
     return row, AuditorState(seq=seq, head=head)
 
 
-def _fill(row: AuditRow, e: AnyEvent, digest_key: bytes) -> None:
+def _fill(row: AuditRow, e: AnyEvent, digest_key: bytes | None) -> None:
     match e:
         case RequestSubmitted():
-            row.model, row.prompt_hmac = e.chat.model, keyed_digest(digest_key, canonical_messages(e.chat.messages))
+            row.model, row.prompt_hmac = e.chat.model, _keyed(
+                digest_key, lambda: canonical_messages(e.chat.messages))
         case RequestAuthorized():
             row.team, row.caller, row.model, row.model_id = e.caller.team, e.caller.subject, e.chat.model, e.model_id
             row.input_label, row.output_label, row.clearance = e.input_label, e.output_label, e.caller.clearance
@@ -224,7 +251,7 @@ def _fill(row: AuditRow, e: AnyEvent, digest_key: bytes) -> None:
                 e.completion_tokens,
                 e.latency_ms,
             )
-            row.outcome, row.completion_hmac = e.finish_reason, keyed_digest(digest_key, e.content.encode())
+            row.outcome, row.completion_hmac = e.finish_reason, _keyed(digest_key, e.content.encode)
         case InvocationFailed():
             row.team, row.model_id, row.endpoint, row.reason = e.caller.team, e.model_id, e.endpoint, e.error
             row.latency_ms = e.latency_ms  # `detail` may hold the model server's own text: it stays in the stream

@@ -40,6 +40,16 @@ class TokenDefect(Struct, frozen=True, kw_only=True):
     detail: str
 
 
+class _Timeless(Struct, frozen=True):
+    """What a verified token's claims say regardless of the clock, in the order the checks run:
+    a defect of the time claims themselves, the time bounds, then the attributes (or their defect)."""
+
+    time_defect: TokenDefect | None
+    exp: int
+    nbf: int
+    attributes: Claims | TokenDefect
+
+
 class TokenCache:
     """Tokens whose signature and required claims already verified against one key ring.
 
@@ -52,18 +62,18 @@ class TokenCache:
 
     def __init__(self, max_entries: int = 10_000) -> None:
         self.max_entries = max_entries
-        self._entries: OrderedDict[str, dict[str, object]] = OrderedDict()
+        self._entries: OrderedDict[str, _Timeless] = OrderedDict()
 
-    def get(self, digest: str) -> dict[str, object] | None:
-        """The verified claims of a token, by sha256 of the token."""
-        claims = self._entries.get(digest)
-        if claims is not None:
+    def get(self, digest: str) -> _Timeless | None:
+        """The verified, clock-free reading of a token, by sha256 of the token."""
+        checked = self._entries.get(digest)
+        if checked is not None:
             self._entries.move_to_end(digest)
-        return claims
+        return checked
 
-    def put(self, digest: str, claims: dict[str, object]) -> None:
+    def put(self, digest: str, checked: _Timeless) -> None:
         """Remember a token that verified."""
-        self._entries[digest] = claims
+        self._entries[digest] = checked
         if len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
@@ -76,15 +86,15 @@ def verify(token: str, keys: KeyRing, now: datetime, cache: TokenCache | None = 
     if not token:
         return TokenDefect(code="token_missing", detail="no bearer token")
     digest = hashlib.sha256(token.encode()).hexdigest()
-    claims = cache.get(digest) if cache is not None else None
-    if claims is None:
+    checked = cache.get(digest) if cache is not None else None
+    if checked is None:
         verified = _verify_signature(token, keys)
         if isinstance(verified, TokenDefect):
             return verified
-        claims = verified
+        checked = _timeless(verified)
         if cache is not None:
-            cache.put(digest, claims)
-    return _check_times(claims, int(now.timestamp()))
+            cache.put(digest, checked)
+    return _at(checked, int(now.timestamp()))
 
 
 def _verify_signature(token: str, keys: KeyRing) -> dict[str, object] | TokenDefect:
@@ -118,15 +128,26 @@ def _verify_signature(token: str, keys: KeyRing) -> dict[str, object] | TokenDef
     return claims
 
 
-def _check_times(claims: dict[str, object], now: int) -> Claims | TokenDefect:
+def _timeless(claims: dict[str, object]) -> _Timeless:
     exp, iat, nbf = claims.get("exp"), claims.get("iat"), claims.get("nbf", claims.get("iat"))
-    if not all(isinstance(v, int) for v in (exp, iat, nbf)):
-        return TokenDefect(code="token_malformed", detail="exp, iat and nbf must be integers")
-    assert isinstance(exp, int) and isinstance(nbf, int)
-    if now > exp + LEEWAY_S:
-        return TokenDefect(code="token_expired", detail=f"expired at {exp}")
-    if now + LEEWAY_S < nbf:
-        return TokenDefect(code="token_not_yet_valid", detail=f"valid from {nbf}")
+    if not (isinstance(exp, int) and isinstance(iat, int) and isinstance(nbf, int)):
+        malformed = TokenDefect(code="token_malformed", detail="exp, iat and nbf must be integers")
+        return _Timeless(malformed, 0, 0, malformed)
+    return _Timeless(None, exp, nbf, _attributes(claims, exp))
+
+
+def _at(checked: _Timeless, now: int) -> Claims | TokenDefect:
+    """The clock's part of the checks, on every decision (a cached token expires like any other)."""
+    if checked.time_defect is not None:
+        return checked.time_defect
+    if now > checked.exp + LEEWAY_S:
+        return TokenDefect(code="token_expired", detail=f"expired at {checked.exp}")
+    if now + LEEWAY_S < checked.nbf:
+        return TokenDefect(code="token_not_yet_valid", detail=f"valid from {checked.nbf}")
+    return checked.attributes
+
+
+def _attributes(claims: dict[str, object], exp: int) -> Claims | TokenDefect:
     team, sub, jti, roles = claims.get("team"), claims.get("sub"), claims.get("jti"), claims.get("roles", [])
     if not (isinstance(team, str) and team and isinstance(sub, str) and isinstance(jti, str)):
         return TokenDefect(code="token_missing_claim", detail="sub, team and jti must be non-empty strings")

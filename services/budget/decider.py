@@ -75,7 +75,7 @@ def ledger_key(team: str, period: str) -> str:
 
 def period_of(kind: str, now: datetime) -> str:
     """The budget period `now` falls in: `YYYY-MM` or `YYYY-MM-DD` (UTC)."""
-    return now.strftime("%Y-%m-%d" if kind == "day" else "%Y-%m")
+    return f"{now.year:04d}-{now.month:02d}-{now.day:02d}" if kind == "day" else f"{now.year:04d}-{now.month:02d}"
 
 
 def worst_case_prompt_tokens(model: ModelEntry, chat: ChatBody) -> int:
@@ -89,8 +89,13 @@ def effective_max_tokens(model: ModelEntry, chat: ChatBody) -> int:
     return max(1, min(chat.max_tokens or model.default_max_tokens, model.context_length))
 
 
+FOLDED = (BudgetReserved, BudgetSettled, BudgetReleased, BudgetRejected, BudgetThresholdCrossed)
+
+
 def evolve(state: BudgetState, event: Event) -> BudgetState:
-    """Fold one ledger event or refusal; every other event leaves the state as it is."""
+    """Fold one ledger event or refusal (FOLDED); every other event leaves the state as it is."""
+    if not isinstance(event, FOLDED):
+        return state
     match event:
         case BudgetReserved():
             held = Reservation(team=event.team, period=event.period, micros=event.amount_micros)
