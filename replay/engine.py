@@ -88,6 +88,7 @@ class _Policies:
         self.refused: dict[str, str] = {}
         self.seqs: dict[str, int] = {}  # where each input was stored, by event id (its first copy)
         self.ticks: dict[str, BudgetClockTicked] = {}  # the budget's clock ticks, by event id
+        self.failures: dict[str, InvocationFailed] = {}  # failed attempts, routed again, by event id
         self.dev_jwks: dict[str, str] = {}
 
     def record(self, event: PolicyActivated) -> None:
@@ -168,6 +169,8 @@ def _replay(decoded: list[tuple[int, AnyEvent | None]], extra_jwks: list[str] | 
             policies.seqs.setdefault(event.event_id, seq)
             if isinstance(event, BudgetClockTicked):
                 policies.ticks.setdefault(event.event_id, event)
+            elif isinstance(event, InvocationFailed):
+                policies.failures.setdefault(event.event_id, event)
     result.policies_refused = [f"{v}: {why}" for v, why in sorted(policies.refused.items())]
     state = budget.initial_state()
     for n, (seq, event) in enumerate(decoded):
@@ -201,7 +204,13 @@ def _check(seq: int, event: AnyEvent, inputs: dict[tuple[str, str], AnyEvent], s
                 _mismatch(result, seq, event, "no RequestSubmitted it could have been decided from", "")
         case RouteSelected() | RouteUnavailable():
             reserved = inputs.get(("BudgetReserved", rid))
-            if isinstance(reserved, BudgetReserved):
+            failure = policies.failures.get(event.causation_id or "")
+            if failure is not None:  # a fallback: decided from the failed attempt
+                _compare(seq, event, result, failure, policies, lambda: router.decide(
+                    failure, router.initial_state(), policies.bundle(event.policy_version), event.occurred_at))
+            elif isinstance(event, RouteSelected) and event.attempt > 1:
+                _mismatch(result, seq, event, "a fallback that names no failed attempt it was decided from", "")
+            elif isinstance(reserved, BudgetReserved):
                 _compare(seq, event, result, reserved, policies, lambda: router.decide(
                     reserved, router.initial_state(), policies.bundle(event.policy_version), event.occurred_at))
             else:

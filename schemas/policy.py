@@ -13,7 +13,11 @@ class ModelEntry(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One model of the catalog."""
 
     id: str
-    endpoint: str
+    # The endpoints that serve it, in the order the router tries them (the first is preferred; the
+    # next takes over when one fails). `endpoint` is the one-endpoint form of catalogs written
+    # before fallbacks, kept so every recorded policy still loads; a model names one or the other.
+    endpoint: str = ""
+    endpoints: tuple[str, ...] = ()
     protocol: Literal["openai"] = "openai"
     context_length: int
     default_max_tokens: int

@@ -1,19 +1,33 @@
 """Upcasters: old event versions turned into current ones on read (STYLE §4).
 
-Every event type is at version 1, so the chain is empty; the registry below is where a
-`(type, version) -> (class, upcaster)` step goes when a Struct is frozen as `<Name>V1`.
+Each `(type, version) -> (class, upcaster)` entry decodes a stored version with the Struct frozen
+for it (`<Name>V1`) and takes it one step towards the current one; current versions map to
+themselves with no step.
 """
 
 from collections.abc import Callable
+from typing import Any, cast
+
+import msgspec
 
 from .events import CURRENT_EVENT_TYPES, Event
+from .events.invocation import InvocationFailedV1, invocation_failed_v2
+from .events.route import RouteSelectedV1, route_selected_v2
 
 Upcaster = Callable[[Event], Event]
 
 # (type tag, schema_version) -> the Struct that decodes that version and the step to the next.
 # Current versions map to themselves with no step.
+def current_version(cls: type[Event]) -> int:
+    """The `schema_version` a current event type writes."""
+    field = next(f for f in msgspec.structs.fields(cls) if f.name == "schema_version")
+    return int(cast(Any, field.default))
+
+
 READERS: dict[tuple[str, int], tuple[type[Event], Upcaster | None]] = {
-    (str(cls.__struct_config__.tag), 1): (cls, None) for cls in CURRENT_EVENT_TYPES
+    **{(str(cls.__struct_config__.tag), current_version(cls)): (cls, None) for cls in CURRENT_EVENT_TYPES},
+    ("RouteSelected", 1): (RouteSelectedV1, cast(Upcaster, route_selected_v2)),
+    ("InvocationFailed", 1): (InvocationFailedV1, cast(Upcaster, invocation_failed_v2)),
 }
 
 

@@ -39,6 +39,11 @@ def resolve(catalog: Catalog, name: str) -> Resolution | None:
     return Resolution(model=entry, substituted_from=None if entry.id == name else name)
 
 
+def endpoints_of(model: ModelEntry) -> tuple[str, ...]:
+    """The endpoints serving a model, in the order the router tries them."""
+    return model.endpoints or ((model.endpoint,) if model.endpoint else ())
+
+
 def cost_micros(model: ModelEntry, prompt_tokens: int, completion_tokens: int) -> int:
     """Charge for a call, rounded up per side so a reservation computed the same way bounds it."""
     return _ceil_div(prompt_tokens * model.prompt_micros_per_1k, 1000) + _ceil_div(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Protocol, TypeVar
 
-from ..schemas.events import AnyEvent, BudgetReserved, Event, RequestSubmitted
+from ..schemas.events import AnyEvent, Event, RequestSubmitted
 from ..schemas.policy import PolicyBundle
 from .authz import decider as authz
 from .budget import decider as budget
@@ -38,7 +38,7 @@ class Decider(Protocol[I_contra, S, P_contra]):
 
 AUTHZ: Decider[RequestSubmitted, authz.AuthzState, authz.AuthzPolicy] = authz
 BUDGET: Decider[budget.BudgetInput, budget.BudgetState, PolicyBundle] = budget
-ROUTER: Decider[BudgetReserved, router.RouterState, PolicyBundle] = router
+ROUTER: Decider[router.RouterInput, router.RouterState, PolicyBundle] = router
 EDGE: Decider[edge.Terminal, edge.EdgeState, str] = edge  # the edge's "policy" is the version it records
 
 __all__ = ["AUTHZ", "BUDGET", "EDGE", "ROUTER", "Decider"]

@@ -170,8 +170,8 @@ SERVICES: tuple[Identity, ...] = (
     ),
     _service(
         "router",
-        ConsumerSpec(filters=("gw.evt.ledger.reserved.>",)),
-        "picks a model endpoint for each reserved request",
+        ConsumerSpec(filters=("gw.evt.ledger.reserved.>", "gw.evt.invocation.failed.>")),
+        "picks a model endpoint for each reserved request, and the next one when an attempt fails",
         publish=("gw.evt.route.selected.*", "gw.evt.route.unavailable.*"),
     ),
     _service(

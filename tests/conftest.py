@@ -36,6 +36,20 @@ period = "month"
 """
 
 
+# Served by two endpoints, the first of them down: every request fails over (issue 10).
+HA_MODEL = """
+[[model]]
+id = "enclave-tiny-ha"
+endpoints = ["gpu-node-down", "local-llama"]
+context_length = 512
+default_max_tokens = 32
+prompt_micros_per_1k = 2000
+completion_micros_per_1k = 6000
+accreditation = "SECRET//SI//NOFORN"
+"""
+DOWN = f"http://127.0.0.1:{procs.free_port()}"  # nothing listens there
+
+
 @pytest.fixture(scope="session")
 def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped bundle plus test-only teams (gamma: ample, tight: a few requests)."""
@@ -45,7 +59,10 @@ def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with open(folder / "budgets.toml", "a") as fh:
         fh.write(TEST_TEAMS)
     with open(folder / "access_policy.csv", "a") as fh:
-        fh.write("p, team:gamma, enclave-tiny\np, team:gamma, analyst-large\np, team:tight, enclave-tiny\n")
+        fh.write("p, team:gamma, enclave-tiny\np, team:gamma, analyst-large\np, team:tight, enclave-tiny\n"
+                 "p, team:gamma, enclave-tiny-ha\n")
+    with open(folder / "catalog.toml", "a") as fh:
+        fh.write(HA_MODEL)
     return folder
 
 
@@ -89,7 +106,7 @@ def settings(broker: Broker, engine: str, data_dir: Path, policy_dir: Path, keys
     """
     _, signer, _ = policy_admin.dev_signer(keys_dir)
     return WorkerSettings(nats_url=broker.url, data_dir=str(data_dir), policy_dir=str(policy_dir),
-                          endpoints={"local-llama": engine}, http_port=procs.free_port(), max_body_bytes=64 * 1024,
+                          endpoints={"local-llama": engine, "gpu-node-down": DOWN}, http_port=procs.free_port(), max_body_bytes=64 * 1024,
                           request_timeout_s=60.0, creds_dir=str(data_dir / "creds"),
                           policy_signers={signer.kid: signer.public_key})
 

@@ -40,11 +40,12 @@ HELD = Reservation(team="alpha", period="2026-11", micros=272)
 TOTALS = {"team": "alpha", "period": "2026-11", "spent_micros": 100, "reserved_micros": 272, "cap_micros": 5000}
 
 
+def env(stage: str):  # type: ignore[no-untyped-def]
+    return envelope(RID, stage, T, PV)
+
+
 def samples() -> list[AnyEvent]:
     """Every event type once, with every optional field set."""
-
-    def env(stage: str):  # type: ignore[no-untyped-def]
-        return envelope(RID, stage, T, PV)
 
     return [
         RequestSubmitted(**env("submit"), entry="http", token="a.b.c", chat=CHAT, reply_to="_INBOX.x"),
@@ -67,16 +68,18 @@ def samples() -> list[AnyEvent]:
         BudgetRejected(**env("reserve"), caller=CALLER, model_id="enclave-tiny", period="2026-11",
                        requested_micros=272, remaining_micros=10, cap_micros=5000, reason="budget_exceeded",
                        reply_to="_INBOX.x"),
-        RouteSelected(**env("route"), caller=CALLER, requested_model="tiny", model_id="enclave-tiny",
+        RouteSelected(**env("route-2"), caller=CALLER, requested_model="tiny", model_id="enclave-tiny",
                       endpoint="local-llama", substituted_from="tiny", max_tokens=8, chat=CHAT, reservation=HELD,
-                      reply_to="_INBOX.x"),
+                      reply_to="_INBOX.x", attempt=2, tried=("gpu-node-1",)),
         RouteUnavailable(**env("route"), caller=CALLER, requested_model="x", reason="route_unavailable",
                          detail="none", reservation=HELD, reply_to="_INBOX.x"),
         InvocationCompleted(**env("invoke"), caller=CALLER, model_id="enclave-tiny", endpoint="local-llama",
                             prompt_tokens=20, completion_tokens=8, finish_reason="length", content="o o o",
                             latency_ms=2.5, reservation=HELD, reply_to="_INBOX.x"),
-        InvocationFailed(**env("invoke"), caller=CALLER, model_id="enclave-tiny", endpoint="local-llama",
-                         error="timeout", detail="60s", latency_ms=60000.0, reservation=HELD, reply_to="_INBOX.x"),
+        InvocationFailed(**env("invoke-2"), caller=CALLER, model_id="enclave-tiny", endpoint="local-llama",
+                         error="timeout", detail="60s", latency_ms=60000.0, reservation=HELD, reply_to="_INBOX.x",
+                         final=False, attempt=2, tried=("gpu-node-1",), requested_model="tiny",
+                         substituted_from="tiny", max_tokens=8, chat=CHAT),
         PolicyActivated(**envelope("policy-" + PV, "activate", T, PV), version=PV, sha256="ab" * 32,
                         git_commit="0" * 40, activated_by="ops", files={"catalog.toml": "[[model]]\n"}),
         BudgetClockTicked(**envelope("budget-tick-alpha-20261125T093000000000", "tick", T, PV), team="alpha"),
@@ -87,3 +90,16 @@ def samples() -> list[AnyEvent]:
 
 
 SAMPLES_BY_NAME: dict[str, AnyEvent] = {type(e).__name__: e for e in samples()}
+
+
+def upcast_samples() -> dict[tuple[str, int], AnyEvent]:
+    """What each older stored version's golden file must read as today, by (type, version)."""
+    return {
+        ("RouteSelected", 1): RouteSelected(**env("route"), caller=CALLER, requested_model="tiny",
+                                            model_id="enclave-tiny", endpoint="local-llama", substituted_from="tiny",
+                                            max_tokens=8, chat=CHAT, reservation=HELD, reply_to="_INBOX.x"),
+        ("InvocationFailed", 1): InvocationFailed(**env("invoke"), caller=CALLER, model_id="enclave-tiny",
+                                                  endpoint="local-llama", error="timeout", detail="60s",
+                                                  latency_ms=60000.0, reservation=HELD, reply_to="_INBOX.x",
+                                                  final=True, requested_model="enclave-tiny"),
+    }

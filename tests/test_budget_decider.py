@@ -54,10 +54,11 @@ def completed(rid: str, held: Reservation, prompt: int, completion: int) -> Invo
                                content="x", latency_ms=1.0, reservation=held, reply_to="")
 
 
-def failed(rid: str, held: Reservation) -> InvocationFailed:
+def failed(rid: str, held: Reservation, final: bool = True) -> InvocationFailed:
+    """A failure that ends its request (every v1 failure); a non-final one is a retried attempt."""
     return InvocationFailed(event_id=f"{rid}:invoke", request_id=rid, occurred_at=NOW, policy_version="p",
                             caller=Caller(subject="s", team="t"), model_id="enclave-tiny", endpoint="e",
-                            error="timeout", detail="", latency_ms=1.0, reservation=held, reply_to="")
+                            error="timeout", detail="", latency_ms=1.0, reservation=held, reply_to="", final=final)
 
 
 def run(events: list, state: decider.BudgetState, policy: PolicyBundle):  # type: ignore[no-untyped-def,type-arg]
@@ -97,6 +98,13 @@ def test_failure_releases_and_redelivery_decides_nothing() -> None:
     assert isinstance(released, BudgetReleased) and released.reserved_micros == 0 and released.spent_micros == 0
     again, _ = run([failed("r1", held), completed("r1", held, 1, 1)], state, bundle(10_000))
     assert again == []
+
+
+def test_a_failed_attempt_the_router_retries_releases_nothing() -> None:
+    [reserved], state = run([authorized("r1")], decider.initial_state(), bundle(10_000))
+    held = Reservation(team="t", period="2026-11", micros=reserved.amount_micros)  # type: ignore[attr-defined]
+    assert decider.decide(failed("r1", held, final=False), state, bundle(10_000), NOW) == []
+    assert "r1" in state.open
 
 
 def test_a_reserved_request_redelivered_is_not_reserved_twice() -> None:

@@ -324,6 +324,7 @@ async def test_a_lost_reservation_expires_by_an_event_and_the_late_failure_chang
         reply = codec.decode_reply((await app.request(subjects.submit("race"), _submit(token, "blackhole-tiny"),
                                                       timeout=60)).data)
         assert reply.error is not None and reply.error.code == "invocation_failed"  # after the 8 s deadline
+        assert "every endpoint of 'blackhole-tiny' failed" in reply.error.message  # its only one
         rid = reply.request_id
         released = await wait_for_event(admin, rid, "BudgetReleased")
         failed = await wait_for_event(admin, rid, "InvocationFailed")

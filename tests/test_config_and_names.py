@@ -36,6 +36,21 @@ def test_a_team_name_in_the_access_policy_is_checked_too(tmp_path: Path) -> None
     assert load_bundle(_bundle(tmp_path / "ok", budgets_extra='\n[teams.a_b]\ncap_micros = 1\n'))
 
 
+@pytest.mark.parametrize("entry, needle", [
+    ('endpoint = "a"\nendpoints = ["b"]', "names both endpoint and endpoints"),
+    ("", "has no endpoint"),
+    ('endpoints = ["a", "a"]', "must be distinct"),
+    ('endpoints = ["a b"]', "must be distinct"),
+])
+def test_a_model_without_distinct_valid_endpoints_is_refused(tmp_path: Path, entry: str, needle: str) -> None:
+    folder = _bundle(tmp_path)
+    with open(folder / "catalog.toml", "a") as f:
+        f.write(f'\n[[model]]\nid = "ha"\n{entry}\ncontext_length = 512\ndefault_max_tokens = 8\n'
+                "prompt_micros_per_1k = 1\ncompletion_micros_per_1k = 1\n")
+    with pytest.raises(PolicyError, match=needle):
+        load_bundle(folder)
+
+
 @pytest.mark.parametrize("text, where", [
     ("[http]\nhots = '0.0.0.0'\n", "hots"),
     ("[nats]\nport = 'x'\n", "port"),

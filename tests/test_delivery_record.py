@@ -49,6 +49,8 @@ EDGE_INBOX = subjects.edge_reply("replica1", "0123456789abcdef0123456789abcdef")
 
 def _terminal(reply_to: str | None, name: str = "InvocationCompleted") -> edge.Terminal:
     event = SAMPLES_BY_NAME[name]
+    if name == "InvocationFailed":  # a failure the caller hears of ends its request
+        event = msgspec.structs.replace(event, final=True)  # type: ignore[type-var]
     return msgspec.structs.replace(event, reply_to=reply_to)  # type: ignore[return-value,type-var]
 
 

@@ -20,7 +20,7 @@ from enclave_gateway.schemas.events import (
     RouteSelected,
     RouteUnavailable,
 )
-from enclave_gateway.schemas.policy import Catalog, ModelEntry
+from enclave_gateway.schemas.policy import Catalog, ModelEntry, PolicyBundle
 from enclave_gateway.services import catalog
 from enclave_gateway.services.auditor import decider as auditor
 from enclave_gateway.services.edge import decider as edge
@@ -110,7 +110,9 @@ def test_invoker_outcomes(outcome: invoker.CallOutcome, expected: str) -> None:
         assert (event.prompt_tokens, event.completion_tokens, event.content) == (20, 8, "o o")
     else:
         assert isinstance(event, InvocationFailed) and event.error == expected
-    assert event.reservation == route().reservation and event.event_id.endswith(":invoke")
+        # one failed attempt, not the end: it carries what the router needs to route it again
+        assert not event.final and (event.attempt, event.tried, event.chat) == (2, ("gpu-node-1",), route().chat)
+    assert event.reservation == route().reservation and event.event_id.endswith(":invoke-2")  # the sample's 2nd try
 
 
 @pytest.mark.parametrize("body, needle", [
@@ -223,22 +225,65 @@ def test_no_model_server_text_reaches_the_parquet() -> None:
     assert "secret" not in msgspec.json.encode(row).decode()
 
 
-@pytest.mark.parametrize("name", ["BudgetReserved"])
-def test_the_router_routes_a_request_once(name: str) -> None:
-    reserved = SAMPLES_BY_NAME[name]
-    assert isinstance(reserved, BudgetReserved)
+@pytest.mark.parametrize("name", ["BudgetReserved", "InvocationFailed"])
+def test_the_router_routes_each_attempt_once(name: str) -> None:
+    cause = SAMPLES_BY_NAME[name]
+    assert isinstance(cause, BudgetReserved | InvocationFailed)
+    policy = _two_endpoints("gpu-node-1", "local-llama", "gpu-node-2")
     state = router.initial_state()
-    decided = router.decide(reserved, state, BUNDLE, NOW)
+    decided = router.decide(cause, state, policy, NOW)
     assert decided
     for event in decided:
         state = router.evolve(state, event)
-    assert router.decide(reserved, state, BUNDLE, NOW) == []
+    assert router.decide(cause, state, policy, NOW) == []
+
+
+def _two_endpoints(*endpoints: str) -> PolicyBundle:
+    tiny = catalog.find(BUNDLE.catalog, "enclave-tiny")
+    assert tiny is not None
+    models = tuple(msgspec.structs.replace(m, endpoint="", endpoints=endpoints) if m.id == "enclave-tiny" else m
+                   for m in BUNDLE.catalog.model)
+    return msgspec.structs.replace(BUNDLE, catalog=msgspec.structs.replace(BUNDLE.catalog, model=models))
+
+
+def _fail(route: RouteSelected, error: str = "unreachable") -> InvocationFailed:
+    [failed] = invoker.decide(route, invoker.CallFailed(error=error, detail="", latency_ms=1.0), "pv", NOW)
+    assert isinstance(failed, InvocationFailed)
+    return failed
+
+
+def test_a_failed_attempt_is_routed_to_the_next_endpoint_until_none_is_left() -> None:
+    """Issue 10 item 3: every fallback is a decision made from the failed attempt alone."""
+    policy = _two_endpoints("node-a", "node-b")
+    reserved = SAMPLES_BY_NAME["BudgetReserved"]
+    assert isinstance(reserved, BudgetReserved)
+    [first] = router.decide(reserved, router.initial_state(), policy, NOW)
+    assert isinstance(first, RouteSelected) and (first.endpoint, first.attempt, first.tried) == ("node-a", 1, ())
+    [second] = router.decide(_fail(first), router.initial_state(), policy, NOW)
+    assert isinstance(second, RouteSelected) and (second.endpoint, second.attempt, second.tried) == (
+        "node-b", 2, ("node-a",))
+    assert second.event_id.endswith(":route-2") and second.chat == first.chat and second.reservation == first.reservation
+    [ended] = router.decide(_fail(second), router.initial_state(), policy, NOW)
+    assert isinstance(ended, RouteUnavailable) and "node-a, node-b" in ended.detail
+    assert ended.reason == "invocation_failed"
+    assert ended.event_id.endswith(":route-3")
+    state = router.evolve(router.initial_state(), ended)
+    assert router.decide(_fail(second), state, policy, NOW) == []  # the end, decided once
+
+
+def test_a_failure_that_ended_its_request_is_not_routed_again() -> None:
+    old = msgspec.structs.replace(SAMPLES_BY_NAME["InvocationFailed"], final=True)
+    assert isinstance(old, InvocationFailed)
+    assert router.decide(old, router.initial_state(), _two_endpoints("a", "b", "c"), NOW) == []
 
 
 @pytest.mark.parametrize("name", ["RequestDenied", "BudgetRejected", "RouteUnavailable", "InvocationCompleted",
                                   "InvocationFailed", "RequestFailed"])
 def test_the_edge_records_a_request_outcome_once(name: str) -> None:
     terminal = msgspec.structs.replace(SAMPLES_BY_NAME[name], reply_to="_INBOX_app.tester.abc")
+    if isinstance(terminal, InvocationFailed):  # one that ends its request (what a v1 failure was)
+        assert edge.decide(terminal, edge.initial_state(), "v", NOW) == []  # an attempt routed again: no answer
+        terminal = msgspec.structs.replace(terminal, final=True)
     state = edge.initial_state()
     decided = edge.decide(terminal, state, "v", NOW)  # type: ignore[arg-type]
     assert decided

@@ -8,8 +8,9 @@ import msgspec
 import pytest
 from enclave_gateway.schemas import codec, subjects
 from enclave_gateway.schemas.events import CURRENT_EVENT_TYPES, RequestAuthorized
+from enclave_gateway.schemas.upcast import current_version
 
-from .samples import samples
+from .samples import samples, upcast_samples
 
 GOLDEN = Path(__file__).parent / "golden"
 SAMPLES = {type(e).__name__: e for e in samples()}
@@ -25,7 +26,13 @@ def test_every_event_type_has_a_sample_and_a_golden_file() -> None:
 def test_golden_file_decodes_to_the_current_type(path: Path) -> None:
     event = codec.decode_event(path.read_bytes())
     assert type(event).__name__ == path.parent.name
-    assert event == SAMPLES[path.parent.name]
+    version = int(path.stem.removeprefix("v"))
+    assert event == upcast_samples().get((path.parent.name, version), SAMPLES[path.parent.name])
+
+
+def test_every_current_version_has_its_golden_file() -> None:
+    for cls in CURRENT_EVENT_TYPES:
+        assert (GOLDEN / cls.__name__ / f"v{current_version(cls)}.json").is_file(), cls.__name__
 
 
 @pytest.mark.parametrize("event", samples(), ids=lambda e: type(e).__name__)

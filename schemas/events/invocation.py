@@ -1,5 +1,11 @@
-"""Facts about calling a model server."""
+"""Facts about calling a model server.
 
+Stored versions: InvocationFailed v1 ended its request (the budget released, the caller got the
+error) and is frozen as `InvocationFailedV1`; v2 is one failed attempt, after which the router
+decides the next endpoint or that none is left (issue 10).
+"""
+
+from ..commands import ChatBody
 from .base import Caller, Event, Reservation
 
 
@@ -18,8 +24,8 @@ class InvocationCompleted(Event, frozen=True, kw_only=True, tag="InvocationCompl
     reply_to: str
 
 
-class InvocationFailed(Event, frozen=True, kw_only=True, tag="InvocationFailed"):
-    """The model server failed or timed out; the reservation must be released."""
+class InvocationFailedV1(Event, frozen=True, kw_only=True, tag="InvocationFailed"):
+    """Version 1 as stored before fallbacks: read, upcast, never written."""
 
     caller: Caller
     model_id: str
@@ -29,3 +35,40 @@ class InvocationFailed(Event, frozen=True, kw_only=True, tag="InvocationFailed")
     latency_ms: float
     reservation: Reservation
     reply_to: str
+
+
+class InvocationFailed(Event, frozen=True, kw_only=True, tag="InvocationFailed"):
+    """One attempt failed or timed out at `endpoint`.
+
+    `final` false (what invokers write): the router decides what follows, another endpoint or
+    `RouteUnavailable`, from this event alone (it carries the route's request). `final` true: the
+    request ends here (every v1 failure), so the budget releases and the caller gets the error.
+    """
+
+    schema_version: int = 2
+    caller: Caller
+    model_id: str
+    endpoint: str
+    error: str
+    detail: str
+    latency_ms: float
+    reservation: Reservation
+    reply_to: str
+    final: bool
+    attempt: int = 1
+    tried: tuple[str, ...] = ()  # endpoints that failed before this attempt
+    requested_model: str = ""
+    substituted_from: str | None = None
+    max_tokens: int = 0
+    chat: ChatBody | None = None
+
+
+def invocation_failed_v2(old: InvocationFailedV1) -> InvocationFailed:
+    """A v1 failure ended its request."""
+    return InvocationFailed(
+        event_id=old.event_id, request_id=old.request_id, occurred_at=old.occurred_at,
+        policy_version=old.policy_version, causation_id=old.causation_id, causation_seq=old.causation_seq,
+        caller=old.caller, model_id=old.model_id, endpoint=old.endpoint, error=old.error, detail=old.detail,
+        latency_ms=old.latency_ms, reservation=old.reservation, reply_to=old.reply_to, final=True,
+        requested_model=old.model_id,
+    )

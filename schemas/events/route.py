@@ -1,11 +1,15 @@
-"""Facts about routing a request to a model server (DESIGN §5)."""
+"""Facts about routing a request to a model server (DESIGN §5).
+
+Stored versions: RouteSelected v1 (one endpoint per model, one attempt) is frozen as
+`RouteSelectedV1`; v2 adds the attempt and the endpoints that already failed (issue 10).
+"""
 
 from ..commands import ChatBody
 from .base import Caller, Event, Reservation
 
 
-class RouteSelected(Event, frozen=True, kw_only=True, tag="RouteSelected"):
-    """The router chose a model and endpoint; `substituted_from` records an alias or swap."""
+class RouteSelectedV1(Event, frozen=True, kw_only=True, tag="RouteSelected"):
+    """Version 1 as stored before fallbacks: read, upcast, never written."""
 
     caller: Caller
     requested_model: str
@@ -18,8 +22,29 @@ class RouteSelected(Event, frozen=True, kw_only=True, tag="RouteSelected"):
     reply_to: str
 
 
+class RouteSelected(Event, frozen=True, kw_only=True, tag="RouteSelected"):
+    """The router chose a model and endpoint; `substituted_from` records an alias or swap.
+
+    `attempt` counts from 1; `tried` names the endpoints that failed this request before, in order,
+    so a fallback is decided from the event alone and every replica decides it the same way.
+    """
+
+    schema_version: int = 2
+    caller: Caller
+    requested_model: str
+    model_id: str
+    endpoint: str
+    substituted_from: str | None = None
+    max_tokens: int
+    chat: ChatBody
+    reservation: Reservation
+    reply_to: str
+    attempt: int = 1
+    tried: tuple[str, ...] = ()
+
+
 class RouteUnavailable(Event, frozen=True, kw_only=True, tag="RouteUnavailable"):
-    """No eligible endpoint serves the model."""
+    """No eligible endpoint serves the model (or every one failed): the request ends here."""
 
     caller: Caller
     requested_model: str
@@ -27,3 +52,14 @@ class RouteUnavailable(Event, frozen=True, kw_only=True, tag="RouteUnavailable")
     detail: str
     reservation: Reservation
     reply_to: str
+
+
+def route_selected_v2(old: RouteSelectedV1) -> RouteSelected:
+    """A v1 route was the first and only attempt."""
+    return RouteSelected(
+        event_id=old.event_id, request_id=old.request_id, occurred_at=old.occurred_at,
+        policy_version=old.policy_version, causation_id=old.causation_id, causation_seq=old.causation_seq,
+        caller=old.caller, requested_model=old.requested_model, model_id=old.model_id, endpoint=old.endpoint,
+        substituted_from=old.substituted_from, max_tokens=old.max_tokens, chat=old.chat,
+        reservation=old.reservation, reply_to=old.reply_to,
+    )

@@ -156,6 +156,8 @@ def decide(event: BudgetInput, state: BudgetState, policy: PolicyBundle, now: da
             primary = _reserve(event, state, policy, now)
         case InvocationCompleted():
             primary = _settle(event, state, policy, now)
+        case InvocationFailed() if not event.final:
+            primary = []  # one attempt failed: the router routes again or ends the request (RouteUnavailable)
         case InvocationFailed() | RouteUnavailable() | RequestFailed():
             primary = _release(event.request_id, type(event).__name__, state, policy, now)
         case BudgetClockTicked():

@@ -193,6 +193,11 @@ def reply_for(event: Terminal) -> SubmitReply:
             return _error(rid, event.reason, f"{event.stage}: {event.detail}")
 
 
+def ends_request(event: Terminal) -> bool:
+    """Whether the caller's answer is this event: a failed attempt the router routes again is not."""
+    return not (isinstance(event, InvocationFailed) and not event.final)
+
+
 def team_of(event: Terminal) -> str | None:
     """The team a terminal event belongs to, when the caller was identified."""
     match event:
@@ -259,8 +264,8 @@ def decide(event: Terminal, state: EdgeState, policy_version: str, now: datetime
     the application still listens. An HTTP caller's is recorded by the replica holding it
     (`handed_over`), so the responder records nothing for it.
     """
-    if event.request_id in state.recorded:
-        return []  # its outcome is on record: a redelivered terminal records nothing twice
+    if event.request_id in state.recorded or not ends_request(event):
+        return []  # its outcome is on record (a redelivered terminal records nothing twice), or it is not the end
     reply, team = reply_for(event), team_of(event)
     match reply_route(event.reply_to):
         case "application":

@@ -157,8 +157,8 @@ class Edge:
         event = codec.decode_event(msg.data, msg.subject)
         if not isinstance(event, decider.Terminal):
             raise codec.DecodeError(f"edge responder does not take {type(event).__name__}")
-        if event.request_id in self.state.recorded:
-            return  # answered and recorded already: a redelivery answers nobody twice
+        if event.request_id in self.state.recorded or not decider.ends_request(event):
+            return  # answered and recorded already (a redelivery answers nobody twice), or routed again
         target = decider.reply_target(event.reply_to)
         if target is not None:  # an HTTP caller's reply is forwarded to the replica holding it
             await self.nc.publish(target, codec.encode(decider.reply_for(event)), headers=decider.reply_headers(event))

@@ -62,6 +62,11 @@ _response = msgspec.json.Decoder(OpenAIResponse)
 _encoder = msgspec.json.Encoder()
 
 
+def stage(attempt: int) -> str:
+    """The event-id stage of an attempt's outcome: each attempt's is its own fact, never a duplicate."""
+    return STAGE if attempt == 1 else f"{STAGE}-{attempt}"
+
+
 def initial_state() -> InvokerState:
     """The empty state."""
     return InvokerState()
@@ -112,7 +117,7 @@ def decide(route: RouteSelected, outcome: CallOutcome, policy_version: str, now:
     choice = parsed.choices[0]
     return [
         InvocationCompleted(
-            **envelope(route.request_id, STAGE, now, policy_version),
+            **envelope(route.request_id, stage(route.attempt), now, policy_version),
             caller=route.caller,
             model_id=route.model_id,
             endpoint=route.endpoint,
@@ -131,7 +136,7 @@ def _failed(
     route: RouteSelected, policy_version: str, now: datetime, error: str, detail: str, latency_ms: float
 ) -> InvocationFailed:
     return InvocationFailed(
-        **envelope(route.request_id, STAGE, now, policy_version),
+        **envelope(route.request_id, stage(route.attempt), now, policy_version),
         caller=route.caller,
         model_id=route.model_id,
         endpoint=route.endpoint,
@@ -140,4 +145,11 @@ def _failed(
         error=error,
         detail=detail,
         latency_ms=latency_ms,
+        final=False,  # the router decides what follows: the next endpoint, or the end of the request
+        attempt=route.attempt,
+        tried=route.tried,
+        requested_model=route.requested_model,
+        substituted_from=route.substituted_from,
+        max_tokens=route.max_tokens,
+        chat=route.chat,
     )

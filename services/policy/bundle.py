@@ -85,6 +85,9 @@ def bundle_from_files(files: dict[str, str]) -> PolicyBundle:
     return bundle
 
 
+_ENDPOINT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
 def _check_catalog(catalog: Catalog) -> None:
     ids = [m.id for m in catalog.model]
     if len(ids) != len(set(ids)):
@@ -96,6 +99,14 @@ def _check_catalog(catalog: Catalog) -> None:
             raise PolicyError(f"catalog.toml: model {model.id!r} accreditation: {exc}") from exc
         if model.replacement is not None and model.replacement not in ids:
             raise PolicyError(f"catalog.toml: {model.id!r} is replaced by unknown model {model.replacement!r}")
+        if model.endpoint and model.endpoints:
+            raise PolicyError(f"catalog.toml: model {model.id!r} names both endpoint and endpoints: keep endpoints")
+        served = model.endpoints or ((model.endpoint,) if model.endpoint else ())
+        if not served and model.status != "retired":
+            raise PolicyError(f"catalog.toml: model {model.id!r} has no endpoint: name at least one in endpoints")
+        if len(set(served)) != len(served) or not all(_ENDPOINT_NAME.match(e) for e in served):
+            raise PolicyError(f"catalog.toml: model {model.id!r} endpoints {list(served)} must be distinct names of "
+                              "1-64 of A-Z a-z 0-9 _ - .")
 
 
 def check_team_names(names: list[str], where: str) -> None:

@@ -1,25 +1,57 @@
-"""Router decider: pick the model and endpoint for a funded request (DESIGN §5).
+"""Router decider: pick the model and endpoint for a funded request, and the next one when an
+attempt fails (DESIGN §5, issue 10).
 
 The catalog resolves aliases and deprecated names to what actually runs; `RouteSelected`
-records the substitution so a rename needs a catalog change and nothing else.
+records the substitution so a rename needs a catalog change and nothing else. A model's endpoints
+are tried in catalog order: a failed attempt (`InvocationFailed`, not final) is routed again to
+the next endpoint not yet tried, from the event alone, so every fallback is a recorded decision
+that replay re-makes; when none is left the request ends with `RouteUnavailable`, which releases
+its reservation and answers the caller.
 """
 
 from datetime import datetime
 
 from msgspec import Struct
 
-from ...schemas.events import AnyEvent, BudgetReserved, Event, Reservation, RouteSelected, RouteUnavailable, envelope
+from ...schemas.commands import ChatBody
+from ...schemas.events import (
+    AnyEvent,
+    BudgetReserved,
+    Caller,
+    Event,
+    InvocationFailed,
+    Reservation,
+    RouteSelected,
+    RouteUnavailable,
+    envelope,
+)
 from ...schemas.policy import PolicyBundle
 from .. import catalog
 from ..remembered import Remembered
 
 STAGE = "route"
+RouterInput = BudgetReserved | InvocationFailed
 
 
 class RouterState(Struct, frozen=True, kw_only=True):
-    """The requests already routed (idempotency); latency-aware strategies will fold completions."""
+    """The attempts already routed, as `request_id#attempt` (idempotency)."""
 
     routed: Remembered = Remembered()
+
+
+class _Ask(Struct, frozen=True, kw_only=True):
+    """What routing needs of a request, from its reservation or from a failed attempt."""
+
+    request_id: str
+    caller: Caller
+    requested_model: str
+    model_id: str
+    max_tokens: int
+    chat: ChatBody
+    reservation: Reservation
+    reply_to: str
+    attempt: int
+    tried: tuple[str, ...]
 
 
 def initial_state() -> RouterState:
@@ -27,45 +59,86 @@ def initial_state() -> RouterState:
     return RouterState()
 
 
+def attempt_key(request_id: str, attempt: int) -> str:
+    """The memory key of one routing decision."""
+    return f"{request_id}#{attempt}"
+
+
+def stage(attempt: int) -> str:
+    """The event-id stage of an attempt: the first keeps the name it always had, so ids stay stable."""
+    return STAGE if attempt == 1 else f"{STAGE}-{attempt}"
+
+
 def evolve(state: RouterState, event: Event) -> RouterState:
-    """A route of this stage remembers its request."""
-    if isinstance(event, RouteSelected | RouteUnavailable):
-        return RouterState(routed=state.routed.add(event.request_id, event.occurred_at))
-    return state
+    """A route of this stage remembers its attempt."""
+    match event:
+        case RouteSelected():
+            return RouterState(routed=state.routed.add(attempt_key(event.request_id, event.attempt), event.occurred_at))
+        case RouteUnavailable():
+            return RouterState(routed=state.routed.add(attempt_key(event.request_id, _ended(event)), event.occurred_at))
+        case _:
+            return state
 
 
-def decide(event: BudgetReserved, state: RouterState, policy: PolicyBundle, now: datetime) -> list[AnyEvent]:
-    """One RouteSelected or RouteUnavailable for a reserved request (none if routed before)."""
-    if event.request_id in state.routed:
+def _ended(event: RouteUnavailable) -> int:
+    # a RouteUnavailable ends the attempt after the last one tried; its id names that attempt
+    tail = event.event_id.rsplit(":", 1)[-1]
+    return int(tail.removeprefix(f"{STAGE}-")) if tail.startswith(f"{STAGE}-") else 1
+
+
+def decide(event: RouterInput, state: RouterState, policy: PolicyBundle, now: datetime) -> list[AnyEvent]:
+    """One RouteSelected or RouteUnavailable per attempt (none if decided before, or for a final failure)."""
+    ask = _ask(event)
+    if ask is None or attempt_key(ask.request_id, ask.attempt) in state.routed:
         return []
-    env = envelope(event.request_id, STAGE, now, policy.version)
-    held = Reservation(team=event.team, period=event.period, micros=event.amount_micros)
-    resolved = catalog.resolve(policy.catalog, event.model_id)
-    if resolved is None or not resolved.model.endpoint:
+    env = envelope(ask.request_id, stage(ask.attempt), now, policy.version)
+    resolved = catalog.resolve(policy.catalog, ask.model_id)
+    left = [] if resolved is None else [e for e in catalog.endpoints_of(resolved.model) if e not in ask.tried]
+    if resolved is None or not left:
+        why = (f"every endpoint of {ask.model_id!r} failed: {', '.join(ask.tried)}" if ask.tried
+               else f"no active endpoint serves {ask.model_id!r}")
         return [
             RouteUnavailable(
                 **env,
-                caller=event.caller,
-                requested_model=event.chat.model,
-                reason="route_unavailable",
-                reservation=held,
-                reply_to=event.reply_to,
-                detail=f"no active endpoint serves {event.model_id!r}",
+                caller=ask.caller,
+                requested_model=ask.requested_model,
+                # the caller hears what it always heard: the model server failed (502), or no server (503)
+                reason="invocation_failed" if ask.tried else "route_unavailable",
+                reservation=ask.reservation,
+                reply_to=ask.reply_to,
+                detail=why,
             )
         ]
     model = resolved.model
-    substituted = event.chat.model if event.chat.model != model.id else None
     return [
         RouteSelected(
             **env,
-            caller=event.caller,
-            requested_model=event.chat.model,
+            caller=ask.caller,
+            requested_model=ask.requested_model,
             model_id=model.id,
-            endpoint=model.endpoint,
-            substituted_from=substituted,
-            max_tokens=event.max_tokens,
-            chat=event.chat,
-            reservation=held,
-            reply_to=event.reply_to,
+            endpoint=left[0],
+            substituted_from=ask.requested_model if ask.requested_model != model.id else None,
+            max_tokens=ask.max_tokens,
+            chat=ask.chat,
+            reservation=ask.reservation,
+            reply_to=ask.reply_to,
+            attempt=ask.attempt,
+            tried=ask.tried,
         )
     ]
+
+
+def _ask(event: RouterInput) -> _Ask | None:
+    match event:
+        case BudgetReserved():
+            held = Reservation(team=event.team, period=event.period, micros=event.amount_micros)
+            return _Ask(request_id=event.request_id, caller=event.caller, requested_model=event.chat.model,
+                        model_id=event.model_id, max_tokens=event.max_tokens, chat=event.chat, reservation=held,
+                        reply_to=event.reply_to, attempt=1, tried=())
+        case InvocationFailed():
+            if event.final or event.chat is None:
+                return None  # the request ended with it (v1), or it cannot be routed again
+            return _Ask(request_id=event.request_id, caller=event.caller, requested_model=event.requested_model,
+                        model_id=event.model_id, max_tokens=event.max_tokens, chat=event.chat,
+                        reservation=event.reservation, reply_to=event.reply_to, attempt=event.attempt + 1,
+                        tried=(*event.tried, event.endpoint))

@@ -1,11 +1,11 @@
-"""Router shell: consume BudgetReserved, publish the route under the active catalog."""
+"""Router shell: consume BudgetReserved and failed attempts, publish the route under the active catalog."""
 
 import asyncio
 
 from nats.aio.msg import Msg
 
 from ...schemas import codec
-from ...schemas.events import BudgetReserved
+from ...schemas.events import BudgetReserved, InvocationFailed
 from .. import bus, worker
 from ..settings import WorkerSettings
 from . import decider
@@ -17,10 +17,12 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
     async with worker.session(settings, "router", worker.whole_bundle) as s:
 
         async def handle(msg: Msg) -> None:
-            reserved = codec.decode_as(msg.data, BudgetReserved, msg.subject)
+            cause = codec.decode_event(msg.data, msg.subject)
+            if not isinstance(cause, BudgetReserved | InvocationFailed):
+                raise codec.DecodeError(f"router does not take {type(cause).__name__}")
             nonlocal state
-            for event in decider.decide(reserved, state, s.policy, bus.now_utc()):
-                await bus.publish(s.js, bus.caused(event, reserved, msg))
+            for event in decider.decide(cause, state, s.policy, bus.now_utc()):
+                await bus.publish(s.js, bus.caused(event, cause, msg))
                 state = decider.evolve(state, event)
 
         await bus.consume(s.js, "router", handle, stop)

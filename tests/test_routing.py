@@ -1,0 +1,70 @@
+"""Issue 10: a caller never notices a dead model server. A model's endpoints are tried in catalog
+order; a failed attempt is routed again to the next one, every step a recorded decision that
+replay re-makes, and the request is charged once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from enclave_gateway.replay.engine import diff, replay
+from enclave_gateway.runtime import wait_audited
+from enclave_gateway.schemas import codec, subjects
+from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
+from enclave_gateway.services import bus
+from enclave_gateway.services.authz.policy_view import dev_jwks
+from enclave_gateway.services.settings import WorkerSettings
+from nats.aio.client import Client
+
+from .conftest import APP, stream_events
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def test_a_dead_endpoint_is_never_noticed_and_each_fallback_is_recorded(
+        admin: Client, client: Client, stack: WorkerSettings, token_for) -> None:
+    first = (await admin.jetstream().stream_info(subjects.STREAM)).state.last_seq + 1
+    chat = ChatBody(model="enclave-tiny-ha", messages=(ChatMessage(role="user", content="fail over"),), max_tokens=4)
+
+    async def ask() -> str:
+        msg = await client.request(subjects.submit(APP), codec.encode(SubmitRequest(token=token_for("gamma"),
+                                                                                     chat=chat)), timeout=60)
+        reply = codec.decode_reply(msg.data)
+        assert reply.completion is not None, reply.error  # the caller sees an answer, not the dead server
+        return reply.request_id
+
+    rids = await asyncio.gather(*(ask() for _ in range(4)))
+    await wait_audited(admin, 60)
+    for rid in rids:
+        facts = [body for _, body in await stream_events(admin, rid)]
+        kinds = [str(f["type"]) for f in facts]
+        failed = next(f for f in facts if f["type"] == "InvocationFailed")
+        routes = [f for f in facts if f["type"] == "RouteSelected"]
+        assert (failed["endpoint"], failed["attempt"], failed["final"]) == ("gpu-node-down", 1, False)
+        assert [(r["endpoint"], r["attempt"], r["tried"]) for r in routes] == [
+            ("gpu-node-down", 1, []), ("local-llama", 2, ["gpu-node-down"])]
+        assert routes[1]["causation_id"] == failed["event_id"]  # decided from the failed attempt
+        assert kinds.count("BudgetSettled") == 1 and "BudgetReleased" not in kinds  # charged once, nothing freed
+        assert kinds.count("ResponseDelivered") == 1
+    stored = [(seq, subject, data) for data, subject, seq in
+              await bus.stored_on(admin.jetstream(), subjects.ALL_EVENTS, "test")]
+    result = replay(stored, dev_jwks(stack), first=first)
+    assert result.ok, [(m.seq, m.decision, m.why, diff(m)) for m in result.mismatches]
+    fallbacks = [data for seq, subject, data in stored if seq >= first and subject.startswith("gw.evt.route.selected")
+                 and b'"attempt":2' in data]
+    assert len(fallbacks) == len(rids)  # every fallback was among the decisions replay re-made
+
+
+async def test_when_every_endpoint_fails_the_request_ends_once_with_its_money_back(
+        admin: Client, client: Client, stack: WorkerSettings, token_for) -> None:
+    """analyst-large's one endpoint is served by no invoker: the attempt fails, nothing is left."""
+    chat = ChatBody(model="analyst-large", messages=(ChatMessage(role="user", content="x"),), max_tokens=4)
+    msg = await client.request(subjects.submit(APP), codec.encode(SubmitRequest(token=token_for("gamma"), chat=chat)),
+                               timeout=60)
+    reply = codec.decode_reply(msg.data)
+    assert reply.error is not None and reply.error.code == "invocation_failed"  # what callers always heard (502)
+    assert "every endpoint of 'analyst-large' failed: gpu-pool-a" in reply.error.message
+    await wait_audited(admin, 60)
+    kinds = [str(body["type"]) for _, body in await stream_events(admin, reply.request_id)]
+    assert kinds.count("InvocationFailed") == 1 and kinds.count("RouteUnavailable") == 1
+    assert kinds.count("BudgetReleased") == 1 and kinds.count("ResponseDelivered") == 1
