@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import audit_sql, issuer, nats_auth, runtime
+from .engine import Engine
 from .runtime import Gateway
 from .schemas import codec, subjects
 from .schemas.commands import ChatBody, ChatMessage, SubmitRequest
@@ -27,11 +28,18 @@ SAMPLE_SQL = """SELECT coalesce(team, '(no valid session)') AS team,
        count(*) FILTER (WHERE type = 'InvocationCompleted') AS completed,
        count(*) FILTER (WHERE type = 'RequestDenied') AS denied,
        count(*) FILTER (WHERE type = 'BudgetRejected') AS over_budget,
-       count(*) FILTER (WHERE type = 'InvocationFailed') AS failed,
+       count(*) FILTER (WHERE type = 'InvocationFailed') AS failed_attempts,
        coalesce(sum(charged_micros), 0) AS spent_micros
 FROM events
 WHERE type IN ('InvocationCompleted', 'RequestDenied', 'BudgetRejected', 'InvocationFailed', 'BudgetSettled')
 GROUP BY 1 ORDER BY 1"""
+
+
+FALLBACK_SQL = """SELECT f.request_id, f.endpoint, f.reason,
+       (SELECT r.endpoint FROM events r WHERE r.type = 'RouteSelected' AND r.request_id = f.request_id
+          AND r.seq > f.seq ORDER BY r.seq LIMIT 1),
+       (SELECT o.outcome FROM events o WHERE o.type = 'ResponseDelivered' AND o.request_id = f.request_id LIMIT 1)
+FROM events f WHERE f.type = 'InvocationFailed' ORDER BY f.seq"""
 
 
 def _policy_dir() -> Path:
@@ -171,6 +179,17 @@ def _show_audit(audit: Path) -> None:
     console.print("Spend report: gateway report spend --by team --plot spend.png (reconciles with the ledger)")
 
 
+def _show_fallbacks(audit: Path) -> None:
+    """Every failed attempt and where the router sent the request next, from the Parquet audit."""
+    _, rows = audit_sql.query(audit, FALLBACK_SQL)
+    t = Table(title="Fallbacks: a failed attempt is routed on to the model's next endpoint (replayable)")
+    for col in ("request", "failed at", "error", "then routed to", "outcome"):
+        t.add_column(col)
+    for rid, failed_at, error, next_endpoint, outcome in rows:
+        t.add_row(str(rid)[:8], str(failed_at), str(error), str(next_endpoint or "-"), str(outcome or "-"))
+    console.print(t)
+
+
 def run_demo(data_dir: Path | None) -> int:
     """Start everything on free ports, send the scripted requests, show the audit."""
     tmp = None
@@ -178,9 +197,15 @@ def run_demo(data_dir: Path | None) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="gateway-demo-")
         data_dir = Path(tmp.name)
     nats_auth.ensure_creds(data_dir / "creds", (DEMO_APP,))  # what `gateway app add batch` does
-    gw = Gateway(data_dir, _policy_dir(), nats_port=-1, http_port=0, endpoints={}, serve_tiny="local-llama")
-    with console.status("starting nats-server, llama.cpp server and six workers..."):
-        gw.__enter__()
+    second = Engine(data_dir, name="llama-server-2")  # enclave-tiny's second endpoint, for the fallback
+    with console.status("starting nats-server, two llama.cpp servers and six workers..."):
+        try:
+            gw = Gateway(data_dir, _policy_dir(), nats_port=-1, http_port=0,
+                         endpoints={"local-llama-2": second.start()}, serve_tiny="local-llama")
+            gw.__enter__()
+        except BaseException:
+            second.stop()
+            raise
     try:
         console.print(f"gateway up: HTTP {gw.http_url}  NATS {gw.nats_url}")
         plan, alice = _plan(data_dir / "keys")
@@ -191,8 +216,14 @@ def run_demo(data_dir: Path | None) -> int:
                 rows.append((who, "HTTP", model, status, body))
             reply = asyncio.run(nats_chat(gw.settings, alice, "enclave-tiny", "Batch job over gw.submit."))
             rows.append(("alice@alpha", "NATS", "enclave-tiny", 200 if reply.get("completion") else 0, reply))
+            assert gw.engine is not None
+            gw.engine.stop()  # local-llama goes down: enclave-tiny's next endpoint takes over
+            for text in ("After local-llama stopped: served by local-llama-2.", "And again."):
+                status, body = http_chat(gw.http_url, alice, "enclave-tiny", text)
+                rows.append(("alice@alpha (local-llama down)", "HTTP", "enclave-tiny", status, body))
             asyncio.run(wait_audited(gw.settings))
         console.print(_summarize(rows))
+        _show_fallbacks(data_dir / "audit")
         _show_audit(data_dir / "audit")
         console.print(
             f'Try: gateway sql "SELECT type, count(*) FROM events GROUP BY type" --data-dir {data_dir}'
@@ -200,6 +231,7 @@ def run_demo(data_dir: Path | None) -> int:
             else "Run `gateway demo --data-dir DIR` to keep the data and query it later."
         )
     finally:
+        second.stop()
         with console.status("stopping..."):
             gw.stop()
         if tmp is not None:

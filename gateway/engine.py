@@ -28,8 +28,8 @@ def ensure_model(models_dir: Path) -> Path:
 class Engine:
     """A llama.cpp server process on a loopback port."""
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
-        self.data_dir, self.port = data_dir, port
+    def __init__(self, data_dir: Path, port: int | None = None, name: str = "llama-server") -> None:
+        self.data_dir, self.port, self.name = data_dir, port, name
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 
@@ -58,7 +58,7 @@ class Engine:
             "--verbose",
             "False",
         ]
-        self.proc = procs.spawn(argv, self.data_dir / "logs" / "llama-server.log")
+        self.proc = procs.spawn(argv, self.data_dir / "logs" / f"{self.name}.log")
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -241,7 +241,9 @@ def _fill(row: AuditRow, e: AnyEvent, digest_key: bytes | None) -> None:
             )
         case RouteSelected():
             row.team, row.model, row.model_id, row.endpoint = e.caller.team, e.requested_model, e.model_id, e.endpoint
-            row.detail = f"substituted {e.substituted_from}" if e.substituted_from else None
+            notes = ([f"substituted {e.substituted_from}"] if e.substituted_from else []) + (
+                [f"attempt {e.attempt} after {', '.join(e.tried)} failed"] if e.tried else [])
+            row.detail = "; ".join(notes) or None
         case RouteUnavailable():
             row.team, row.model, row.reason, row.detail = e.caller.team, e.requested_model, e.reason, e.detail
         case InvocationCompleted():
