@@ -150,6 +150,9 @@ def frozen_for_the_collector() -> Iterator[None]:
     """Python's cycle collector rescans every live container on its full passes, and a replay holds a
     million acyclic events: those passes were a sixth of its time. What is alive when it starts is
     set aside for its duration (`gc.freeze`); cycles made meanwhile are still collected."""
+    if gc.get_freeze_count():  # someone else froze the heap (or an outer replay did): leave it to them
+        yield
+        return
     gc.freeze()
     try:
         yield

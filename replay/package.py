@@ -17,7 +17,6 @@ import msgspec
 from ..schemas import codec
 from ..schemas.events import PolicyActivated
 from ..schemas.policy import PolicyBundle
-from ..services import catalog
 
 MANIFEST = "manifest.json"
 MANIFEST_SIG = "manifest.sig"
@@ -107,8 +106,11 @@ def policy_history(activations: list[tuple[bytes, str, int]]) -> list[PolicyReco
 
 def catalog_entries(bundle: PolicyBundle) -> list[dict[str, Any]]:
     """The register's view of a catalog: what each model is and is accredited for."""
-    return [{"id": m.id, "accreditation": m.accreditation, "status": m.status,
-             "endpoints": list(catalog.endpoints_of(m)), "aliases": list(m.aliases)} for m in bundle.catalog.model]
+    # as the catalog names them: a one-endpoint model reads as it always did, so registers
+    # exported before models had several endpoints still verify
+    return [{"id": m.id, "accreditation": m.accreditation, "status": m.status, "endpoint": m.endpoint,
+             "aliases": list(m.aliases), **({"endpoints": list(m.endpoints)} if m.endpoints else {})}
+            for m in bundle.catalog.model]
 
 
 def file_entry(path: Path) -> FileEntry:

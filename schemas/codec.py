@@ -56,7 +56,7 @@ def decode_event(data: bytes, subject: str | None = None) -> AnyEvent:
     """
     try:
         fast: Event | None = _current.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         fast = None
     if fast is not None and READERS.get((str(type(fast).__struct_config__.tag), fast.schema_version)) == (
             type(fast), None):
@@ -68,10 +68,16 @@ def decode_event(data: bytes, subject: str | None = None) -> AnyEvent:
             raise DecodeError(f"unknown event type {head.type!r} v{head.schema_version}")
         cls, step = reader
         event: Event = _decoder(cls).decode(data)
-    except msgspec.DecodeError as exc:  # ValidationError is a subclass
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # ValidationError is a subclass; msgspec lets
+        # a byte that is not UTF-8 inside a JSON string through as Python's own error
         raise DecodeError(str(exc)) from exc
     result: AnyEvent = upcast(event, step)  # type: ignore[assignment]  # the reader registry pairs type and class
     return _placed(result, subject)
+
+
+def stored_version(data: bytes) -> int:
+    """The `schema_version` the bytes were written with (an upcast event reports its current one)."""
+    return _header.decode(data).schema_version
 
 
 def _placed(event: AnyEvent, subject: str | None) -> AnyEvent:
@@ -92,7 +98,7 @@ def decode_submit(data: bytes) -> SubmitRequest:
     """Decode a `gw.submit` command."""
     try:
         return _submit.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise DecodeError(str(exc)) from exc
 
 
@@ -100,5 +106,5 @@ def decode_reply(data: bytes) -> SubmitReply:
     """Decode the reply a caller receives."""
     try:
         return _reply.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise DecodeError(str(exc)) from exc

@@ -3,6 +3,8 @@ equals a full replay, and catch-up sees another replica's writes."""
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from enclave_gateway.schemas import codec, subjects
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
@@ -86,5 +88,34 @@ async def test_a_refusal_closes_its_request_for_every_replica(admin: Client, cli
         assert reply.request_id not in stale.state.closed
         await stale.catch_up_refusals("tight")
         assert reply.request_id in stale.state.closed
+    finally:
+        await nc.close()
+
+
+async def test_a_replicas_own_refusal_does_not_hide_a_lower_one_another_replica_wrote(
+        admin: Client, stack) -> None:
+    """Refusals carry no compare-and-set: replica B's refusal of X may be stored below replica A's of
+    Y. A folding its own must not mark X as read, or X's redelivered authorization would reserve."""
+    from datetime import UTC, datetime
+
+    from enclave_gateway.schemas.events import BudgetRejected, Caller, envelope
+
+    def refusal(rid: str) -> BudgetRejected:
+        return BudgetRejected(**envelope(rid, "reserve", datetime.now(UTC), "test"),
+                              caller=Caller(subject="s", team="tight"), model_id="enclave-tiny", period="2026-11",
+                              requested_micros=10, remaining_micros=0, cap_micros=700, reason="budget_exceeded",
+                              reply_to="")
+
+    nc = await bus.connect(stack, "budget")
+    try:
+        replica_a = LedgerStore(nc.jetstream())
+        await replica_a.rebuild()
+        x, y = refusal(uuid.uuid4().hex), refusal(uuid.uuid4().hex)
+        for event in (x, y):  # B's refusal of X, then A's of Y, stored in that order
+            await bus.publish(admin.jetstream(), event)
+        replica_a.note_refusal(y)
+        assert y.request_id in replica_a.state.closed and x.request_id not in replica_a.state.closed
+        await replica_a.catch_up_refusals("tight")
+        assert x.request_id in replica_a.state.closed
     finally:
         await nc.close()

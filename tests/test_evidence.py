@@ -3,6 +3,7 @@ assessor would try is detected with its place named."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -365,3 +366,13 @@ async def test_a_period_package_restricts_the_tables_and_still_verifies(stack: W
         assert ("token_missing" in (out / pkg.VIOLATIONS_CSV).read_text()) == expect_rows
     with pytest.raises(ValueError, match="period"):
         await evidence.export(stack, tmp_path / "bad", "Nov-2026")
+
+
+async def test_a_package_exported_before_fallbacks_still_verifies_and_replays() -> None:
+    """Written once by the code of commit 0fe3964 (RouteSelected and InvocationFailed at v1): an
+    assessor's archive keeps verifying after events gain versions, and its decisions replay."""
+    golden = Path(__file__).parent / "golden_packages"
+    anchor = keys.load_public(golden / "v1-before-fallbacks.audit-signer.pub.json")
+    report = verify(golden / "v1-before-fallbacks", anchor)
+    assert report.ok and report.anchored and report.events == 64, report.findings
+    assert await asyncio.to_thread(cli.main, ["replay", "--package", str(golden / "v1-before-fallbacks")]) == 0

@@ -168,7 +168,8 @@ def row_of(
         seq=seq,
         subject=subject,
         type=type(event).__name__,
-        schema_version=event.schema_version,
+        # the version stored, which the row's digest is of (every version before 2 was 1)
+        schema_version=1 if event.schema_version == 1 else codec.stored_version(data),
         event_id=event.event_id,
         request_id=event.request_id,
         occurred_at=event.occurred_at,

@@ -107,14 +107,24 @@ class LedgerStore:
             self.state = evolve(self.state, event)
 
     def fold_refusal(self, seq: int, subject: str, data: bytes) -> None:
-        """Fold a stored BudgetRejected: its request is closed (junk on the subject moves nothing)."""
+        """Fold a stored BudgetRejected, read in stream order: its request is closed, and the refusals
+        through `seq` are known (junk on the subject moves the marks, nothing else)."""
         team = subject.rsplit(".", 1)[-1]
         self.refused_seq[team] = max(self.refused_seq.get(team, 0), seq)
         self.refusals_through = max(self.refusals_through, seq)
+        self._close(subject, data)
+
+    def note_refusal(self, event: BudgetRejected) -> None:
+        """Fold this replica's own refusal at once. The marks do not move: refusals carry no
+        compare-and-set, so another replica's may sit below this one, and only a tail read in
+        order may say that every refusal up to a sequence is folded."""
+        self.state = evolve(self.state, event)
+
+    def _close(self, subject: str, data: bytes) -> None:
         try:
             event = codec.decode_event(data, subject)
         except codec.DecodeError as exc:
-            log.error("refusal seq %d on %s is not a refusal, skipped: %s", seq, subject, exc)
+            log.error("a message on %s is not a refusal, skipped: %s", subject, exc)
             return
         if isinstance(event, BudgetRejected):
             self.state = evolve(self.state, event)
@@ -146,6 +156,12 @@ class LedgerStore:
                 fold(msg.metadata.sequence.stream, msg.subject, msg.data)
                 count += 1
         return count
+
+    async def catch_up_all_refusals(self) -> None:
+        """Fold every refusal not yet read in order (housekeeping, before a snapshot records the mark)."""
+        newest = await self._newest(REFUSALS_ALL)
+        if newest > self.refusals_through:
+            await self._tail(REFUSALS_ALL, self.refusals_through + 1, newest, self.fold_refusal)
 
     async def catch_up_refusals(self, team: str) -> None:
         """Fold the team's refusals this replica has not seen: another replica may have refused a

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from nats.aio.msg import Msg
 
-from ...schemas import codec, subjects
+from ...schemas import codec
 from ...schemas.events import (
     AnyEvent,
     BudgetClockTicked,
@@ -51,8 +51,8 @@ async def apply(
                 if isinstance(out, LedgerEvent):
                     await store.write(out)
                 elif isinstance(out, BudgetRejected):
-                    seq = await bus.publish(s.js, out)
-                    store.fold_refusal(seq, subjects.for_event(out), codec.encode(out))
+                    await bus.publish(s.js, out)
+                    store.note_refusal(out)
                 else:
                     await bus.publish(s.js, out)
             return
@@ -104,7 +104,7 @@ async def _housekeeping(
     s: worker.Session[PolicyBundle], store: LedgerStore, stop: asyncio.Event, every_s: float
 ) -> None:
     """Expire reservations whose request was lost, and snapshot the projection when it moved."""
-    snapshotted = store.seq
+    snapshotted = (store.seq, store.refusals_through)
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), every_s)
@@ -115,7 +115,8 @@ async def _housekeeping(
             bundle, now = s.policy, bus.now_utc()
             for team in sorted(decider.expiring_teams(store.state, bundle, now)):
                 await bus.publish(s.js, decider.tick(team, now, bundle))  # decided when consumed, like any input
-            if store.seq > snapshotted:
-                snapshotted = await store.save_snapshot()
+            await store.catch_up_all_refusals()  # a snapshot says refusals are folded through a sequence
+            if (store.seq, store.refusals_through) != snapshotted:
+                snapshotted = (await store.save_snapshot(), store.refusals_through)
         except Exception as exc:  # housekeeping retries on the next tick; serving goes on
             log.warning("budget housekeeping failed: %r", exc)

@@ -1,0 +1,1 @@
+{"kid":"ed25519:74a59e6553fb6c69","signature":"jApPJ69z3OcxTj0hM/Q6EEPgcfppkDR42STOJovgLcXgDYyS8wyiGZRj4hQ/W2t3u4IPQouY1UeMwcq61tGaBg=="}
