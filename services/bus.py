@@ -184,21 +184,37 @@ Handler = Callable[[Msg], Awaitable[None]]
 async def consume(
     js: JetStreamContext, stage: str, handle: Handler, stop: asyncio.Event, *, batch: int = 64, sequential: bool = False
 ) -> None:
-    """Fetch from the stage's durable consumer until `stop` is set, applying the error policy."""
+    """Fetch from the stage's durable consumer until `stop` is set, applying the error policy.
+
+    `sequential`: one message at a time, in order (the budget). Otherwise up to `batch` messages
+    are handled at once and each freed slot is refilled by the next fetch, so one slow message (a
+    model call) never holds up the others, fetched with it or after it.
+    """
     psub = await js.pull_subscribe_bind(stage, stream=subjects.STREAM)
     log.info("%s consuming", stage)
-    while not stop.is_set():
-        try:
-            msgs = await psub.fetch(batch, timeout=0.5)
-        except (TimeoutError, nats.errors.TimeoutError):
-            continue
-        except nats.errors.ConnectionClosedError:
-            return
-        if sequential:
+    in_flight: set[asyncio.Task[None]] = set()
+    try:
+        while not stop.is_set():
+            free = 1 if sequential else batch - len(in_flight)
+            if free <= 0:
+                await asyncio.wait(in_flight, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                msgs = await psub.fetch(batch if sequential else free, timeout=0.5)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except nats.errors.ConnectionClosedError:
+                return
             for msg in msgs:
-                await process(js, stage, handle, msg)
-        else:
-            await asyncio.gather(*(process(js, stage, handle, m) for m in msgs))
+                if sequential:
+                    await process(js, stage, handle, msg)
+                else:
+                    task = asyncio.create_task(process(js, stage, handle, msg))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+    finally:
+        if in_flight:
+            await asyncio.gather(*in_flight, return_exceptions=True)
     await psub.unsubscribe()
 
 

@@ -50,6 +50,13 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _audit_file_with_requests(root: Path) -> Path:
+    """An audit table holding request rows (with a team and a prompt digest), not only other facts."""
+    return next(root / n for n in pkg.listed_files(root) if n.startswith(f"{pkg.AUDIT}/events/")
+                and any(r["team"] for r in pq.read_table(root / n).to_pylist())
+                and any(r["prompt_hmac"] for r in pq.read_table(root / n).to_pylist()))
+
+
 def _problems(root: Path) -> list[str]:
     return [f"{f.where}: {f.problem}" for f in verify(root).findings]
 
@@ -192,7 +199,7 @@ async def test_audit_tables_edited_before_an_honest_export_are_caught_row_by_row
         exported: Path, stack: WorkerSettings, tmp_path: Path) -> None:
     """The export signs what it copies: the verifier rebuilds every derived file from the stream."""
     root = _copy(exported, tmp_path / "p")
-    table_file = next(root / n for n in pkg.listed_files(root) if n.startswith(f"{pkg.AUDIT}/events/"))
+    table_file = _audit_file_with_requests(root)
     rows = pq.read_table(table_file).to_pylist()
     target = next(r for r in rows if r["team"])
     target["team"] = "someone-else"
@@ -209,7 +216,7 @@ async def test_audit_rows_duplicated_dropped_or_blanked_are_each_named(exported:
     """The column-wise comparison passes equal rows only: every other row is named, in the auditor's
     schema or a table rewritten with another one."""
     root = _copy(exported, tmp_path / "p")
-    table_file = next(root / n for n in pkg.listed_files(root) if n.startswith(f"{pkg.AUDIT}/events/"))
+    table_file = _audit_file_with_requests(root)
     schema = pq.read_schema(table_file)
     rows = pq.read_table(table_file).to_pylist()
     dropped = rows.pop(0)

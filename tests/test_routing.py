@@ -5,10 +5,13 @@ replay re-makes, and the request is charged once."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import time
+from pathlib import Path
 
 import pytest
+from enclave_gateway import runtime
 from enclave_gateway.replay.engine import diff, replay
-from enclave_gateway.runtime import wait_audited
 from enclave_gateway.schemas import codec, subjects
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
 from enclave_gateway.services import bus
@@ -34,7 +37,7 @@ async def test_a_dead_endpoint_is_never_noticed_and_each_fallback_is_recorded(
         return reply.request_id
 
     rids = await asyncio.gather(*(ask() for _ in range(4)))
-    await wait_audited(admin, 60)
+    await runtime.wait_audited(admin, 60)
     for rid in rids:
         facts = [body for _, body in await stream_events(admin, rid)]
         kinds = [str(f["type"]) for f in facts]
@@ -64,7 +67,81 @@ async def test_when_every_endpoint_fails_the_request_ends_once_with_its_money_ba
     reply = codec.decode_reply(msg.data)
     assert reply.error is not None and reply.error.code == "invocation_failed"  # what callers always heard (502)
     assert "every endpoint of 'analyst-large' failed: gpu-pool-a" in reply.error.message
-    await wait_audited(admin, 60)
+    await runtime.wait_audited(admin, 60)
     kinds = [str(body["type"]) for _, body in await stream_events(admin, reply.request_id)]
     assert kinds.count("InvocationFailed") == 1 and kinds.count("RouteUnavailable") == 1
     assert kinds.count("BudgetReleased") == 1 and kinds.count("ResponseDelivered") == 1
+
+
+SWAP_MODEL = """
+[[model]]
+id = "swap-model"
+endpoints = ["local-llama"]
+context_length = 512
+default_max_tokens = 32
+prompt_micros_per_1k = 2000
+completion_micros_per_1k = 6000
+accreditation = "SECRET//SI//NOFORN"
+"""
+
+
+def _with_swap_model(original: Path, folder: Path, deprecated: bool) -> Path:
+    shutil.copytree(original, folder)
+    entry = SWAP_MODEL + ('status = "deprecated"\nreplacement = "enclave-tiny"\n' if deprecated else "")
+    with open(folder / "catalog.toml", "a") as f:
+        f.write(entry)
+    with open(folder / "access_policy.csv", "a") as f:
+        f.write("p, team:gamma, swap-model\n")
+    return folder
+
+
+async def test_a_deprecated_model_is_swapped_by_a_catalog_change_alone_while_traffic_flows(
+        admin: Client, client: Client, stack: WorkerSettings, token_for, tmp_path: Path) -> None:
+    """Issue 10 item 5: callers keep asking for swap-model; after the activation the replacement serves
+    them, every RouteSelected after it names the substitution, and no request fails."""
+    original = Path(stack.policy_dir)
+    token = token_for("gamma")
+    chat = ChatBody(model="swap-model", messages=(ChatMessage(role="user", content="swap"),), max_tokens=2)
+    served: list[tuple[float, str, str]] = []
+    try:
+        before = await runtime.activate(stack, _with_swap_model(original, tmp_path / "active", False), "swap-test")
+        await _until_active(stack, before.version)
+        stop_at, swapped_at = time.monotonic() + 6.0, 0.0
+
+        async def caller() -> None:
+            while time.monotonic() < stop_at:
+                msg = await client.request(subjects.submit(APP), codec.encode(SubmitRequest(token=token, chat=chat)),
+                                           timeout=60)
+                reply = codec.decode_reply(msg.data)
+                assert reply.completion is not None, reply.error  # no request fails, before, during or after
+                served.append((time.monotonic(), reply.completion.model, reply.request_id))
+
+        async def operator() -> None:
+            nonlocal swapped_at
+            await asyncio.sleep(2.0)
+            changed = await runtime.activate(stack, _with_swap_model(original, tmp_path / "swap", True), "swap-test")
+            await _until_active(stack, changed.version)
+            swapped_at = time.monotonic()
+
+        await asyncio.gather(caller(), caller(), operator())
+    finally:
+        await runtime.activate(stack, original, "swap-test-restore")
+    models_before = {m for t, m, _ in served if t < swapped_at - 2.0}
+    models_after = {m for t, m, _ in served if t > swapped_at + 0.5}
+    assert models_before == {"swap-model"} and models_after == {"enclave-tiny"}, served
+    late = next(rid for t, _, rid in served if t > swapped_at + 0.5)
+    route = next(b for _, b in await stream_events(admin, late) if b["type"] == "RouteSelected")
+    assert (route["requested_model"], route["model_id"], route["substituted_from"]) == (
+        "swap-model", "enclave-tiny", "swap-model")
+
+
+async def _until_active(settings: WorkerSettings, version: str, timeout_s: float = 10.0) -> None:
+    """Until the active policy is `version` (workers apply an activation within a moment of it)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        active = await runtime.active_policy(settings)
+        if active is not None and active.version == version:
+            await asyncio.sleep(0.5)  # every worker's feed has it
+            return
+        assert time.monotonic() < deadline, "activation not applied"
+        await asyncio.sleep(0.1)

@@ -1,0 +1,62 @@
+"""Issue 10 item 4: a slow message (a model call) never holds up the others, whether fetched with it
+or after it; handling stays bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+from enclave_gateway.schemas import subjects
+from enclave_gateway.services import bus
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def test_one_slow_message_does_not_hold_up_the_rest(admin: Client, stack) -> None:
+    js = admin.jetstream()
+    durable = f"slow-{uuid.uuid4().hex[:8]}"
+    subject = f"gw.evt.test.{durable}"  # in the stream; only the auditor reads it (as undecodable bytes)
+    await js.add_consumer(subjects.STREAM, ConsumerConfig(durable_name=durable, filter_subject=subject,
+                                                          ack_policy=AckPolicy.EXPLICIT, ack_wait=30))
+    release, done, running, most = asyncio.Event(), {}, 0, 0
+
+    async def handle(msg: Msg) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            if msg.data == b"slow":
+                await release.wait()
+            done[msg.data] = time.monotonic()
+        finally:
+            running -= 1
+
+    await js.publish(subject, b"slow")
+    for i in range(3):
+        await js.publish(subject, f"quick-{i}".encode())
+    stop = asyncio.Event()
+    task = asyncio.create_task(bus.consume(js, durable, handle, stop, batch=2))  # 2 slots: slow takes one
+    try:
+        for i in range(3, 6):  # published after the first fetch: they still get through
+            await asyncio.sleep(0.2)
+            await js.publish(subject, f"quick-{i}".encode())
+        deadline = time.monotonic() + 15
+        while len(done) < 6 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert set(done) == {f"quick-{i}".encode() for i in range(6)}  # all while the slow one still ran
+        assert most <= 2  # bounded by the slots
+        release.set()
+        while b"slow" not in done and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert b"slow" in done
+    finally:
+        release.set()
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    info = await js.consumer_info(subjects.STREAM, durable)
+    assert info.num_ack_pending == 0 and info.num_pending == 0  # every one acknowledged
