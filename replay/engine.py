@@ -210,12 +210,14 @@ def _check(seq: int, event: AnyEvent, inputs: dict[tuple[str, str], AnyEvent], s
             failure = policies.failures.get(event.causation_id or "")
             if failure is not None:  # a fallback: decided from the failed attempt
                 _compare(seq, event, result, failure, policies, lambda: router.decide(
-                    failure, router.initial_state(), policies.bundle(event.policy_version), event.occurred_at))
+                    failure, _router_state(event, policies), policies.bundle(event.policy_version),
+                    event.occurred_at))
             elif isinstance(event, RouteSelected) and event.attempt > 1:
                 _mismatch(result, seq, event, "a fallback that names no failed attempt it was decided from", "")
             elif isinstance(reserved, BudgetReserved):
                 _compare(seq, event, result, reserved, policies, lambda: router.decide(
-                    reserved, router.initial_state(), policies.bundle(event.policy_version), event.occurred_at))
+                    reserved, _router_state(event, policies), policies.bundle(event.policy_version),
+                    event.occurred_at))
             else:
                 _mismatch(result, seq, event, "no BudgetReserved it could have been decided from", "")
         case BudgetReserved() | BudgetRejected() | BudgetSettled() | BudgetThresholdCrossed():
@@ -231,6 +233,13 @@ def _check(seq: int, event: AnyEvent, inputs: dict[tuple[str, str], AnyEvent], s
                 _check_budget(seq, event, inputs, state, policies, result)
         case _:
             result.observations += 1
+
+
+def _router_state(event: RouteSelected | RouteUnavailable, policies: _Policies) -> router.RouterState:
+    """The breakers the decision recorded as open (its figures), or none."""
+    if isinstance(event, RouteSelected):
+        return router.as_recorded(event, policies.bundle(event.policy_version))
+    return router.initial_state()
 
 
 _BUDGET_INPUT: dict[str, tuple[str, ...]] = {

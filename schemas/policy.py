@@ -34,10 +34,21 @@ class ModelEntry(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     prompt_overhead_tokens: int = 16
 
 
+class Routing(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How the router treats an endpoint that keeps failing (a circuit breaker per endpoint)."""
+
+    # consecutive failed attempts that open its circuit: the router sends requests elsewhere
+    breaker_failures: int = 3
+    # how long an open circuit is avoided after its latest failure; then one attempt may probe it
+    # (half-open): a success closes it, a failure opens it again
+    breaker_cooldown_s: int = 30
+
+
 class Catalog(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Every model the gateway may route to."""
+    """Every model the gateway may route to, and how failing endpoints are avoided."""
 
     model: tuple[ModelEntry, ...]
+    routing: Routing = Routing()
 
 
 class TeamBudget(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

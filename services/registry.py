@@ -172,7 +172,14 @@ SERVICES: tuple[Identity, ...] = (
         "router",
         ConsumerSpec(filters=("gw.evt.ledger.reserved.>", "gw.evt.invocation.failed.>")),
         "picks a model endpoint for each reserved request, and the next one when an attempt fails",
-        publish=("gw.evt.route.selected.*", "gw.evt.route.unavailable.*"),
+        publish=(
+            "gw.evt.route.selected.*",
+            "gw.evt.route.unavailable.*",
+            # every invocation outcome, whichever replica's share it is: the circuit breakers
+            last_of("gw.evt.invocation.>"),
+            f"{API}.CONSUMER.CREATE.{STREAM}.*.gw.evt.invocation.>",
+            f"$JS.FC.{STREAM}.>",
+        ),
     ),
     _service(
         "invoker",

@@ -70,7 +70,7 @@ def samples() -> list[AnyEvent]:
                        reply_to="_INBOX.x"),
         RouteSelected(**env("route-2"), caller=CALLER, requested_model="tiny", model_id="enclave-tiny",
                       endpoint="local-llama", substituted_from="tiny", max_tokens=8, chat=CHAT, reservation=HELD,
-                      reply_to="_INBOX.x", attempt=2, tried=("gpu-node-1",)),
+                      reply_to="_INBOX.x", attempt=2, tried=("gpu-node-1",), circuit_open=("gpu-node-3",)),
         RouteUnavailable(**env("route"), caller=CALLER, requested_model="x", reason="route_unavailable",
                          detail="none", reservation=HELD, reply_to="_INBOX.x"),
         InvocationCompleted(**env("invoke"), caller=CALLER, model_id="enclave-tiny", endpoint="local-llama",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
@@ -290,3 +290,42 @@ def test_the_edge_records_a_request_outcome_once(name: str) -> None:
     for event in decided:
         state = edge.evolve(state, event)
     assert edge.decide(terminal, state, "v", NOW) == []  # type: ignore[arg-type]
+
+
+def _done(route: RouteSelected, at: datetime) -> InvocationCompleted:
+    [completed] = invoker.decide(route, invoker.CallAnswered(status=200, body=OK_BODY, latency_ms=1.0), "pv", at)
+    assert isinstance(completed, InvocationCompleted)
+    return completed
+
+
+def test_an_endpoint_that_keeps_failing_is_avoided_then_probed_then_trusted_again() -> None:
+    """Issue 10 item 3: the circuit breaker, folded from outcomes, driven by the decision's clock."""
+    policy = _two_endpoints("node-a", "node-b")
+    routing = policy.catalog.routing
+    reserved = SAMPLES_BY_NAME["BudgetReserved"]
+    assert isinstance(reserved, BudgetReserved)
+    state = router.initial_state()
+    for i in range(routing.breaker_failures):
+        [route] = router.decide(msgspec.structs.replace(reserved, request_id=f"r{i}"), state, policy, NOW)
+        assert isinstance(route, RouteSelected) and route.endpoint == "node-a" and route.circuit_open == ()
+        state = router.evolve(state, msgspec.structs.replace(_fail(route), occurred_at=NOW))
+    [avoided] = router.decide(msgspec.structs.replace(reserved, request_id="open"), state, policy, NOW)
+    assert isinstance(avoided, RouteSelected) and (avoided.endpoint, avoided.circuit_open) == ("node-b", ("node-a",))
+    later = NOW + timedelta(seconds=routing.breaker_cooldown_s)
+    [probe] = router.decide(msgspec.structs.replace(reserved, request_id="probe"), state, policy, later)
+    assert isinstance(probe, RouteSelected) and (probe.endpoint, probe.circuit_open) == ("node-a", ())  # half-open
+    state = router.evolve(state, _done(probe, later))
+    assert not router.circuit_open(state.breakers["node-a"], policy, later)  # closed by the probe's success
+
+
+def test_when_every_endpoint_is_open_the_first_is_probed_and_replay_re_decides_from_the_record() -> None:
+    policy = _two_endpoints("node-a", "node-b")
+    failing = router.Breaker(failures=policy.catalog.routing.breaker_failures, last_failed_at=NOW)
+    state = router.RouterState(breakers={"node-a": failing, "node-b": failing})
+    reserved = SAMPLES_BY_NAME["BudgetReserved"]
+    assert isinstance(reserved, BudgetReserved)
+    [route] = router.decide(reserved, state, policy, NOW)
+    assert isinstance(route, RouteSelected) and (route.endpoint, route.circuit_open) == ("node-a", ("node-a", "node-b"))
+    for decided in (route, router.decide(reserved, router.initial_state(), policy, NOW)[0]):
+        assert isinstance(decided, RouteSelected)
+        assert router.decide(reserved, router.as_recorded(decided, policy), policy, NOW) == [decided]

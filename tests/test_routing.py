@@ -26,6 +26,8 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 async def test_a_dead_endpoint_is_never_noticed_and_each_fallback_is_recorded(
         admin: Client, client: Client, stack: WorkerSettings, token_for) -> None:
+    """The first requests fail over from the dead endpoint; once its circuit opens the router sends
+    the rest straight to the live one, saying so in each route. No caller notices either way."""
     first = (await admin.jetstream().stream_info(subjects.STREAM)).state.last_seq + 1
     chat = ChatBody(model="enclave-tiny-ha", messages=(ChatMessage(role="user", content="fail over"),), max_tokens=4)
 
@@ -36,26 +38,32 @@ async def test_a_dead_endpoint_is_never_noticed_and_each_fallback_is_recorded(
         assert reply.completion is not None, reply.error  # the caller sees an answer, not the dead server
         return reply.request_id
 
-    rids = await asyncio.gather(*(ask() for _ in range(4)))
+    rids = list(await asyncio.gather(*(ask() for _ in range(4))))
     await runtime.wait_audited(admin, 60)
+    rids += [await ask() for _ in range(3)]  # after at least breaker_failures failures were folded
+    await runtime.wait_audited(admin, 60)
+    failed_over, skipped = 0, 0
     for rid in rids:
         facts = [body for _, body in await stream_events(admin, rid)]
         kinds = [str(f["type"]) for f in facts]
-        failed = next(f for f in facts if f["type"] == "InvocationFailed")
         routes = [f for f in facts if f["type"] == "RouteSelected"]
-        assert (failed["endpoint"], failed["attempt"], failed["final"]) == ("gpu-node-down", 1, False)
-        assert [(r["endpoint"], r["attempt"], r["tried"]) for r in routes] == [
-            ("gpu-node-down", 1, []), ("local-llama", 2, ["gpu-node-down"])]
-        assert routes[1]["causation_id"] == failed["event_id"]  # decided from the failed attempt
         assert kinds.count("BudgetSettled") == 1 and "BudgetReleased" not in kinds  # charged once, nothing freed
         assert kinds.count("ResponseDelivered") == 1
+        if "InvocationFailed" in kinds:
+            failed = next(f for f in facts if f["type"] == "InvocationFailed")
+            assert (failed["endpoint"], failed["attempt"], failed["final"]) == ("gpu-node-down", 1, False)
+            assert [(r["endpoint"], r["attempt"], r["tried"]) for r in routes] == [
+                ("gpu-node-down", 1, []), ("local-llama", 2, ["gpu-node-down"])]
+            assert routes[1]["causation_id"] == failed["event_id"]  # decided from the failed attempt
+            failed_over += 1
+        else:
+            assert [(r["endpoint"], r["circuit_open"]) for r in routes] == [("local-llama", ["gpu-node-down"])]
+            skipped += 1
+    assert failed_over >= 1 and skipped >= 3  # the breaker opened, and every later request went around it
     stored = [(seq, subject, data) for data, subject, seq in
               await bus.stored_on(admin.jetstream(), subjects.ALL_EVENTS, "test")]
     result = replay(stored, dev_jwks(stack), first=first)
     assert result.ok, [(m.seq, m.decision, m.why, diff(m)) for m in result.mismatches]
-    fallbacks = [data for seq, subject, data in stored if seq >= first and subject.startswith("gw.evt.route.selected")
-                 and b'"attempt":2' in data]
-    assert len(fallbacks) == len(rids)  # every fallback was among the decisions replay re-made
 
 
 async def test_when_every_endpoint_fails_the_request_ends_once_with_its_money_back(

@@ -27,6 +27,7 @@ class RouteSelected(Event, frozen=True, kw_only=True, tag="RouteSelected"):
 
     `attempt` counts from 1; `tried` names the endpoints that failed this request before, in order,
     so a fallback is decided from the event alone and every replica decides it the same way.
+    `circuit_open` names the endpoints skipped as failing (issue 10 item 3).
     """
 
     schema_version: int = 2
@@ -41,6 +42,9 @@ class RouteSelected(Event, frozen=True, kw_only=True, tag="RouteSelected"):
     reply_to: str
     attempt: int = 1
     tried: tuple[str, ...] = ()
+    # endpoints passed over because their circuit was open when this was decided: the breaker
+    # figures the decision used, so replay re-makes it without the outcomes the replica had seen
+    circuit_open: tuple[str, ...] = ()
 
 
 class RouteUnavailable(Event, frozen=True, kw_only=True, tag="RouteUnavailable"):

@@ -89,6 +89,9 @@ _ENDPOINT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 def _check_catalog(catalog: Catalog) -> None:
+    routing = catalog.routing
+    if not (1 <= routing.breaker_failures <= 100 and 1 <= routing.breaker_cooldown_s <= 3600):
+        raise PolicyError("catalog.toml: [routing] breaker_failures must be 1-100 and breaker_cooldown_s 1-3600")
     ids = [m.id for m in catalog.model]
     if len(ids) != len(set(ids)):
         raise PolicyError("catalog.toml: duplicate model ids")

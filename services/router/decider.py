@@ -1,6 +1,12 @@
 """Router decider: pick the model and endpoint for a funded request, and the next one when an
 attempt fails (DESIGN §5, issue 10).
 
+A circuit breaker per endpoint is folded from invocation outcomes: `breaker_failures` consecutive
+failures open it, and an open endpoint is passed over while another is left, until
+`breaker_cooldown_s` after its latest failure, when one attempt may probe it (half-open); a success
+closes it. Time is the decision's `now`, never a clock read here. When every endpoint left is
+open, the first is tried anyway: a breaker reorders, it never fails a request by itself.
+
 The catalog resolves aliases and deprecated names to what actually runs; `RouteSelected`
 records the substitution so a rename needs a catalog change and nothing else. A model's endpoints
 are tried in catalog order: a failed attempt (`InvocationFailed`, not final) is routed again to
@@ -9,7 +15,7 @@ that replay re-makes; when none is left the request ends with `RouteUnavailable`
 its reservation and answers the caller.
 """
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from msgspec import Struct
 
@@ -19,6 +25,7 @@ from ...schemas.events import (
     BudgetReserved,
     Caller,
     Event,
+    InvocationCompleted,
     InvocationFailed,
     Reservation,
     RouteSelected,
@@ -33,10 +40,33 @@ STAGE = "route"
 RouterInput = BudgetReserved | InvocationFailed
 
 
+class Breaker(Struct, frozen=True, kw_only=True):
+    """An endpoint's recent record: consecutive failed attempts, and when the latest failed."""
+
+    failures: int = 0
+    last_failed_at: datetime | None = None
+
+
 class RouterState(Struct, frozen=True, kw_only=True):
-    """The attempts already routed, as `request_id#attempt` (idempotency)."""
+    """The attempts already routed, as `request_id#attempt` (idempotency), and each endpoint's breaker."""
 
     routed: Remembered = Remembered()
+    breakers: dict[str, Breaker] = {}
+
+
+def circuit_open(breaker: Breaker | None, policy: PolicyBundle, now: datetime) -> bool:
+    """Whether requests avoid the endpoint now (open); after the cooldown one may probe it (half-open)."""
+    if breaker is None or breaker.last_failed_at is None:
+        return False
+    routing = policy.catalog.routing
+    return breaker.failures >= routing.breaker_failures and now < breaker.last_failed_at + timedelta(
+        seconds=routing.breaker_cooldown_s)
+
+
+def as_recorded(route: RouteSelected, policy: PolicyBundle) -> RouterState:
+    """The breakers a route says were open when it was decided: what replay decides it again on."""
+    opened = Breaker(failures=policy.catalog.routing.breaker_failures, last_failed_at=route.occurred_at)
+    return RouterState(breakers={e: opened for e in route.circuit_open})
 
 
 class _Ask(Struct, frozen=True, kw_only=True):
@@ -70,12 +100,20 @@ def stage(attempt: int) -> str:
 
 
 def evolve(state: RouterState, event: Event) -> RouterState:
-    """A route of this stage remembers its attempt."""
+    """A route of this stage remembers its attempt; an invocation outcome moves its endpoint's breaker."""
     match event:
         case RouteSelected():
-            return RouterState(routed=state.routed.add(attempt_key(event.request_id, event.attempt), event.occurred_at))
+            routed = state.routed.add(attempt_key(event.request_id, event.attempt), event.occurred_at)
+            return RouterState(routed=routed, breakers=state.breakers)
         case RouteUnavailable():
-            return RouterState(routed=state.routed.add(attempt_key(event.request_id, _ended(event)), event.occurred_at))
+            routed = state.routed.add(attempt_key(event.request_id, _ended(event)), event.occurred_at)
+            return RouterState(routed=routed, breakers=state.breakers)
+        case InvocationCompleted():
+            return RouterState(routed=state.routed, breakers={**state.breakers, event.endpoint: Breaker()})
+        case InvocationFailed():
+            old = state.breakers.get(event.endpoint, Breaker())
+            now_failing = Breaker(failures=old.failures + 1, last_failed_at=event.occurred_at)
+            return RouterState(routed=state.routed, breakers={**state.breakers, event.endpoint: now_failing})
         case _:
             return state
 
@@ -110,13 +148,15 @@ def decide(event: RouterInput, state: RouterState, policy: PolicyBundle, now: da
             )
         ]
     model = resolved.model
+    avoided = tuple(e for e in left if circuit_open(state.breakers.get(e), policy, now))
+    chosen = next((e for e in left if e not in avoided), left[0])  # all open: the first one probes
     return [
         RouteSelected(
             **env,
             caller=ask.caller,
             requested_model=ask.requested_model,
             model_id=model.id,
-            endpoint=left[0],
+            endpoint=chosen,
             substituted_from=ask.requested_model if ask.requested_model != model.id else None,
             max_tokens=ask.max_tokens,
             chat=ask.chat,
@@ -124,6 +164,7 @@ def decide(event: RouterInput, state: RouterState, policy: PolicyBundle, now: da
             reply_to=ask.reply_to,
             attempt=ask.attempt,
             tried=ask.tried,
+            circuit_open=avoided,
         )
     ]
 
