@@ -73,7 +73,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The walking skeleton end to end, on free ports, in a fresh data dir."""
     from .demo import run_demo
 
-    return run_demo(Path(args.data_dir) if args.data_dir else None)
+    return run_demo(Path(args.data_dir) if args.data_dir else None, enclave=args.enclave)
 
 
 def cmd_token_issue(args: argparse.Namespace) -> int:
@@ -330,6 +330,7 @@ def parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_up)
     demo = sub.add_parser("demo", help="run the end-to-end demo on free ports")
     demo.add_argument("--data-dir", help="keep the demo's data here (default: a temporary folder)")
+    demo.add_argument("--enclave", action="store_true", help="enclave mode: model servers on loopback only")
     demo.set_defaults(func=cmd_demo)
     w = sub.add_parser("worker", help="run one service (used by `gateway up`)")
     w.add_argument("name", choices=[i.name for i in registry.SERVICES])

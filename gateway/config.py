@@ -55,6 +55,13 @@ class AuditConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     checkpoint_seconds: float = 30.0
 
 
+class EnclaveConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Enclave mode: model servers may be reached only at these CIDRs and host names (issue 10)."""
+
+    enabled: bool = False
+    allow: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.0/8", "::1/128", "localhost"])
+
+
 class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The whole file; every key has a default so an empty file is valid."""
 
@@ -66,6 +73,7 @@ class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
     audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
+    enclave: EnclaveConfig = msgspec.field(default_factory=EnclaveConfig)
     endpoints: dict[str, str] = {}
 
 

@@ -18,7 +18,7 @@ from .engine import Engine
 from .runtime import Gateway
 from .schemas import codec, subjects
 from .schemas.commands import ChatBody, ChatMessage, SubmitRequest
-from .services import bus
+from .services import bus, egress
 from .services.settings import WorkerSettings
 from .violations import list_violations, violations_table
 
@@ -190,7 +190,7 @@ def _show_fallbacks(audit: Path) -> None:
     console.print(t)
 
 
-def run_demo(data_dir: Path | None) -> int:
+def run_demo(data_dir: Path | None, enclave: bool = False) -> int:
     """Start everything on free ports, send the scripted requests, show the audit."""
     tmp = None
     if data_dir is None:
@@ -201,13 +201,15 @@ def run_demo(data_dir: Path | None) -> int:
     with console.status("starting nats-server, two llama.cpp servers and six workers..."):
         try:
             gw = Gateway(data_dir, _policy_dir(), nats_port=-1, http_port=0,
-                         endpoints={"local-llama-2": second.start()}, serve_tiny="local-llama")
+                         endpoints={"local-llama-2": second.start()}, serve_tiny="local-llama",
+                         egress_allow=egress.LOOPBACK if enclave else None)
             gw.__enter__()
         except BaseException:
             second.stop()
             raise
     try:
-        console.print(f"gateway up: HTTP {gw.http_url}  NATS {gw.nats_url}")
+        console.print(f"gateway up: HTTP {gw.http_url}  NATS {gw.nats_url}"
+                      + ("  (enclave mode: model servers on loopback only)" if enclave else ""))
         plan, alice = _plan(data_dir / "keys")
         rows: list[tuple[str, str, str, int, dict[str, object]]] = []
         with console.status("sending requests..."):

@@ -23,7 +23,7 @@ from .engine import Engine
 from .policy_admin import DEV_SIGNER, activation, dev_signer, trusted
 from .schemas import subjects
 from .schemas.events import PolicyActivated
-from .services import bus, registry
+from .services import bus, egress, registry
 from .services.authz.policy_view import dev_jwks
 from .services.policy import PolicyError
 from .services.policy.feed import latest_valid
@@ -121,7 +121,11 @@ class Gateway:
         request_timeout_s: float = 120.0,
         engine_port: int = 0,
         audit: config.AuditConfig | None = None,
+        egress_allow: tuple[str, ...] | None = None,
     ) -> None:
+        if egress_allow is not None:
+            egress.parse(egress_allow)  # a bad entry stops the start, with its name
+        self.egress_allow = egress_allow
         self.audit = audit or config.AuditConfig()
         self.trust_dev_issuer, self.trusted_signers = trust_dev_issuer, trusted_signers
         self.http_host, self.request_timeout_s = http_host, request_timeout_s
@@ -153,6 +157,7 @@ class Gateway:
             request_timeout_s=cfg.http.request_timeout_s,
             engine_port=cfg.engine.port,
             audit=cfg.audit,
+            egress_allow=tuple(cfg.enclave.allow) if cfg.enclave.enabled else None,
         )
 
     @property
@@ -183,6 +188,7 @@ class Gateway:
             policy_signers=signers,
             audit_checkpoint_events=self.audit.checkpoint_events,
             audit_checkpoint_s=self.audit.checkpoint_seconds,
+            egress_allow=self.egress_allow,
         )
         supervisor.write_settings(self.settings)
         asyncio.run(setup_topology(self.settings))

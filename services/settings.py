@@ -31,6 +31,9 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # seconds when any arrived (issue 9 item 3).
     audit_checkpoint_events: int = 1000
     audit_checkpoint_s: float = 30.0
+    # Enclave mode (issue 10 item 7): the CIDRs and host names model servers may be reached at;
+    # None outside enclave mode. Every other address is refused at start and at call time.
+    egress_allow: tuple[str, ...] | None = None
 
     @property
     def keys_dir(self) -> Path:

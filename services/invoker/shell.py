@@ -5,6 +5,7 @@ An endpoint this invoker does not know is a failed invocation, not a crash.
 """
 
 import asyncio
+import logging
 import time
 
 import aiohttp
@@ -13,9 +14,11 @@ from nats.js import JetStreamContext
 
 from ...schemas import codec
 from ...schemas.events import RouteSelected
-from .. import bus, worker
+from .. import bus, egress, worker
 from ..settings import WorkerSettings
 from . import decider
+
+log = logging.getLogger("enclave_gateway.invoker")
 
 
 async def call(session: aiohttp.ClientSession, base_url: str, body: bytes, timeout_s: float) -> decider.CallOutcome:
@@ -33,7 +36,11 @@ async def call(session: aiohttp.ClientSession, base_url: str, body: bytes, timeo
     except TimeoutError:
         return decider.CallFailed(error="timeout", detail=f"no answer in {timeout_s}s", latency_ms=_ms(t0))
     except aiohttp.ClientError as exc:
+        if isinstance(exc.__cause__, egress.EgressRefused) or isinstance(exc.__context__, egress.EgressRefused):
+            return decider.CallFailed(error="egress_refused", detail=str(exc), latency_ms=_ms(t0))
         return decider.CallFailed(error="unreachable", detail=repr(exc), latency_ms=_ms(t0))
+    except egress.EgressRefused as exc:
+        return decider.CallFailed(error="egress_refused", detail=str(exc), latency_ms=_ms(t0))
 
 
 def _ms(t0: float) -> float:
@@ -47,7 +54,12 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
 
 
 async def _serve(settings: WorkerSettings, js: JetStreamContext, stop: asyncio.Event) -> None:
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=60))
+    allow = egress.parse(settings.egress_allow) if settings.egress_allow is not None else None
+    refused = {name: why for name, url in settings.endpoints.items()
+               if allow is not None and (why := egress.refuse_url(url, allow)) is not None}
+    for name, why in refused.items():
+        log.error("enclave mode: endpoint %s refused: %s", name, why)
+    session = aiohttp.ClientSession(connector=egress.connector(allow, limit=256, keepalive_timeout=60))
 
     async def handle(msg: Msg) -> None:
         route = codec.decode_as(msg.data, RouteSelected, msg.subject)
@@ -56,6 +68,8 @@ async def _serve(settings: WorkerSettings, js: JetStreamContext, stop: asyncio.E
             outcome: decider.CallOutcome = decider.CallFailed(
                 error="unknown_endpoint", detail=f"this invoker serves no endpoint {route.endpoint!r}", latency_ms=0.0
             )
+        elif route.endpoint in refused:
+            outcome = decider.CallFailed(error="egress_refused", detail=refused[route.endpoint], latency_ms=0.0)
         else:
             outcome = await call(session, base_url, decider.request_body(route), settings.invoke_timeout_s)
         for event in decider.decide(route, outcome, route.policy_version, bus.now_utc()):
