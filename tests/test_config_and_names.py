@@ -77,6 +77,7 @@ def test_every_key_reaches_what_it_configures(tmp_path: Path) -> None:
         '[auth]\ntrust_dev_issuer = false\n'
         '[policy]\ntrusted_signers = ["keys/ops.pub.json"]\n'
         '[audit]\ncheckpoint_events = 50\ncheckpoint_seconds = 5.0\n'
+        '[enclave]\nenabled = true\nallow = ["10.20.0.0/16", "gpu-1.enclave.local"]\n'
     )
     gw = Gateway.from_config(path, nats_port=None, http_port=None)
     assert gw.data_dir == (tmp_path / "d").resolve() and gw.policy_dir == (tmp_path / "p").resolve()
@@ -86,6 +87,14 @@ def test_every_key_reaches_what_it_configures(tmp_path: Path) -> None:
     assert gw.trust_dev_issuer is False
     assert gw.trusted_signers == (tmp_path / "keys" / "ops.pub.json",)
     assert (gw.audit.checkpoint_events, gw.audit.checkpoint_seconds) == (50, 5.0)
+    assert gw.egress_allow == ("10.20.0.0/16", "gpu-1.enclave.local")
+
+
+def test_a_bad_enclave_allow_list_entry_stops_the_start(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text('[enclave]\nenabled = true\nallow = ["http://anything"]\n')
+    with pytest.raises(ValueError, match="neither a CIDR nor a host name"):
+        Gateway.from_config(path, nats_port=None, http_port=None)
 
 
 def test_a_policy_file_holding_a_nul_is_refused(tmp_path: Path) -> None:
