@@ -109,7 +109,8 @@ def catalog_entries(bundle: PolicyBundle) -> list[dict[str, Any]]:
     # as the catalog names them: a one-endpoint model reads as it always did, so registers
     # exported before models had several endpoints still verify
     return [{"id": m.id, "accreditation": m.accreditation, "status": m.status, "endpoint": m.endpoint,
-             "aliases": list(m.aliases), **({"endpoints": list(m.endpoints)} if m.endpoints else {})}
+             "aliases": list(m.aliases), **({"endpoints": list(m.endpoints)} if m.endpoints else {}),
+             **({"max_output_tokens": m.max_output_tokens} if m.max_output_tokens else {})}
             for m in bundle.catalog.model]
 
 

@@ -21,6 +21,9 @@ class ModelEntry(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     protocol: Literal["openai"] = "openai"
     context_length: int
     default_max_tokens: int
+    # The most completion tokens one call may ask for (None: up to the context length); a caller's
+    # larger max_tokens is cut to it, and so is the reservation.
+    max_output_tokens: int | None = None
     prompt_micros_per_1k: int
     completion_micros_per_1k: int
     status: Literal["active", "deprecated", "retired"] = "active"

@@ -75,6 +75,14 @@ def test_worst_case_bounds_the_real_token_count_of_a_byte_level_model() -> None:
     assert decider.worst_case_prompt_tokens(MODEL, chat) >= len("héllo wörld ".encode() * 20) + 16
 
 
+def test_max_tokens_is_cut_to_the_models_max_output_and_so_is_the_reservation() -> None:
+    assert MODEL is not None
+    capped = msgspec.structs.replace(MODEL, max_output_tokens=16)
+    chat = ChatBody(model="enclave-tiny", messages=(ChatMessage(role="user", content="x"),), max_tokens=400)
+    assert decider.effective_max_tokens(capped, chat) == 16
+    assert decider.effective_max_tokens(MODEL, chat) == 400
+
+
 def test_max_tokens_defaults_and_is_bounded_by_context() -> None:
     assert decider.effective_max_tokens(MODEL, authorized("r", max_tokens=None).chat) == MODEL.default_max_tokens
     assert decider.effective_max_tokens(MODEL, authorized("r", max_tokens=10**6).chat) == MODEL.context_length

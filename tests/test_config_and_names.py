@@ -51,6 +51,33 @@ def test_a_model_without_distinct_valid_endpoints_is_refused(tmp_path: Path, ent
         load_bundle(folder)
 
 
+MODEL = ('\n[[model]]\nid = "{id}"\nendpoints = ["a"]\ncontext_length = 512\ndefault_max_tokens = {max}\n'
+         'prompt_micros_per_1k = {rate}\ncompletion_micros_per_1k = 1\n{extra}')
+
+
+@pytest.mark.parametrize("models, needle", [
+    ([{"id": "x", "extra": 'aliases = ["tiny"]\n'}], "would resolve to both"),  # tiny: enclave-tiny's alias
+    ([{"id": "x", "max": 0}], "default_max_tokens"),
+    ([{"id": "x", "max": 600}], "default_max_tokens"),
+    ([{"id": "x", "rate": -1}], "must not be negative"),
+    ([{"id": "x", "extra": "max_output_tokens = 0\n"}], "max_output_tokens"),
+    ([{"id": "x", "extra": 'replacement = "enclave-tiny"\n'}], "only a deprecated model is replaced"),
+    ([{"id": "x", "extra": 'status = "deprecated"\nreplacement = "y"\n'},
+      {"id": "y", "extra": 'status = "deprecated"\nreplacement = "x"\n'}], "form a cycle"),
+    ([{"id": "x", "extra": 'status = "deprecated"\nreplacement = "y"\n'},
+      {"id": "y", "extra": 'status = "retired"\n'}], "retired model 'y'"),
+    ([{"id": "x", "extra": 'status = "deprecated"\nreplacement = "nope"\n'}], "unknown model 'nope'"),
+])
+def test_a_catalog_that_would_route_ambiguously_or_wrongly_is_refused(tmp_path: Path, models: list[dict[str, object]],
+                                                                      needle: str) -> None:
+    folder = _bundle(tmp_path)
+    with open(folder / "catalog.toml", "a") as f:
+        for m in models:
+            f.write(MODEL.format(**{"max": 8, "rate": 1, "extra": "", **m}))
+    with pytest.raises(PolicyError, match=needle):
+        load_bundle(folder)
+
+
 @pytest.mark.parametrize("text, where", [
     ("[http]\nhots = '0.0.0.0'\n", "hots"),
     ("[nats]\nport = 'x'\n", "port"),

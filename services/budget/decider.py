@@ -86,7 +86,8 @@ def worst_case_prompt_tokens(model: ModelEntry, chat: ChatBody) -> int:
 
 def effective_max_tokens(model: ModelEntry, chat: ChatBody) -> int:
     """The completion bound sent to the model server, so the reservation really bounds the cost."""
-    return max(1, min(chat.max_tokens or model.default_max_tokens, model.context_length))
+    cap = min(model.context_length, model.max_output_tokens or model.context_length)
+    return max(1, min(chat.max_tokens or model.default_max_tokens, cap))
 
 
 FOLDED = (BudgetReserved, BudgetSettled, BudgetReleased, BudgetRejected, BudgetThresholdCrossed)

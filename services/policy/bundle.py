@@ -17,7 +17,7 @@ import msgspec
 
 from ...schemas import subjects
 from ...schemas.labels import LabelError, parse_label
-from ...schemas.policy import Budgets, Catalog, PolicyBundle
+from ...schemas.policy import Budgets, Catalog, ModelEntry, PolicyBundle
 
 FILES = ("catalog.toml", "budgets.toml", "access_model.conf", "access_policy.csv", "issuers.jwks.json")
 # A team name becomes a subject token (its ledger, its authorizations): only these characters
@@ -95,13 +95,20 @@ def _check_catalog(catalog: Catalog) -> None:
     ids = [m.id for m in catalog.model]
     if len(ids) != len(set(ids)):
         raise PolicyError("catalog.toml: duplicate model ids")
+    names: dict[str, str] = {}
     for model in catalog.model:
+        for name in (model.id, *model.aliases):
+            if names.setdefault(name, model.id) != model.id:
+                raise PolicyError(f"catalog.toml: the name {name!r} would resolve to both {names[name]!r} and "
+                                  f"{model.id!r}: ids and aliases must be unique across models")
+    by_id = {m.id: m for m in catalog.model}
+    for model in catalog.model:
+        _check_figures(model)
+        _check_replacement(model, by_id)
         try:
             parse_label(model.accreditation)
         except LabelError as exc:
             raise PolicyError(f"catalog.toml: model {model.id!r} accreditation: {exc}") from exc
-        if model.replacement is not None and model.replacement not in ids:
-            raise PolicyError(f"catalog.toml: {model.id!r} is replaced by unknown model {model.replacement!r}")
         if model.endpoint and model.endpoints:
             raise PolicyError(f"catalog.toml: model {model.id!r} names both endpoint and endpoints: keep endpoints")
         served = model.endpoints or ((model.endpoint,) if model.endpoint else ())
@@ -110,6 +117,36 @@ def _check_catalog(catalog: Catalog) -> None:
         if len(set(served)) != len(served) or not all(_ENDPOINT_NAME.match(e) for e in served):
             raise PolicyError(f"catalog.toml: model {model.id!r} endpoints {list(served)} must be distinct names of "
                               "1-64 of A-Z a-z 0-9 _ - .")
+
+
+def _check_figures(model: ModelEntry) -> None:
+    if not 1 <= model.default_max_tokens <= model.context_length:
+        raise PolicyError(f"catalog.toml: model {model.id!r} needs 1 <= default_max_tokens <= context_length")
+    if model.max_output_tokens is not None and not 1 <= model.max_output_tokens <= model.context_length:
+        raise PolicyError(f"catalog.toml: model {model.id!r} needs 1 <= max_output_tokens <= context_length")
+    if min(model.prompt_micros_per_1k, model.completion_micros_per_1k, model.message_overhead_tokens,
+           model.prompt_overhead_tokens) < 0:
+        raise PolicyError(f"catalog.toml: model {model.id!r} rates and overheads must not be negative")
+
+
+def _check_replacement(model: ModelEntry, by_id: dict[str, ModelEntry]) -> None:
+    if model.replacement is None:
+        return
+    if model.status != "deprecated":
+        raise PolicyError(f"catalog.toml: {model.id!r} names a replacement but is {model.status}: only a "
+                          "deprecated model is replaced")
+    seen, wanted = {model.id}, model.replacement
+    step = by_id.get(wanted)
+    while step is not None and step.status == "deprecated" and step.replacement is not None:
+        if step.id in seen:
+            raise PolicyError(f"catalog.toml: the replacements of {model.id!r} form a cycle through {step.id!r}")
+        seen.add(step.id)
+        wanted = step.replacement
+        step = by_id.get(wanted)
+    if step is None:
+        raise PolicyError(f"catalog.toml: {model.id!r} is replaced by unknown model {wanted!r}")
+    if step.status == "retired":
+        raise PolicyError(f"catalog.toml: {model.id!r} is replaced, in the end, by the retired model {step.id!r}")
 
 
 def check_team_names(names: list[str], where: str) -> None:
