@@ -31,6 +31,8 @@ class SubmitRequest(Struct, frozen=True, kw_only=True, gc=False):
     chat: ChatBody
     input_label: str | None = None  # e.g. "SECRET//SI//NOFORN"; see docs/architecture.md for defaults
     output_label: str | None = None
+    # how long the caller will wait, in seconds; the edge's request timeout when absent or longer
+    timeout_s: float | None = None
 
 
 class Usage(Struct, frozen=True, kw_only=True, gc=False):

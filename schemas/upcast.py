@@ -10,8 +10,10 @@ from typing import Any, cast
 
 import msgspec
 
-from .events import CURRENT_EVENT_TYPES, Event
+from .events import CURRENT_EVENT_TYPES, BudgetReserved, Event, RequestAuthorized, RequestSubmitted
+from .events.budget import BudgetReservedV1
 from .events.invocation import InvocationFailedV1, invocation_failed_v2
+from .events.request import RequestAuthorizedV1, RequestSubmittedV1
 from .events.route import RouteSelectedV1, route_selected_v2
 
 Upcaster = Callable[[Event], Event]
@@ -24,10 +26,25 @@ def current_version(cls: type[Event]) -> int:
     return int(cast(Any, field.default))
 
 
+def carried(current: type[Event]) -> Upcaster:
+    """The step from a version whose fields the current one keeps, adding only fields with defaults
+    (the request's deadline: none was set before it existed)."""
+
+    def step(old: Event) -> Event:
+        fields = msgspec.structs.asdict(old)
+        fields.pop("schema_version")
+        return current(**fields)
+
+    return step
+
+
 READERS: dict[tuple[str, int], tuple[type[Event], Upcaster | None]] = {
     **{(str(cls.__struct_config__.tag), current_version(cls)): (cls, None) for cls in CURRENT_EVENT_TYPES},
     ("RouteSelected", 1): (RouteSelectedV1, cast(Upcaster, route_selected_v2)),
     ("InvocationFailed", 1): (InvocationFailedV1, cast(Upcaster, invocation_failed_v2)),
+    ("RequestSubmitted", 1): (RequestSubmittedV1, carried(RequestSubmitted)),
+    ("RequestAuthorized", 1): (RequestAuthorizedV1, carried(RequestAuthorized)),
+    ("BudgetReserved", 1): (BudgetReservedV1, carried(BudgetReserved)),
 }
 
 

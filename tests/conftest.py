@@ -50,10 +50,20 @@ accreditation = "SECRET//SI//NOFORN"
 DOWN = f"http://127.0.0.1:{procs.free_port()}"  # nothing listens there
 # A second llama.cpp server that test_routing starts, kills during traffic and starts again.
 DUO_PORT = procs.free_port()
+HANG_PORT = procs.free_port()  # a server test_routing starts that accepts and never answers
 DUO_MODEL = """
 [[model]]
 id = "enclave-tiny-duo"
 endpoints = ["duo-a", "local-llama"]
+context_length = 512
+default_max_tokens = 32
+prompt_micros_per_1k = 2000
+completion_micros_per_1k = 6000
+accreditation = "SECRET//SI//NOFORN"
+
+[[model]]
+id = "enclave-tiny-hang"
+endpoints = ["hang-node"]
 context_length = 512
 default_max_tokens = 32
 prompt_micros_per_1k = 2000
@@ -76,7 +86,7 @@ def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         fh.write(TEST_TEAMS)
     with open(folder / "access_policy.csv", "a") as fh:
         fh.write("p, team:gamma, enclave-tiny\np, team:gamma, analyst-large\np, team:tight, enclave-tiny\n"
-                 "p, team:gamma, enclave-tiny-ha\np, team:gamma, enclave-tiny-duo\n")
+                 "p, team:gamma, enclave-tiny-ha\np, team:gamma, enclave-tiny-duo\np, team:gamma, enclave-tiny-hang\n")
     with open(folder / "catalog.toml", "a") as fh:
         fh.write(HA_MODEL + DUO_MODEL)
     return folder
@@ -123,7 +133,8 @@ def settings(broker: Broker, engine: str, data_dir: Path, policy_dir: Path, keys
     _, signer, _ = policy_admin.dev_signer(keys_dir)
     return WorkerSettings(nats_url=broker.url, data_dir=str(data_dir), policy_dir=str(policy_dir),
                           endpoints={"local-llama": engine, "gpu-node-down": DOWN,
-                                     "duo-a": f"http://127.0.0.1:{DUO_PORT}"}, http_port=procs.free_port(), max_body_bytes=64 * 1024,
+                                     "duo-a": f"http://127.0.0.1:{DUO_PORT}",
+                                     "hang-node": f"http://127.0.0.1:{HANG_PORT}"}, http_port=procs.free_port(), max_body_bytes=64 * 1024,
                           request_timeout_s=60.0, creds_dir=str(data_dir / "creds"),
                           policy_signers={signer.kid: signer.public_key})
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage
 from enclave_gateway.schemas.events import (
@@ -37,6 +37,7 @@ PV = "sha256:00112233aabbccdd"
 CHAT = ChatBody(model="tiny", messages=(ChatMessage(role="user", content="hello"),), max_tokens=8, temperature=0.0)
 CALLER = Caller(subject="alice", team="alpha", roles=("analyst",), token_id="jti-1")
 HELD = Reservation(team="alpha", period="2026-11", micros=272)
+DEADLINE = T + timedelta(days=30)  # later than any test's clock
 TOTALS = {"team": "alpha", "period": "2026-11", "spent_micros": 100, "reserved_micros": 272, "cap_micros": 5000}
 
 
@@ -48,8 +49,10 @@ def samples() -> list[AnyEvent]:
     """Every event type once, with every optional field set."""
 
     return [
-        RequestSubmitted(**env("submit"), entry="http", token="a.b.c", chat=CHAT, reply_to="_INBOX.x"),
-        RequestAuthorized(**env("authz"), caller=CALLER, model_id="enclave-tiny", chat=CHAT, reply_to="_INBOX.x"),
+        RequestSubmitted(**env("submit"), entry="http", token="a.b.c", chat=CHAT, reply_to="_INBOX.x",
+                         deadline_at=DEADLINE),
+        RequestAuthorized(**env("authz"), caller=CALLER, model_id="enclave-tiny", chat=CHAT, reply_to="_INBOX.x",
+                          deadline_at=DEADLINE),
         RequestDenied(**env("authz"), reason="model_forbidden", rule="team-model-access", detail="no",
                       caller=CALLER, model="analyst-large", reply_to="_INBOX.x"),
         RequestFailed(**env("failed-at-router"), stage="router", reason="request_failed", detail="gave up",
@@ -60,7 +63,7 @@ def samples() -> list[AnyEvent]:
         ResponseUndelivered(**env("undelivered"), outcome="error", code="invocation_failed", team="alpha",
                             reason="caller_gone"),
         BudgetReserved(**env("reserve"), **TOTALS, caller=CALLER, model_id="enclave-tiny", amount_micros=272,
-                       max_tokens=8, chat=CHAT, reply_to="_INBOX.x"),
+                       max_tokens=8, chat=CHAT, reply_to="_INBOX.x", deadline_at=DEADLINE),
         BudgetSettled(**env("settle"), **TOTALS, model_id="enclave-tiny", reserved_amount_micros=272,
                       charged_micros=100, prompt_tokens=20, completion_tokens=8),
         BudgetReleased(**env("release"), **TOTALS, amount_micros=272, reason="InvocationFailed"),
@@ -70,7 +73,8 @@ def samples() -> list[AnyEvent]:
                        reply_to="_INBOX.x"),
         RouteSelected(**env("route-2"), caller=CALLER, requested_model="tiny", model_id="enclave-tiny",
                       endpoint="local-llama", substituted_from="tiny", max_tokens=8, chat=CHAT, reservation=HELD,
-                      reply_to="_INBOX.x", attempt=2, tried=("gpu-node-1",), circuit_open=("gpu-node-3",)),
+                      reply_to="_INBOX.x", attempt=2, tried=("gpu-node-1",), circuit_open=("gpu-node-3",),
+                      deadline_at=DEADLINE),
         RouteUnavailable(**env("route"), caller=CALLER, requested_model="x", reason="route_unavailable",
                          detail="none", reservation=HELD, reply_to="_INBOX.x"),
         InvocationCompleted(**env("invoke"), caller=CALLER, model_id="enclave-tiny", endpoint="local-llama",
@@ -79,7 +83,7 @@ def samples() -> list[AnyEvent]:
         InvocationFailed(**env("invoke-2"), caller=CALLER, model_id="enclave-tiny", endpoint="local-llama",
                          error="timeout", detail="60s", latency_ms=60000.0, reservation=HELD, reply_to="_INBOX.x",
                          final=False, attempt=2, tried=("gpu-node-1",), requested_model="tiny",
-                         substituted_from="tiny", max_tokens=8, chat=CHAT),
+                         substituted_from="tiny", max_tokens=8, chat=CHAT, deadline_at=DEADLINE),
         PolicyActivated(**envelope("policy-" + PV, "activate", T, PV), version=PV, sha256="ab" * 32,
                         git_commit="0" * 40, activated_by="ops", files={"catalog.toml": "[[model]]\n"}),
         BudgetClockTicked(**envelope("budget-tick-alpha-20261125T093000000000", "tick", T, PV), team="alpha"),
@@ -95,6 +99,12 @@ SAMPLES_BY_NAME: dict[str, AnyEvent] = {type(e).__name__: e for e in samples()}
 def upcast_samples() -> dict[tuple[str, int], AnyEvent]:
     """What each older stored version's golden file must read as today, by (type, version)."""
     return {
+        ("RequestSubmitted", 1): RequestSubmitted(**env("submit"), entry="http", token="a.b.c", chat=CHAT,
+                                                  reply_to="_INBOX.x"),
+        ("RequestAuthorized", 1): RequestAuthorized(**env("authz"), caller=CALLER, model_id="enclave-tiny", chat=CHAT,
+                                                    reply_to="_INBOX.x"),
+        ("BudgetReserved", 1): BudgetReserved(**env("reserve"), **TOTALS, caller=CALLER, model_id="enclave-tiny",
+                                              amount_micros=272, max_tokens=8, chat=CHAT, reply_to="_INBOX.x"),
         ("RouteSelected", 1): RouteSelected(**env("route"), caller=CALLER, requested_model="tiny",
                                             model_id="enclave-tiny", endpoint="local-llama", substituted_from="tiny",
                                             max_tokens=8, chat=CHAT, reservation=HELD, reply_to="_INBOX.x"),

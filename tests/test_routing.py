@@ -21,7 +21,7 @@ from enclave_gateway.services.authz.policy_view import dev_jwks
 from enclave_gateway.services.settings import WorkerSettings
 from nats.aio.client import Client
 
-from .conftest import APP, DUO_PORT, stream_events
+from .conftest import APP, DUO_PORT, HANG_PORT, stream_events
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -195,3 +195,31 @@ async def test_a_model_server_killed_during_traffic_fails_no_request_and_its_cir
     assert any(endpoint == "duo-a" and not open_ for _, (endpoint, open_) in first_routes[:3])  # used at first
     assert any(at > 12.0 and endpoint == "duo-a" and not open_ for at, (endpoint, open_) in first_routes), (
         first_routes)  # and closed again: duo-a serves requests once more
+
+
+async def test_a_model_server_that_hangs_ends_the_request_at_its_deadline_with_the_money_back(
+        admin: Client, client: Client, stack: WorkerSettings, token_for) -> None:
+    """Issue 10 items 3 and 9: the caller's deadline travels from the edge to the invoker, whose call
+    gives up when it passes; no attempt starts after it; the caller hears `timeout`, the reservation
+    is released, and the stream says so."""
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(3600)
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", HANG_PORT)
+    try:
+        chat = ChatBody(model="enclave-tiny-hang", messages=(ChatMessage(role="user", content="hang"),), max_tokens=2)
+        t0 = time.monotonic()
+        msg = await client.request(subjects.submit(APP), codec.encode(SubmitRequest(
+            token=token_for("gamma"), chat=chat, timeout_s=2.0)), timeout=60)
+        waited = time.monotonic() - t0
+    finally:
+        server.close()
+    reply = codec.decode_reply(msg.data)
+    assert reply.error is not None and reply.error.code == "timeout", reply
+    assert waited < 15.0  # the caller's 2 s, not the invoker's 60 s limit
+    await runtime.wait_audited(admin, 60)
+    facts = {str(b["type"]): b for _, b in await stream_events(admin, reply.request_id)}
+    submitted, failed, ended = facts["RequestSubmitted"], facts["InvocationFailed"], facts["RouteUnavailable"]
+    assert submitted["deadline_at"] and facts["RouteSelected"]["deadline_at"] == submitted["deadline_at"]
+    assert failed["error"] == "timeout" and ended["reason"] == "timeout"
+    assert facts["BudgetReleased"]["reason"] == "RouteUnavailable" and "BudgetSettled" not in facts

@@ -4,6 +4,8 @@ Ledger events carry the team's totals *after* the fact, so the newest one is the
 and a replica catches up with one direct get.
 """
 
+from datetime import datetime
+
 from ..commands import ChatBody
 from .base import Caller, Event, Reservation
 
@@ -18,8 +20,8 @@ class LedgerTotals(Event, frozen=True, kw_only=True):
     cap_micros: int
 
 
-class BudgetReserved(LedgerTotals, frozen=True, kw_only=True, tag="BudgetReserved"):
-    """The worst-case cost of a request is held against the team's cap."""
+class BudgetReservedV1(LedgerTotals, frozen=True, kw_only=True, tag="BudgetReserved"):
+    """Version 1, stored before requests carried a deadline: read, upcast, never written."""
 
     caller: Caller
     model_id: str
@@ -27,6 +29,19 @@ class BudgetReserved(LedgerTotals, frozen=True, kw_only=True, tag="BudgetReserve
     max_tokens: int
     chat: ChatBody
     reply_to: str
+
+
+class BudgetReserved(LedgerTotals, frozen=True, kw_only=True, tag="BudgetReserved"):
+    """The worst-case cost of a request is held against the team's cap (v2: with its deadline)."""
+
+    schema_version: int = 2
+    caller: Caller
+    model_id: str
+    amount_micros: int
+    max_tokens: int
+    chat: ChatBody
+    reply_to: str
+    deadline_at: datetime | None = None
 
 
 class BudgetSettled(LedgerTotals, frozen=True, kw_only=True, tag="BudgetSettled"):

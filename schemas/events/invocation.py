@@ -5,6 +5,8 @@ error) and is frozen as `InvocationFailedV1`; v2 is one failed attempt, after wh
 decides the next endpoint or that none is left (issue 10).
 """
 
+from datetime import datetime
+
 from ..commands import ChatBody
 from .base import Caller, Event, Reservation
 
@@ -61,6 +63,7 @@ class InvocationFailed(Event, frozen=True, kw_only=True, tag="InvocationFailed")
     substituted_from: str | None = None
     max_tokens: int = 0
     chat: ChatBody | None = None
+    deadline_at: datetime | None = None  # when the caller stops waiting: no attempt starts after it
 
 
 def invocation_failed_v2(old: InvocationFailedV1) -> InvocationFailed:

@@ -1,17 +1,14 @@
 """Facts about a request's life at the edges and in authorization."""
 
+from datetime import datetime
 from typing import Literal
 
 from ..commands import ChatBody
 from .base import Caller, Event, Reservation
 
 
-class RequestSubmitted(Event, frozen=True, kw_only=True, tag="RequestSubmitted"):
-    """A caller's request entered the gateway (HTTP edge or `gw.submit`).
-
-    The bearer token is kept so authz can be replayed; the stream lives at the enclave's level
-    and the Parquet audit stores only the token id (DESIGN §6).
-    """
+class RequestSubmittedV1(Event, frozen=True, kw_only=True, tag="RequestSubmitted"):
+    """Version 1, stored before requests carried a deadline: read, upcast, never written."""
 
     entry: Literal["http", "nats"]
     token: str
@@ -21,8 +18,28 @@ class RequestSubmitted(Event, frozen=True, kw_only=True, tag="RequestSubmitted")
     output_label: str | None = None
 
 
-class RequestAuthorized(Event, frozen=True, kw_only=True, tag="RequestAuthorized"):
-    """Authz let the caller use the resolved model."""
+class RequestSubmitted(Event, frozen=True, kw_only=True, tag="RequestSubmitted"):
+    """A caller's request entered the gateway (HTTP edge or `gw.submit`).
+
+    The bearer token is kept so authz can be replayed; the stream lives at the enclave's level
+    and the Parquet audit stores only the token id (DESIGN §6).
+
+    `deadline_at` (v2): when the caller stops waiting; every later stage carries it and gives up
+    once it has passed (issue 10 item 3).
+    """
+
+    schema_version: int = 2
+    entry: Literal["http", "nats"]
+    token: str
+    chat: ChatBody
+    reply_to: str
+    input_label: str | None = None  # as declared by the caller; None = not declared
+    output_label: str | None = None
+    deadline_at: datetime | None = None
+
+
+class RequestAuthorizedV1(Event, frozen=True, kw_only=True, tag="RequestAuthorized"):
+    """Version 1, stored before requests carried a deadline: read, upcast, never written."""
 
     caller: Caller
     model_id: str
@@ -30,6 +47,19 @@ class RequestAuthorized(Event, frozen=True, kw_only=True, tag="RequestAuthorized
     reply_to: str
     input_label: str | None = None  # the labels the decision used, after defaults
     output_label: str | None = None
+
+
+class RequestAuthorized(Event, frozen=True, kw_only=True, tag="RequestAuthorized"):
+    """Authz let the caller use the resolved model (v2: with the request's deadline)."""
+
+    schema_version: int = 2
+    caller: Caller
+    model_id: str
+    chat: ChatBody
+    reply_to: str
+    input_label: str | None = None  # the labels the decision used, after defaults
+    output_label: str | None = None
+    deadline_at: datetime | None = None
 
 
 class RequestDenied(Event, frozen=True, kw_only=True, tag="RequestDenied"):

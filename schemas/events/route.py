@@ -4,6 +4,8 @@ Stored versions: RouteSelected v1 (one endpoint per model, one attempt) is froze
 `RouteSelectedV1`; v2 adds the attempt and the endpoints that already failed (issue 10).
 """
 
+from datetime import datetime
+
 from ..commands import ChatBody
 from .base import Caller, Event, Reservation
 
@@ -45,6 +47,7 @@ class RouteSelected(Event, frozen=True, kw_only=True, tag="RouteSelected"):
     # endpoints passed over because their circuit was open when this was decided: the breaker
     # figures the decision used, so replay re-makes it without the outcomes the replica had seen
     circuit_open: tuple[str, ...] = ()
+    deadline_at: datetime | None = None  # when the caller stops waiting: no attempt starts after it
 
 
 class RouteUnavailable(Event, frozen=True, kw_only=True, tag="RouteUnavailable"):

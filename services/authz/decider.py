@@ -130,6 +130,7 @@ def decide(cmd: RequestSubmitted, state: AuthzState, policy: AuthzPolicy, now: d
             reply_to=cmd.reply_to,
             input_label=format_label(labels[0]),
             output_label=format_label(labels[1]),
+            deadline_at=cmd.deadline_at,
         )
     ]
 

@@ -278,6 +278,7 @@ def _reserve(event: RequestAuthorized, state: BudgetState, policy: PolicyBundle,
             max_tokens=max_tokens,
             chat=event.chat,
             reply_to=event.reply_to,
+            deadline_at=event.deadline_at,
         )
     ]
 

@@ -4,7 +4,7 @@ Both entries (HTTP and `gw.submit`) become the same `RequestSubmitted`; every te
 becomes the same `SubmitReply`, which the HTTP edge renders in OpenAI's shapes.
 """
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 import msgspec
@@ -128,8 +128,11 @@ def submitted(
     reply_to: str,
     now: datetime,
     policy_version: str,
+    timeout_s: float = 120.0,
 ) -> RequestSubmitted:
-    """The fact that a valid request entered the gateway, with the labels the caller declared."""
+    """The fact that a valid request entered the gateway, with the labels the caller declared and
+    its deadline: the edge's timeout, or the caller's own when shorter."""
+    wait = min(timeout_s, cmd.timeout_s) if cmd.timeout_s is not None and cmd.timeout_s > 0 else timeout_s
     return RequestSubmitted(
         **envelope(request_id, "submit", now, policy_version),
         entry=entry,
@@ -138,6 +141,7 @@ def submitted(
         reply_to=reply_to,
         input_label=cmd.input_label,
         output_label=cmd.output_label,
+        deadline_at=now + timedelta(seconds=wait),
     )
 
 

@@ -50,7 +50,8 @@ class Edge:
 
     async def submit(self, entry: Literal["http", "nats"], cmd: SubmitRequest, reply_to: str, request_id: str) -> None:
         """Put a validated request into the pipeline."""
-        event = decider.submitted(request_id, entry, cmd, reply_to, bus.now_utc(), self.version)
+        event = decider.submitted(request_id, entry, cmd, reply_to, bus.now_utc(), self.version,
+                                  self.settings.request_timeout_s)
         await bus.publish(self.js, event)
 
     async def reject(self, request_id: str, subject: str, code: str, detail: str, reply_to: str | None) -> SubmitReply:

@@ -62,6 +62,13 @@ _response = msgspec.json.Decoder(OpenAIResponse)
 _encoder = msgspec.json.Encoder()
 
 
+def call_timeout(route: RouteSelected, now: datetime, longest_s: float) -> float:
+    """How long the call may take: the invoker's limit, or what is left before the deadline (<= 0: none)."""
+    if route.deadline_at is None:
+        return longest_s
+    return min(longest_s, (route.deadline_at - now).total_seconds())
+
+
 def stage(attempt: int) -> str:
     """The event-id stage of an attempt's outcome: each attempt's is its own fact, never a duplicate."""
     return STAGE if attempt == 1 else f"{STAGE}-{attempt}"
@@ -152,4 +159,5 @@ def _failed(
         substituted_from=route.substituted_from,
         max_tokens=route.max_tokens,
         chat=route.chat,
+        deadline_at=route.deadline_at,
     )

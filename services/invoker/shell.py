@@ -70,8 +70,11 @@ async def _serve(settings: WorkerSettings, js: JetStreamContext, stop: asyncio.E
             )
         elif route.endpoint in refused:
             outcome = decider.CallFailed(error="egress_refused", detail=refused[route.endpoint], latency_ms=0.0)
+        elif (timeout_s := decider.call_timeout(route, bus.now_utc(), settings.invoke_timeout_s)) <= 0:
+            outcome = decider.CallFailed(error="timeout", detail="the request's deadline passed before the call",
+                                         latency_ms=0.0)
         else:
-            outcome = await call(session, base_url, decider.request_body(route), settings.invoke_timeout_s)
+            outcome = await call(session, base_url, decider.request_body(route), timeout_s)
         for event in decider.decide(route, outcome, route.policy_version, bus.now_utc()):
             await bus.publish(js, bus.caused(event, route, msg))
 

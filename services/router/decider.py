@@ -5,7 +5,8 @@ A circuit breaker per endpoint is folded from invocation outcomes: `breaker_fail
 failures open it, and an open endpoint is passed over while another is left, until
 `breaker_cooldown_s` after its latest failure, when one attempt may probe it (half-open); a success
 closes it. Time is the decision's `now`, never a clock read here. When every endpoint left is
-open, the first is tried anyway: a breaker reorders, it never fails a request by itself.
+open, the first is tried anyway: a breaker reorders, it never fails a request by itself. No
+attempt starts after the request's deadline: the request ends with RouteUnavailable(timeout).
 
 The catalog resolves aliases and deprecated names to what actually runs; `RouteSelected`
 records the substitution so a rename needs a catalog change and nothing else. A model's endpoints
@@ -82,6 +83,7 @@ class _Ask(Struct, frozen=True, kw_only=True):
     reply_to: str
     attempt: int
     tried: tuple[str, ...]
+    deadline_at: datetime | None
 
 
 def initial_state() -> RouterState:
@@ -130,6 +132,18 @@ def decide(event: RouterInput, state: RouterState, policy: PolicyBundle, now: da
     if ask is None or attempt_key(ask.request_id, ask.attempt) in state.routed:
         return []
     env = envelope(ask.request_id, stage(ask.attempt), now, policy.version)
+    if ask.deadline_at is not None and now >= ask.deadline_at:  # the caller stopped waiting: end it
+        return [
+            RouteUnavailable(
+                **env,
+                caller=ask.caller,
+                requested_model=ask.requested_model,
+                reason="timeout",
+                reservation=ask.reservation,
+                reply_to=ask.reply_to,
+                detail=f"the request's deadline {ask.deadline_at.isoformat()} passed before attempt {ask.attempt}",
+            )
+        ]
     resolved = catalog.resolve(policy.catalog, ask.model_id)
     left = [] if resolved is None else [e for e in catalog.endpoints_of(resolved.model) if e not in ask.tried]
     if resolved is None or not left:
@@ -165,6 +179,7 @@ def decide(event: RouterInput, state: RouterState, policy: PolicyBundle, now: da
             attempt=ask.attempt,
             tried=ask.tried,
             circuit_open=avoided,
+            deadline_at=ask.deadline_at,
         )
     ]
 
@@ -175,11 +190,11 @@ def _ask(event: RouterInput) -> _Ask | None:
             held = Reservation(team=event.team, period=event.period, micros=event.amount_micros)
             return _Ask(request_id=event.request_id, caller=event.caller, requested_model=event.chat.model,
                         model_id=event.model_id, max_tokens=event.max_tokens, chat=event.chat, reservation=held,
-                        reply_to=event.reply_to, attempt=1, tried=())
+                        reply_to=event.reply_to, attempt=1, tried=(), deadline_at=event.deadline_at)
         case InvocationFailed():
             if event.final or event.chat is None:
                 return None  # the request ended with it (v1), or it cannot be routed again
             return _Ask(request_id=event.request_id, caller=event.caller, requested_model=event.requested_model,
                         model_id=event.model_id, max_tokens=event.max_tokens, chat=event.chat,
                         reservation=event.reservation, reply_to=event.reply_to, attempt=event.attempt + 1,
-                        tried=(*event.tried, event.endpoint))
+                        tried=(*event.tried, event.endpoint), deadline_at=event.deadline_at)
