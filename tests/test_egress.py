@@ -14,7 +14,10 @@ import aiohttp
 import pytest
 from enclave_gateway.services import egress
 from enclave_gateway.services.invoker import decider
+from enclave_gateway.schemas.events import RouteSelected
 from enclave_gateway.services.invoker.shell import call
+
+from .samples import SAMPLES_BY_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 ENCLAVE = egress.parse(["10.20.0.0/16", "fd00::/8", "gpu-1.enclave.local"])
@@ -94,3 +97,41 @@ def test_the_demo_in_enclave_mode_connects_to_nothing_outside_loopback(tmp_path:
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "enclave mode" in out.stdout and "completed by enclave-tiny" in out.stdout and "Fallbacks" in out.stdout
     assert not marker.exists(), marker.read_text()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_model_servers_redirect_is_never_followed_out_of_the_enclave() -> None:
+    """Found by a hostile review: aiohttp followed a 307 to an IP literal without asking the resolver."""
+    import asyncio
+
+    from enclave_gateway import procs
+
+    outside_port, hits = procs.free_port(), []
+
+    async def outside(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hits.append(await reader.read(1000))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    async def redirecting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1000)
+        writer.write(f"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.2:{outside_port}/v1\r\n"
+                     "Content-Length: 0\r\n\r\n".encode())
+        await writer.drain()
+        writer.close()
+
+    outer = await asyncio.start_server(outside, "127.0.0.2", outside_port)
+    inner = await asyncio.start_server(redirecting, "127.0.0.1", 0)
+    port = inner.sockets[0].getsockname()[1]
+    try:
+        async with aiohttp.ClientSession(connector=egress.connector(egress.parse(["127.0.0.1/32"]))) as session:
+            outcome = await call(session, f"http://127.0.0.1:{port}", b'{"secret": "prompt"}', 10.0)
+    finally:
+        inner.close()
+        outer.close()
+    assert isinstance(outcome, decider.CallAnswered) and outcome.status == 307 and hits == []
+    route = SAMPLES_BY_NAME["RouteSelected"]
+    assert isinstance(route, RouteSelected)
+    [failed] = decider.decide(route, outcome, "pv", route.occurred_at)
+    assert failed.error == "http_307"  # type: ignore[union-attr]

@@ -30,6 +30,9 @@ async def call(session: aiohttp.ClientSession, base_url: str, body: bytes, timeo
             data=body,
             headers={"Content-Type": "application/json"},
             timeout=aiohttp.ClientTimeout(total=timeout_s),
+            # a model server's redirect is an answer, never followed: aiohttp connects to an IP
+            # literal without asking the enclave's resolver, so a 307 could send the prompt anywhere
+            allow_redirects=False,
         ) as resp:
             data = await resp.read()
             return decider.CallAnswered(status=resp.status, body=data, latency_ms=_ms(t0))
