@@ -89,6 +89,8 @@ class _Policies:
         self.seqs: dict[str, int] = {}  # where each input was stored, by event id (its first copy)
         self.ticks: dict[str, BudgetClockTicked] = {}  # the budget's clock ticks, by event id
         self.failures: dict[str, InvocationFailed] = {}  # failed attempts, routed again, by event id
+        self.routes: dict[str, RouteSelected] = {}  # every route, by event id: what a failure was an attempt of
+        self.breakers = router.initial_state()  # failed attempts stored so far: what backs a circuit_open claim
         self.dev_jwks: dict[str, str] = {}
 
     def record(self, event: PolicyActivated) -> None:
@@ -174,6 +176,8 @@ def _replay(decoded: list[tuple[int, AnyEvent | None]], extra_jwks: list[str] | 
                 policies.ticks.setdefault(event.event_id, event)
             elif isinstance(event, InvocationFailed):
                 policies.failures.setdefault(event.event_id, event)
+            elif isinstance(event, RouteSelected):
+                policies.routes.setdefault(event.event_id, event)
     result.policies_refused = [f"{v}: {why}" for v, why in sorted(policies.refused.items())]
     state = budget.initial_state()
     for n, (seq, event) in enumerate(decoded):
@@ -182,6 +186,8 @@ def _replay(decoded: list[tuple[int, AnyEvent | None]], extra_jwks: list[str] | 
                 _check(seq, event, inputs, state, policies, result)
             if isinstance(event, budget.FOLDED):  # budget.evolve returns any other event's state unchanged
                 state = budget.evolve(state, event)
+            elif isinstance(event, InvocationFailed):
+                policies.breakers = router.evolve(policies.breakers, event)
         if progress is not None and n % 1000 == 0:
             progress(n)
     return result
@@ -208,10 +214,18 @@ def _check(seq: int, event: AnyEvent, inputs: dict[tuple[str, str], AnyEvent], s
         case RouteSelected() | RouteUnavailable():
             reserved = inputs.get(("BudgetReserved", rid))
             failure = policies.failures.get(event.causation_id or "")
-            if failure is not None:  # a fallback: decided from the failed attempt
-                _compare(seq, event, result, failure, policies, lambda: router.decide(
-                    failure, _router_state(event, policies), policies.bundle(event.policy_version),
-                    event.occurred_at))
+            unbacked = _unbacked_claims(event, policies)
+            if unbacked:
+                _mismatch(result, seq, event, unbacked, "")
+            elif failure is not None:  # a fallback: decided from the route of the failed attempt
+                previous = policies.routes.get(failure.causation_id or "")
+                if previous is None or previous.request_id != rid:
+                    _mismatch(result, seq, event, f"decided from {failure.event_id}, a failure of no recorded route "
+                                                  "of this request", "")
+                else:
+                    _compare(seq, event, result, failure, policies, lambda: router.decide(
+                        failure, _router_state(event, policies, previous), policies.bundle(event.policy_version),
+                        event.occurred_at))
             elif isinstance(event, RouteSelected) and event.attempt > 1:
                 _mismatch(result, seq, event, "a fallback that names no failed attempt it was decided from", "")
             elif isinstance(reserved, BudgetReserved):
@@ -235,11 +249,29 @@ def _check(seq: int, event: AnyEvent, inputs: dict[tuple[str, str], AnyEvent], s
             result.observations += 1
 
 
-def _router_state(event: RouteSelected | RouteUnavailable, policies: _Policies) -> router.RouterState:
-    """The breakers the decision recorded as open (its figures), or none."""
+def _router_state(event: RouteSelected | RouteUnavailable, policies: _Policies,
+                  previous: RouteSelected | None = None) -> router.RouterState:
+    """The breakers the decision recorded as open (its figures) and the failed attempt's route."""
     if isinstance(event, RouteSelected):
-        return router.as_recorded(event, policies.bundle(event.policy_version))
-    return router.initial_state()
+        return router.as_recorded(event, policies.bundle(event.policy_version), previous)
+    return router.RouterState(routes={previous.request_id: previous} if previous else {})
+
+
+def _unbacked_claims(event: RouteSelected | RouteUnavailable, policies: _Policies) -> str:
+    """Why a route's open circuits are not what the failures stored before it say ("" when they are)."""
+    if not isinstance(event, RouteSelected) or not event.circuit_open:
+        return ""
+    try:
+        bundle = policies.bundle(event.policy_version)
+    except PolicyError:
+        return ""  # named by the comparison that follows
+    for endpoint in event.circuit_open:
+        breaker = policies.breakers.breakers.get(endpoint)
+        if not router.circuit_open(breaker, bundle, event.occurred_at):
+            return (f"it passes over {endpoint} as open, but the stream holds "
+                    f"{router.failures_within(breaker, bundle, event.occurred_at)} of its failures in the window, "
+                    f"fewer than {bundle.catalog.routing.breaker_failures}")
+    return ""
 
 
 _BUDGET_INPUT: dict[str, tuple[str, ...]] = {

@@ -109,15 +109,19 @@ async def ensure_topology(js: JetStreamContext, replicas: int = 1) -> None:
     await js.create_object_store("GW_BUDGET", config=ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas))
 
 
-async def own_reader(js: JetStreamContext, subject: str, reader: str, start: int) -> JetStreamContext.PushSubscription:
+async def own_reader(js: JetStreamContext, subject: str, reader: str, start: int,
+                     start_time: datetime | None = None) -> JetStreamContext.PushSubscription:
     """An ordered consumer of the reader's own over `subject`, from stream sequence `start`.
 
     Named and filtered to exactly that subject, which is what the registry grants (the bare create
     form would let a credential create or update any consumer). nats-py never deletes it and no
     runtime role may: the server drops it once idle.
     """
-    config = ConsumerConfig(name=f"{reader}_{uuid.uuid4().hex}", inactive_threshold=5.0,
-                            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start))
+    config = (ConsumerConfig(name=f"{reader}_{uuid.uuid4().hex}", inactive_threshold=5.0,
+                             deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=start_time)
+              if start_time is not None else
+              ConsumerConfig(name=f"{reader}_{uuid.uuid4().hex}", inactive_threshold=5.0,
+                             deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start)))
     return await js.subscribe(subject, stream=subjects.STREAM, ordered_consumer=True, config=config)
 
 

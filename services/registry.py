@@ -175,10 +175,11 @@ SERVICES: tuple[Identity, ...] = (
         publish=(
             "gw.evt.route.selected.*",
             "gw.evt.route.unavailable.*",
-            # every invocation outcome, whichever replica's share it is: the circuit breakers
-            last_of("gw.evt.invocation.>"),
-            f"{API}.CONSUMER.CREATE.{STREAM}.*.gw.evt.invocation.>",
-            f"$JS.FC.{STREAM}.>",
+            # readers of its own, whichever replica's share a message was: every route decided
+            # (to route a failed attempt on) and every failed attempt (the circuit breakers); never
+            # the completions, whose content is the models' answers
+            f"{API}.CONSUMER.CREATE.{STREAM}.*.gw.evt.route.>",
+            f"{API}.CONSUMER.CREATE.{STREAM}.*.gw.evt.invocation.failed.>",
         ),
     ),
     _service(

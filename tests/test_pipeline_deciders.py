@@ -230,7 +230,7 @@ def test_the_router_routes_each_attempt_once(name: str) -> None:
     cause = SAMPLES_BY_NAME[name]
     assert isinstance(cause, BudgetReserved | InvocationFailed)
     policy = _two_endpoints("gpu-node-1", "local-llama", "gpu-node-2")
-    state = router.initial_state()
+    state = router.evolve(router.initial_state(), SAMPLES_BY_NAME["RouteSelected"])  # the failed attempt's route
     decided = router.decide(cause, state, policy, NOW)
     assert decided
     for event in decided:
@@ -253,22 +253,45 @@ def _fail(route: RouteSelected, error: str = "unreachable") -> InvocationFailed:
 
 
 def test_a_failed_attempt_is_routed_to_the_next_endpoint_until_none_is_left() -> None:
-    """Issue 10 item 3: every fallback is a decision made from the failed attempt alone."""
+    """Issue 10 item 3: every fallback is a decision, made from the route of the failed attempt."""
     policy = _two_endpoints("node-a", "node-b")
     reserved = SAMPLES_BY_NAME["BudgetReserved"]
     assert isinstance(reserved, BudgetReserved)
     [first] = router.decide(reserved, router.initial_state(), policy, NOW)
     assert isinstance(first, RouteSelected) and (first.endpoint, first.attempt, first.tried) == ("node-a", 1, ())
-    [second] = router.decide(_fail(first), router.initial_state(), policy, NOW)
+    state = router.evolve(router.initial_state(), first)
+    [second] = router.decide(_fail(first), state, policy, NOW)
     assert isinstance(second, RouteSelected) and (second.endpoint, second.attempt, second.tried) == (
         "node-b", 2, ("node-a",))
     assert second.event_id.endswith(":route-2") and second.chat == first.chat and second.reservation == first.reservation
-    [ended] = router.decide(_fail(second), router.initial_state(), policy, NOW)
+    state = router.evolve(state, second)
+    [ended] = router.decide(_fail(second), state, policy, NOW)
     assert isinstance(ended, RouteUnavailable) and "node-a, node-b" in ended.detail
     assert ended.reason == "invocation_failed"
     assert ended.event_id.endswith(":route-3")
-    state = router.evolve(router.initial_state(), ended)
+    state = router.evolve(state, ended)
     assert router.decide(_fail(second), state, policy, NOW) == []  # the end, decided once
+
+
+def test_a_failure_of_no_route_of_ours_is_never_routed_from_what_it_says() -> None:
+    """Found by a hostile review: the invoker's credential published a failure of a request that was
+    never submitted, with a chat and an inbox of its choosing, and the router ran it. Now the next
+    attempt is built from the router's own route, and a failure that matches none routes nothing."""
+    policy = _two_endpoints("node-a", "node-b")
+    reserved = SAMPLES_BY_NAME["BudgetReserved"]
+    assert isinstance(reserved, BudgetReserved)
+    [first] = router.decide(reserved, router.initial_state(), policy, NOW)
+    assert isinstance(first, RouteSelected)
+    forged = msgspec.structs.replace(_fail(first), chat=msgspec.structs.replace(first.chat, model="other"),
+                                     reply_to="_INBOX_app.mallory.1")
+    assert router.decide(forged, router.initial_state(), policy, NOW) == []  # no route of ours
+    assert router.unknown_attempt(forged, router.initial_state())
+    state = router.evolve(router.initial_state(), first)
+    wrong_endpoint = msgspec.structs.replace(forged, endpoint="node-b")
+    assert router.decide(wrong_endpoint, state, policy, NOW) == [] and router.unknown_attempt(wrong_endpoint, state)
+    [second] = router.decide(forged, state, policy, NOW)  # the real attempt's failure: routed as recorded
+    assert isinstance(second, RouteSelected)
+    assert (second.chat, second.reply_to) == (first.chat, first.reply_to)  # not what the failure claimed
 
 
 def test_a_failure_that_ended_its_request_is_not_routed_again() -> None:
@@ -298,8 +321,9 @@ def _done(route: RouteSelected, at: datetime) -> InvocationCompleted:
     return completed
 
 
-def test_an_endpoint_that_keeps_failing_is_avoided_then_probed_then_trusted_again() -> None:
-    """Issue 10 item 3: the circuit breaker, folded from outcomes, driven by the decision's clock."""
+def test_an_endpoint_that_keeps_failing_is_avoided_then_tried_again_as_its_failures_age_out() -> None:
+    """Issue 10 item 3: the circuit breaker, folded from failed attempts, driven by the decision's clock;
+    a failure dated in the future or copied counts for nothing more."""
     policy = _two_endpoints("node-a", "node-b")
     routing = policy.catalog.routing
     reserved = SAMPLES_BY_NAME["BudgetReserved"]
@@ -314,13 +338,17 @@ def test_an_endpoint_that_keeps_failing_is_avoided_then_probed_then_trusted_agai
     later = NOW + timedelta(seconds=routing.breaker_cooldown_s)
     [probe] = router.decide(msgspec.structs.replace(reserved, request_id="probe"), state, policy, later)
     assert isinstance(probe, RouteSelected) and (probe.endpoint, probe.circuit_open) == ("node-a", ())  # half-open
-    state = router.evolve(state, _done(probe, later))
-    assert not router.circuit_open(state.breakers["node-a"], policy, later)  # closed by the probe's success
+    assert not router.circuit_open(state.breakers["node-a"], policy, later)
+    one = msgspec.structs.replace(_fail(probe), occurred_at=later)
+    future = msgspec.structs.replace(one, event_id="x:invoke-9", occurred_at=later + timedelta(days=3650))
+    for event in (one, one, one, future):  # a copy counts once, a date ahead of the clock not at all
+        state = router.evolve(state, event)
+    assert router.failures_within(state.breakers["node-a"], policy, later) == 1
 
 
 def test_when_every_endpoint_is_open_the_first_is_probed_and_replay_re_decides_from_the_record() -> None:
     policy = _two_endpoints("node-a", "node-b")
-    failing = router.Breaker(failures=policy.catalog.routing.breaker_failures, last_failed_at=NOW)
+    failing = router.Breaker(failures=tuple((NOW, f"f{i}") for i in range(policy.catalog.routing.breaker_failures)))
     state = router.RouterState(breakers={"node-a": failing, "node-b": failing})
     reserved = SAMPLES_BY_NAME["BudgetReserved"]
     assert isinstance(reserved, BudgetReserved)

@@ -9,13 +9,14 @@ import shutil
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 from enclave_gateway import runtime
 from enclave_gateway.engine import Engine
 from enclave_gateway.replay.engine import diff, replay
 from enclave_gateway.schemas import codec, subjects
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
-from enclave_gateway.schemas.events import RouteSelected
+from enclave_gateway.schemas.events import InvocationFailed, RouteSelected
 from enclave_gateway.services import bus
 from enclave_gateway.services.authz.policy_view import dev_jwks
 from enclave_gateway.services.settings import WorkerSettings
@@ -66,6 +67,23 @@ async def test_a_dead_endpoint_is_never_noticed_and_each_fallback_is_recorded(
               await bus.stored_on(admin.jetstream(), subjects.ALL_EVENTS, "test")]
     result = replay(stored, dev_jwks(stack), first=first)
     assert result.ok, [(m.seq, m.decision, m.why, diff(m)) for m in result.mismatches]
+
+    # an assessor's checks (a hostile review forged both): a route may pass over an endpoint as open
+    # only when the failures stored before it say so, and a fallback must follow a recorded route
+    window = [(seq, subject, codec.decode_event(data, subject)) for seq, subject, data in stored if seq >= first]
+    opening = next((seq, subject, e) for seq, subject, e in window
+                   if isinstance(e, RouteSelected) and e.attempt == 1 and not e.circuit_open)
+    claimed = msgspec.structs.replace(opening[2], endpoint="local-llama", circuit_open=("gpu-node-down",))
+    flagged = replay(_swap(stored, opening[0], claimed), dev_jwks(stack), first=first)
+    assert any(m.seq == opening[0] and "passes over gpu-node-down as open" in m.why for m in flagged.mismatches)
+    failure = next((seq, e) for seq, _, e in window if isinstance(e, InvocationFailed))
+    orphan = msgspec.structs.replace(failure[1], causation_id="nothing-routed-this")
+    flagged = replay(_swap(stored, failure[0], orphan), dev_jwks(stack), first=first)
+    assert any("a failure of no recorded route" in m.why for m in flagged.mismatches), flagged.mismatches
+
+
+def _swap(stored: list[tuple[int, str, bytes]], seq: int, event: object) -> list[tuple[int, str, bytes]]:
+    return [(s, subject, codec.encode(event) if s == seq else data) for s, subject, data in stored]  # type: ignore[arg-type]
 
 
 async def test_when_every_endpoint_fails_the_request_ends_once_with_its_money_back(

@@ -1,19 +1,21 @@
 """Router decider: pick the model and endpoint for a funded request, and the next one when an
 attempt fails (DESIGN §5, issue 10).
 
-A circuit breaker per endpoint is folded from invocation outcomes: `breaker_failures` consecutive
-failures open it, and an open endpoint is passed over while another is left, until
-`breaker_cooldown_s` after its latest failure, when one attempt may probe it (half-open); a success
-closes it. Time is the decision's `now`, never a clock read here. When every endpoint left is
-open, the first is tried anyway: a breaker reorders, it never fails a request by itself. No
-attempt starts after the request's deadline: the request ends with RouteUnavailable(timeout).
-
 The catalog resolves aliases and deprecated names to what actually runs; `RouteSelected`
 records the substitution so a rename needs a catalog change and nothing else. A model's endpoints
-are tried in catalog order: a failed attempt (`InvocationFailed`, not final) is routed again to
-the next endpoint not yet tried, from the event alone, so every fallback is a recorded decision
-that replay re-makes; when none is left the request ends with `RouteUnavailable`, which releases
-its reservation and answers the caller.
+are tried in catalog order. A failed attempt (`InvocationFailed`, not final) is routed again to
+the next endpoint not yet tried, from the route this router recorded for that attempt (never from
+what the failure says the request was: the invoker may report outcomes, not make requests), so
+every fallback is a recorded decision that replay re-makes; when none is left the request ends
+with `RouteUnavailable`, which releases its reservation and answers the caller.
+
+A circuit breaker per endpoint counts its failed attempts in a sliding window: `breaker_failures`
+of them within the last `breaker_cooldown_s` open it, and an open endpoint is passed over while
+another is left; as they age out it is tried again. Only failures up to the decision's `now` count
+(one dated in the future counts for nothing), each once (a copy has the same event id), and time is
+the decision's `now`, never a clock read here. When every endpoint left is open the first is tried
+anyway: a breaker reorders, it never fails a request by itself. No attempt starts after the
+request's deadline: the request ends with RouteUnavailable(timeout).
 """
 
 from datetime import datetime, timedelta
@@ -26,7 +28,6 @@ from ...schemas.events import (
     BudgetReserved,
     Caller,
     Event,
-    InvocationCompleted,
     InvocationFailed,
     Reservation,
     RouteSelected,
@@ -39,39 +40,50 @@ from ..remembered import Remembered
 
 STAGE = "route"
 RouterInput = BudgetReserved | InvocationFailed
+KEPT_FAILURES = 100  # per endpoint: policy validation caps breaker_failures at 100
+ROUTES_KEPT = timedelta(hours=1)  # longer than any request waits for its next attempt
+PRUNE_EVERY = 1024
 
 
 class Breaker(Struct, frozen=True, kw_only=True):
-    """An endpoint's recent record: consecutive failed attempts, and when the latest failed."""
+    """An endpoint's recent failed attempts, (when, event id), in the order they were stored."""
 
-    failures: int = 0
-    last_failed_at: datetime | None = None
+    failures: tuple[tuple[datetime, str], ...] = ()
 
 
 class RouterState(Struct, frozen=True, kw_only=True):
-    """The attempts already routed, as `request_id#attempt` (idempotency), and each endpoint's breaker."""
+    """The attempts already routed, as `request_id#attempt` (idempotency); the newest route of each
+    request in flight, by request id; each endpoint's breaker."""
 
     routed: Remembered = Remembered()
+    routes: dict[str, RouteSelected] = {}
     breakers: dict[str, Breaker] = {}
 
 
+def failures_within(breaker: Breaker | None, policy: PolicyBundle, now: datetime) -> int:
+    """Failed attempts in the breaker's window ending at `now`."""
+    if breaker is None:
+        return 0
+    start = now - timedelta(seconds=policy.catalog.routing.breaker_cooldown_s)
+    return sum(1 for at, _ in breaker.failures if start < at <= now)
+
+
 def circuit_open(breaker: Breaker | None, policy: PolicyBundle, now: datetime) -> bool:
-    """Whether requests avoid the endpoint now (open); after the cooldown one may probe it (half-open)."""
-    if breaker is None or breaker.last_failed_at is None:
-        return False
-    routing = policy.catalog.routing
-    return breaker.failures >= routing.breaker_failures and now < breaker.last_failed_at + timedelta(
-        seconds=routing.breaker_cooldown_s)
+    """Whether requests avoid the endpoint now."""
+    return failures_within(breaker, policy, now) >= policy.catalog.routing.breaker_failures
 
 
-def as_recorded(route: RouteSelected, policy: PolicyBundle) -> RouterState:
-    """The breakers a route says were open when it was decided: what replay decides it again on."""
-    opened = Breaker(failures=policy.catalog.routing.breaker_failures, last_failed_at=route.occurred_at)
-    return RouterState(breakers={e: opened for e in route.circuit_open})
+def as_recorded(route: RouteSelected, policy: PolicyBundle, previous: RouteSelected | None = None) -> RouterState:
+    """What replay decides a route again on: the breakers it says were open (replay checks that the
+    stream backs each claim) and, for a fallback, the route of the failed attempt."""
+    failing = Breaker(failures=tuple((route.occurred_at, f"claimed-{i}")
+                                     for i in range(policy.catalog.routing.breaker_failures)))
+    return RouterState(routes={} if previous is None else {previous.request_id: previous},
+                       breakers={e: failing for e in route.circuit_open})
 
 
 class _Ask(Struct, frozen=True, kw_only=True):
-    """What routing needs of a request, from its reservation or from a failed attempt."""
+    """What routing needs of a request, from its reservation or from the route of a failed attempt."""
 
     request_id: str
     caller: Caller
@@ -102,20 +114,26 @@ def stage(attempt: int) -> str:
 
 
 def evolve(state: RouterState, event: Event) -> RouterState:
-    """A route of this stage remembers its attempt; an invocation outcome moves its endpoint's breaker."""
+    """A route remembers its attempt (and, while in flight, itself); a failed attempt counts against
+    its endpoint's breaker."""
     match event:
         case RouteSelected():
             routed = state.routed.add(attempt_key(event.request_id, event.attempt), event.occurred_at)
-            return RouterState(routed=routed, breakers=state.breakers)
+            routes = {**state.routes, event.request_id: event}
+            if len(routes) % PRUNE_EVERY == 0:
+                routes = {k: r for k, r in routes.items() if r.occurred_at > event.occurred_at - ROUTES_KEPT}
+            return RouterState(routed=routed, routes=routes, breakers=state.breakers)
         case RouteUnavailable():
             routed = state.routed.add(attempt_key(event.request_id, _ended(event)), event.occurred_at)
-            return RouterState(routed=routed, breakers=state.breakers)
-        case InvocationCompleted():
-            return RouterState(routed=state.routed, breakers={**state.breakers, event.endpoint: Breaker()})
+            routes = {k: r for k, r in state.routes.items() if k != event.request_id}
+            return RouterState(routed=routed, routes=routes, breakers=state.breakers)
         case InvocationFailed():
             old = state.breakers.get(event.endpoint, Breaker())
-            now_failing = Breaker(failures=old.failures + 1, last_failed_at=event.occurred_at)
-            return RouterState(routed=state.routed, breakers={**state.breakers, event.endpoint: now_failing})
+            if any(eid == event.event_id for _, eid in old.failures):
+                return state  # a copy of a failure counts once
+            kept = Breaker(failures=(*old.failures, (event.occurred_at, event.event_id))[-KEPT_FAILURES:])
+            return RouterState(routed=state.routed, routes=state.routes, breakers={**state.breakers,
+                                                                                   event.endpoint: kept})
         case _:
             return state
 
@@ -126,9 +144,20 @@ def _ended(event: RouteUnavailable) -> int:
     return int(tail.removeprefix(f"{STAGE}-")) if tail.startswith(f"{STAGE}-") else 1
 
 
+def unknown_attempt(event: InvocationFailed, state: RouterState) -> bool:
+    """A failure of an attempt this router has no route for (yet, or ever): not to be routed again."""
+    if event.final or attempt_key(event.request_id, event.attempt + 1) in state.routed:
+        return False
+    route = state.routes.get(event.request_id)
+    return route is None or (route.attempt, route.endpoint) != (event.attempt, event.endpoint)
+
+
 def decide(event: RouterInput, state: RouterState, policy: PolicyBundle, now: datetime) -> list[AnyEvent]:
     """One RouteSelected or RouteUnavailable per attempt (none if decided before, or for a final failure)."""
-    ask = _ask(event)
+    if isinstance(event, InvocationFailed) and (
+            event.final or attempt_key(event.request_id, event.attempt + 1) in state.routed):
+        return []
+    ask = _ask(event, state)
     if ask is None or attempt_key(ask.request_id, ask.attempt) in state.routed:
         return []
     env = envelope(ask.request_id, stage(ask.attempt), now, policy.version)
@@ -184,7 +213,7 @@ def decide(event: RouterInput, state: RouterState, policy: PolicyBundle, now: da
     ]
 
 
-def _ask(event: RouterInput) -> _Ask | None:
+def _ask(event: RouterInput, state: RouterState) -> _Ask | None:
     match event:
         case BudgetReserved():
             held = Reservation(team=event.team, period=event.period, micros=event.amount_micros)
@@ -192,9 +221,10 @@ def _ask(event: RouterInput) -> _Ask | None:
                         model_id=event.model_id, max_tokens=event.max_tokens, chat=event.chat, reservation=held,
                         reply_to=event.reply_to, attempt=1, tried=(), deadline_at=event.deadline_at)
         case InvocationFailed():
-            if event.final or event.chat is None:
-                return None  # the request ended with it (v1), or it cannot be routed again
-            return _Ask(request_id=event.request_id, caller=event.caller, requested_model=event.requested_model,
-                        model_id=event.model_id, max_tokens=event.max_tokens, chat=event.chat,
-                        reservation=event.reservation, reply_to=event.reply_to, attempt=event.attempt + 1,
-                        tried=(*event.tried, event.endpoint), deadline_at=event.deadline_at)
+            route = state.routes.get(event.request_id)
+            if event.final or route is None or (route.attempt, route.endpoint) != (event.attempt, event.endpoint):
+                return None  # ended with it (v1), or not a route of ours: nothing to route
+            return _Ask(request_id=route.request_id, caller=route.caller, requested_model=route.requested_model,
+                        model_id=route.model_id, max_tokens=route.max_tokens, chat=route.chat,
+                        reservation=route.reservation, reply_to=route.reply_to, attempt=route.attempt + 1,
+                        tried=(*route.tried, route.endpoint), deadline_at=route.deadline_at)

@@ -1,23 +1,31 @@
 """Router shell: consume BudgetReserved and failed attempts, publish the route under the active
-catalog; beside it, fold every invocation outcome into the endpoints' circuit breakers."""
+catalog. Beside it, two readers of its own keep every replica's view whole: every route decided
+(by any replica, and before a restart) and every failed attempt (the breakers)."""
 
 import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from datetime import datetime, timedelta
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
 
-from ...schemas import codec, subjects
-from ...schemas.events import BudgetReserved, InvocationCompleted, InvocationFailed
-from .. import bus, worker
+from ...schemas import codec
+from ...schemas.events import BudgetReserved, InvocationFailed, RouteSelected, RouteUnavailable
+from ...schemas.policy import PolicyBundle
+from .. import bus, catalog, worker
 from ..settings import WorkerSettings
 from . import decider
 
 log = logging.getLogger("enclave_gateway.router")
-OUTCOMES = "gw.evt.invocation.>"
+ROUTES, FAILURES = "gw.evt.route.>", "gw.evt.invocation.failed.>"
+SKEW = timedelta(seconds=60)  # a failure dated further ahead of this router's clock is not believed
+
+
+class NotYetRouted(LookupError):
+    """A failed attempt whose route this replica has not read yet: retried after a backoff, and a
+    failure of no route at all ends, after the retries, as RequestFailed."""
 
 
 async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
@@ -30,6 +38,9 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
             if not isinstance(cause, BudgetReserved | InvocationFailed):
                 raise codec.DecodeError(f"router does not take {type(cause).__name__}")
             nonlocal state
+            if isinstance(cause, InvocationFailed) and decider.unknown_attempt(cause, state):
+                raise NotYetRouted(f"no route of request {cause.request_id} attempt {cause.attempt} at "
+                                   f"{cause.endpoint!r}")
             for event in decider.decide(cause, state, s.policy, bus.now_utc()):
                 await bus.publish(s.js, bus.caused(event, cause, msg))
                 state = decider.evolve(state, event)
@@ -37,41 +48,49 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
         def fold(msg: Msg) -> None:
             nonlocal state
             try:
-                outcome = codec.decode_event(msg.data, msg.subject)
+                event = codec.decode_event(msg.data, msg.subject)
             except codec.DecodeError:
-                return  # junk on an outcome subject moves no breaker
-            if isinstance(outcome, InvocationCompleted | InvocationFailed):
-                state = decider.evolve(state, outcome)
+                return  # junk moves nothing
+            if isinstance(event, RouteSelected | RouteUnavailable) or (
+                    isinstance(event, InvocationFailed) and _believed(event, s.policy)):
+                state = decider.evolve(state, event)
 
-        outcomes = asyncio.create_task(_every_outcome(s.js, fold, stop))
+        since = bus.now_utc() - decider.ROUTES_KEPT
+        readers = [asyncio.create_task(_every(s.js, subject, fold, stop, since)) for subject in (ROUTES, FAILURES)]
         try:
             await bus.consume(s.js, "router", handle, stop)
         finally:
-            outcomes.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await outcomes
+            for reader in readers:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
 
 
-async def _every_outcome(js: JetStreamContext, fold: Callable[[Msg], None], stop: asyncio.Event) -> None:
-    """Every invocation outcome from now on, in stream order, whichever replica it went to: the
-    shared durable hands each replica only a share, and every replica's breakers must agree."""
+def _believed(failure: InvocationFailed, policy: PolicyBundle) -> bool:
+    """A failure of an endpoint the catalog names, not dated ahead of our clock: only those move a
+    breaker (invented names would grow it without bound, future dates would pin it)."""
+    known = any(failure.endpoint in catalog.endpoints_of(m) for m in policy.catalog.model)
+    return known and failure.occurred_at <= bus.now_utc() + SKEW
+
+
+async def _every(js: JetStreamContext, subject: str, fold: Callable[[Msg], None], stop: asyncio.Event,
+                 since: datetime) -> None:
+    """Every message on `subject` stored since `since`, then live, in stream order."""
     while not stop.is_set():
         try:
-            try:
-                start = int((await js.get_last_msg(subjects.STREAM, OUTCOMES, direct=True)).seq or 0) + 1
-            except NotFoundError:
-                start = 1
-            sub = await bus.own_reader(js, OUTCOMES, "router_outcomes", start)
+            sub = await bus.own_reader(js, subject, "router_view", 0, start_time=since)
             try:
                 while not stop.is_set():
                     try:
-                        fold(await sub.next_msg(timeout=1.0))
+                        msg = await sub.next_msg(timeout=1.0)
                     except TimeoutError:
                         continue
+                    fold(msg)
+                    since = msg.metadata.timestamp or since
             finally:
                 await sub.unsubscribe()
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # breakers are soft state: start over from the newest outcome
-            log.warning("router: outcome reader failed, restarting: %r", exc)
+        except Exception as exc:  # start over from the last message read
+            log.warning("router: reader of %s failed, restarting: %r", subject, exc)
             await asyncio.sleep(1.0)
