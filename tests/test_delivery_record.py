@@ -132,7 +132,7 @@ async def test_a_reply_after_the_deadline_is_recorded_undelivered_and_nothing_ru
     """The edge's deadline travels with the request (issue 10 item 3): past it the router starts no
     model call, the request ends with a timeout, its reservation is released, and that late end,
     which nobody waits for any more, is recorded undelivered."""
-    hasty = msgspec.structs.replace(stack, request_timeout_s=0.01)  # far below five hops and a model call
+    hasty = msgspec.structs.replace(stack, request_timeout_s=0.001)  # far below five acknowledged hops
     chat = ChatBody(model="enclave-tiny", messages=(ChatMessage(role="user", content="too late"),), max_tokens=8,
                     temperature=0.0)
     async with worker.session(hasty, "edge", policy_view.for_worker(hasty)) as s:
