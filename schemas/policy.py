@@ -38,13 +38,17 @@ class ModelEntry(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
 
 
 class Routing(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """How the router treats an endpoint that keeps failing (a circuit breaker per endpoint)."""
+    """How the router treats failures: retries of one endpoint, and a circuit breaker per endpoint."""
 
-    # consecutive failed attempts that open its circuit: the router sends requests elsewhere
+    # failed attempts within the last breaker_cooldown_s that open an endpoint's circuit: the
+    # router sends requests elsewhere until they age out
     breaker_failures: int = 3
-    # how long an open circuit is avoided after its latest failure; then one attempt may probe it
-    # (half-open): a success closes it, a failure opens it again
     breaker_cooldown_s: int = 30
+    # after a failure that may pass (a timeout, a refused connection, a 5xx or 429), the same
+    # endpoint is tried again this many times, each after an exponential backoff with jitter
+    # (retry_backoff_ms, then twice that, ...), before the next endpoint; never past the deadline
+    retries_per_endpoint: int = 1
+    retry_backoff_ms: int = 100
 
 
 class Catalog(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -74,7 +74,7 @@ def samples() -> list[AnyEvent]:
         RouteSelected(**env("route-2"), caller=CALLER, requested_model="tiny", model_id="enclave-tiny",
                       endpoint="local-llama", substituted_from="tiny", max_tokens=8, chat=CHAT, reservation=HELD,
                       reply_to="_INBOX.x", attempt=2, tried=("gpu-node-1",), circuit_open=("gpu-node-3",),
-                      deadline_at=DEADLINE),
+                      deadline_at=DEADLINE, not_before=T + timedelta(milliseconds=120)),
         RouteUnavailable(**env("route"), caller=CALLER, requested_model="x", reason="route_unavailable",
                          detail="none", reservation=HELD, reply_to="_INBOX.x"),
         InvocationCompleted(**env("invoke"), caller=CALLER, model_id="enclave-tiny", endpoint="local-llama",

@@ -246,7 +246,7 @@ def _two_endpoints(*endpoints: str) -> PolicyBundle:
     return msgspec.structs.replace(BUNDLE, catalog=msgspec.structs.replace(BUNDLE.catalog, model=models))
 
 
-def _fail(route: RouteSelected, error: str = "unreachable") -> InvocationFailed:
+def _fail(route: RouteSelected, error: str = "unknown_endpoint") -> InvocationFailed:  # not retried
     [failed] = invoker.decide(route, invoker.CallFailed(error=error, detail="", latency_ms=1.0), "pv", NOW)
     assert isinstance(failed, InvocationFailed)
     return failed
@@ -357,3 +357,38 @@ def test_when_every_endpoint_is_open_the_first_is_probed_and_replay_re_decides_f
     for decided in (route, router.decide(reserved, router.initial_state(), policy, NOW)[0]):
         assert isinstance(decided, RouteSelected)
         assert router.decide(reserved, router.as_recorded(decided, policy), policy, NOW) == [decided]
+
+
+def test_a_failure_that_may_pass_is_retried_on_the_same_endpoint_with_backoff_then_moved_on() -> None:
+    """Issue 10 item 3: retries with exponential backoff and a jitter replay reproduces, inside the
+    deadline; an open circuit stops a retry, and the route says so."""
+    policy = _two_endpoints("node-a", "node-b")
+    routing = policy.catalog.routing
+    reserved = SAMPLES_BY_NAME["BudgetReserved"]
+    assert isinstance(reserved, BudgetReserved) and routing.retries_per_endpoint == 1
+    [first] = router.decide(reserved, router.initial_state(), policy, NOW)
+    assert isinstance(first, RouteSelected)
+    state = router.evolve(router.initial_state(), first)
+    [again] = router.decide(_fail(first, "http_503"), state, policy, NOW)
+    assert isinstance(again, RouteSelected) and (again.endpoint, again.attempt, again.tried) == (
+        "node-a", 2, ("node-a",))
+    assert again.not_before is not None and timedelta(milliseconds=routing.retry_backoff_ms * 0.5) <= (
+        again.not_before - NOW) < timedelta(milliseconds=routing.retry_backoff_ms * 1.5)
+    assert router.decide(_fail(first, "http_503"), router.evolve(router.initial_state(), first), policy, NOW) == [
+        again]  # the jitter is the request's own: the same on every replica and in replay
+    state = router.evolve(state, again)
+    [moved] = router.decide(_fail(again, "timeout"), state, policy, NOW)  # its one retry is used up
+    assert isinstance(moved, RouteSelected) and (moved.endpoint, moved.not_before) == ("node-b", None)
+    for error in ("http_400", "egress_refused", "unknown_endpoint"):  # would fail the same way again
+        [onward] = router.decide(_fail(first, error), router.evolve(router.initial_state(), first), policy, NOW)
+        assert isinstance(onward, RouteSelected) and onward.endpoint == "node-b"
+    hurried = msgspec.structs.replace(first, deadline_at=NOW + timedelta(milliseconds=10))
+    [onward] = router.decide(_fail(hurried, "unreachable"), router.evolve(router.initial_state(), hurried), policy,
+                             NOW)
+    assert isinstance(onward, RouteSelected) and onward.endpoint == "node-b"  # no backoff past the deadline
+    failing = router.Breaker(failures=tuple((NOW, f"f{i}") for i in range(routing.breaker_failures)))
+    broken = router.RouterState(routes={first.request_id: first}, breakers={"node-a": failing})
+    [around] = router.decide(_fail(first, "unreachable"), broken, policy, NOW)
+    assert isinstance(around, RouteSelected) and (around.endpoint, around.circuit_open) == ("node-b", ("node-a",))
+    assert router.decide(_fail(first, "unreachable"), router.as_recorded(around, policy, first), policy, NOW) == [
+        around]  # replay decides it again on the recorded figures

@@ -52,12 +52,14 @@ async def test_a_dead_endpoint_is_never_noticed_and_each_fallback_is_recorded(
         routes = [f for f in facts if f["type"] == "RouteSelected"]
         assert kinds.count("BudgetSettled") == 1 and "BudgetReleased" not in kinds  # charged once, nothing freed
         assert kinds.count("ResponseDelivered") == 1
-        if "InvocationFailed" in kinds:
-            failed = next(f for f in facts if f["type"] == "InvocationFailed")
-            assert (failed["endpoint"], failed["attempt"], failed["final"]) == ("gpu-node-down", 1, False)
-            assert [(r["endpoint"], r["attempt"], r["tried"]) for r in routes] == [
-                ("gpu-node-down", 1, []), ("local-llama", 2, ["gpu-node-down"])]
-            assert routes[1]["causation_id"] == failed["event_id"]  # decided from the failed attempt
+        if "InvocationFailed" in kinds:  # tried at the dead one (retried once, with a backoff), then on
+            failures = [f for f in facts if f["type"] == "InvocationFailed"]
+            assert all((f["endpoint"], f["final"]) == ("gpu-node-down", False) for f in failures)
+            assert [r["attempt"] for r in routes] == list(range(1, len(failures) + 2))
+            assert [r["endpoint"] for r in routes] == ["gpu-node-down"] * len(failures) + ["local-llama"]
+            assert routes[-1]["tried"] == ["gpu-node-down"] * len(failures)
+            assert all(r["not_before"] for r in routes[1:-1])  # each retry waited its backoff
+            assert [r["causation_id"] for r in routes[1:]] == [f["event_id"] for f in failures]
             failed_over += 1
         else:
             assert [(r["endpoint"], r["circuit_open"]) for r in routes] == [("local-llama", ["gpu-node-down"])]
@@ -241,3 +243,39 @@ async def test_a_model_server_that_hangs_ends_the_request_at_its_deadline_with_t
     assert submitted["deadline_at"] and facts["RouteSelected"]["deadline_at"] == submitted["deadline_at"]
     assert failed["error"] == "timeout" and ended["reason"] == "timeout"
     assert facts["BudgetReleased"]["reason"] == "RouteUnavailable" and "BudgetSettled" not in facts
+
+
+async def test_a_server_that_fails_once_is_retried_after_a_backoff_and_serves_the_request(
+        admin: Client, client: Client, stack: WorkerSettings, token_for) -> None:
+    """Issue 10 item 3: a 503 may pass, so the same endpoint is tried again after its backoff."""
+    from aiohttp import web
+
+    calls: list[float] = []
+
+    async def completions(request: web.Request) -> web.Response:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            return web.Response(status=503, text="warming up")
+        return web.json_response({"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}],
+                                  "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", DUO_PORT).start()
+    try:
+        chat = ChatBody(model="enclave-tiny-duo", messages=(ChatMessage(role="user", content="again"),), max_tokens=2)
+        msg = await client.request(subjects.submit(APP), codec.encode(SubmitRequest(token=token_for("gamma"),
+                                                                                     chat=chat)), timeout=60)
+    finally:
+        await runner.cleanup()
+    reply = codec.decode_reply(msg.data)
+    assert reply.completion is not None and reply.completion.content == "ok", reply
+    assert len(calls) == 2 and calls[1] - calls[0] >= 0.04  # the second call waited out the backoff
+    await runtime.wait_audited(admin, 60)
+    facts = [b for _, b in await stream_events(admin, reply.request_id)]
+    routes = [b for b in facts if b["type"] == "RouteSelected"]
+    assert [(r["endpoint"], r["attempt"], r["tried"]) for r in routes] == [("duo-a", 1, []), ("duo-a", 2, ["duo-a"])]
+    failed = next(b for b in facts if b["type"] == "InvocationFailed")
+    assert failed["error"] == "http_503" and [b["type"] for b in facts].count("BudgetSettled") == 1

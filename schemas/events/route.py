@@ -48,6 +48,7 @@ class RouteSelected(Event, frozen=True, kw_only=True, tag="RouteSelected"):
     # figures the decision used, so replay re-makes it without the outcomes the replica had seen
     circuit_open: tuple[str, ...] = ()
     deadline_at: datetime | None = None  # when the caller stops waiting: no attempt starts after it
+    not_before: datetime | None = None  # a retry's backoff: the invoker waits until then
 
 
 class RouteUnavailable(Event, frozen=True, kw_only=True, tag="RouteUnavailable"):

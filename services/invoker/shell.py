@@ -46,6 +46,15 @@ async def call(session: aiohttp.ClientSession, base_url: str, body: bytes, timeo
         return decider.CallFailed(error="egress_refused", detail=str(exc), latency_ms=_ms(t0))
 
 
+async def _after_backoff(route: RouteSelected, longest_s: float) -> float:
+    """Wait out a retry's backoff (never past the deadline); then how long the call may take."""
+    if route.not_before is not None:
+        wait = (route.not_before - bus.now_utc()).total_seconds()
+        if wait > 0:
+            await asyncio.sleep(min(wait, max(0.0, decider.call_timeout(route, bus.now_utc(), wait))))
+    return decider.call_timeout(route, bus.now_utc(), longest_s)
+
+
 def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000.0, 3)
 
@@ -73,7 +82,7 @@ async def _serve(settings: WorkerSettings, js: JetStreamContext, stop: asyncio.E
             )
         elif route.endpoint in refused:
             outcome = decider.CallFailed(error="egress_refused", detail=refused[route.endpoint], latency_ms=0.0)
-        elif (timeout_s := decider.call_timeout(route, bus.now_utc(), settings.invoke_timeout_s)) <= 0:
+        elif (timeout_s := await _after_backoff(route, settings.invoke_timeout_s)) <= 0:
             outcome = decider.CallFailed(error="timeout", detail="the request's deadline passed before the call",
                                          latency_ms=0.0)
         else:

@@ -92,6 +92,8 @@ def _check_catalog(catalog: Catalog) -> None:
     routing = catalog.routing
     if not (1 <= routing.breaker_failures <= 100 and 1 <= routing.breaker_cooldown_s <= 3600):
         raise PolicyError("catalog.toml: [routing] breaker_failures must be 1-100 and breaker_cooldown_s 1-3600")
+    if not (0 <= routing.retries_per_endpoint <= 5 and 1 <= routing.retry_backoff_ms <= 60_000):
+        raise PolicyError("catalog.toml: [routing] retries_per_endpoint must be 0-5 and retry_backoff_ms 1-60000")
     ids = [m.id for m in catalog.model]
     if len(ids) != len(set(ids)):
         raise PolicyError("catalog.toml: duplicate model ids")

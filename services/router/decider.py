@@ -9,6 +9,11 @@ what the failure says the request was: the invoker may report outcomes, not make
 every fallback is a recorded decision that replay re-makes; when none is left the request ends
 with `RouteUnavailable`, which releases its reservation and answers the caller.
 
+A failure that may pass (a timeout, a refused connection, a 5xx or 429) is first retried on the
+same endpoint, `retries_per_endpoint` times, each after an exponential backoff with a jitter
+derived from the request (so every replica and replay agree), never ending past the deadline: the
+route carries `not_before` and the invoker waits until then.
+
 A circuit breaker per endpoint counts its failed attempts in a sliding window: `breaker_failures`
 of them within the last `breaker_cooldown_s` open it, and an open endpoint is passed over while
 another is left; as they age out it is tried again. Only failures up to the decision's `now` count
@@ -18,6 +23,7 @@ anyway: a breaker reorders, it never fails a request by itself. No attempt start
 request's deadline: the request ends with RouteUnavailable(timeout).
 """
 
+import hashlib
 from datetime import datetime, timedelta
 
 from msgspec import Struct
@@ -27,6 +33,7 @@ from ...schemas.events import (
     AnyEvent,
     BudgetReserved,
     Caller,
+    Envelope,
     Event,
     InvocationFailed,
     Reservation,
@@ -96,6 +103,7 @@ class _Ask(Struct, frozen=True, kw_only=True):
     attempt: int
     tried: tuple[str, ...]
     deadline_at: datetime | None
+    last_error: str | None = None
 
 
 def initial_state() -> RouterState:
@@ -174,6 +182,9 @@ def decide(event: RouterInput, state: RouterState, policy: PolicyBundle, now: da
             )
         ]
     resolved = catalog.resolve(policy.catalog, ask.model_id)
+    again, blocked = _retry(ask, state, policy, now)
+    if resolved is not None and again is not None:
+        return [_selected(env, ask, resolved.model.id, ask.tried[-1], (), again)]
     left = [] if resolved is None else [e for e in catalog.endpoints_of(resolved.model) if e not in ask.tried]
     if resolved is None or not left:
         why = (f"every endpoint of {ask.model_id!r} failed: {', '.join(ask.tried)}" if ask.tried
@@ -190,27 +201,61 @@ def decide(event: RouterInput, state: RouterState, policy: PolicyBundle, now: da
                 detail=why,
             )
         ]
-    model = resolved.model
     avoided = tuple(e for e in left if circuit_open(state.breakers.get(e), policy, now))
     chosen = next((e for e in left if e not in avoided), left[0])  # all open: the first one probes
-    return [
-        RouteSelected(
-            **env,
-            caller=ask.caller,
-            requested_model=ask.requested_model,
-            model_id=model.id,
-            endpoint=chosen,
-            substituted_from=ask.requested_model if ask.requested_model != model.id else None,
-            max_tokens=ask.max_tokens,
-            chat=ask.chat,
-            reservation=ask.reservation,
-            reply_to=ask.reply_to,
-            attempt=ask.attempt,
-            tried=ask.tried,
-            circuit_open=avoided,
-            deadline_at=ask.deadline_at,
-        )
-    ]
+    # a retry its circuit stopped is recorded too: the figures replay decides it again on
+    return [_selected(env, ask, resolved.model.id, chosen, (*blocked, *avoided), None)]
+
+
+def _selected(env: Envelope, ask: _Ask, model_id: str, endpoint: str, avoided: tuple[str, ...],
+              not_before: datetime | None) -> RouteSelected:
+    return RouteSelected(
+        **env,
+        caller=ask.caller,
+        requested_model=ask.requested_model,
+        model_id=model_id,
+        endpoint=endpoint,
+        substituted_from=ask.requested_model if ask.requested_model != model_id else None,
+        max_tokens=ask.max_tokens,
+        chat=ask.chat,
+        reservation=ask.reservation,
+        reply_to=ask.reply_to,
+        attempt=ask.attempt,
+        tried=ask.tried,
+        circuit_open=avoided,
+        deadline_at=ask.deadline_at,
+        not_before=not_before,
+    )
+
+
+def retryable(error: str | None) -> bool:
+    """A failure that may pass if tried again: a timeout, a refused or reset connection, a 5xx or 429."""
+    return error in ("timeout", "unreachable", "http_429") or bool(error and error.startswith("http_5"))
+
+
+def backoff(request_id: str, attempt: int, retry: int, policy: PolicyBundle) -> timedelta:
+    """The wait before a request's `retry`-th retry: exponential, with a jitter derived from the
+    request and attempt (spread like random, the same on every replica and in replay)."""
+    jitter = int(hashlib.sha256(f"{request_id}#{attempt}".encode()).hexdigest()[:8], 16) / 2**32
+    base = policy.catalog.routing.retry_backoff_ms * 2 ** (retry - 1)
+    return timedelta(milliseconds=base * (0.5 + jitter))
+
+
+def _retry(ask: _Ask, state: RouterState, policy: PolicyBundle, now: datetime
+           ) -> tuple[datetime | None, tuple[str, ...]]:
+    """When to try the failed endpoint again, or None: move on (not retryable, retries used up,
+    its circuit open, or the backoff would end past the deadline); and the endpoint whose open
+    circuit stopped a retry, if one did."""
+    if not ask.tried or not retryable(ask.last_error):
+        return None, ()
+    endpoint = ask.tried[-1]
+    retry = ask.tried.count(endpoint)
+    if retry > policy.catalog.routing.retries_per_endpoint:
+        return None, ()
+    if circuit_open(state.breakers.get(endpoint), policy, now):
+        return None, (endpoint,)
+    when = now + backoff(ask.request_id, ask.attempt, retry, policy)
+    return (None if ask.deadline_at is not None and when >= ask.deadline_at else when), ()
 
 
 def _ask(event: RouterInput, state: RouterState) -> _Ask | None:
@@ -227,4 +272,5 @@ def _ask(event: RouterInput, state: RouterState) -> _Ask | None:
             return _Ask(request_id=route.request_id, caller=route.caller, requested_model=route.requested_model,
                         model_id=route.model_id, max_tokens=route.max_tokens, chat=route.chat,
                         reservation=route.reservation, reply_to=route.reply_to, attempt=route.attempt + 1,
-                        tried=(*route.tried, route.endpoint), deadline_at=route.deadline_at)
+                        tried=(*route.tried, route.endpoint), deadline_at=route.deadline_at,
+                        last_error=event.error)
