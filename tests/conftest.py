@@ -69,10 +69,6 @@ default_max_tokens = 32
 prompt_micros_per_1k = 2000
 completion_micros_per_1k = 6000
 accreditation = "SECRET//SI//NOFORN"
-
-[routing]
-breaker_failures = 3
-breaker_cooldown_s = 4  # short, so a test sees a circuit open and close again
 """
 
 
@@ -87,8 +83,11 @@ def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with open(folder / "access_policy.csv", "a") as fh:
         fh.write("p, team:gamma, enclave-tiny\np, team:gamma, analyst-large\np, team:tight, enclave-tiny\n"
                  "p, team:gamma, enclave-tiny-ha\np, team:gamma, enclave-tiny-duo\np, team:gamma, enclave-tiny-hang\n")
-    with open(folder / "catalog.toml", "a") as fh:
-        fh.write(HA_MODEL + DUO_MODEL)
+    shipped = (folder / "catalog.toml").read_text()
+    assert "breaker_cooldown_s = 30" in shipped
+    # a short cooldown, so a test sees a circuit open and close again
+    (folder / "catalog.toml").write_text(shipped.replace("breaker_cooldown_s = 30", "breaker_cooldown_s = 4")
+                                         + HA_MODEL + DUO_MODEL)
     return folder
 
 
