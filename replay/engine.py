@@ -254,7 +254,7 @@ def _router_state(event: RouteSelected | RouteUnavailable, policies: _Policies,
     """The breakers the decision recorded as open (its figures) and the failed attempt's route."""
     if isinstance(event, RouteSelected):
         return router.as_recorded(event, policies.bundle(event.policy_version), previous)
-    return router.RouterState(routes={previous.request_id: previous} if previous else {})
+    return router.RouterState(routes=router.Routes().add(previous) if previous else router.Routes())
 
 
 def _unbacked_claims(event: RouteSelected | RouteUnavailable, policies: _Policies) -> str:

@@ -387,8 +387,26 @@ def test_a_failure_that_may_pass_is_retried_on_the_same_endpoint_with_backoff_th
                              NOW)
     assert isinstance(onward, RouteSelected) and onward.endpoint == "node-b"  # no backoff past the deadline
     failing = router.Breaker(failures=tuple((NOW, f"f{i}") for i in range(routing.breaker_failures)))
-    broken = router.RouterState(routes={first.request_id: first}, breakers={"node-a": failing})
+    broken = router.RouterState(routes=router.Routes().add(first), breakers={"node-a": failing})
     [around] = router.decide(_fail(first, "unreachable"), broken, policy, NOW)
     assert isinstance(around, RouteSelected) and (around.endpoint, around.circuit_open) == ("node-b", ("node-a",))
     assert router.decide(_fail(first, "unreachable"), router.as_recorded(around, policy, first), policy, NOW) == [
         around]  # replay decides it again on the recorded figures
+
+
+def test_routes_in_flight_are_kept_an_hour_without_copying_them_all_per_route() -> None:
+    reserved = SAMPLES_BY_NAME["BudgetReserved"]
+    first = router.decide(reserved, router.initial_state(), BUNDLE, NOW)[0]
+    assert isinstance(first, RouteSelected)
+    routes = router.Routes()
+    count = router.ROUTES_RECENT * 37 + 5
+    for i in range(count):
+        at = NOW + timedelta(milliseconds=100 * i)  # all within the hour
+        routes = routes.add(msgspec.structs.replace(first, request_id=f"r{i}", occurred_at=at))
+    assert len(routes.recent) == 5 and len(routes.generations) == 3  # popcount(37) sealed sets
+    assert all(routes.get(f"r{i}") is not None for i in range(0, count, 97)) and routes.get("nope") is None
+    newer = msgspec.structs.replace(first, request_id="r0", attempt=2, occurred_at=NOW + timedelta(seconds=count // 10))
+    assert routes.add(newer).get("r0") == newer  # the newest route of a request wins
+    later = routes.add(msgspec.structs.replace(first, request_id="late",
+                                               occurred_at=NOW + router.ROUTES_KEPT + timedelta(seconds=count // 10)))
+    assert later.get("r0") is None and later.get("late") is not None  # an hour on, the old ones are gone

@@ -49,7 +49,8 @@ STAGE = "route"
 RouterInput = BudgetReserved | InvocationFailed
 KEPT_FAILURES = 100  # per endpoint: policy validation caps breaker_failures at 100
 ROUTES_KEPT = timedelta(hours=1)  # longer than any request waits for its next attempt
-PRUNE_EVERY = 1024
+ROUTES_RECENT = 256
+ROUTES_MERGED = 65_536
 
 
 class Breaker(Struct, frozen=True, kw_only=True):
@@ -58,12 +59,46 @@ class Breaker(Struct, frozen=True, kw_only=True):
     failures: tuple[tuple[datetime, str], ...] = ()
 
 
+class Routes(Struct, frozen=True, kw_only=True):
+    """The newest route of each request in flight, by request id, for ROUTES_KEPT.
+
+    Adding one must not copy them all (a router folds every route of the last hour): the newest
+    few are a small dict, the rest frozen generations merged like a binary counter (as
+    `Remembered`), each dropped whole once its newest route is older than ROUTES_KEPT.
+    """
+
+    recent: dict[str, RouteSelected] = {}
+    generations: tuple[tuple[datetime, dict[str, RouteSelected]], ...] = ()  # oldest first
+
+    def get(self, request_id: str) -> RouteSelected | None:
+        """The newest route of the request, if one is kept."""
+        found = self.recent.get(request_id)
+        for _, routes in reversed(self.generations):
+            if found is not None:
+                break
+            found = routes.get(request_id)
+        return found
+
+    def add(self, route: RouteSelected) -> "Routes":
+        """These routes plus one."""
+        horizon = route.occurred_at - ROUTES_KEPT
+        generations = tuple(g for g in self.generations if g[0] >= horizon)
+        if len(self.recent) < ROUTES_RECENT:
+            return Routes(recent={**self.recent, route.request_id: route}, generations=generations)
+        sealed = (max(r.occurred_at for r in self.recent.values()), dict(self.recent))
+        merged = list(generations)
+        while merged and len(merged[-1][1]) <= len(sealed[1]) and len(merged[-1][1]) + len(sealed[1]) <= ROUTES_MERGED:
+            older = merged.pop()
+            sealed = (max(older[0], sealed[0]), {**older[1], **sealed[1]})
+        return Routes(recent={route.request_id: route}, generations=(*merged, sealed))
+
+
 class RouterState(Struct, frozen=True, kw_only=True):
     """The attempts already routed, as `request_id#attempt` (idempotency); the newest route of each
     request in flight, by request id; each endpoint's breaker."""
 
     routed: Remembered = Remembered()
-    routes: dict[str, RouteSelected] = {}
+    routes: Routes = Routes()
     breakers: dict[str, Breaker] = {}
 
 
@@ -85,7 +120,7 @@ def as_recorded(route: RouteSelected, policy: PolicyBundle, previous: RouteSelec
     stream backs each claim) and, for a fallback, the route of the failed attempt."""
     failing = Breaker(failures=tuple((route.occurred_at, f"claimed-{i}")
                                      for i in range(policy.catalog.routing.breaker_failures)))
-    return RouterState(routes={} if previous is None else {previous.request_id: previous},
+    return RouterState(routes=Routes() if previous is None else Routes().add(previous),
                        breakers={e: failing for e in route.circuit_open})
 
 
@@ -126,15 +161,14 @@ def evolve(state: RouterState, event: Event) -> RouterState:
     its endpoint's breaker."""
     match event:
         case RouteSelected():
+            if attempt_key(event.request_id, event.attempt) in state.routed:
+                return state  # read again (its own decision, then from the stream): folded once
             routed = state.routed.add(attempt_key(event.request_id, event.attempt), event.occurred_at)
-            routes = {**state.routes, event.request_id: event}
-            if len(routes) % PRUNE_EVERY == 0:
-                routes = {k: r for k, r in routes.items() if r.occurred_at > event.occurred_at - ROUTES_KEPT}
-            return RouterState(routed=routed, routes=routes, breakers=state.breakers)
+            return RouterState(routed=routed, routes=state.routes.add(event), breakers=state.breakers)
         case RouteUnavailable():
+            # the request ended: its next attempt's key is taken, so no failure is routed on again
             routed = state.routed.add(attempt_key(event.request_id, _ended(event)), event.occurred_at)
-            routes = {k: r for k, r in state.routes.items() if k != event.request_id}
-            return RouterState(routed=routed, routes=routes, breakers=state.breakers)
+            return RouterState(routed=routed, routes=state.routes, breakers=state.breakers)
         case InvocationFailed():
             old = state.breakers.get(event.endpoint, Breaker())
             if any(eid == event.event_id for _, eid in old.failures):
