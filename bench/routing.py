@@ -1,5 +1,6 @@
 """Routing decisions per second on the shipped catalog: first routes of reserved requests, routes
-that pass over an endpoint whose circuit is open, and fallbacks decided from failed attempts.
+that pass over an endpoint whose circuit is open, and retries and fallbacks decided from failed
+attempts.
 Prints figures and one JSON line.
 
 Usage: .venv/bin/python bench/routing.py [--decisions N]
@@ -31,11 +32,11 @@ def reserved(i: int) -> BudgetReserved:
                           max_tokens=8, chat=chat, reply_to="")
 
 
-def rate(label: str, inputs: list[BudgetReserved] | list[InvocationFailed], state: router.RouterState,
+def rate(label: str, inputs: list[BudgetReserved] | list[InvocationFailed], states: list[router.RouterState],
          check: str) -> float:
     policy = load_bundle(ROOT / "policies")
     t0 = time.perf_counter()
-    for event in inputs:
+    for event, state in zip(inputs, states, strict=True):
         [decided] = router.decide(event, state, policy, NOW)
         assert isinstance(decided, RouteSelected) and decided.endpoint == check, decided
     per_s = len(inputs) / (time.perf_counter() - t0)
@@ -49,17 +50,21 @@ def main() -> None:
     n = ap.parse_args().decisions
     policy = load_bundle(ROOT / "policies")
     asks = [reserved(i) for i in range(n)]
-    first = rate("first route", asks, router.initial_state(), "local-llama")
-    failing = router.Breaker(failures=policy.catalog.routing.breaker_failures, last_failed_at=NOW)
-    around = rate("first route, circuit open", asks, router.RouterState(breakers={"local-llama": failing}),
+    first = rate("first route", asks, [router.initial_state()] * n, "local-llama")
+    failing = router.Breaker(failures=tuple((NOW, f"f{i}") for i in range(policy.catalog.routing.breaker_failures)))
+    around = rate("first route, circuit open", asks, [router.RouterState(breakers={"local-llama": failing})] * n,
                   "local-llama-2")
     routes = [router.decide(a, router.initial_state(), policy, NOW)[0] for a in asks]
-    failures = [invoker.decide(r, invoker.CallFailed(error="unreachable", detail="",
-                                                                             latency_ms=1.0), "bench", NOW)[0]
-                for r in routes if isinstance(r, RouteSelected)]
-    fallback = rate("fallback from a failed attempt", failures, router.initial_state(), "local-llama-2")  # type: ignore[arg-type]
+    states = [router.RouterState(routes=router.Routes().add(r)) for r in routes if isinstance(r, RouteSelected)]
+    outcomes = {"retry": invoker.CallFailed(error="unreachable", detail="", latency_ms=1.0),
+                "fallback": invoker.CallFailed(error="unknown_endpoint", detail="", latency_ms=1.0)}
+    figures = {}
+    for kind, outcome in outcomes.items():
+        failures = [invoker.decide(r, outcome, "bench", NOW)[0] for r in routes if isinstance(r, RouteSelected)]
+        figures[kind] = rate(f"{kind} after a failed attempt", failures, states,  # type: ignore[arg-type]
+                             "local-llama" if kind == "retry" else "local-llama-2")
     print(json.dumps({"decisions": n, "first_route_per_s": first, "circuit_open_per_s": around,
-                      "fallback_per_s": fallback}))
+                      "retry_per_s": figures["retry"], "fallback_per_s": figures["fallback"]}))
 
 
 if __name__ == "__main__":
