@@ -18,6 +18,11 @@ class ModelEntry(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # before fallbacks, kept so every recorded policy still loads; a model names one or the other.
     endpoint: str = ""
     endpoints: tuple[str, ...] = ()
+    # How a first attempt picks among the endpoints: "ordered" (the first whose circuit is closed:
+    # the others stand by) or "weighted" (spread by `weights`, one per endpoint, drawn from the
+    # request id so every replica and replay pick the same); fallbacks follow catalog order.
+    strategy: Literal["ordered", "weighted"] = "ordered"
+    weights: tuple[int, ...] = ()
     protocol: Literal["openai"] = "openai"
     context_length: int
     default_max_tokens: int

@@ -61,6 +61,8 @@ MODEL = ('\n[[model]]\nid = "{id}"\nendpoints = ["a"]\ncontext_length = 512\ndef
     ([{"id": "x", "max": 600}], "default_max_tokens"),
     ([{"id": "x", "rate": -1}], "must not be negative"),
     ([{"id": "x", "extra": "max_output_tokens = 0\n"}], "max_output_tokens"),
+    ([{"id": "x", "extra": 'strategy = "weighted"\nweights = [1, 2]\n'}], "one positive weight per endpoint"),
+    ([{"id": "x", "extra": "weights = [1]\n"}], "has weights but strategy"),
     ([{"id": "x", "extra": 'replacement = "enclave-tiny"\n'}], "only a deprecated model is replaced"),
     ([{"id": "x", "extra": 'status = "deprecated"\nreplacement = "y"\n'},
       {"id": "y", "extra": 'status = "deprecated"\nreplacement = "x"\n'}], "form a cycle"),

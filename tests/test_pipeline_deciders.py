@@ -410,3 +410,22 @@ def test_routes_in_flight_are_kept_an_hour_without_copying_them_all_per_route() 
     later = routes.add(msgspec.structs.replace(first, request_id="late",
                                                occurred_at=NOW + router.ROUTES_KEPT + timedelta(seconds=count // 10)))
     assert later.get("r0") is None and later.get("late") is not None  # an hour on, the old ones are gone
+
+
+def test_a_weighted_model_spreads_first_attempts_by_weight_the_same_way_every_time() -> None:
+    """Issue 10 item 2 (in part): load spread over a model's servers, decided from the request id."""
+    policy = _two_endpoints("node-a", "node-b")
+    models = tuple(msgspec.structs.replace(m, strategy="weighted", weights=(3, 1)) if m.id == "enclave-tiny" else m
+                   for m in policy.catalog.model)
+    policy = msgspec.structs.replace(policy, catalog=msgspec.structs.replace(policy.catalog, model=models))
+    reserved = SAMPLES_BY_NAME["BudgetReserved"]
+    assert isinstance(reserved, BudgetReserved)
+    picks = []
+    for i in range(4000):
+        [route] = router.decide(msgspec.structs.replace(reserved, request_id=f"r{i}"), router.initial_state(),
+                                policy, NOW)
+        assert isinstance(route, RouteSelected)
+        picks.append(route.endpoint)
+    assert 0.72 < picks.count("node-a") / len(picks) < 0.78  # 3:1
+    again = router.decide(msgspec.structs.replace(reserved, request_id="r7"), router.initial_state(), policy, NOW)
+    assert again[0].endpoint == picks[7]  # type: ignore[union-attr]  # the same on every replica and in replay

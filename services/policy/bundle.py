@@ -116,6 +116,10 @@ def _check_catalog(catalog: Catalog) -> None:
         served = model.endpoints or ((model.endpoint,) if model.endpoint else ())
         if not served and model.status != "retired":
             raise PolicyError(f"catalog.toml: model {model.id!r} has no endpoint: name at least one in endpoints")
+        if model.strategy == "weighted" and (len(model.weights) != len(served) or min(model.weights, default=0) < 1):
+            raise PolicyError(f"catalog.toml: model {model.id!r} is weighted: give one positive weight per endpoint")
+        if model.weights and model.strategy != "weighted":
+            raise PolicyError(f"catalog.toml: model {model.id!r} has weights but strategy {model.strategy!r}")
         if len(set(served)) != len(served) or not all(_ENDPOINT_NAME.match(e) for e in served):
             raise PolicyError(f"catalog.toml: model {model.id!r} endpoints {list(served)} must be distinct names of "
                               "1-64 of A-Z a-z 0-9 _ - .")

@@ -3,11 +3,13 @@ attempt fails (DESIGN §5, issue 10).
 
 The catalog resolves aliases and deprecated names to what actually runs; `RouteSelected`
 records the substitution so a rename needs a catalog change and nothing else. A model's endpoints
-are tried in catalog order. A failed attempt (`InvocationFailed`, not final) is routed again to
-the next endpoint not yet tried, from the route this router recorded for that attempt (never from
-what the failure says the request was: the invoker may report outcomes, not make requests), so
-every fallback is a recorded decision that replay re-makes; when none is left the request ends
-with `RouteUnavailable`, which releases its reservation and answers the caller.
+are tried in catalog order, or, for a "weighted" model, a first attempt draws its endpoint by
+weight from the request id (load spread over replicas of a model server). A failed attempt
+(`InvocationFailed`, not final) is routed again to the next endpoint not yet tried, from the route
+this router recorded for that attempt (never from what the failure says the request was: the
+invoker may report outcomes, not make requests), so every fallback is a recorded decision that
+replay re-makes; when none is left the request ends with `RouteUnavailable`, which releases its
+reservation and answers the caller.
 
 A failure that may pass (a timeout, a refused connection, a 5xx or 429) is first retried on the
 same endpoint, `retries_per_endpoint` times, each after an exponential backoff with a jitter
@@ -41,7 +43,7 @@ from ...schemas.events import (
     RouteUnavailable,
     envelope,
 )
-from ...schemas.policy import PolicyBundle
+from ...schemas.policy import ModelEntry, PolicyBundle
 from .. import catalog
 from ..remembered import Remembered
 
@@ -235,6 +237,8 @@ def decide(event: RouterInput, state: RouterState, policy: PolicyBundle, now: da
                 detail=why,
             )
         ]
+    if resolved.model.strategy == "weighted" and not ask.tried:
+        left = _weighted(left, resolved.model, ask.request_id)
     avoided = tuple(e for e in left if circuit_open(state.breakers.get(e), policy, now))
     chosen = next((e for e in left if e not in avoided), left[0])  # all open: the first one probes
     # a retry its circuit stopped is recorded too: the figures replay decides it again on
@@ -260,6 +264,19 @@ def _selected(env: Envelope, ask: _Ask, model_id: str, endpoint: str, avoided: t
         deadline_at=ask.deadline_at,
         not_before=not_before,
     )
+
+
+def _weighted(endpoints: list[str], model: ModelEntry, request_id: str) -> list[str]:
+    """The endpoints with one drawn first in proportion to its weight, the rest in catalog order; the
+    draw comes from the request id, so every replica and replay pick the same."""
+    weight = dict(zip(catalog.endpoints_of(model), model.weights, strict=True))
+    total = sum(weight[e] for e in endpoints)
+    point = int(hashlib.sha256(f"{request_id}#weighted".encode()).hexdigest()[:12], 16) % total
+    for e in endpoints:
+        point -= weight[e]
+        if point < 0:
+            return [e, *(o for o in endpoints if o != e)]
+    return endpoints
 
 
 def retryable(error: str | None) -> bool:
