@@ -10,38 +10,51 @@ from typing import Any, cast
 
 import msgspec
 
-from .events import CURRENT_EVENT_TYPES, BudgetReserved, Event, RequestAuthorized, RequestSubmitted
+from .events import (
+    CURRENT_EVENT_TYPES,
+    BudgetReserved,
+    Event,
+    InvocationFailed,
+    RequestAuthorized,
+    RequestSubmitted,
+    RouteSelected,
+)
 from .events.budget import BudgetReservedV1
-from .events.invocation import InvocationFailedV1, invocation_failed_v2
+from .events.invocation import InvocationFailedV1
 from .events.request import RequestAuthorizedV1, RequestSubmittedV1
-from .events.route import RouteSelectedV1, route_selected_v2
+from .events.route import RouteSelectedV1
 
 Upcaster = Callable[[Event], Event]
 
-# (type tag, schema_version) -> the Struct that decodes that version and the step to the next.
-# Current versions map to themselves with no step.
+
 def current_version(cls: type[Event]) -> int:
     """The `schema_version` a current event type writes."""
     field = next(f for f in msgspec.structs.fields(cls) if f.name == "schema_version")
     return int(cast(Any, field.default))
 
 
-def carried(current: type[Event]) -> Upcaster:
-    """The step from a version whose fields the current one keeps, adding only fields with defaults
-    (the request's deadline: none was set before it existed)."""
+def carried(current: type[Event], fill: Callable[[Any], dict[str, Any]] | None = None) -> Upcaster:
+    """The step from a version whose fields the current one keeps: the fields it adds take their
+    defaults (the request's deadline: none was set before it existed), or what `fill` says of the
+    old event."""
 
     def step(old: Event) -> Event:
         fields = msgspec.structs.asdict(old)
         fields.pop("schema_version")
-        return current(**fields)
+        return current(**fields, **(fill(old) if fill else {}))
 
     return step
 
 
+# (type tag, schema_version) -> the Struct that decodes that version and the step to the next.
+# Current versions map to themselves with no step.
 READERS: dict[tuple[str, int], tuple[type[Event], Upcaster | None]] = {
     **{(str(cls.__struct_config__.tag), current_version(cls)): (cls, None) for cls in CURRENT_EVENT_TYPES},
-    ("RouteSelected", 1): (RouteSelectedV1, cast(Upcaster, route_selected_v2)),
-    ("InvocationFailed", 1): (InvocationFailedV1, cast(Upcaster, invocation_failed_v2)),
+    # a v1 route was its request's first and only attempt
+    ("RouteSelected", 1): (RouteSelectedV1, carried(RouteSelected)),
+    # a v1 failure ended its request: the budget released and the caller heard of it
+    ("InvocationFailed", 1): (InvocationFailedV1, carried(InvocationFailed, lambda old: {
+        "final": True, "requested_model": old.model_id})),
     ("RequestSubmitted", 1): (RequestSubmittedV1, carried(RequestSubmitted)),
     ("RequestAuthorized", 1): (RequestAuthorizedV1, carried(RequestAuthorized)),
     ("BudgetReserved", 1): (BudgetReservedV1, carried(BudgetReserved)),

@@ -64,14 +64,3 @@ class InvocationFailed(Event, frozen=True, kw_only=True, tag="InvocationFailed")
     max_tokens: int = 0
     chat: ChatBody | None = None
     deadline_at: datetime | None = None  # when the caller stops waiting: no attempt starts after it
-
-
-def invocation_failed_v2(old: InvocationFailedV1) -> InvocationFailed:
-    """A v1 failure ended its request."""
-    return InvocationFailed(
-        event_id=old.event_id, request_id=old.request_id, occurred_at=old.occurred_at,
-        policy_version=old.policy_version, causation_id=old.causation_id, causation_seq=old.causation_seq,
-        caller=old.caller, model_id=old.model_id, endpoint=old.endpoint, error=old.error, detail=old.detail,
-        latency_ms=old.latency_ms, reservation=old.reservation, reply_to=old.reply_to, final=True,
-        requested_model=old.model_id,
-    )

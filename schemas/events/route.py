@@ -60,14 +60,3 @@ class RouteUnavailable(Event, frozen=True, kw_only=True, tag="RouteUnavailable")
     detail: str
     reservation: Reservation
     reply_to: str
-
-
-def route_selected_v2(old: RouteSelectedV1) -> RouteSelected:
-    """A v1 route was the first and only attempt."""
-    return RouteSelected(
-        event_id=old.event_id, request_id=old.request_id, occurred_at=old.occurred_at,
-        policy_version=old.policy_version, causation_id=old.causation_id, causation_seq=old.causation_seq,
-        caller=old.caller, requested_model=old.requested_model, model_id=old.model_id, endpoint=old.endpoint,
-        substituted_from=old.substituted_from, max_tokens=old.max_tokens, chat=old.chat,
-        reservation=old.reservation, reply_to=old.reply_to,
-    )
