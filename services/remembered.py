@@ -8,13 +8,31 @@ are a small dict and the rest frozen generations, dropped whole once they age ou
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from msgspec import Struct
 
 HORIZON = timedelta(days=2)
 GENERATION = 256  # ids in the mutable-by-copy recent dict before it is frozen into a generation
 MERGED = 65_536  # generations merge pairwise up to this size, so a lookup tries only a few
+
+
+Sized = TypeVar("Sized", bound=Collection[str])
+
+
+def seal(generations: tuple[tuple[datetime, Sized], ...], sealed: tuple[datetime, Sized],
+         union: Callable[[Sized, Sized], Sized]) -> tuple[tuple[datetime, Sized], ...]:
+    """`generations` (oldest first) plus `sealed`, merged like a binary counter: the newest two while
+    the older is no bigger and the result stays under MERGED. Each entry is copied O(log n) times and
+    a lookup tries O(log n) generations. A merged generation ages out by its newest entry, so an
+    entry may be kept longer than its horizon, never shorter."""
+    merged = list(generations)
+    while merged and len(merged[-1][1]) <= len(sealed[1]) and len(merged[-1][1]) + len(sealed[1]) <= MERGED:
+        older = merged.pop()
+        sealed = (max(older[0], sealed[0]), union(older[1], sealed[1]))
+    return (*merged, sealed)
 
 
 class Remembered(Struct, frozen=True, kw_only=True):
@@ -36,12 +54,4 @@ class Remembered(Struct, frozen=True, kw_only=True):
         if len(self.recent) < GENERATION:
             return Remembered(recent={**self.recent, request_id: at}, generations=generations)
         sealed = (max(self.recent.values()), frozenset(self.recent))
-        # Merge like a binary counter (the newest two while the older is no bigger and the result
-        # stays under MERGED): each id is copied O(log n) times and a lookup tries O(log n) sets. A
-        # merged generation ages out by its newest id, so an id may be kept longer than the horizon,
-        # never shorter.
-        merged = list(generations)
-        while merged and len(merged[-1][1]) <= len(sealed[1]) and len(merged[-1][1]) + len(sealed[1]) <= MERGED:
-            older = merged.pop()
-            sealed = (max(older[0], sealed[0]), older[1] | sealed[1])
-        return Remembered(recent={request_id: at}, generations=(*merged, sealed))
+        return Remembered(recent={request_id: at}, generations=seal(generations, sealed, frozenset.union))

@@ -45,14 +45,13 @@ from ...schemas.events import (
 )
 from ...schemas.policy import ModelEntry, PolicyBundle
 from .. import catalog
-from ..remembered import Remembered
+from ..remembered import Remembered, seal
 
 STAGE = "route"
 RouterInput = BudgetReserved | InvocationFailed
 KEPT_FAILURES = 100  # per endpoint: policy validation caps breaker_failures at 100
 ROUTES_KEPT = timedelta(hours=1)  # longer than any request waits for its next attempt
 ROUTES_RECENT = 256
-ROUTES_MERGED = 65_536
 
 
 class Breaker(Struct, frozen=True, kw_only=True):
@@ -65,8 +64,8 @@ class Routes(Struct, frozen=True, kw_only=True):
     """The newest route of each request in flight, by request id, for ROUTES_KEPT.
 
     Adding one must not copy them all (a router folds every route of the last hour): the newest
-    few are a small dict, the rest frozen generations merged like a binary counter (as
-    `Remembered`), each dropped whole once its newest route is older than ROUTES_KEPT.
+    few are a small dict, the rest frozen generations merged like a binary counter (`seal`, as
+    `Remembered` does), each dropped whole once its newest route is older than ROUTES_KEPT.
     """
 
     recent: dict[str, RouteSelected] = {}
@@ -88,11 +87,11 @@ class Routes(Struct, frozen=True, kw_only=True):
         if len(self.recent) < ROUTES_RECENT:
             return Routes(recent={**self.recent, route.request_id: route}, generations=generations)
         sealed = (max(r.occurred_at for r in self.recent.values()), dict(self.recent))
-        merged = list(generations)
-        while merged and len(merged[-1][1]) <= len(sealed[1]) and len(merged[-1][1]) + len(sealed[1]) <= ROUTES_MERGED:
-            older = merged.pop()
-            sealed = (max(older[0], sealed[0]), {**older[1], **sealed[1]})
-        return Routes(recent={route.request_id: route}, generations=(*merged, sealed))
+        return Routes(recent={route.request_id: route}, generations=seal(generations, sealed, _newer_wins))
+
+
+def _newer_wins(older: dict[str, RouteSelected], newer: dict[str, RouteSelected]) -> dict[str, RouteSelected]:
+    return {**older, **newer}
 
 
 class RouterState(Struct, frozen=True, kw_only=True):
