@@ -13,7 +13,9 @@ import base64
 import contextlib
 import hashlib
 import logging
+import types
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 from nats.js import JetStreamContext
@@ -98,13 +100,7 @@ class LedgerStore:
         team = subject.rsplit(".", 1)[-1]  # team names are subject tokens (policy/bundle.py)
         self.last_seq[team] = max(self.last_seq.get(team, 0), seq)
         self.seq = max(self.seq, seq)
-        try:
-            event = codec.decode_event(data, subject)
-        except codec.DecodeError as exc:
-            log.error("ledger seq %d on %s is not a ledger fact, skipped: %s", seq, subject, exc)
-            return
-        if isinstance(event, LedgerEvent):
-            self.state = evolve(self.state, event)
+        self._apply(seq, subject, data, LedgerEvent, "a ledger fact")
 
     def fold_refusal(self, seq: int, subject: str, data: bytes) -> None:
         """Fold a stored BudgetRejected, read in stream order: its request is closed, and the refusals
@@ -112,7 +108,7 @@ class LedgerStore:
         team = subject.rsplit(".", 1)[-1]
         self.refused_seq[team] = max(self.refused_seq.get(team, 0), seq)
         self.refusals_through = max(self.refusals_through, seq)
-        self._close(subject, data)
+        self._apply(seq, subject, data, BudgetRejected, "a refusal")
 
     def note_refusal(self, event: BudgetRejected) -> None:
         """Fold this replica's own refusal at once. The marks do not move: refusals carry no
@@ -120,13 +116,14 @@ class LedgerStore:
         order may say that every refusal up to a sequence is folded."""
         self.state = evolve(self.state, event)
 
-    def _close(self, subject: str, data: bytes) -> None:
+    def _apply(self, seq: int, subject: str, data: bytes, kinds: type[Any] | types.UnionType, what: str) -> None:
+        """Fold a stored message into the money when it is one of `kinds`; junk is logged and skipped."""
         try:
             event = codec.decode_event(data, subject)
         except codec.DecodeError as exc:
-            log.error("a message on %s is not a refusal, skipped: %s", subject, exc)
+            log.error("seq %d on %s is not %s, skipped: %s", seq, subject, what, exc)
             return
-        if isinstance(event, BudgetRejected):
+        if isinstance(event, kinds):
             self.state = evolve(self.state, event)
 
     async def rebuild(self) -> int:
@@ -159,17 +156,17 @@ class LedgerStore:
 
     async def catch_up_all_refusals(self) -> None:
         """Fold every refusal not yet read in order (housekeeping, before a snapshot records the mark)."""
-        newest = await self._newest(REFUSALS_ALL)
-        if newest > self.refusals_through:
-            await self._tail(REFUSALS_ALL, self.refusals_through + 1, newest, self.fold_refusal)
+        await self._refusals_after(REFUSALS_ALL, self.refusals_through)
 
     async def catch_up_refusals(self, team: str) -> None:
         """Fold the team's refusals this replica has not seen: another replica may have refused a
         request whose authorization is now delivered again here."""
-        known = self.refused_seq.get(team, 0)
-        newest = await self._newest(subjects.budget_rejected(team))
+        await self._refusals_after(subjects.budget_rejected(team), self.refused_seq.get(team, 0))
+
+    async def _refusals_after(self, filter_subject: str, known: int) -> None:
+        newest = await self._newest(filter_subject)
         if newest > known:
-            await self._tail(subjects.budget_rejected(team), known + 1, newest, self.fold_refusal)
+            await self._tail(filter_subject, known + 1, newest, self.fold_refusal)
 
     async def _load_snapshot(self) -> None:
         try:
