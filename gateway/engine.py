@@ -57,6 +57,9 @@ class Engine:
             "1",
             "--verbose",
             "False",
+            # by default a new request cuts a streaming one short (a chat UI's choice): never here
+            "--interrupt_requests",
+            "False",
         ]
         self.proc = procs.spawn(argv, self.data_dir / "logs" / f"{self.name}.log")
         self.url = f"http://127.0.0.1:{port}"

@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 
 from . import subjects
-from .commands import SubmitReply, SubmitRequest
+from .commands import StreamChunk, SubmitReply, SubmitRequest
 from .events import AnyEvent, Event
 from .upcast import READERS, upcast
 
@@ -32,6 +32,7 @@ _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 _current: msgspec.json.Decoder[Any] = msgspec.json.Decoder(AnyEvent)
 _submit = msgspec.json.Decoder(SubmitRequest)
 _reply = msgspec.json.Decoder(SubmitReply)
+_chunk = msgspec.json.Decoder(StreamChunk)
 
 
 def encode(obj: msgspec.Struct) -> bytes:
@@ -106,5 +107,13 @@ def decode_reply(data: bytes) -> SubmitReply:
     """Decode the reply a caller receives."""
     try:
         return _reply.decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise DecodeError(str(exc)) from exc
+
+
+def decode_chunk(data: bytes) -> StreamChunk:
+    """Decode a streamed chunk of an answer."""
+    try:
+        return _chunk.decode(data)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise DecodeError(str(exc)) from exc

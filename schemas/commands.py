@@ -22,6 +22,11 @@ class ChatBody(Struct, frozen=True, kw_only=True, gc=False):
     max_tokens: int | None = None
     temperature: float | None = None
     seed: int | None = None
+    # Stream the answer's tokens to the caller as the model produces them (`StreamChunk`s on the
+    # chunk subject of its reply inbox, `subjects.chunks_of`), then the reply as usual. Added in
+    # issue 10 with defaults that mean what an older event meant, so stored events read unchanged.
+    stream: bool = False
+    include_usage: bool = False  # OpenAI's stream_options.include_usage: a usage chunk last
 
 
 class SubmitRequest(Struct, frozen=True, kw_only=True, gc=False):
@@ -33,6 +38,20 @@ class SubmitRequest(Struct, frozen=True, kw_only=True, gc=False):
     output_label: str | None = None
     # how long the caller will wait, in seconds; the edge's request timeout when absent or longer
     timeout_s: float | None = None
+
+
+class StreamChunk(Struct, frozen=True, kw_only=True, gc=False):
+    """Some of an answer's tokens, as the model server produced them (core NATS, never stored).
+
+    `index` counts from 0 within an attempt. The reply that follows (`SubmitReply`) is the
+    authority: its content is what the chunks add up to, and its usage is what was charged.
+    """
+
+    request_id: str
+    model: str  # the model serving it (a substitute's id when the requested name was swapped)
+    attempt: int
+    index: int
+    content: str
 
 
 class Usage(Struct, frozen=True, kw_only=True, gc=False):

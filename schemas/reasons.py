@@ -63,6 +63,10 @@ HTTP_STATUS: dict[str, int] = {
 
 # OpenAI's error `type` field: the official client maps status codes to exception classes,
 # the type string is what dashboards group by.
+# An invocation error (InvocationFailed.error, not a caller-facing code): a streamed answer broke off
+# after tokens reached the caller, so no fallback may start it again elsewhere.
+STREAM_BROKEN = "stream_broken"
+
 ERROR_TYPE: dict[int, str] = {
     400: "invalid_request_error",
     401: "authentication_error",

@@ -35,6 +35,7 @@ ALL_EVENTS = "gw.evt.>"
 SUBMIT = "gw.submit"  # prefix: each application submits on its own `gw.submit.<app>`
 APP_INBOXES = "_INBOX_app"  # batch callers' inboxes, one prefix per application
 EDGE_INBOXES = "_INBOX_edge"  # HTTP callers' inboxes, one prefix per edge replica
+INBOX_HEAD, CHUNK_HEAD = "_INBOX_", "_CHUNK_"  # a reply inbox and where its streamed tokens go
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -64,6 +65,13 @@ def app_inbox(app: str) -> str:
 def edge_reply(replica: str, request_id: str) -> str:
     """Where one HTTP caller's reply goes: the inbox of the edge replica holding its connection."""
     return f"{EDGE_INBOXES}.{replica}.{request_id}"
+
+
+def chunks_of(reply_to: str) -> str | None:
+    """Where the streamed tokens of a request answered on `reply_to` go: the same subject under
+    `_CHUNK_` instead of `_INBOX_`. A subject of its own, so the invokers that publish tokens can
+    never publish a reply, and a caller reads them where it may read (`_CHUNK_app.<app>.>`)."""
+    return CHUNK_HEAD + reply_to.removeprefix(INBOX_HEAD) if reply_to.startswith(INBOX_HEAD) else None
 
 
 def request_submitted() -> str:

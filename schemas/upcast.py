@@ -14,13 +14,14 @@ from .events import (
     CURRENT_EVENT_TYPES,
     BudgetReserved,
     Event,
+    InvocationCompleted,
     InvocationFailed,
     RequestAuthorized,
     RequestSubmitted,
     RouteSelected,
 )
 from .events.budget import BudgetReservedV1
-from .events.invocation import InvocationFailedV1
+from .events.invocation import InvocationCompletedV1, InvocationFailedV1
 from .events.request import RequestAuthorizedV1, RequestSubmittedV1
 from .events.route import RouteSelectedV1
 
@@ -55,6 +56,8 @@ READERS: dict[tuple[str, int], tuple[type[Event], Upcaster | None]] = {
     # a v1 failure ended its request: the budget released and the caller heard of it
     ("InvocationFailed", 1): (InvocationFailedV1, carried(InvocationFailed, lambda old: {
         "final": True, "requested_model": old.model_id})),
+    # a v1 completion was answered whole, with the usage its server reported
+    ("InvocationCompleted", 1): (InvocationCompletedV1, carried(InvocationCompleted)),
     ("RequestSubmitted", 1): (RequestSubmittedV1, carried(RequestSubmitted)),
     ("RequestAuthorized", 1): (RequestAuthorizedV1, carried(RequestAuthorized)),
     ("BudgetReserved", 1): (BudgetReservedV1, carried(BudgetReserved)),

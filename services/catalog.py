@@ -2,7 +2,12 @@
 
 from msgspec import Struct
 
+from ..schemas.commands import ChatBody
 from ..schemas.policy import Catalog, ModelEntry
+
+# The template overheads a model entry states when its catalog says nothing (schemas.policy).
+_DEFAULTS = ModelEntry(id="_", context_length=1, default_max_tokens=1, prompt_micros_per_1k=0,
+                       completion_micros_per_1k=0)
 
 
 class Resolution(Struct, frozen=True, kw_only=True):
@@ -42,6 +47,13 @@ def resolve(catalog: Catalog, name: str) -> Resolution | None:
 def endpoints_of(model: ModelEntry) -> tuple[str, ...]:
     """The endpoints serving a model, in the order the router tries them."""
     return model.endpoints or ((model.endpoint,) if model.endpoint else ())
+
+
+def prompt_tokens_bound(chat: ChatBody, model: ModelEntry = _DEFAULTS) -> int:
+    """An upper bound on a chat's prompt tokens: byte-level BPE never makes more tokens than bytes,
+    plus the chat template's tokens around each message and the generation prompt."""
+    body = sum(len(m.content.encode()) + len(m.role.encode()) + model.message_overhead_tokens for m in chat.messages)
+    return body + model.prompt_overhead_tokens
 
 
 def cost_micros(model: ModelEntry, prompt_tokens: int, completion_tokens: int) -> int:

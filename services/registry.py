@@ -126,7 +126,8 @@ SERVICES: tuple[Identity, ...] = (
             "_INBOX_app.>",
             "_INBOX_edge.>",
         ),
-        subscribe=(f"{subjects.SUBMIT}.* edge",),  # only as queue group `edge`
+        # only as queue group `edge`; and its HTTP callers' streamed tokens (`subjects.chunks_of`)
+        subscribe=(f"{subjects.SUBMIT}.* edge", f"{subjects.CHUNK_HEAD}edge.>"),
     ),
     _service(
         "authz",
@@ -186,7 +187,10 @@ SERVICES: tuple[Identity, ...] = (
         "invoker",
         ConsumerSpec(filters=("gw.evt.route.selected.>",), ack_wait_s=180.0),
         "calls the model server beside it and records the outcome",
-        publish=("gw.evt.invocation.completed.*", "gw.evt.invocation.failed.*"),
+        # streamed tokens on the callers' chunk subjects: never a reply subject, so an invoker can
+        # add tokens to an answer in flight (whose content it produces anyway), never end or forge one
+        publish=("gw.evt.invocation.completed.*", "gw.evt.invocation.failed.*",
+                 f"{subjects.CHUNK_HEAD}app.>", f"{subjects.CHUNK_HEAD}edge.>"),
         policy=False,  # it decides nothing under policy: the route it is handed says where to call
     ),
     _service(
@@ -232,7 +236,7 @@ def application(app: str) -> Identity:
         kind="application",
         purpose=f"application {app}: submits requests and reads its own answers",
         publish=(subjects.submit(app),),
-        subscribe=(f"{subjects.app_inbox(app)}.>",),
+        subscribe=(f"{subjects.app_inbox(app)}.>", f"{subjects.chunks_of(subjects.app_inbox(app))}.>"),
     )
 
 

@@ -72,7 +72,7 @@ def run(events: list, state: decider.BudgetState, policy: PolicyBundle):  # type
 
 def test_worst_case_bounds_the_real_token_count_of_a_byte_level_model() -> None:
     chat = authorized("r", text="héllo wörld " * 20).chat
-    assert decider.worst_case_prompt_tokens(MODEL, chat) >= len("héllo wörld ".encode() * 20) + 16
+    assert catalog.prompt_tokens_bound(chat, MODEL) >= len("héllo wörld ".encode() * 20) + 16
 
 
 def test_max_tokens_is_cut_to_the_models_max_output_and_so_is_the_reservation() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 from enclave_gateway.schemas import codec, subjects
-from enclave_gateway.schemas.commands import ChatMessage
+from enclave_gateway.schemas.commands import ChatMessage, StreamChunk
 from enclave_gateway.schemas.events import (
     BudgetRejected,
     BudgetReserved,
@@ -155,9 +155,42 @@ def test_completion_reply_carries_usage_and_the_held_amount() -> None:
     reply = edge.reply_for(SAMPLES_BY_NAME["InvocationCompleted"])  # type: ignore[arg-type]
     assert reply.completion is not None and reply.completion.usage.completion_tokens == 8
     assert reply.completion.reserved_micros == 272
-    chunks = openai_shapes.openai_chunks(reply.request_id, reply.completion, 0)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "o o o"
-    assert chunks[-1].choices[0].finish_reason == "length"
+    events = openai_shapes.ChunkWriter(0, include_usage=False).events(reply)  # no token came before it
+    bodies = [msgspec.json.decode(e.removeprefix(b"data: ")) for e in events[:-1]]
+    assert events[-1] == b"data: [DONE]\n\n" and bodies[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert "".join(b["choices"][0]["delta"].get("content", "") for b in bodies) == "o o o"
+    assert bodies[-1]["choices"][0]["finish_reason"] == "length" and "usage" not in bodies[-1]
+
+
+def _sse(events: list[bytes]) -> list[dict[str, object]]:
+    assert all(e.startswith(b"data: ") and e.endswith(b"\n\n") for e in events)
+    return [msgspec.json.decode(e[6:]) for e in events if e != b"data: [DONE]\n\n"]
+
+
+def test_streamed_tokens_go_out_as_they_come_and_the_reply_brings_only_what_they_missed() -> None:
+    reply = edge.reply_for(SAMPLES_BY_NAME["InvocationCompleted"])  # type: ignore[arg-type]
+    rid = reply.request_id
+    writer = openai_shapes.ChunkWriter(0, include_usage=True)
+    first = writer.events(StreamChunk(request_id=rid, model="enclave-tiny", attempt=2, index=0, content="o "))
+    assert [b["choices"][0]["delta"] for b in _sse(first)] == [{"role": "assistant"}, {"content": "o "}]
+    second = writer.events(StreamChunk(request_id=rid, model="enclave-tiny", attempt=2, index=1, content="o"))
+    stale = writer.events(StreamChunk(request_id=rid, model="enclave-tiny", attempt=1, index=2, content="zz"))
+    assert stale == []  # an earlier attempt's token never reaches the caller
+    last = writer.events(reply)  # one token ("" o") trailed the reply on its own subject
+    assert last[-1] == b"data: [DONE]\n\n"
+    bodies = _sse(first + second + last)
+    text = "".join(b["choices"][0]["delta"].get("content", "") for b in bodies if b["choices"])  # type: ignore
+    assert text == "o o o" and {b["model"] for b in bodies} == {"enclave-tiny"}
+    assert bodies[-1]["choices"] == [] and bodies[-1]["usage"] == {"prompt_tokens": 20, "completion_tokens": 8,
+                                                                   "total_tokens": 28}
+
+
+def test_a_failure_after_tokens_went_out_is_an_error_event_in_the_stream() -> None:
+    writer = openai_shapes.ChunkWriter(0, include_usage=True)
+    writer.events(StreamChunk(request_id="r1", model="m", attempt=1, index=0, content="o"))
+    refusal = edge.reply_for(SAMPLES_BY_NAME["RequestFailed"])  # type: ignore[arg-type]
+    events = writer.events(refusal)
+    assert len(events) == 1 and _sse(events)[0]["error"]["code"] == "request_failed"  # type: ignore[index]
 
 
 def test_auditor_rows_hold_digests_not_text_and_chain_in_order() -> None:
@@ -429,3 +462,67 @@ def test_a_weighted_model_spreads_first_attempts_by_weight_the_same_way_every_ti
     assert 0.72 < picks.count("node-a") / len(picks) < 0.78  # 3:1
     again = router.decide(msgspec.structs.replace(reserved, request_id="r7"), router.initial_state(), policy, NOW)
     assert again[0].endpoint == picks[7]  # type: ignore[union-attr]  # the same on every replica and in replay
+
+
+# What llama-cpp-python's server streams (one token a chunk, no usage even when asked), and what
+# vLLM or llama.cpp's own server add: a usage chunk with no choices.
+LLAMA_STREAM = [b'data: {"choices":[{"delta":{"role":"assistant"},"finish_reason":null}]}', b"",
+                b": ping", b'data: {"choices":[{"delta":{"content":" o"},"finish_reason":null}]}', b"",
+                b'data: {"choices":[{"delta":{"content":" o"},"finish_reason":null}]}',
+                b'data: {"choices":[{"delta":{},"finish_reason":"length"}]}', b"data: [DONE]", b""]
+
+
+def _read(lines: list[bytes]) -> tuple[list[str], invoker.StreamReader]:
+    reader, sent = invoker.StreamReader(), []
+    for i, line in enumerate(lines):
+        if (text := reader.feed(line + b"\n", float(i))) is not None:
+            sent.append(text)
+        if reader.done:
+            break
+    return sent, reader
+
+
+def test_a_streamed_answer_without_usage_is_counted_by_the_gateway() -> None:
+    streaming = msgspec.structs.replace(route(), chat=msgspec.structs.replace(route().chat, stream=True))
+    body = msgspec.json.decode(invoker.request_body(streaming))
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    sent, reader = _read(LLAMA_STREAM)
+    assert sent == [" o", " o"] and reader.first_token_ms == 3.0
+    [done] = invoker.decide(streaming, reader.outcome(7.0), "pv", NOW)
+    assert isinstance(done, InvocationCompleted) and done.streamed and not done.usage_reported
+    assert (done.content, done.completion_tokens, done.finish_reason) == (" o o", 2, "length")
+    # the prompt as an upper bound: its bytes ("user" + "hello") plus the template's overheads
+    assert done.prompt_tokens == len(b"user") + len(b"hello") + 8 + 16
+
+
+def test_a_streamed_answer_with_usage_keeps_the_servers_figures() -> None:
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":11,"completion_tokens":2,"total_tokens":13}}'
+    _, reader = _read([*LLAMA_STREAM[:-2], usage, b"data: [DONE]"])
+    [done] = invoker.decide(route(), reader.outcome(7.0), "pv", NOW)
+    assert isinstance(done, InvocationCompleted) and done.usage_reported
+    assert (done.prompt_tokens, done.completion_tokens) == (11, 2)
+
+
+@pytest.mark.parametrize("bad", [b'data: {"error":{"message":"out of memory"}}', b"data: {not json"])
+def test_a_stream_that_breaks_after_tokens_went_out_is_not_started_again_elsewhere(bad: bytes) -> None:
+    reader = invoker.StreamReader()
+    reader.feed(LLAMA_STREAM[3], 1.0)
+    with pytest.raises(invoker.StreamBroken):
+        reader.feed(bad, 2.0)
+    policy = _two_endpoints("node-a", "node-b")
+    reserved = SAMPLES_BY_NAME["BudgetReserved"]
+    assert isinstance(reserved, BudgetReserved)
+    [first] = router.decide(reserved, router.initial_state(), policy, NOW)
+    assert isinstance(first, RouteSelected)
+    broke = invoker.CallFailed(error="bad_response", detail="x", latency_ms=1.0, tokens_sent=reader.chunks)
+    [failed] = invoker.decide(first, broke, "pv", NOW)
+    assert isinstance(failed, InvocationFailed) and failed.error == "stream_broken"
+    [ended] = router.decide(failed, router.evolve(router.initial_state(), first), policy, NOW)
+    assert isinstance(ended, RouteUnavailable) and ended.reason == "invocation_failed"  # node-b was left untried
+
+
+def test_a_stream_that_ends_without_saying_why_is_broken_not_a_short_answer() -> None:
+    # llama-cpp-python cuts a stream short with `[DONE]` and no finish reason when another request comes
+    _, reader = _read([LLAMA_STREAM[0], LLAMA_STREAM[3], b"data: [DONE]"])
+    with pytest.raises(invoker.StreamBroken, match="without a finish reason"):
+        reader.outcome(3.0)

@@ -38,6 +38,7 @@ EVENT_FAMILIES = (
 CORE_FAMILIES = (
     "gw.submit", *(subjects.submit(a) for a in APPS), "_INBOX_app.tester.x", "_INBOX_app.other.x",
     "_INBOX_edge.x", "_INBOX_authz.x", "_INBOX.x", "anything.else",
+    "_CHUNK_app.tester.x", "_CHUNK_app.other.x", "_CHUNK_edge.x.y",  # streamed tokens: invokers' alone
 )
 JS_FAMILIES = (
     f"{API}.INFO", f"{API}.STREAM.NAMES", f"{API}.STREAM.LIST", f"{API}.STREAM.CREATE.EVIL",
@@ -65,6 +66,7 @@ SUBSCRIBE_FAMILIES = (
     ">", "gw.evt.>", "gw.evt.request.submitted", "gw.evt.request.denied.>", "gw.evt.policy.activated",
     "gw.evt.ledger.>", "_INBOX.>", "_INBOX_app.>", "_INBOX_app.tester.>", "_INBOX_app.other.>", "_INBOX_edge.>",
     "_INBOX_authz.>", "_INBOX_budget.>", "gw.submit.>", "gw.submit.tester", "$JS.EVENT.>", "$JS.API.>",
+    "_CHUNK_app.>", "_CHUNK_app.tester.>", "_CHUNK_app.other.>", "_CHUNK_edge.>",
 )
 # Whatever the registry says, no runtime role may ever do these (a too-generous registry fails here).
 NEVER = (

@@ -11,8 +11,8 @@ from ..commands import ChatBody
 from .base import Caller, Event, Reservation
 
 
-class InvocationCompleted(Event, frozen=True, kw_only=True, tag="InvocationCompleted"):
-    """The model server answered; usage is what it reported."""
+class InvocationCompletedV1(Event, frozen=True, kw_only=True, tag="InvocationCompleted"):
+    """Version 1 as stored before streaming: read, upcast, never written."""
 
     caller: Caller
     model_id: str
@@ -24,6 +24,32 @@ class InvocationCompleted(Event, frozen=True, kw_only=True, tag="InvocationCompl
     latency_ms: float
     reservation: Reservation
     reply_to: str
+
+
+class InvocationCompleted(Event, frozen=True, kw_only=True, tag="InvocationCompleted"):
+    """The model server answered.
+
+    `usage_reported` true: the usage is what the server reported. False (a streamed answer from a
+    server that reports none): the gateway counted it, completion tokens as the content chunks
+    received and prompt tokens as an upper bound (bytes of the messages plus template overhead),
+    so a charge on counted usage errs high, never low, and never past the reservation.
+    """
+
+    schema_version: int = 2
+    caller: Caller
+    model_id: str
+    endpoint: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    content: str
+    latency_ms: float
+    reservation: Reservation
+    reply_to: str
+    streamed: bool = False
+    usage_reported: bool = True  # every v1 completion's usage was the server's
+    first_token_ms: float | None = None  # a streamed answer: when its first token arrived
+    attempt: int = 1
 
 
 class InvocationFailedV1(Event, frozen=True, kw_only=True, tag="InvocationFailed"):

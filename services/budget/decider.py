@@ -78,12 +78,6 @@ def period_of(kind: str, now: datetime) -> str:
     return f"{now.year:04d}-{now.month:02d}-{now.day:02d}" if kind == "day" else f"{now.year:04d}-{now.month:02d}"
 
 
-def worst_case_prompt_tokens(model: ModelEntry, chat: ChatBody) -> int:
-    """An upper bound on prompt tokens: byte-level BPE never makes more tokens than bytes."""
-    body = sum(len(m.content.encode()) + len(m.role.encode()) + model.message_overhead_tokens for m in chat.messages)
-    return body + model.prompt_overhead_tokens
-
-
 def effective_max_tokens(model: ModelEntry, chat: ChatBody) -> int:
     """The completion bound sent to the model server, so the reservation really bounds the cost."""
     cap = min(model.context_length, model.max_output_tokens or model.context_length)
@@ -248,7 +242,7 @@ def _reserve(event: RequestAuthorized, state: BudgetState, policy: PolicyBundle,
     period = period_of(budget.period, now)
     totals = state.ledgers.get(ledger_key(team, period), Totals())
     max_tokens = effective_max_tokens(model, event.chat)
-    amount = catalog.cost_micros(model, worst_case_prompt_tokens(model, event.chat), max_tokens)
+    amount = catalog.cost_micros(model, catalog.prompt_tokens_bound(event.chat, model), max_tokens)
     remaining = budget.cap_micros - totals.spent - totals.reserved
     if amount > remaining:
         return [

@@ -56,6 +56,12 @@ def evolve(state: EdgeState, event: Event) -> EdgeState:
     return state
 
 
+class StreamOptionsIn(Struct, frozen=True, kw_only=True):
+    """OpenAI's `stream_options`."""
+
+    include_usage: bool = False
+
+
 class OpenAIChatRequest(Struct, frozen=True, kw_only=True):
     """The OpenAI chat-completions fields the gateway honours; others are ignored, not refused."""
 
@@ -66,6 +72,7 @@ class OpenAIChatRequest(Struct, frozen=True, kw_only=True):
     temperature: float | None = None
     seed: int | None = None
     stream: bool = False
+    stream_options: StreamOptionsIn | None = None
 
 
 _chat_request = msgspec.json.Decoder(OpenAIChatRequest)
@@ -89,6 +96,8 @@ def to_chat(req: OpenAIChatRequest) -> ChatBody:
         max_tokens=req.max_completion_tokens or req.max_tokens,
         temperature=req.temperature,
         seed=req.seed,
+        stream=req.stream,
+        include_usage=req.stream and req.stream_options is not None and req.stream_options.include_usage,
     )
 
 

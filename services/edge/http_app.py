@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
+from contextlib import aclosing
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -17,10 +19,12 @@ from . import decider, openai_shapes
 if TYPE_CHECKING:
     from .shell import Edge
 
+log = logging.getLogger("enclave_gateway.edge")
 _json = msgspec.json.Encoder()
 # The classification of what the caller sends and of the channel the answer goes to (DESIGN §3).
 INPUT_LABEL = "X-Input-Classification"
 OUTPUT_LABEL = "X-Output-Classification"
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
 def build(edge: Edge) -> web.Application:
@@ -83,25 +87,38 @@ async def chat_completions(edge: Edge, request: web.Request) -> web.StreamRespon
         input_label=request.headers.get(INPUT_LABEL),
         output_label=request.headers.get(OUTPUT_LABEL),
     )
+    if req.stream:
+        return await _stream(edge, request, cmd)
     reply = await edge.call(cmd)
     if reply.error is not None:
         return _error(reply.error)
-    if req.stream:
-        return await _stream(request, reply)
     assert reply.completion is not None
     body_out = openai_shapes.openai_completion(reply.request_id, reply.completion, int(time.time()))
     return web.Response(body=_json.encode(body_out), content_type="application/json")
 
 
-async def _stream(request: web.Request, reply: SubmitReply) -> web.StreamResponse:
-    """Server-sent events in OpenAI's chunk format (the whole answer in one content chunk)."""
-    assert reply.completion is not None
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await resp.prepare(request)
-    for chunk in openai_shapes.openai_chunks(reply.request_id, reply.completion, int(time.time())):
-        await resp.write(b"data: " + _json.encode(chunk) + b"\n\n")
-    await resp.write(b"data: [DONE]\n\n")
-    await resp.write_eof()
+async def _stream(edge: Edge, request: web.Request, cmd: SubmitRequest) -> web.StreamResponse:
+    """Server-sent events in OpenAI's chunk format, each token as the model server produced it.
+
+    A refusal before the first token is an ordinary HTTP error; a failure after it is an `error`
+    event (what OpenAI's client raises as APIError). The reply closes the stream: whatever of its
+    content the chunks did not bring, then the finish chunk, the usage chunk if asked, `[DONE]`.
+    """
+    writer = openai_shapes.ChunkWriter(int(time.time()), cmd.chat.include_usage)
+    resp: web.StreamResponse | None = None
+    try:
+        async with aclosing(edge.stream(cmd)) as items:
+            async for item in items:
+                if isinstance(item, SubmitReply) and item.error is not None and resp is None:
+                    return _error(item.error)
+                if resp is None:
+                    resp = web.StreamResponse(headers=SSE_HEADERS)
+                    await resp.prepare(request)
+                for event in writer.events(item):
+                    await resp.write(event)
+    except ConnectionResetError:  # the caller hung up: the edge records its reply as undelivered
+        log.info("a streaming caller hung up")
+    assert resp is not None
     return resp
 
 

@@ -2,10 +2,13 @@
 
 import time
 
+import msgspec
 from msgspec import Struct
 
-from ...schemas.commands import Completion, ErrorBody
+from ...schemas.commands import Completion, ErrorBody, StreamChunk, SubmitReply
 from ...schemas.reasons import ERROR_TYPE, http_status
+
+_json = msgspec.json.Encoder()
 
 
 class OpenAIError(Struct, frozen=True, kw_only=True):
@@ -93,30 +96,73 @@ class _ChunkChoice(Struct, frozen=True):
     finish_reason: str | None
 
 
-class ChatCompletionChunk(Struct, frozen=True):
-    """OpenAI's `chat.completion.chunk` object."""
+class ChatCompletionChunk(Struct, frozen=True, omit_defaults=True):
+    """OpenAI's `chat.completion.chunk` object (`usage` only on the last one, when asked for)."""
 
     id: str
     object: str
     created: int
     model: str
     choices: tuple[_ChunkChoice, ...]
+    usage: _RespUsage | None = None
 
 
-def openai_chunks(request_id: str, c: Completion, created: int) -> list[ChatCompletionChunk]:
-    """Role, content and finish chunks of a completed answer."""
+class _StreamError(Struct, frozen=True):
+    error: OpenAIError
 
-    def chunk(delta: _Delta, finish: str | None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(
-            id=f"chatcmpl-{request_id}",
-            object="chat.completion.chunk",
-            created=created,
-            model=c.model,
-            choices=(_ChunkChoice(0, delta, finish),),
-        )
 
-    return [
-        chunk(_Delta(role="assistant"), None),
-        chunk(_Delta(content=c.content), None),
-        chunk(_Delta(), c.finish_reason),
-    ]
+class ChunkWriter:
+    """One streamed answer's server-sent events: the role chunk first, each token's chunk, and from
+    the reply what the tokens did not bring, the finish chunk, the usage chunk and `[DONE]`.
+
+    The reply is the authority: the tokens an edge received are a prefix of its content (chunks
+    travel on their own subject and may trail the reply), so only the rest of the content is sent.
+    """
+
+    def __init__(self, created: int, include_usage: bool) -> None:
+        self.created, self.include_usage = created, include_usage
+        self.request_id, self.model, self.attempt = "", "", 0
+        self.sent: list[str] = []
+        self.started = False
+
+    def events(self, item: StreamChunk | SubmitReply) -> list[bytes]:
+        """The `data:` events for a chunk (the first one also opens the answer) or for the reply."""
+        out: list[bytes] = []
+        if not self.started:
+            self.started, self.request_id = True, item.request_id
+            self.model = item.model if isinstance(item, StreamChunk) else self.model
+            out.append(self._event(_Delta(role="assistant"), None))
+        if isinstance(item, StreamChunk):
+            if item.attempt < self.attempt:
+                return out
+            self.attempt = item.attempt  # only one attempt ever streams: the router never restarts one
+            self.sent.append(item.content)
+            out.append(self._event(_Delta(content=item.content), None))
+            return out
+        if item.error is not None:  # after tokens went out, an error can only be told in the stream
+            _, body = openai_error(item.error)
+            return [*out, b"data: " + _json.encode(_StreamError(body.error)) + b"\n\n"]
+        assert item.completion is not None
+        c, self.model = item.completion, item.completion.model
+        sent = "".join(self.sent)
+        rest = c.content[len(sent):] if c.content.startswith(sent) else ""
+        if rest:
+            out.append(self._event(_Delta(content=rest), None))
+        out.append(self._event(_Delta(), c.finish_reason))
+        if self.include_usage:
+            u = c.usage
+            usage = _RespUsage(u.prompt_tokens, u.completion_tokens, u.prompt_tokens + u.completion_tokens)
+            out.append(self._encode(self._chunk((), usage)))
+        out.append(b"data: [DONE]\n\n")
+        return out
+
+    def _event(self, delta: _Delta, finish: str | None) -> bytes:
+        return self._encode(self._chunk((_ChunkChoice(0, delta, finish),)))
+
+    def _chunk(self, choices: tuple[_ChunkChoice, ...], usage: _RespUsage | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=f"chatcmpl-{self.request_id}", object="chat.completion.chunk",
+                                   created=self.created, model=self.model, choices=choices, usage=usage)
+
+    @staticmethod
+    def _encode(chunk: ChatCompletionChunk) -> bytes:
+        return b"data: " + _json.encode(chunk) + b"\n\n"

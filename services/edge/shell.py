@@ -9,13 +9,14 @@ caller got: the reply, the 504 at the deadline, or a late reply as undelivered (
 import asyncio
 import logging
 import uuid
-from typing import Literal
+from collections.abc import AsyncGenerator
+from typing import Any, Literal
 
 from aiohttp import web
 from nats.aio.msg import Msg
 
 from ...schemas import codec, subjects
-from ...schemas.commands import SubmitReply, SubmitRequest
+from ...schemas.commands import StreamChunk, SubmitReply, SubmitRequest
 from ...schemas.events import AnyEvent
 from .. import bus, worker
 from ..authz import policy_view
@@ -37,6 +38,7 @@ class Edge:
         self.replica = uuid.uuid4().hex
         self.state = decider.initial_state()  # the outcomes this replica recorded, for idempotency
         self.pending: dict[str, asyncio.Future[tuple[SubmitReply, str | None]]] = {}
+        self.streams: dict[str, asyncio.Queue[StreamChunk]] = {}  # HTTP callers of `stream: true`
         self.answered: dict[str, None] = {}  # insertion-ordered, the oldest dropped first
 
     async def start(self) -> None:
@@ -45,8 +47,11 @@ class Edge:
         await self.nc.subscribe(subjects.submit("*"), queue="edge", cb=self._on_submit)
 
     async def listen(self) -> None:
-        """Subscribe to this replica's HTTP callers' inbox."""
+        """Subscribe to this replica's HTTP callers' inbox, and to where their streamed tokens go."""
         await self.nc.subscribe(subjects.edge_reply(self.replica, "*"), cb=self._on_reply)
+        chunks = subjects.chunks_of(subjects.edge_reply(self.replica, "*"))
+        assert chunks is not None
+        await self.nc.subscribe(chunks, cb=self._on_chunk)
 
     async def submit(self, entry: Literal["http", "nats"], cmd: SubmitRequest, reply_to: str, request_id: str) -> None:
         """Put a validated request into the pipeline."""
@@ -75,15 +80,74 @@ class Edge:
         try:
             await self.submit("http", cmd, subjects.edge_reply(self.replica, request_id), request_id)
             reply, team = await asyncio.wait_for(fut, self.settings.request_timeout_s)
-            self.answered[request_id] = None
-            if len(self.answered) > ANSWERED_MEMORY:
-                del self.answered[next(iter(self.answered))]
+            self._answered(request_id)
         except TimeoutError:
             reply, team = decider.timeout_reply(request_id), None
         finally:  # from here on a reply for this request finds no caller (`_on_reply`)
             self.pending.pop(request_id, None)
         await self._record(decider.handed_over(reply, team, "waiting", bus.now_utc(), self.version))
         return reply
+
+    async def stream(self, cmd: SubmitRequest) -> AsyncGenerator[StreamChunk | SubmitReply, None]:
+        """The HTTP path of `stream: true`: the answer's chunks as the model produces them, then the
+        reply (the authority on content and usage). Closed early (the caller hung up), the reply is
+        recorded as undelivered when it comes."""
+        request_id = uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[SubmitReply, str | None]] = loop.create_future()
+        queue: asyncio.Queue[StreamChunk] = asyncio.Queue()
+        self.pending[request_id], self.streams[request_id] = fut, queue
+        outcome: tuple[SubmitReply, str | None] | None = None
+        streamed_out = False
+        try:
+            await self.submit("http", cmd, subjects.edge_reply(self.replica, request_id), request_id)
+            deadline = loop.time() + self.settings.request_timeout_s
+            while outcome is None:
+                getter = asyncio.ensure_future(queue.get())
+                waiters: set[asyncio.Future[Any]] = {getter, fut}
+                done, _ = await asyncio.wait(waiters, timeout=max(0.0, deadline - loop.time()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                if fut in done:
+                    outcome = fut.result()
+                    self._answered(request_id)
+                    while not queue.empty():  # tokens that came before the reply go first
+                        yield queue.get_nowait()
+                else:
+                    outcome = (decider.timeout_reply(request_id), None)
+            streamed_out = True
+        finally:
+            self.pending.pop(request_id, None)
+            self.streams.pop(request_id, None)
+            if not streamed_out:  # hung up: a reply already here is recorded now, a later one on arrival
+                if outcome is None and fut.done() and not fut.cancelled():
+                    outcome = fut.result()
+                if outcome is not None:
+                    await self._record(decider.handed_over(outcome[0], outcome[1], "gone", bus.now_utc(),
+                                                           self.version))
+        await self._record(decider.handed_over(outcome[0], outcome[1], "waiting", bus.now_utc(), self.version))
+        yield outcome[0]
+
+    def _answered(self, request_id: str) -> None:
+        self.answered[request_id] = None
+        if len(self.answered) > ANSWERED_MEMORY:
+            del self.answered[next(iter(self.answered))]
+
+    async def _on_chunk(self, msg: Msg) -> None:
+        request_id = msg.subject.rsplit(".", 1)[-1]
+        queue = self.streams.get(request_id)
+        if queue is None:
+            return  # not streaming here (any more): the reply carries the whole answer
+        try:
+            chunk = codec.decode_chunk(msg.data)
+        except codec.DecodeError as exc:  # only invokers may publish here: a bug, not input
+            log.error("undecodable chunk on %s: %s", msg.subject, exc)
+            return
+        if chunk.request_id == request_id:
+            queue.put_nowait(chunk)
 
     async def _record(self, facts: list[AnyEvent]) -> None:
         # No redelivery stands behind a caller's outcome: log a failed write loudly, still answer.

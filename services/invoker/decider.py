@@ -11,6 +11,8 @@ from msgspec import Struct
 
 from ...schemas.commands import ChatMessage
 from ...schemas.events import AnyEvent, Event, InvocationCompleted, InvocationFailed, RouteSelected, envelope
+from ...schemas.reasons import STREAM_BROKEN
+from .. import catalog
 
 STAGE = "invoke"
 
@@ -49,14 +51,115 @@ class CallAnswered(Struct, frozen=True, kw_only=True):
 
 
 class CallFailed(Struct, frozen=True, kw_only=True):
-    """The call never got an answer (refused, reset, timed out)."""
+    """The call never got an answer (refused, reset, timed out), or a streamed one broke off."""
 
     error: str
     detail: str
     latency_ms: float
+    tokens_sent: int = 0  # content chunks already passed on to the caller
 
 
-CallOutcome = CallAnswered | CallFailed
+class _Usage0(Struct, frozen=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class CallStreamed(Struct, frozen=True, kw_only=True):
+    """A streamed answer read to its end: the content chunks joined, and the usage if reported."""
+
+    content: str
+    finish_reason: str
+    chunks: int  # content chunks received: one per token on llama.cpp, vLLM and TGI
+    usage: _Usage0 | None
+    first_token_ms: float | None
+    latency_ms: float
+
+
+CallOutcome = CallAnswered | CallFailed | CallStreamed
+
+
+class _Delta(Struct, frozen=True):
+    content: str | None = None
+
+
+class _ChunkChoice(Struct, frozen=True):
+    delta: _Delta = _Delta()
+    finish_reason: str | None = None
+
+
+class _StreamError(Struct, frozen=True):
+    message: str = ""
+
+
+class _Chunk(Struct, frozen=True):
+    choices: tuple[_ChunkChoice, ...] = ()
+    usage: _Usage0 | None = None
+    error: _StreamError | str | None = None
+
+
+_chunk = msgspec.json.Decoder(_Chunk)
+
+
+class StreamBroken(Exception):
+    """The server's event stream said it failed, or could not be read."""
+
+
+class StreamReader:
+    """Reads an OpenAI chat-completion event stream line by line: pure, so tests feed it bytes.
+
+    `feed` returns the content a line adds (to pass on at once), or None.
+    """
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.finish_reason: str | None = None
+        self.usage: _Usage0 | None = None
+        self.first_token_ms: float | None = None
+        self.done = False
+
+    @property
+    def chunks(self) -> int:
+        """Content chunks received so far."""
+        return len(self.parts)
+
+    def feed(self, line: bytes, elapsed_ms: float) -> str | None:
+        """Take one line of the event stream; raises StreamBroken on an error event or bad JSON."""
+        line = line.strip()
+        if not line.startswith(b"data:"):
+            return None  # blank separators, comments (": ping"), `event:` and `id:` lines
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            self.done = True
+            return None
+        try:
+            chunk = _chunk.decode(payload)
+        except msgspec.DecodeError as exc:
+            raise StreamBroken(f"unreadable chunk: {exc}") from exc
+        if chunk.error is not None:
+            raise StreamBroken(f"the server reported an error mid-stream: {chunk.error}")
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        if not chunk.choices:
+            return None
+        choice = chunk.choices[0]
+        if choice.finish_reason:
+            self.finish_reason = choice.finish_reason
+        if not choice.delta.content:
+            return None
+        if self.first_token_ms is None:
+            self.first_token_ms = round(elapsed_ms, 3)
+        self.parts.append(choice.delta.content)
+        return choice.delta.content
+
+    def outcome(self, latency_ms: float) -> CallStreamed:
+        """What the stream amounted to once read to its end; raises StreamBroken when it never said
+        why the answer ended (a server that cut it short, as llama-cpp-python's does to one stream
+        when another request comes, unless started with `--interrupt_requests False`)."""
+        if self.finish_reason is None:
+            raise StreamBroken(f"the stream ended after {self.chunks} tokens without a finish reason")
+        return CallStreamed(content="".join(self.parts), finish_reason=self.finish_reason,
+                            chunks=self.chunks, usage=self.usage, first_token_ms=self.first_token_ms,
+                            latency_ms=latency_ms)
 
 _response = msgspec.json.Decoder(OpenAIResponse)
 _encoder = msgspec.json.Encoder()
@@ -84,6 +187,12 @@ def evolve(state: InvokerState, event: Event) -> InvokerState:
     return state
 
 
+class StreamOptions(Struct, frozen=True):
+    """Ask for the usage chunk; servers that do not know the option ignore it (llama-cpp-python)."""
+
+    include_usage: bool = True
+
+
 class UpstreamRequest(Struct, frozen=True, kw_only=True, omit_defaults=True):
     """What goes to an OpenAI-compatible model server."""
 
@@ -92,6 +201,8 @@ class UpstreamRequest(Struct, frozen=True, kw_only=True, omit_defaults=True):
     max_tokens: int
     temperature: float | None = None
     seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
 
 
 def request_body(route: RouteSelected) -> bytes:
@@ -104,6 +215,8 @@ def request_body(route: RouteSelected) -> bytes:
             max_tokens=route.max_tokens,
             temperature=chat.temperature,
             seed=chat.seed,
+            stream=chat.stream,
+            stream_options=StreamOptions() if chat.stream else None,
         )
     )
 
@@ -111,7 +224,13 @@ def request_body(route: RouteSelected) -> bytes:
 def decide(route: RouteSelected, outcome: CallOutcome, policy_version: str, now: datetime) -> list[AnyEvent]:
     """InvocationCompleted for a well-formed 200, InvocationFailed for anything else."""
     if isinstance(outcome, CallFailed):
+        if outcome.tokens_sent:
+            detail = f"{outcome.tokens_sent} tokens had reached the caller when it failed ({outcome.error}): " \
+                     f"{outcome.detail}"
+            return [_failed(route, policy_version, now, STREAM_BROKEN, detail, outcome.latency_ms)]
         return [_failed(route, policy_version, now, outcome.error, outcome.detail, outcome.latency_ms)]
+    if isinstance(outcome, CallStreamed):
+        return [_streamed(route, outcome, policy_version, now)]
     if outcome.status != 200:
         detail = outcome.body[:500].decode(errors="replace")
         return [_failed(route, policy_version, now, f"http_{outcome.status}", detail, outcome.latency_ms)]
@@ -135,8 +254,32 @@ def decide(route: RouteSelected, outcome: CallOutcome, policy_version: str, now:
             finish_reason=choice.finish_reason or "stop",
             content=choice.message.content or "",
             latency_ms=outcome.latency_ms,
+            attempt=route.attempt,
         )
     ]
+
+
+def _streamed(route: RouteSelected, outcome: CallStreamed, policy_version: str, now: datetime) -> InvocationCompleted:
+    """A streamed answer's fact; usage the server did not report is counted (see InvocationCompleted)."""
+    reported = outcome.usage is not None and (outcome.usage.prompt_tokens or outcome.usage.completion_tokens) > 0
+    return InvocationCompleted(
+        **envelope(route.request_id, stage(route.attempt), now, policy_version),
+        caller=route.caller,
+        model_id=route.model_id,
+        endpoint=route.endpoint,
+        reservation=route.reservation,
+        reply_to=route.reply_to,
+        prompt_tokens=outcome.usage.prompt_tokens if outcome.usage and reported
+        else catalog.prompt_tokens_bound(route.chat),
+        completion_tokens=outcome.usage.completion_tokens if outcome.usage and reported else outcome.chunks,
+        finish_reason=outcome.finish_reason,
+        content=outcome.content,
+        latency_ms=outcome.latency_ms,
+        streamed=True,
+        usage_reported=reported,
+        first_token_ms=outcome.first_token_ms,
+        attempt=route.attempt,
+    )
 
 
 def _failed(

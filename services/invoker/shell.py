@@ -7,12 +7,15 @@ An endpoint this invoker does not know is a failed invocation, not a crash.
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import aiohttp
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from ...schemas import codec
+from ...schemas import codec, subjects
+from ...schemas.commands import StreamChunk
 from ...schemas.events import RouteSelected
 from .. import bus, egress, worker
 from ..settings import WorkerSettings
@@ -46,6 +49,63 @@ async def call(session: aiohttp.ClientSession, base_url: str, body: bytes, timeo
         return decider.CallFailed(error="egress_refused", detail=str(exc), latency_ms=_ms(t0))
 
 
+Emit = Callable[[int, str], Awaitable[None]]
+
+
+async def call_streaming(session: aiohttp.ClientSession, base_url: str, body: bytes, timeout_s: float,
+                         emit: Emit) -> decider.CallOutcome:
+    """POST a `stream: true` chat; each content chunk goes to `emit` as it arrives. A server that
+    answers whole instead (no event stream) is read as an ordinary answer."""
+    t0 = time.perf_counter()
+    reader = decider.StreamReader()
+
+    def broke(error: str, detail: str) -> decider.CallFailed:
+        return decider.CallFailed(error=error, detail=detail, latency_ms=_ms(t0), tokens_sent=reader.chunks)
+
+    try:
+        async with session.post(
+            f"{base_url.rstrip('/')}/v1/chat/completions",
+            data=body,
+            headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+            allow_redirects=False,  # as in `call`: a redirect is an answer, never followed
+        ) as resp:
+            if resp.status != 200 or not resp.content_type.startswith("text/event-stream"):
+                return decider.CallAnswered(status=resp.status, body=await resp.read(), latency_ms=_ms(t0))
+            async for line in resp.content:
+                text = reader.feed(line, (time.perf_counter() - t0) * 1000.0)
+                if text is not None:
+                    await emit(reader.chunks - 1, text)
+                if reader.done:
+                    break
+            return reader.outcome(_ms(t0))
+    except TimeoutError:
+        return broke("timeout", f"no end of the answer in {timeout_s}s")
+    except decider.StreamBroken as exc:
+        return broke("bad_response", str(exc))
+    except ValueError as exc:  # aiohttp: a line longer than its buffer
+        return broke("bad_response", str(exc))
+    except aiohttp.ClientError as exc:
+        if isinstance(exc.__cause__, egress.EgressRefused) or isinstance(exc.__context__, egress.EgressRefused):
+            return broke("egress_refused", str(exc))
+        return broke("unreachable", repr(exc))
+    except egress.EgressRefused as exc:
+        return broke("egress_refused", str(exc))
+
+
+def chunk_sender(nc: Client, route: RouteSelected) -> Emit:
+    """Publish a route's tokens to its caller's chunk subject (core NATS: fast, never stored)."""
+    subject = subjects.chunks_of(route.reply_to)
+
+    async def emit(index: int, text: str) -> None:
+        if subject is not None:
+            chunk = StreamChunk(request_id=route.request_id, model=route.model_id, attempt=route.attempt,
+                                index=index, content=text)
+            await nc.publish(subject, codec.encode(chunk))
+
+    return emit
+
+
 async def _after_backoff(route: RouteSelected, longest_s: float) -> float:
     """Wait out a retry's backoff (never past the deadline); then how long the call may take."""
     if route.not_before is not None:
@@ -62,10 +122,10 @@ def _ms(t0: float) -> float:
 async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
     """Serve until `stop` is set."""
     async with worker.without_policy(settings, "invoker") as s:
-        await _serve(settings, s.js, stop)
+        await _serve(settings, s.nc, s.js, stop)
 
 
-async def _serve(settings: WorkerSettings, js: JetStreamContext, stop: asyncio.Event) -> None:
+async def _serve(settings: WorkerSettings, nc: Client, js: JetStreamContext, stop: asyncio.Event) -> None:
     allow = egress.parse(settings.egress_allow) if settings.egress_allow is not None else None
     refused = {name: why for name, url in settings.endpoints.items()
                if allow is not None and (why := egress.refuse_url(url, allow)) is not None}
@@ -85,6 +145,9 @@ async def _serve(settings: WorkerSettings, js: JetStreamContext, stop: asyncio.E
         elif (timeout_s := await _after_backoff(route, settings.invoke_timeout_s)) <= 0:
             outcome = decider.CallFailed(error="timeout", detail="the request's deadline passed before the call",
                                          latency_ms=0.0)
+        elif route.chat.stream:
+            outcome = await call_streaming(session, base_url, decider.request_body(route), timeout_s,
+                                           chunk_sender(nc, route))
         else:
             outcome = await call(session, base_url, decider.request_body(route), timeout_s)
         for event in decider.decide(route, outcome, route.policy_version, bus.now_utc()):

@@ -44,6 +44,7 @@ from ...schemas.events import (
     envelope,
 )
 from ...schemas.policy import ModelEntry, PolicyBundle
+from ...schemas.reasons import STREAM_BROKEN
 from .. import catalog
 from ..remembered import Remembered, seal
 
@@ -214,6 +215,19 @@ def decide(event: RouterInput, state: RouterState, policy: PolicyBundle, now: da
                 reservation=ask.reservation,
                 reply_to=ask.reply_to,
                 detail=f"the request's deadline {ask.deadline_at.isoformat()} passed before attempt {ask.attempt}",
+            )
+        ]
+    if ask.last_error == STREAM_BROKEN:  # the caller has part of an answer: another start would garble it
+        return [
+            RouteUnavailable(
+                **env,
+                caller=ask.caller,
+                requested_model=ask.requested_model,
+                reason="invocation_failed",
+                reservation=ask.reservation,
+                reply_to=ask.reply_to,
+                detail=f"the streamed answer from {ask.tried[-1]} broke off after tokens reached the caller; "
+                       "no fallback can take back what it read",
             )
         ]
     resolved = catalog.resolve(policy.catalog, ask.model_id)
