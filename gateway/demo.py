@@ -8,7 +8,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -70,6 +72,36 @@ def http_chat(
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
+
+
+def http_stream(base: str, token: str, model: str, text: str, max_tokens: int = 48) -> Iterator[dict[str, Any]]:
+    """One `stream: true` call: each server-sent chunk as the edge sends it."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
+                       "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}).encode()
+    req = urllib.request.Request(f"{base}/v1/chat/completions", data=body, method="POST", headers={
+        "Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        for line in resp:
+            if line.startswith(b"data: {"):
+                yield json.loads(line[6:])
+
+
+def _show_stream(base: str, token: str) -> None:
+    """A streamed answer, printed token by token as it arrives."""
+    console.print("\n[bold]Streaming[/] (stream: true): alice's answer, token by token as the model produces it")
+    t0, first, pieces, usage = time.perf_counter(), None, 0, None
+    for chunk in http_stream(base, token, "enclave-tiny", "Stream the situation report."):
+        delta = chunk["choices"][0]["delta"].get("content") if chunk.get("choices") else None
+        if delta:
+            first = first if first is not None else (time.perf_counter() - t0) * 1000
+            pieces += 1
+            console.print(delta, end="", style="green", highlight=False, soft_wrap=True)
+        usage = chunk.get("usage") or usage
+    console.print()
+    if usage is not None and first is not None:
+        console.print(f"{pieces} chunks, first after {first:.0f} ms; usage chunk: {usage['prompt_tokens']} prompt + "
+                      f"{usage['completion_tokens']} completion tokens (the server reported none: counted by the "
+                      "gateway, recorded in InvocationCompleted and settled on)")
 
 
 DEMO_APP = "batch"  # the demo's batch system, with an application identity of its own
@@ -223,8 +255,10 @@ def run_demo(data_dir: Path | None, enclave: bool = False) -> int:
             for text in ("After local-llama stopped: served by local-llama-2.", "And again."):
                 status, body = http_chat(gw.http_url, alice, "enclave-tiny", text)
                 rows.append(("alice@alpha (local-llama down)", "HTTP", "enclave-tiny", status, body))
-            asyncio.run(wait_audited(gw.settings))
         console.print(_summarize(rows))
+        _show_stream(gw.http_url, alice)
+        with console.status("waiting for the auditor..."):
+            asyncio.run(wait_audited(gw.settings))
         _show_fallbacks(data_dir / "audit")
         _show_audit(data_dir / "audit")
         console.print(

@@ -105,7 +105,8 @@ def test_the_demo_shows_completed_denied_write_down_and_over_budget(tmp_path: Pa
     for needle in ("completed by enclave-tiny", "write_down (rule no-write-down)", "budget_exceeded",
                    "remaining", "model_forbidden", "token_expired", "token_unknown_key", "model_not_found",
                    "Violations (", "budget alert: team bravo", "Fallbacks",
-                   "local-llama-2"):
+                   "local-llama-2", "Streaming (stream: true)", "48 chunks, first after",
+                   "48 completion tokens"):  # issue 10: a streamed answer, token by token, with its usage
         assert needle in text, needle
     status = subprocess.run([sys.executable, "-m", "enclave_gateway.cli", "sql",
                              "SELECT 'denied=' || count(*) AS n FROM events WHERE type = 'RequestDenied'", "--data-dir",
