@@ -121,9 +121,10 @@ def cmd_bus_setup(args: argparse.Namespace) -> int:
     from .runtime import setup_topology
 
     settings = WorkerSettings(
-        nats_url=args.url, data_dir=args.data_dir, policy_dir="", creds_dir=str(Path(args.data_dir) / "creds")
+        nats_url=args.url, data_dir=args.data_dir, policy_dir=args.policy_dir,
+        creds_dir=str(Path(args.data_dir) / "creds")
     )
-    asyncio.run(setup_topology(settings, args.replicas))
+    asyncio.run(setup_topology(settings, args.replicas, tuple(args.endpoint)))
     console.print(f"GW_EVENTS ready on {args.url} with {args.replicas} replica(s)")
     return 0
 
@@ -351,6 +352,8 @@ def parser() -> argparse.ArgumentParser:
     bs.add_argument("--url", required=True)
     bs.add_argument("--replicas", type=int, default=1)
     bs.add_argument("--data-dir", default="var", help="where creds/admin.creds.json is, if the bus has users")
+    bs.add_argument("--policy-dir", default="", help="a bundle whose catalog's endpoints get their invokers' durables")
+    bs.add_argument("--endpoint", action="append", default=[], help="an endpoint whose invokers' durable to make")
     bs.set_defaults(func=cmd_bus_setup)
     pol = sub.add_parser("policy", help="policy bundles").add_subparsers(dest="policy_cmd", required=True)
     pk = pol.add_parser("keygen", help="make a policy-signing key pair (Ed25519)")

@@ -23,9 +23,9 @@ from .engine import Engine
 from .policy_admin import DEV_SIGNER, activation, dev_signer, trusted
 from .schemas import subjects
 from .schemas.events import PolicyActivated
-from .services import bus, egress, registry
+from .services import bus, catalog, egress, registry
 from .services.authz.policy_view import dev_jwks
-from .services.policy import PolicyError
+from .services.policy import PolicyError, load_bundle
 from .services.policy.feed import latest_valid
 from .services.policy.signing import load_public, signing_time
 from .services.settings import WorkerSettings
@@ -33,11 +33,24 @@ from .services.settings import WorkerSettings
 log = logging.getLogger("enclave_gateway.runtime")
 
 
-async def setup_topology(settings: WorkerSettings, replicas: int = 1) -> None:
-    """Create or update GW_EVENTS and the consumers through the admin connection."""
+def catalog_endpoints(folder: Path) -> set[str]:
+    """Every endpoint the folder's catalog names (none when the bundle does not load)."""
+    if not str(folder) or not (folder / "catalog.toml").is_file():
+        return set()
+    try:
+        bundle = load_bundle(folder)
+    except PolicyError:
+        return set()
+    return {e for m in bundle.catalog.model for e in catalog.endpoints_of(m)}
+
+
+async def setup_topology(settings: WorkerSettings, replicas: int = 1, endpoints: tuple[str, ...] = ()) -> None:
+    """Create or update GW_EVENTS and the consumers through the admin connection: the services',
+    and one per endpoint that the catalog names or this deployment's invokers host."""
+    hosted = {*endpoints, *settings.endpoints, *catalog_endpoints(Path(settings.policy_dir))}
     nc = await bus.connect(settings, "admin")
     try:
-        await bus.ensure_topology(nc.jetstream(), replicas)
+        await bus.ensure_topology(nc.jetstream(), replicas, hosted)
     finally:
         await nc.close()
 
@@ -82,6 +95,7 @@ async def activate(settings: WorkerSettings, folder: Path, by: str) -> PolicyAct
                           f"({current.signed_at}); workers never go back to an older signature: sign it again")
     nc = await bus.connect(settings, "admin", keep_trying=False)
     try:
+        await bus.ensure_endpoints(nc.jetstream(), catalog_endpoints(folder))  # before any route to one
         await bus.publish(nc.jetstream(), event)
     finally:
         await nc.close()
@@ -195,7 +209,9 @@ class Gateway:
         self.policy_version = asyncio.run(bootstrap_policy(self.settings, self.policy_dir))
         self.workers = supervisor.spawn_workers(self.settings)
         for name, proc in self.workers.items():
-            procs.wait_for_line(self.data_dir / "logs" / f"{name}.log", f"{name} consuming", proc, 60.0)
+            # an invoker consumes each endpoint's durable (`invoker_<endpoint> consuming`)
+            needle = " consuming" if name == "invoker" else f"{name} consuming"
+            procs.wait_for_line(self.data_dir / "logs" / f"{name}.log", needle, proc, 60.0)
 
     def _signers(self) -> dict[str, str]:
         """The pinned policy signers; with none configured, the data dir's dev signer (said out loud)."""
@@ -294,7 +310,10 @@ async def status_rows(data_dir: Path) -> tuple[list[str], list[tuple[object, ...
         js = nc.jetstream()
         info = await js.stream_info(subjects.STREAM)
         rows: list[tuple[object, ...]] = [("(stream)", info.state.messages, "", "", info.state.bytes)]
-        for name in registry.durables():
+        # every service's durable, then each endpoint's (an endpoint whose pending grows has no invoker)
+        endpoints = sorted(c.name for c in await js.consumers_info(subjects.STREAM)
+                           if c.name.startswith(registry.INVOKER_PREFIX))
+        for name in [*registry.durables(), *endpoints]:
             ci = await js.consumer_info(subjects.STREAM, name)
             rows.append(
                 (

@@ -238,7 +238,7 @@ def _check(seq: int, event: AnyEvent, inputs: dict[tuple[str, str], AnyEvent], s
             _check_budget(seq, event, inputs, state, policies, result)
         case BudgetReleased():
             tick = policies.ticks.get(event.causation_id or "")
-            if event.reason == "expired" and isinstance(tick, BudgetClockTicked):  # the timer is an input
+            if event.reason in ("expired", "deadline") and isinstance(tick, BudgetClockTicked):  # the timer is an input
                 _compare(seq, event, result, tick, policies, lambda: budget.decide(
                     tick, state, policies.bundle(event.policy_version), event.occurred_at))
             elif event.reason == "expired":  # recorded before expiry was decided from a tick

@@ -129,9 +129,24 @@ def budget_ticked(team: str) -> str:
     return f"gw.evt.budget.ticked.{token(team)}"
 
 
-def route_selected(model_id: str) -> str:
-    """Partitioned by model so an invoker subscribes only to the models it hosts."""
-    return f"gw.evt.route.selected.{token(model_id)}"
+def route_selected(model_id: str, endpoint: str) -> str:
+    """Partitioned by model and endpoint: each endpoint's invokers consume only its routes
+    (`gw.evt.route.selected.*.<endpoint>`), so an invoker never takes a route it cannot serve."""
+    return f"gw.evt.route.selected.{token(model_id)}.{token(endpoint)}"
+
+
+def routes_to(endpoint: str) -> str:
+    """Every route to one endpoint, whatever the model: the filter of that endpoint's invokers."""
+    return f"gw.evt.route.selected.*.{token(endpoint)}"
+
+
+def legacy_places(event: AnyEvent) -> tuple[str, ...]:
+    """Where stored events of the type were published before their subject changed: still theirs.
+
+    Routes were partitioned by model alone until issue 10 (`gw.evt.route.selected.<model>`)."""
+    if isinstance(event, RouteSelected):
+        return (f"gw.evt.route.selected.{token(event.model_id)}",)
+    return ()
 
 
 def route_unavailable(model: str) -> str:
@@ -193,7 +208,7 @@ def for_event(event: AnyEvent) -> str:
         case BudgetRejected():
             return budget_rejected(event.caller.team)
         case RouteSelected():
-            return route_selected(event.model_id)
+            return route_selected(event.model_id, event.endpoint)
         case RouteUnavailable():
             return route_unavailable(event.requested_model)
         case InvocationCompleted():

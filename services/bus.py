@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 
 import msgspec
@@ -30,7 +30,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from ..schemas import codec, subjects
 from ..schemas.events import AnyEvent, BudgetReserved, MessageRejected, RequestFailed, Reservation, envelope
 from .credentials import load_creds
-from .registry import ConsumerSpec, by_name, durables
+from .registry import ConsumerSpec, by_name, durables, invoker_durable
 from .settings import WorkerSettings
 
 log = logging.getLogger("enclave_gateway.bus")
@@ -86,8 +86,9 @@ async def close(nc: Client) -> None:
         await nc.close()
 
 
-async def ensure_topology(js: JetStreamContext, replicas: int = 1) -> None:
-    """Create or update the stream GW_EVENTS (R`replicas`) and every service's durable consumer."""
+async def ensure_topology(js: JetStreamContext, replicas: int = 1, endpoints: Iterable[str] = ()) -> None:
+    """Create or update the stream GW_EVENTS (R`replicas`), every service's durable consumer and
+    the durable of each endpoint's invokers."""
     config = StreamConfig(
         name=subjects.STREAM,
         num_replicas=replicas,
@@ -105,8 +106,22 @@ async def ensure_topology(js: JetStreamContext, replicas: int = 1) -> None:
         await js.add_stream(config)
     for name, spec in CONSUMERS.items():
         await js.add_consumer(subjects.STREAM, consumer_config(name, spec))
+    await ensure_endpoints(js, endpoints)
     # Budget projection snapshots: derived data, never the audit trail (services/budget/ledger_store.py).
     await js.create_object_store("GW_BUDGET", config=ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas))
+
+
+async def ensure_endpoints(js: JetStreamContext, endpoints: Iterable[str]) -> None:
+    """The durable of each endpoint's invokers (a catalog activation may name new endpoints), and
+    no more the one durable all invokers shared before issue 10, which took every route."""
+    for endpoint in endpoints:
+        name, spec = invoker_durable(endpoint)
+        await js.add_consumer(subjects.STREAM, consumer_config(name, spec))
+    try:
+        await js.delete_consumer(subjects.STREAM, "invoker")
+        log.info("deleted the shared invoker durable: each endpoint's invokers have their own")
+    except NotFoundError:
+        pass
 
 
 async def own_reader(js: JetStreamContext, subject: str, reader: str, start: int,

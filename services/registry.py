@@ -17,6 +17,7 @@ use. Rules the table obeys (shared/notes/nats-permissions.md, nkeys-and-isolatio
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Literal
 
 import msgspec
@@ -93,7 +94,7 @@ FAILS = (subjects.message_rejected(), subjects.request_failed())  # bad bytes; g
 
 def _service(
     name: str,
-    consumer: ConsumerSpec,
+    consumer: ConsumerSpec | None,
     purpose: str,
     *,
     publish: tuple[str, ...] = (),
@@ -106,7 +107,8 @@ def _service(
         kind="service",
         purpose=purpose,
         consumer=consumer,
-        publish=(*publish, *(FAILS if fails else FAILS[:1]), *own_consumer(name), *(POLICY_READ if policy else ())),
+        publish=(*publish, *(FAILS if fails else FAILS[:1]), *(own_consumer(name) if consumer else ()),
+                 *(POLICY_READ if policy else ())),
         subscribe=(f"_INBOX_{name}.>", *((subjects.policy_activated(),) if policy else ()), *subscribe),
         follows_policy=policy,
         fails_requests=fails,
@@ -174,7 +176,7 @@ SERVICES: tuple[Identity, ...] = (
         ConsumerSpec(filters=("gw.evt.ledger.reserved.>", "gw.evt.invocation.failed.>")),
         "picks a model endpoint for each reserved request, and the next one when an attempt fails",
         publish=(
-            "gw.evt.route.selected.*",
+            "gw.evt.route.selected.*.*",
             "gw.evt.route.unavailable.*",
             # readers of its own, whichever replica's share a message was: every route decided
             # (to route a failed attempt on) and every failed attempt (the circuit breakers); never
@@ -185,12 +187,14 @@ SERVICES: tuple[Identity, ...] = (
     ),
     _service(
         "invoker",
-        ConsumerSpec(filters=("gw.evt.route.selected.>",), ack_wait_s=180.0),
-        "calls the model server beside it and records the outcome",
+        None,  # one durable per endpoint, `invoker_durable`: an invoker takes only the routes it serves
+        "calls the model servers beside it (the endpoints it hosts) and records the outcome",
         # streamed tokens on the callers' chunk subjects: never a reply subject, so an invoker can
-        # add tokens to an answer in flight (whose content it produces anyway), never end or forge one
+        # add tokens to an answer in flight (whose content it produces anyway), never end or forge one;
+        # and the endpoints' durables, whose names the catalog makes (`_pull_any_but_fixed` below)
         publish=("gw.evt.invocation.completed.*", "gw.evt.invocation.failed.*",
-                 f"{subjects.CHUNK_HEAD}app.>", f"{subjects.CHUNK_HEAD}edge.>"),
+                 f"{subjects.CHUNK_HEAD}app.>", f"{subjects.CHUNK_HEAD}edge.>",
+                 f"{API}.CONSUMER.MSG.NEXT.{STREAM}.*", f"$JS.ACK.{STREAM}.*.>"),
         policy=False,  # it decides nothing under policy: the route it is handed says where to call
     ),
     _service(
@@ -240,9 +244,20 @@ def application(app: str) -> Identity:
     )
 
 
-def durables() -> dict[str, ConsumerSpec]:
-    """Every durable consumer of GW_EVENTS, by name."""
-    return {i.name: i.consumer for i in SERVICES if i.consumer is not None}
+INVOKER_PREFIX = "invoker_"
+
+
+def invoker_durable(endpoint: str) -> tuple[str, ConsumerSpec]:
+    """The durable of one endpoint's invokers: every replica hosting the endpoint shares it, and
+    an invoker hosting several endpoints pulls from each of theirs."""
+    return f"{INVOKER_PREFIX}{subjects.token(endpoint)}", ConsumerSpec(filters=(subjects.routes_to(endpoint),),
+                                                                        ack_wait_s=180.0)
+
+
+def durables(endpoints: Iterable[str] = ()) -> dict[str, ConsumerSpec]:
+    """Every durable consumer of GW_EVENTS by name: each service's, and each endpoint's invokers'."""
+    fixed = {i.name: i.consumer for i in SERVICES if i.consumer is not None}
+    return {**fixed, **dict(invoker_durable(e) for e in sorted(set(endpoints)))}
 
 
 def fixed() -> tuple[Identity, ...]:
@@ -273,12 +288,22 @@ def _protected_consumers() -> tuple[str, ...]:
     return tuple(out)
 
 
+def _pull_any_but_fixed(ident: Identity) -> tuple[str, ...]:
+    """An identity that may pull any durable by name (the invoker: endpoint durables are named by
+    the catalog) is still refused every service's own durable: no pull, no ack (ack subjects are
+    guessable from sequence numbers)."""
+    if f"{API}.CONSUMER.MSG.NEXT.{STREAM}.*" not in ident.publish:
+        return ()
+    return tuple(s for d in durables() for s in (f"{API}.CONSUMER.MSG.NEXT.{STREAM}.{d}", f"$JS.ACK.{STREAM}.{d}.>"))
+
+
 def permissions(ident: Identity) -> dict[str, dict[str, list[str]]] | None:
     """The nats-server `permissions` block of an identity; None (everything) for admin only."""
     if ident.unrestricted:
         return None
     publish: dict[str, list[str]] = (
-        {"allow": list(ident.publish), "deny": [*_protected_consumers(), *ident.deny_publish]}
+        {"allow": list(ident.publish), "deny": [*_protected_consumers(), *_pull_any_but_fixed(ident),
+                                                 *ident.deny_publish]}
         if ident.publish
         else {"deny": [">"]}
     )

@@ -18,7 +18,7 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     request_timeout_s: float = 120.0
     invoke_timeout_s: float = 60.0
     # How often a budget replica expires lost reservations and snapshots its projection.
-    budget_housekeeping_s: float = 10.0
+    budget_housekeeping_s: float = 2.0  # how late past its deadline (and grace) a stuck request ends
     # Single-machine convenience: also trust the dev issuer key in the data dir. Off in an enclave,
     # where only the bundle's issuers.jwks.json (the identity service's keys) is trusted.
     trust_dev_issuer: bool = True

@@ -62,6 +62,25 @@ completion_micros_per_1k = 6000
 accreditation = "SECRET//SI//NOFORN"
 
 [[model]]
+# served only at solo-b, which the stack's invoker does not host: test_routing starts one that does
+id = "enclave-tiny-solo"
+endpoints = ["solo-b"]
+context_length = 512
+default_max_tokens = 32
+prompt_micros_per_1k = 2000
+completion_micros_per_1k = 6000
+accreditation = "SECRET//SI//NOFORN"
+
+[[model]]
+id = "enclave-tiny-down"
+endpoints = ["gpu-node-down"]
+context_length = 512
+default_max_tokens = 32
+prompt_micros_per_1k = 2000
+completion_micros_per_1k = 6000
+accreditation = "SECRET//SI//NOFORN"
+
+[[model]]
 id = "enclave-tiny-hang"
 endpoints = ["hang-node"]
 context_length = 512
@@ -82,7 +101,8 @@ def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         fh.write(TEST_TEAMS)
     with open(folder / "access_policy.csv", "a") as fh:
         fh.write("p, team:gamma, enclave-tiny\np, team:gamma, analyst-large\np, team:tight, enclave-tiny\n"
-                 "p, team:gamma, enclave-tiny-ha\np, team:gamma, enclave-tiny-duo\np, team:gamma, enclave-tiny-hang\n")
+                 "p, team:gamma, enclave-tiny-ha\np, team:gamma, enclave-tiny-duo\np, team:gamma, enclave-tiny-hang\n"
+                 "p, team:gamma, enclave-tiny-down\np, team:gamma, enclave-tiny-solo\n")
     shipped = (folder / "catalog.toml").read_text()
     assert "breaker_cooldown_s = 30" in shipped
     # a short cooldown, so a test sees a circuit open and close again

@@ -18,6 +18,7 @@ from enclave_gateway.schemas.events import (
     InvocationCompleted,
     InvocationFailed,
     RequestAuthorized,
+    RequestFailed,
     Reservation,
 )
 from enclave_gateway.schemas.policy import Budgets, PolicyBundle, TeamBudget
@@ -327,3 +328,26 @@ def test_expiry_is_decided_from_the_clock_tick_event_at_its_time() -> None:
     assert released[0].occurred_at == later and released[0].reason == "expired"
     state = decider.evolve(state, released[0])
     assert decider.decide(tick, state, policy, later) == []  # a second tick, or a redelivery, decides nothing
+
+
+def test_a_request_still_open_past_its_deadline_is_ended_by_the_budgets_clock() -> None:
+    """No invoker took its route (or one died with it): the money goes back and the caller hears
+    `timeout`, decided from a tick so replay re-makes it; nothing happens before deadline + grace."""
+    from datetime import timedelta
+
+    policy = bundle(10_000)
+    auth = msgspec.structs.replace(authorized("stuck"), deadline_at=NOW + timedelta(seconds=2),
+                                   reply_to="_INBOX_app.tester.r1")
+    [reserved], state = run([auth], decider.initial_state(), policy)
+    assert decider.expiring_teams(state, policy, NOW + timedelta(seconds=6)) == set()
+    assert decider.expire(state, policy, NOW + timedelta(seconds=6), "t") == []
+    assert decider.expiring_teams(state, policy, NOW + timedelta(seconds=7)) == {"t"}
+    tick = decider.tick("t", NOW + timedelta(seconds=7), policy)
+    released, failed_ = decider.decide(tick, state, policy, NOW + timedelta(seconds=30))  # the tick is the clock
+    assert isinstance(released, BudgetReleased) and released.reason == "deadline"
+    assert released.amount_micros == reserved.amount_micros and released.occurred_at == tick.occurred_at  # type: ignore[attr-defined]
+    assert isinstance(failed_, RequestFailed) and (failed_.reason, failed_.reply_to) == ("timeout", auth.reply_to)
+    state = decider.evolve(decider.evolve(state, released), failed_)
+    assert state.due == {} and state.open == {}
+    assert decider.decide(failed_, state, policy, NOW) == []  # its own RequestFailed releases nothing twice
+    assert decider.decide(tick, state, policy, NOW) == []  # a redelivered tick decides nothing again

@@ -96,13 +96,20 @@ async def test_deprecated_model_is_swapped_and_the_substitution_recorded(admin: 
     assert route["substituted_from"] == "enclave-tiny-v0" and route["model_id"] == "enclave-tiny"
 
 
-async def test_unserved_endpoint_fails_cleanly_and_releases_the_reservation(admin: Client, client: Client, token_for) -> None:
-    msg = await client.request(subjects.submit("tester"), _submit(token_for("gamma"), model="analyst-large"), timeout=30)
-    reply = codec.decode_reply(msg.data)
-    assert reply.error is not None and reply.error.code == "invocation_failed"
+async def test_a_request_no_invoker_takes_ends_at_its_deadline_with_its_money_back(admin: Client, client: Client,
+                                                                                  token_for) -> None:
+    """analyst-large's endpoint is hosted by no invoker here: its route waits on that endpoint's
+    durable, and the budget ends the request once its deadline (and grace) passed."""
+    chat = ChatBody(model="analyst-large", messages=(ChatMessage(role="user", content="x"),), max_tokens=4)
+    cmd = SubmitRequest(token=token_for("gamma"), chat=chat, timeout_s=1.0)
+    reply = codec.decode_reply((await client.request(subjects.submit("tester"), codec.encode(cmd), timeout=30)).data)
+    assert reply.error is not None and reply.error.code == "timeout" and "deadline" in reply.error.message
     released = await wait_for_event(admin, reply.request_id, "BudgetReleased")
     reserved = await wait_for_event(admin, reply.request_id, "BudgetReserved")
-    assert released["amount_micros"] == reserved["amount_micros"]
+    assert released["amount_micros"] == reserved["amount_micros"] and released["reason"] == "deadline"
+    kinds = [b["type"] for _, b in await stream_events(admin, reply.request_id)]
+    assert "InvocationCompleted" not in kinds and "InvocationFailed" not in kinds
+    assert kinds.count("RequestFailed") == 1 and kinds.count("BudgetReleased") == 1
 
 
 async def test_over_budget_request_gets_remaining_and_requested(client: Client, token_for) -> None:
@@ -139,5 +146,6 @@ async def test_models_list_shows_only_what_the_session_may_use(http_url: str, to
                 seen[team] = {m["id"] for m in (await r.json())["data"]}
         async with s.get(f"{http_url}/v1/models", headers={"Authorization": "Bearer nope"}) as r:
             assert r.status == 401 and (await r.json())["error"]["code"] == "token_malformed"
-    assert seen["gamma"] == {"enclave-tiny", "analyst-large", "enclave-tiny-ha", "enclave-tiny-duo", "enclave-tiny-hang"}
+    assert seen["gamma"] == {"enclave-tiny", "analyst-large", "enclave-tiny-ha", "enclave-tiny-duo", "enclave-tiny-hang",
+                             "enclave-tiny-down", "enclave-tiny-solo"}
     assert seen["bravo"] == {"enclave-tiny"}

@@ -37,9 +37,10 @@ async def window(admin: Client, stack: WorkerSettings, token_for) -> tuple[int, 
     nc = await bus.connect(stack, f"app.{APP}")
 
     async def ask(token: str, model: str = "enclave-tiny", labels: tuple[str | None, str | None] = (None, None),
-                  max_tokens: int = 4) -> None:
+                  max_tokens: int = 4, timeout_s: float | None = None) -> None:
         chat = ChatBody(model=model, messages=(ChatMessage(role="user", content="replay me"),), max_tokens=max_tokens)
-        body = SubmitRequest(token=token, chat=chat, input_label=labels[0], output_label=labels[1])
+        body = SubmitRequest(token=token, chat=chat, input_label=labels[0], output_label=labels[1],
+                             timeout_s=timeout_s)
         await nc.request(subjects.submit(APP), codec.encode(body), timeout=30)
 
     try:
@@ -49,7 +50,8 @@ async def window(admin: Client, stack: WorkerSettings, token_for) -> tuple[int, 
             ask(token_for("gamma", **SECRET), labels=("SECRET//SI", "UNCLASSIFIED")),  # write-down
             ask(token_for("gamma"), model="no-such-model"),  # catalog
             ask(token_for("tight"), max_tokens=4000),  # over the cap
-            ask(token_for("gamma"), model="analyst-large"),  # routed to an endpoint nobody serves: released
+            # routed to an endpoint no invoker hosts: ended at its deadline, released by the budget's clock
+            ask(token_for("gamma"), model="analyst-large", timeout_s=1.0),
         )
         await wait_audited(admin, 60)
         await asyncio.sleep(0.5)

@@ -32,7 +32,7 @@ EVENT_FAMILIES = (
     "gw.evt.request.failed", "gw.evt.message.rejected", "gw.evt.response.delivered",
     "gw.evt.response.undelivered", "gw.evt.ledger.reserved.gamma", "gw.evt.ledger.settled.gamma",
     "gw.evt.ledger.released.gamma", "gw.evt.ledger.threshold.gamma", "gw.evt.budget.rejected.gamma",
-    "gw.evt.route.selected.enclave-tiny", "gw.evt.route.unavailable.x", "gw.evt.invocation.completed.x",
+    "gw.evt.route.selected.enclave-tiny", "gw.evt.route.selected.enclave-tiny.local-llama", "gw.evt.route.unavailable.x", "gw.evt.invocation.completed.x",
     "gw.evt.invocation.failed.x", "gw.evt.policy.activated", "gw.evt.audit.checkpoint",
 )
 CORE_FAMILIES = (
@@ -50,7 +50,7 @@ JS_FAMILIES = (
     f"{API}.CONSUMER.CREATE.{S}.mine.gw.evt.ledger.>", f"{API}.CONSUMER.LIST.{S}",
     *(
         s
-        for d in registry.durables()
+        for d in registry.durables(("local-llama",))  # the services' and an endpoint's invokers'
         for s in (
             f"{API}.CONSUMER.CREATE.{S}.{d}", f"{API}.CONSUMER.CREATE.{S}.{d}.gw.evt.ledger.>",
             f"{API}.CONSUMER.CREATE.{S}.{d}.gw.evt.policy.activated",
@@ -142,7 +142,7 @@ async def test_every_identity_is_refused_what_it_does_not_own(admin: Client, sta
     finally:
         await nc.close()
     assert await _stored_but_checkpoints(admin) == before, f"{name}'s forged publishes reached the stream"
-    assert {c for c in registry.durables()} <= {c.name for c in await js.consumers_info(S)}
+    assert {c for c in registry.durables(("local-llama",))} <= {c.name for c in await js.consumers_info(S)}
 
 
 async def _stored_but_checkpoints(admin: Client) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+import msgspec
 from msgspec import Struct
 
 from ...schemas.commands import ChatBody
@@ -50,12 +51,26 @@ class Totals(Struct, frozen=True):
     reserved: int = 0
 
 
+class Due(Struct, frozen=True, gc=False):
+    """When an open request's caller stops waiting, and where it waits."""
+
+    at: datetime
+    reply_to: str
+
+
+# After a request's deadline its last attempt is over (the invoker never calls past it and the
+# router never retries past it), so its outcome lands within moments; a reservation still open
+# this long after is a request nothing will finish (no invoker hosts its endpoint, or one died).
+DEADLINE_GRACE = timedelta(seconds=5)
+
+
 class BudgetState(Struct, frozen=True, kw_only=True):
     """Totals and alerted thresholds by `team/period`; open reservations by request id."""
 
     ledgers: dict[str, Totals] = {}
     open: dict[str, Reservation] = {}
     opened_at: dict[str, datetime] = {}
+    due: dict[str, Due] = {}  # the open requests that have a deadline (every one since issue 10)
     alerted: dict[str, int] = {}  # the highest threshold (percent) already announced
     # Requests settled, released or refused, with when: a RequestAuthorized seen again after its request
     # closed (a redelivery after the duplicate window, or a copy a credential made the server
@@ -94,11 +109,14 @@ def evolve(state: BudgetState, event: Event) -> BudgetState:
     match event:
         case BudgetReserved():
             held = Reservation(team=event.team, period=event.period, micros=event.amount_micros)
+            due = state.due if event.deadline_at is None else {
+                **state.due, event.request_id: Due(event.deadline_at, event.reply_to)}
             return _with(
                 state,
                 event,
                 open_={**state.open, event.request_id: held},
                 opened_at={**state.opened_at, event.request_id: event.occurred_at},
+                due=due,
             )
         case BudgetSettled() | BudgetReleased():
             rid = event.request_id
@@ -108,17 +126,16 @@ def evolve(state: BudgetState, event: Event) -> BudgetState:
                 open_={k: v for k, v in state.open.items() if k != rid},
                 opened_at={k: v for k, v in state.opened_at.items() if k != rid},
                 closed=state.closed.add(rid, event.occurred_at),
+                due={k: v for k, v in state.due.items() if k != rid} if rid in state.due else state.due,
             )
         case BudgetRejected():
             # a refusal closes the request too: its caller was told no, so a redelivery after the
             # duplicate window must not reserve it once the team has money again
-            return BudgetState(ledgers=state.ledgers, open=state.open, opened_at=state.opened_at,
-                               alerted=state.alerted, closed=state.closed.add(event.request_id, event.occurred_at))
+            return msgspec.structs.replace(state, closed=state.closed.add(event.request_id, event.occurred_at))
         case BudgetThresholdCrossed():
             key = ledger_key(event.team, event.period)
             alerted = {**state.alerted, key: max(state.alerted.get(key, 0), event.threshold_pct)}
-            return BudgetState(ledgers=state.ledgers, open=state.open, opened_at=state.opened_at, alerted=alerted,
-                               closed=state.closed)
+            return msgspec.structs.replace(state, alerted=alerted)
         case _:
             return state
 
@@ -129,6 +146,7 @@ def _with(
     open_: dict[str, Reservation],
     opened_at: dict[str, datetime],
     closed: Closed | None = None,
+    due: dict[str, Due] | None = None,
 ) -> BudgetState:
     totals = Totals(spent=event.spent_micros, reserved=event.reserved_micros)
     return BudgetState(
@@ -137,6 +155,7 @@ def _with(
         opened_at=opened_at,
         alerted=state.alerted,
         closed=state.closed if closed is None else closed,
+        due=state.due if due is None else due,
     )
 
 
@@ -206,11 +225,22 @@ def thresholds(state: BudgetState, policy: PolicyBundle, now: datetime, team: st
 
 
 def expire(state: BudgetState, policy: PolicyBundle, now: datetime, team: str) -> list[AnyEvent]:
-    """Release each of `team`'s reservations open longer than `reservation_ttl_s` (its request was lost)."""
-    deadline = now - timedelta(seconds=policy.budgets.reservation_ttl_s)
+    """End each of `team`'s requests still open past its deadline (and grace): the money goes back
+    and the caller hears `timeout`, whatever stage it was stuck in. Release each reservation open
+    longer than `reservation_ttl_s` (its request was lost; those without a deadline are old)."""
     out: list[AnyEvent] = []
+    for rid, due in sorted(state.due.items()):
+        held = state.open.get(rid)
+        if held is not None and held.team == team and due.at + DEADLINE_GRACE <= now:
+            out.extend(_release(rid, "deadline", state, policy, now))
+            state = evolve(state, out[-1])
+            out.append(RequestFailed(
+                **envelope(rid, "deadline", now, policy.version), stage="budget", reason="timeout",
+                detail=f"no outcome by the request's deadline {due.at.isoformat()}: no invoker took or finished it",
+                reply_to=due.reply_to or None, reservation=held))
+    ttl = now - timedelta(seconds=policy.budgets.reservation_ttl_s)
     for rid, at in sorted(state.opened_at.items()):
-        if at <= deadline and state.open[rid].team == team:
+        if at <= ttl and state.open[rid].team == team:
             out.extend(_release(rid, "expired", state, policy, now))
             state = evolve(state, out[-1])
     return out
@@ -223,9 +253,11 @@ def tick(team: str, now: datetime, policy: PolicyBundle) -> BudgetClockTicked:
 
 
 def expiring_teams(state: BudgetState, policy: PolicyBundle, now: datetime) -> set[str]:
-    """Teams with at least one reservation past its deadline."""
-    deadline = now - timedelta(seconds=policy.budgets.reservation_ttl_s)
-    return {state.open[rid].team for rid, at in state.opened_at.items() if at <= deadline}
+    """Teams with at least one open request past its deadline, or reservation past its TTL."""
+    ttl = now - timedelta(seconds=policy.budgets.reservation_ttl_s)
+    late = {state.open[rid].team for rid, due in state.due.items()
+            if rid in state.open and due.at + DEADLINE_GRACE <= now}
+    return late | {state.open[rid].team for rid, at in state.opened_at.items() if at <= ttl}
 
 
 def _reserve(event: RequestAuthorized, state: BudgetState, policy: PolicyBundle, now: datetime) -> list[AnyEvent]:

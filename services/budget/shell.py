@@ -3,6 +3,7 @@ beside it, a timer that expires lost reservations and snapshots the projection."
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from nats.aio.msg import Msg
@@ -24,6 +25,7 @@ from ..settings import WorkerSettings
 from . import decider
 from .ledger_store import LedgerConflict, LedgerEvent, LedgerStore
 
+SNAPSHOT_EVERY_S = 10.0
 log = logging.getLogger("enclave_gateway.budget")
 MAX_CONFLICTS = 50
 
@@ -103,8 +105,9 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
 async def _housekeeping(
     s: worker.Session[PolicyBundle], store: LedgerStore, stop: asyncio.Event, every_s: float
 ) -> None:
-    """Expire reservations whose request was lost, and snapshot the projection when it moved."""
-    snapshotted = (store.seq, store.refusals_through)
+    """End requests past their deadline, expire reservations whose request was lost, and snapshot
+    the projection when it moved (at most every SNAPSHOT_EVERY_S: a snapshot writes the state)."""
+    snapshotted, saved_at = (store.seq, store.refusals_through), time.monotonic()
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), every_s)
@@ -116,7 +119,7 @@ async def _housekeeping(
             for team in sorted(decider.expiring_teams(store.state, bundle, now)):
                 await bus.publish(s.js, decider.tick(team, now, bundle))  # decided when consumed, like any input
             await store.catch_up_all_refusals()  # a snapshot says refusals are folded through a sequence
-            if (store.seq, store.refusals_through) != snapshotted:
-                snapshotted = (await store.save_snapshot(), store.refusals_through)
+            if (store.seq, store.refusals_through) != snapshotted and time.monotonic() - saved_at >= SNAPSHOT_EVERY_S:
+                snapshotted, saved_at = (await store.save_snapshot(), store.refusals_through), time.monotonic()
         except Exception as exc:  # housekeeping retries on the next tick; serving goes on
             log.warning("budget housekeeping failed: %r", exc)

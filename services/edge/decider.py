@@ -130,6 +130,11 @@ def refuse_reply_subject(subject: str, reply_to: str | None) -> str | None:
     return None
 
 
+def caller_wait_s(cmd: SubmitRequest, timeout_s: float) -> float:
+    """How long the caller waits: the edge's request timeout, or the caller's own when shorter."""
+    return min(timeout_s, cmd.timeout_s) if cmd.timeout_s is not None and cmd.timeout_s > 0 else timeout_s
+
+
 def submitted(
     request_id: str,
     entry: Literal["http", "nats"],
@@ -141,7 +146,7 @@ def submitted(
 ) -> RequestSubmitted:
     """The fact that a valid request entered the gateway, with the labels the caller declared and
     its deadline: the edge's timeout, or the caller's own when shorter."""
-    wait = min(timeout_s, cmd.timeout_s) if cmd.timeout_s is not None and cmd.timeout_s > 0 else timeout_s
+    wait = caller_wait_s(cmd, timeout_s)
     return RequestSubmitted(
         **envelope(request_id, "submit", now, policy_version),
         entry=entry,

@@ -24,6 +24,9 @@ _json = msgspec.json.Encoder()
 # The classification of what the caller sends and of the channel the answer goes to (DESIGN §3).
 INPUT_LABEL = "X-Input-Classification"
 OUTPUT_LABEL = "X-Output-Classification"
+# How long the caller will wait, in seconds (the edge's request timeout when absent or longer): the
+# request's deadline, enforced by every stage after the edge.
+TIMEOUT_HEADER = "X-Request-Timeout"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
@@ -81,11 +84,22 @@ async def chat_completions(edge: Edge, request: web.Request) -> web.StreamRespon
         reply = await edge.reject(uuid.uuid4().hex, "http:/v1/chat/completions", "invalid_request", str(exc), None)
         assert reply.error is not None
         return _error(reply.error)
+    wait = request.headers.get(TIMEOUT_HEADER)
+    try:
+        timeout_s = None if wait is None else float(wait)
+        if timeout_s is not None and not 0 < timeout_s < 1e6:
+            raise ValueError(wait)
+    except ValueError:
+        reply = await edge.reject(uuid.uuid4().hex, "http:/v1/chat/completions", "invalid_request",
+                                  f"{TIMEOUT_HEADER} must be a number of seconds above 0", None)
+        assert reply.error is not None
+        return _error(reply.error)
     cmd = SubmitRequest(
         token=bearer(request),
         chat=decider.to_chat(req),
         input_label=request.headers.get(INPUT_LABEL),
         output_label=request.headers.get(OUTPUT_LABEL),
+        timeout_s=timeout_s,
     )
     if req.stream:
         return await _stream(edge, request, cmd)

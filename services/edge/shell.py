@@ -79,7 +79,7 @@ class Edge:
         self.pending[request_id] = fut
         try:
             await self.submit("http", cmd, subjects.edge_reply(self.replica, request_id), request_id)
-            reply, team = await asyncio.wait_for(fut, self.settings.request_timeout_s)
+            reply, team = await asyncio.wait_for(fut, decider.caller_wait_s(cmd, self.settings.request_timeout_s))
             self._answered(request_id)
         except TimeoutError:
             reply, team = decider.timeout_reply(request_id), None
@@ -101,7 +101,7 @@ class Edge:
         streamed_out = False
         try:
             await self.submit("http", cmd, subjects.edge_reply(self.replica, request_id), request_id)
-            deadline = loop.time() + self.settings.request_timeout_s
+            deadline = loop.time() + decider.caller_wait_s(cmd, self.settings.request_timeout_s)
             while outcome is None:
                 getter = asyncio.ensure_future(queue.get())
                 waiters: set[asyncio.Future[Any]] = {getter, fut}

@@ -1,7 +1,9 @@
 """Invoker shell: call the model server over a pooled HTTP connection, publish the outcome.
 
-Runs beside its model servers; `endpoints` maps the catalog's endpoint names to their addresses.
-An endpoint this invoker does not know is a failed invocation, not a crash.
+Runs beside its model servers; `endpoints` maps the catalog's endpoint names to their addresses,
+and the invoker pulls only those endpoints' routes (one durable per endpoint, shared by every
+invoker hosting it). A route to an endpoint it does not know (only a forged or misfiled one can
+reach it) is a failed invocation, not a crash.
 """
 
 import asyncio
@@ -18,6 +20,7 @@ from ...schemas import codec, subjects
 from ...schemas.commands import StreamChunk
 from ...schemas.events import RouteSelected
 from .. import bus, egress, worker
+from ..registry import invoker_durable
 from ..settings import WorkerSettings
 from . import decider
 
@@ -153,7 +156,10 @@ async def _serve(settings: WorkerSettings, nc: Client, js: JetStreamContext, sto
         for event in decider.decide(route, outcome, route.policy_version, bus.now_utc()):
             await bus.publish(js, bus.caused(event, route, msg))
 
-    try:
-        await bus.consume(js, "invoker", handle, stop, batch=128)
+    if not settings.endpoints:
+        log.warning("this invoker hosts no endpoint (gateway.toml [endpoints]): it takes no route")
+    try:  # each hosted endpoint's durable, shared with the other invokers hosting it
+        await asyncio.gather(stop.wait(), *(bus.consume(js, invoker_durable(name)[0], handle, stop, batch=128)
+                               for name in sorted(settings.endpoints)))
     finally:
         await session.close()
