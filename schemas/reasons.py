@@ -63,9 +63,13 @@ HTTP_STATUS: dict[str, int] = {
 
 # OpenAI's error `type` field: the official client maps status codes to exception classes,
 # the type string is what dashboards group by.
-# An invocation error (InvocationFailed.error, not a caller-facing code): a streamed answer broke off
-# after tokens reached the caller, so no fallback may start it again elsewhere.
+# An invocation error (InvocationFailed.error, not a caller-facing code): a streamed attempt was
+# delivered to an invoker again, so its tokens may already have reached the caller: no invoker
+# starts it again and the router starts no other (the caller would read the answer twice).
 STREAM_BROKEN = "stream_broken"
+# The finish reason of a streamed answer that broke off after tokens reached the caller: they are
+# its answer (recorded and charged), and the caller is told it was cut short.
+INTERRUPTED = "interrupted"
 
 ERROR_TYPE: dict[int, str] = {
     400: "invalid_request_error",

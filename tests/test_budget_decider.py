@@ -351,3 +351,12 @@ def test_a_request_still_open_past_its_deadline_is_ended_by_the_budgets_clock() 
     assert state.due == {} and state.open == {}
     assert decider.decide(failed_, state, policy, NOW) == []  # its own RequestFailed releases nothing twice
     assert decider.decide(tick, state, policy, NOW) == []  # a redelivered tick decides nothing again
+
+
+def test_a_negative_token_count_never_credits_the_ledger() -> None:
+    """Found by a hostile review: usage below zero settled as a credit (invokers now refuse it too)."""
+    policy = bundle(10_000)
+    [reserved], state = run([authorized("neg")], decider.initial_state(), policy)
+    held = Reservation(team="t", period="2026-11", micros=reserved.amount_micros)  # type: ignore[attr-defined]
+    [settled], _ = run([completed("neg", held, 10, -1_000_000)], state, policy)
+    assert isinstance(settled, BudgetSettled) and settled.charged_micros == 0 and settled.spent_micros >= 0

@@ -128,10 +128,13 @@ def test_the_holding_replica_records_delivery_timeout_and_late_replies() -> None
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_a_reply_after_the_deadline_is_recorded_undelivered_and_nothing_runs_past_it(
-        admin: Client, stack: WorkerSettings, token_for) -> None:
+        admin: Client, stack: WorkerSettings, token_for, monkeypatch: pytest.MonkeyPatch) -> None:
     """The edge's deadline travels with the request (issue 10 item 3): past it the router starts no
     model call, the request ends with a timeout, its reservation is released, and that late end,
     which nobody waits for any more, is recorded undelivered."""
+    from enclave_gateway.services.edge import shell as edge_shell
+
+    monkeypatch.setattr(edge_shell, "REPLY_GRACE_S", 0.0)  # the edge gives up before the pipeline's own answer
     hasty = msgspec.structs.replace(stack, request_timeout_s=0.001)  # far below five acknowledged hops
     chat = ChatBody(model="enclave-tiny", messages=(ChatMessage(role="user", content="too late"),), max_tokens=8,
                     temperature=0.0)

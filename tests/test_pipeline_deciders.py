@@ -490,7 +490,8 @@ def test_a_streamed_answer_without_usage_is_counted_by_the_gateway() -> None:
     assert sent == [" o", " o"] and reader.first_token_ms == 3.0
     [done] = invoker.decide(streaming, reader.outcome(7.0), "pv", NOW)
     assert isinstance(done, InvocationCompleted) and done.streamed and not done.usage_reported
-    assert (done.content, done.completion_tokens, done.finish_reason) == (" o o", 2, "length")
+    # it stopped at the limit: it made all the tokens it was allowed, whatever chunks they came in
+    assert (done.content, done.completion_tokens, done.finish_reason) == (" o o", streaming.max_tokens, "length")
     # the prompt as an upper bound: its bytes ("user" + "hello") plus the template's overheads
     assert done.prompt_tokens == len(b"user") + len(b"hello") + 8 + 16
 
@@ -503,22 +504,77 @@ def test_a_streamed_answer_with_usage_keeps_the_servers_figures() -> None:
     assert (done.prompt_tokens, done.completion_tokens) == (11, 2)
 
 
-@pytest.mark.parametrize("bad", [b'data: {"error":{"message":"out of memory"}}', b"data: {not json"])
-def test_a_stream_that_breaks_after_tokens_went_out_is_not_started_again_elsewhere(bad: bytes) -> None:
+@pytest.mark.parametrize("bad", [b'data: {"error":{"message":"out of memory"}}', b"data: {not json",
+                                 b'data: {"choices":[{"delta":{"content":"\xff"}}]}'])
+def test_a_stream_that_breaks_after_tokens_went_out_is_the_answer_cut_short_and_charged(bad: bytes) -> None:
+    """Found by a hostile review: a stream broken after tokens went out (by the server, or by the
+    caller's own short deadline) was released unpaid. Those tokens are what the caller got: they are
+    recorded and charged, and no other endpoint starts the answer again (no failure to route)."""
     reader = invoker.StreamReader()
     reader.feed(LLAMA_STREAM[3], 1.0)
     with pytest.raises(invoker.StreamBroken):
         reader.feed(bad, 2.0)
+    [done] = invoker.decide(route(), reader.broken("bad_response", "mid-stream", 3.0), "pv", NOW)
+    assert isinstance(done, InvocationCompleted) and done.finish_reason == "interrupted"
+    assert done.content == " o" and done.completion_tokens == 2 and done.broken_off == "bad_response: mid-stream"
+    # before any token went out it is an ordinary failed attempt: the next endpoint may serve it
+    [failed] = invoker.decide(route(), invoker.StreamReader().broken("timeout", "t", 3.0), "pv", NOW)
+    assert isinstance(failed, InvocationFailed) and failed.error == "timeout"
+
+
+def test_a_streamed_attempt_delivered_again_is_not_started_anywhere_again() -> None:
+    """Found by a hostile review: a redelivered streamed route was called again and the caller read
+    the tokens twice. The invoker refuses it (stream_broken) and the router ends the request, even
+    with an endpoint left and even past the deadline (the reason is the redelivery)."""
     policy = _two_endpoints("node-a", "node-b")
     reserved = SAMPLES_BY_NAME["BudgetReserved"]
     assert isinstance(reserved, BudgetReserved)
     [first] = router.decide(reserved, router.initial_state(), policy, NOW)
     assert isinstance(first, RouteSelected)
-    broke = invoker.CallFailed(error="bad_response", detail="x", latency_ms=1.0, tokens_sent=reader.chunks)
-    [failed] = invoker.decide(first, broke, "pv", NOW)
-    assert isinstance(failed, InvocationFailed) and failed.error == "stream_broken"
-    [ended] = router.decide(failed, router.evolve(router.initial_state(), first), policy, NOW)
-    assert isinstance(ended, RouteUnavailable) and ended.reason == "invocation_failed"  # node-b was left untried
+    again = invoker.CallFailed(error="stream_broken", detail="delivered again", latency_ms=0.0)
+    [failed] = invoker.decide(first, again, "pv", NOW)
+    assert isinstance(failed, InvocationFailed)
+    late = NOW + timedelta(days=1)
+    [ended] = router.decide(failed, router.evolve(router.initial_state(), first), policy, late)
+    assert isinstance(ended, RouteUnavailable) and ended.reason == "invocation_failed"
+    assert "delivered again" in ended.detail
+
+
+@pytest.mark.parametrize("body, why", [
+    (b'{"choices":[{"message":{"content":"x"}}],"usage":{"prompt_tokens":10,"completion_tokens":-1000000}}',
+     "Expected `int` >= 0"),
+    (b'{"choices":[{"message":{"content":"\xff"}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}', "utf-8"),
+    (b'{"choices":[{"message":{"content":"' + b"x" * (invoker.MAX_ANSWER_BYTES + 1) +
+     b'"}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}', "an answer over"),
+])
+def test_a_server_answer_that_would_credit_crash_or_overflow_is_a_bad_response(body: bytes, why: str) -> None:
+    [failed] = invoker.decide(route(), invoker.CallAnswered(status=200, body=body, latency_ms=1.0), "pv", NOW)
+    assert isinstance(failed, InvocationFailed) and failed.error == "bad_response" and why in failed.detail
+    negative = b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":-5}}'
+    with pytest.raises(invoker.StreamBroken):
+        invoker.StreamReader().feed(negative, 1.0)
+
+
+def test_a_server_reporting_fewer_tokens_than_it_streamed_is_not_believed() -> None:
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":11,"completion_tokens":0}}'
+    _, reader = _read([*LLAMA_STREAM[:-2], usage, b"data: [DONE]"])
+    [done] = invoker.decide(route(), reader.outcome(7.0), "pv", NOW)
+    assert isinstance(done, InvocationCompleted) and (done.prompt_tokens, done.completion_tokens) == (11, 2)
+
+
+def test_the_edge_drops_repeated_tokens_and_tells_an_interrupted_answer_as_an_error() -> None:
+    reply = edge.reply_for(SAMPLES_BY_NAME["InvocationCompleted"])  # type: ignore[arg-type]
+    assert reply.completion is not None
+    writer = openai_shapes.ChunkWriter(0, include_usage=True)
+    chunk = StreamChunk(request_id=reply.request_id, model="m", attempt=2, index=0, content="o o")
+    assert len(writer.events(chunk)) == 2 and writer.events(chunk) == []  # the same token again: dropped
+    cut = msgspec.structs.replace(reply, completion=msgspec.structs.replace(reply.completion,
+                                                                             finish_reason="interrupted"))
+    bodies = _sse(writer.events(cut))
+    assert bodies[-1]["error"]["code"] == "invocation_failed" and "usage" in bodies[-2]  # type: ignore[index]
+    other = openai_shapes.ChunkWriter(0, include_usage=False)
+    other.events(msgspec.structs.replace(chunk, content="zz"))
+    assert _sse(other.events(reply))[-1]["error"]["code"] == "invocation_failed"  # type: ignore[index]
 
 
 def test_a_stream_that_ends_without_saying_why_is_broken_not_a_short_answer() -> None:

@@ -189,3 +189,60 @@ async def test_streams_of_concurrent_callers_do_not_mix(http_url: str, token_for
 
     results = await asyncio.gather(*(one(f"prompt number {i}") for i in range(6)))
     assert len({rid for rid, _ in results}) == 6 and all(text for _, text in results), results
+
+
+async def test_an_answer_cut_short_by_the_deadline_is_what_the_caller_got_and_is_charged(
+        admin: Client, client: Client, http_url: str, token_for) -> None:
+    """Found by a hostile review: a caller that set a short deadline on a streamed request got tokens
+    for free (the reservation was released). A server that streams three tokens then stalls: the
+    caller keeps them, hears that the answer broke off, and the team pays for them."""
+    from aiohttp import web
+
+    from .conftest import HANG_PORT
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for word in ("one", " two", " three"):
+            await resp.write(b'data: {"choices":[{"delta":{"content":"' + word.encode() + b'"}}]}\n\n')
+        await asyncio.sleep(3600)
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", stall)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)  # its handlers stall by design
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", HANG_PORT).start()
+    inbox = client.new_inbox()
+    chunk_subject = subjects.chunks_of(inbox)
+    assert chunk_subject is not None
+    chunks, replies = await client.subscribe(chunk_subject), await client.subscribe(inbox)
+    try:
+        chat = ChatBody(model="enclave-tiny-hang", messages=(ChatMessage(role="user", content="go"),), max_tokens=40,
+                        stream=True)
+        await client.publish(subjects.submit("tester"), codec.encode(SubmitRequest(
+            token=token_for("gamma"), chat=chat, timeout_s=1.5)), reply=inbox)
+        reply = codec.decode_reply((await replies.next_msg(timeout=30)).data)
+        got = [codec.decode_chunk(m.data).content for m in [await chunks.next_msg(timeout=1) for _ in range(3)]]
+        oai = openai.AsyncOpenAI(base_url=f"{http_url}/v1", api_key=token_for("gamma"), max_retries=0)
+        pieces = []
+        with pytest.raises(openai.APIError, match="broke off after"):
+            stream = await oai.chat.completions.create(
+                model="enclave-tiny-hang", messages=[{"role": "user", "content": "go"}], max_tokens=40, stream=True,
+                extra_headers={"X-Request-Timeout": "1.5"})
+            async for c in stream:
+                if c.choices and c.choices[0].delta.content:
+                    pieces.append(c.choices[0].delta.content)
+    finally:
+        await chunks.unsubscribe()
+        await replies.unsubscribe()
+        await runner.cleanup()
+    assert "".join(got) == "".join(pieces) == "one two three"
+    assert reply.completion is not None and reply.completion.finish_reason == "interrupted"
+    assert reply.completion.content == "one two three"
+    done = await wait_for_event(admin, reply.request_id, "InvocationCompleted")
+    assert done["broken_off"].startswith("timeout") and done["usage_reported"] is False  # type: ignore[union-attr]
+    settled = await wait_for_event(admin, reply.request_id, "BudgetSettled")
+    assert settled["completion_tokens"] == len("one two three") and int(settled["charged_micros"]) > 0  # type: ignore[call-overload]
+    kinds = [b["type"] for _, b in await stream_events(admin, reply.request_id)]
+    assert "BudgetReleased" not in kinds and "InvocationFailed" not in kinds

@@ -29,10 +29,12 @@ class InvocationCompletedV1(Event, frozen=True, kw_only=True, tag="InvocationCom
 class InvocationCompleted(Event, frozen=True, kw_only=True, tag="InvocationCompleted"):
     """The model server answered.
 
-    `usage_reported` true: the usage is what the server reported. False (a streamed answer from a
-    server that reports none): the gateway counted it, completion tokens as the content chunks
-    received and prompt tokens as an upper bound (bytes of the messages plus template overhead),
-    so a charge on counted usage errs high, never low, and never past the reservation.
+    `usage_reported` true: the usage is what the server reported (a completion count below the
+    content chunks received is raised to it). False (a streamed answer from a server that reports
+    none): the gateway counted it as upper bounds: completion tokens are `max_tokens` when the
+    answer stopped at the limit, else its bytes (at least its chunks, at most `max_tokens`); prompt
+    tokens are the bytes of the messages plus the default template overheads. The charge never
+    passes the reservation.
     """
 
     schema_version: int = 2
@@ -50,6 +52,9 @@ class InvocationCompleted(Event, frozen=True, kw_only=True, tag="InvocationCompl
     usage_reported: bool = True  # every v1 completion's usage was the server's
     first_token_ms: float | None = None  # a streamed answer: when its first token arrived
     attempt: int = 1
+    # a streamed answer that broke off after tokens reached the caller (finish_reason "interrupted"):
+    # why; `content` and the usage are what the caller got
+    broken_off: str | None = None
 
 
 class InvocationFailedV1(Event, frozen=True, kw_only=True, tag="InvocationFailed"):

@@ -331,7 +331,7 @@ def _settle(event: InvocationCompleted, state: BudgetState, policy: PolicyBundle
     actual = 0 if model is None else catalog.cost_micros(model, event.prompt_tokens, event.completion_tokens)
     # A server that reports more tokens than the bound it was given cannot push a team over
     # its cap: the charge stops at what was reserved (DESIGN §4 invariant).
-    charged = min(actual, held.micros)
+    charged = max(0, min(actual, held.micros))  # never more than held, never a credit
     totals = state.ledgers.get(ledger_key(held.team, held.period), Totals())
     return [
         BudgetSettled(

@@ -6,7 +6,7 @@ import msgspec
 from msgspec import Struct
 
 from ...schemas.commands import Completion, ErrorBody, StreamChunk, SubmitReply
-from ...schemas.reasons import ERROR_TYPE, http_status
+from ...schemas.reasons import ERROR_TYPE, INTERRUPTED, http_status
 
 _json = msgspec.json.Encoder()
 
@@ -133,28 +133,42 @@ class ChunkWriter:
             self.model = item.model if isinstance(item, StreamChunk) else self.model
             out.append(self._event(_Delta(role="assistant"), None))
         if isinstance(item, StreamChunk):
-            if item.attempt < self.attempt:
+            # one attempt streams, its tokens once and in order (the router never starts another
+            # after tokens went out, and the invoker never streams an attempt twice): anything else
+            # is dropped, and the reply says what the answer was
+            if (self.attempt and item.attempt != self.attempt) or item.index != len(self.sent):
                 return out
-            self.attempt = item.attempt  # only one attempt ever streams: the router never restarts one
+            self.attempt = item.attempt
             self.sent.append(item.content)
             out.append(self._event(_Delta(content=item.content), None))
             return out
         if item.error is not None:  # after tokens went out, an error can only be told in the stream
-            _, body = openai_error(item.error)
-            return [*out, b"data: " + _json.encode(_StreamError(body.error)) + b"\n\n"]
+            return [*out, self._error(item.error)]
         assert item.completion is not None
         c, self.model = item.completion, item.completion.model
         sent = "".join(self.sent)
-        rest = c.content[len(sent):] if c.content.startswith(sent) else ""
-        if rest:
+        if not c.content.startswith(sent):  # cannot happen by the rules above; never finish as if it were fine
+            return [*out, self._error(ErrorBody(code="invocation_failed", message=(
+                "the streamed tokens differ from the recorded answer; read the answer again without streaming")))]
+        if rest := c.content[len(sent):]:
             out.append(self._event(_Delta(content=rest), None))
-        out.append(self._event(_Delta(), c.finish_reason))
+        if c.finish_reason != INTERRUPTED:
+            out.append(self._event(_Delta(), c.finish_reason))
         if self.include_usage:
             u = c.usage
             usage = _RespUsage(u.prompt_tokens, u.completion_tokens, u.prompt_tokens + u.completion_tokens)
             out.append(self._encode(self._chunk((), usage)))
+        if c.finish_reason == INTERRUPTED:  # the tokens above are the answer, cut short and charged
+            return [*out, self._error(ErrorBody(code="invocation_failed", message=(
+                f"the model server's answer broke off after {c.usage.completion_tokens} tokens; "
+                "what you received is recorded and charged")))]
         out.append(b"data: [DONE]\n\n")
         return out
+
+    @staticmethod
+    def _error(err: ErrorBody) -> bytes:
+        _, body = openai_error(err)
+        return b"data: " + _json.encode(_StreamError(body.error)) + b"\n\n"
 
     def _event(self, delta: _Delta, finish: str | None) -> bytes:
         return self._encode(self._chunk((_ChunkChoice(0, delta, finish),)))

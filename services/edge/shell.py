@@ -26,6 +26,7 @@ from ..settings import WorkerSettings
 from . import decider, http_app
 
 log = logging.getLogger("enclave_gateway.edge")
+REPLY_GRACE_S = 1.0
 ANSWERED_MEMORY = 4096  # recent answered request ids: a redelivered duplicate reply is not "undelivered"
 
 
@@ -79,7 +80,7 @@ class Edge:
         self.pending[request_id] = fut
         try:
             await self.submit("http", cmd, subjects.edge_reply(self.replica, request_id), request_id)
-            reply, team = await asyncio.wait_for(fut, decider.caller_wait_s(cmd, self.settings.request_timeout_s))
+            reply, team = await asyncio.wait_for(fut, self._backstop(cmd))
             self._answered(request_id)
         except TimeoutError:
             reply, team = decider.timeout_reply(request_id), None
@@ -99,9 +100,10 @@ class Edge:
         self.pending[request_id], self.streams[request_id] = fut, queue
         outcome: tuple[SubmitReply, str | None] | None = None
         streamed_out = False
+        getter: asyncio.Future[StreamChunk] | None = None
         try:
             await self.submit("http", cmd, subjects.edge_reply(self.replica, request_id), request_id)
-            deadline = loop.time() + decider.caller_wait_s(cmd, self.settings.request_timeout_s)
+            deadline = loop.time() + self._backstop(cmd)
             while outcome is None:
                 getter = asyncio.ensure_future(queue.get())
                 waiters: set[asyncio.Future[Any]] = {getter, fut}
@@ -120,6 +122,8 @@ class Edge:
                     outcome = (decider.timeout_reply(request_id), None)
             streamed_out = True
         finally:
+            if getter is not None:
+                getter.cancel()
             self.pending.pop(request_id, None)
             self.streams.pop(request_id, None)
             if not streamed_out:  # hung up: a reply already here is recorded now, a later one on arrival
@@ -130,6 +134,12 @@ class Edge:
                                                            self.version))
         await self._record(decider.handed_over(outcome[0], outcome[1], "waiting", bus.now_utc(), self.version))
         yield outcome[0]
+
+    def _backstop(self, cmd: SubmitRequest) -> float:
+        """How long this replica waits for the reply: the request's deadline, which every stage
+        enforces and whose outcome it answers (an attempt cut at it, what a stream got), plus a
+        moment for that answer to arrive; the edge's own 504 is for a pipeline that says nothing."""
+        return decider.caller_wait_s(cmd, self.settings.request_timeout_s) + REPLY_GRACE_S
 
     def _answered(self, request_id: str) -> None:
         self.answered[request_id] = None

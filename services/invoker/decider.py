@@ -5,13 +5,14 @@ so replay can re-derive `InvocationCompleted` from a recorded response.
 """
 
 from datetime import datetime
+from typing import Annotated
 
 import msgspec
-from msgspec import Struct
+from msgspec import Meta, Struct
 
 from ...schemas.commands import ChatMessage
 from ...schemas.events import AnyEvent, Event, InvocationCompleted, InvocationFailed, RouteSelected, envelope
-from ...schemas.reasons import STREAM_BROKEN
+from ...schemas.reasons import INTERRUPTED
 from .. import catalog
 
 STAGE = "invoke"
@@ -30,9 +31,14 @@ class _Choice(Struct, frozen=True):
     finish_reason: str | None = None
 
 
+Count = Annotated[int, Meta(ge=0)]  # a negative count from a server would credit the team's ledger
+# A larger answer is refused (bad_response): the fact that records it must fit a NATS message.
+MAX_ANSWER_BYTES = 512 * 1024
+
+
 class _Usage(Struct, frozen=True):
-    prompt_tokens: int
-    completion_tokens: int
+    prompt_tokens: Count
+    completion_tokens: Count
 
 
 class OpenAIResponse(Struct, frozen=True):
@@ -51,21 +57,21 @@ class CallAnswered(Struct, frozen=True, kw_only=True):
 
 
 class CallFailed(Struct, frozen=True, kw_only=True):
-    """The call never got an answer (refused, reset, timed out), or a streamed one broke off."""
+    """The call never got an answer (refused, reset, timed out) and no token reached the caller."""
 
     error: str
     detail: str
     latency_ms: float
-    tokens_sent: int = 0  # content chunks already passed on to the caller
 
 
 class _Usage0(Struct, frozen=True):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    prompt_tokens: Count = 0
+    completion_tokens: Count = 0
 
 
 class CallStreamed(Struct, frozen=True, kw_only=True):
-    """A streamed answer read to its end: the content chunks joined, and the usage if reported."""
+    """A streamed answer: the content chunks joined, and the usage if reported. `broken_off` says
+    why it ended early, after tokens had reached the caller (they are its answer, and charged)."""
 
     content: str
     finish_reason: str
@@ -73,6 +79,7 @@ class CallStreamed(Struct, frozen=True, kw_only=True):
     usage: _Usage0 | None
     first_token_ms: float | None
     latency_ms: float
+    broken_off: str | None = None
 
 
 CallOutcome = CallAnswered | CallFailed | CallStreamed
@@ -116,6 +123,7 @@ class StreamReader:
         self.usage: _Usage0 | None = None
         self.first_token_ms: float | None = None
         self.done = False
+        self.size = 0  # bytes of content so far
 
     @property
     def chunks(self) -> int:
@@ -133,7 +141,7 @@ class StreamReader:
             return None
         try:
             chunk = _chunk.decode(payload)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise StreamBroken(f"unreadable chunk: {exc}") from exc
         if chunk.error is not None:
             raise StreamBroken(f"the server reported an error mid-stream: {chunk.error}")
@@ -146,6 +154,9 @@ class StreamReader:
             self.finish_reason = choice.finish_reason
         if not choice.delta.content:
             return None
+        self.size += len(choice.delta.content.encode())
+        if self.size > MAX_ANSWER_BYTES:
+            raise StreamBroken(f"the answer grew past {MAX_ANSWER_BYTES} bytes")
         if self.first_token_ms is None:
             self.first_token_ms = round(elapsed_ms, 3)
         self.parts.append(choice.delta.content)
@@ -160,6 +171,15 @@ class StreamReader:
         return CallStreamed(content="".join(self.parts), finish_reason=self.finish_reason,
                             chunks=self.chunks, usage=self.usage, first_token_ms=self.first_token_ms,
                             latency_ms=latency_ms)
+
+    def broken(self, error: str, detail: str, latency_ms: float) -> CallOutcome:
+        """The stream failed: before any token, a failed attempt (another endpoint may serve it);
+        after some, those tokens are the caller's answer, cut short."""
+        if not self.parts:
+            return CallFailed(error=error, detail=detail, latency_ms=latency_ms)
+        return CallStreamed(content="".join(self.parts), finish_reason=INTERRUPTED, chunks=self.chunks,
+                            usage=self.usage, first_token_ms=self.first_token_ms, latency_ms=latency_ms,
+                            broken_off=f"{error}: {detail}"[:500])
 
 _response = msgspec.json.Decoder(OpenAIResponse)
 _encoder = msgspec.json.Encoder()
@@ -224,10 +244,6 @@ def request_body(route: RouteSelected) -> bytes:
 def decide(route: RouteSelected, outcome: CallOutcome, policy_version: str, now: datetime) -> list[AnyEvent]:
     """InvocationCompleted for a well-formed 200, InvocationFailed for anything else."""
     if isinstance(outcome, CallFailed):
-        if outcome.tokens_sent:
-            detail = f"{outcome.tokens_sent} tokens had reached the caller when it failed ({outcome.error}): " \
-                     f"{outcome.detail}"
-            return [_failed(route, policy_version, now, STREAM_BROKEN, detail, outcome.latency_ms)]
         return [_failed(route, policy_version, now, outcome.error, outcome.detail, outcome.latency_ms)]
     if isinstance(outcome, CallStreamed):
         return [_streamed(route, outcome, policy_version, now)]
@@ -236,11 +252,14 @@ def decide(route: RouteSelected, outcome: CallOutcome, policy_version: str, now:
         return [_failed(route, policy_version, now, f"http_{outcome.status}", detail, outcome.latency_ms)]
     try:
         parsed = _response.decode(outcome.body)
-    except msgspec.DecodeError as exc:
-        return [_failed(route, policy_version, now, "bad_response", str(exc), outcome.latency_ms)]
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        return [_failed(route, policy_version, now, "bad_response", str(exc)[:500], outcome.latency_ms)]
     if not parsed.choices:
         return [_failed(route, policy_version, now, "bad_response", "no choices", outcome.latency_ms)]
     choice = parsed.choices[0]
+    if len((choice.message.content or "").encode()) > MAX_ANSWER_BYTES:
+        return [_failed(route, policy_version, now, "bad_response", f"an answer over {MAX_ANSWER_BYTES} bytes",
+                        outcome.latency_ms)]
     return [
         InvocationCompleted(
             **envelope(route.request_id, stage(route.attempt), now, policy_version),
@@ -259,9 +278,19 @@ def decide(route: RouteSelected, outcome: CallOutcome, policy_version: str, now:
     ]
 
 
+def counted_completion_tokens(route: RouteSelected, outcome: CallStreamed) -> int:
+    """An upper bound on the tokens of an answer whose server reported none: all it was allowed
+    when it stopped at the limit, else no more than its bytes (a token is at least one byte) and
+    never fewer than the chunks it came in."""
+    if outcome.finish_reason == "length":
+        return route.max_tokens
+    return max(outcome.chunks, min(route.max_tokens, len(outcome.content.encode())))
+
+
 def _streamed(route: RouteSelected, outcome: CallStreamed, policy_version: str, now: datetime) -> InvocationCompleted:
     """A streamed answer's fact; usage the server did not report is counted (see InvocationCompleted)."""
-    reported = outcome.usage is not None and (outcome.usage.prompt_tokens or outcome.usage.completion_tokens) > 0
+    usage = outcome.usage
+    reported = usage is not None and (usage.prompt_tokens or usage.completion_tokens) > 0
     return InvocationCompleted(
         **envelope(route.request_id, stage(route.attempt), now, policy_version),
         caller=route.caller,
@@ -269,10 +298,12 @@ def _streamed(route: RouteSelected, outcome: CallStreamed, policy_version: str, 
         endpoint=route.endpoint,
         reservation=route.reservation,
         reply_to=route.reply_to,
-        prompt_tokens=outcome.usage.prompt_tokens if outcome.usage and reported
-        else catalog.prompt_tokens_bound(route.chat),
-        completion_tokens=outcome.usage.completion_tokens if outcome.usage and reported else outcome.chunks,
+        # a server reporting fewer tokens than the chunks it sent is not believed
+        prompt_tokens=usage.prompt_tokens if usage and usage.prompt_tokens else catalog.prompt_tokens_bound(route.chat),
+        completion_tokens=max(usage.completion_tokens, outcome.chunks) if usage and reported
+        else counted_completion_tokens(route, outcome),
         finish_reason=outcome.finish_reason,
+        broken_off=outcome.broken_off,
         content=outcome.content,
         latency_ms=outcome.latency_ms,
         streamed=True,

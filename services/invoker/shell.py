@@ -19,6 +19,7 @@ from nats.js import JetStreamContext
 from ...schemas import codec, subjects
 from ...schemas.commands import StreamChunk
 from ...schemas.events import RouteSelected
+from ...schemas.reasons import STREAM_BROKEN
 from .. import bus, egress, worker
 from ..registry import invoker_durable
 from ..settings import WorkerSettings
@@ -40,8 +41,7 @@ async def call(session: aiohttp.ClientSession, base_url: str, body: bytes, timeo
             # literal without asking the enclave's resolver, so a 307 could send the prompt anywhere
             allow_redirects=False,
         ) as resp:
-            data = await resp.read()
-            return decider.CallAnswered(status=resp.status, body=data, latency_ms=_ms(t0))
+            return decider.CallAnswered(status=resp.status, body=await _read_capped(resp), latency_ms=_ms(t0))
     except TimeoutError:
         return decider.CallFailed(error="timeout", detail=f"no answer in {timeout_s}s", latency_ms=_ms(t0))
     except aiohttp.ClientError as exc:
@@ -53,18 +53,17 @@ async def call(session: aiohttp.ClientSession, base_url: str, body: bytes, timeo
 
 
 Emit = Callable[[int, str], Awaitable[None]]
+AFTER_FINISH_S = 2.0  # how long a stream that gave its finish reason may take to end
+MAX_BODY_BYTES = 2 * decider.MAX_ANSWER_BYTES  # a whole answer's JSON around its content
 
 
 async def call_streaming(session: aiohttp.ClientSession, base_url: str, body: bytes, timeout_s: float,
                          emit: Emit) -> decider.CallOutcome:
     """POST a `stream: true` chat; each content chunk goes to `emit` as it arrives. A server that
-    answers whole instead (no event stream) is read as an ordinary answer."""
+    answers whole instead (no event stream) is read as an ordinary answer. A failure after tokens
+    went out ends the answer there (`StreamReader.broken`): those tokens are what the caller got."""
     t0 = time.perf_counter()
     reader = decider.StreamReader()
-
-    def broke(error: str, detail: str) -> decider.CallFailed:
-        return decider.CallFailed(error=error, detail=detail, latency_ms=_ms(t0), tokens_sent=reader.chunks)
-
     try:
         async with session.post(
             f"{base_url.rstrip('/')}/v1/chat/completions",
@@ -74,26 +73,43 @@ async def call_streaming(session: aiohttp.ClientSession, base_url: str, body: by
             allow_redirects=False,  # as in `call`: a redirect is an answer, never followed
         ) as resp:
             if resp.status != 200 or not resp.content_type.startswith("text/event-stream"):
-                return decider.CallAnswered(status=resp.status, body=await resp.read(), latency_ms=_ms(t0))
-            async for line in resp.content:
+                return decider.CallAnswered(status=resp.status, body=await _read_capped(resp), latency_ms=_ms(t0))
+            while not reader.done:
+                if reader.finish_reason is None:
+                    line = await resp.content.readline()
+                else:  # the answer is over: a usage chunk and [DONE] may follow, or nothing ever again
+                    try:
+                        line = await asyncio.wait_for(resp.content.readline(), AFTER_FINISH_S)
+                    except TimeoutError:
+                        break
+                if not line:
+                    break
                 text = reader.feed(line, (time.perf_counter() - t0) * 1000.0)
                 if text is not None:
                     await emit(reader.chunks - 1, text)
-                if reader.done:
-                    break
             return reader.outcome(_ms(t0))
     except TimeoutError:
-        return broke("timeout", f"no end of the answer in {timeout_s}s")
+        return reader.broken("timeout", f"no end of the answer in {timeout_s}s", _ms(t0))
     except decider.StreamBroken as exc:
-        return broke("bad_response", str(exc))
+        return reader.broken("bad_response", str(exc), _ms(t0))
     except ValueError as exc:  # aiohttp: a line longer than its buffer
-        return broke("bad_response", str(exc))
+        return reader.broken("bad_response", str(exc), _ms(t0))
     except aiohttp.ClientError as exc:
         if isinstance(exc.__cause__, egress.EgressRefused) or isinstance(exc.__context__, egress.EgressRefused):
-            return broke("egress_refused", str(exc))
-        return broke("unreachable", repr(exc))
+            return reader.broken("egress_refused", str(exc), _ms(t0))
+        return reader.broken("unreachable", repr(exc), _ms(t0))
     except egress.EgressRefused as exc:
-        return broke("egress_refused", str(exc))
+        return reader.broken("egress_refused", str(exc), _ms(t0))
+
+
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
+    """The body, or its first MAX_BODY_BYTES and a bit when larger (decided as a bad response)."""
+    out = bytearray()
+    async for piece in resp.content.iter_chunked(64 * 1024):
+        out += piece
+        if len(out) > MAX_BODY_BYTES:
+            break
+    return bytes(out)
 
 
 def chunk_sender(nc: Client, route: RouteSelected) -> Emit:
@@ -148,6 +164,9 @@ async def _serve(settings: WorkerSettings, nc: Client, js: JetStreamContext, sto
         elif (timeout_s := await _after_backoff(route, settings.invoke_timeout_s)) <= 0:
             outcome = decider.CallFailed(error="timeout", detail="the request's deadline passed before the call",
                                          latency_ms=0.0)
+        elif route.chat.stream and msg.metadata.num_delivered > 1:  # streamed before, by us or a replica that died
+            outcome = decider.CallFailed(error=STREAM_BROKEN, detail="a streamed attempt delivered again: its tokens "
+                                         "may have reached the caller, so it is not started again", latency_ms=0.0)
         elif route.chat.stream:
             outcome = await call_streaming(session, base_url, decider.request_body(route), timeout_s,
                                            chunk_sender(nc, route))

@@ -205,6 +205,19 @@ def decide(event: RouterInput, state: RouterState, policy: PolicyBundle, now: da
     if ask is None or attempt_key(ask.request_id, ask.attempt) in state.routed:
         return []
     env = envelope(ask.request_id, stage(ask.attempt), now, policy.version)
+    if ask.last_error == STREAM_BROKEN:  # the caller may have part of an answer: another start would garble it
+        return [
+            RouteUnavailable(
+                **env,
+                caller=ask.caller,
+                requested_model=ask.requested_model,
+                reason="invocation_failed",
+                reservation=ask.reservation,
+                reply_to=ask.reply_to,
+                detail=f"the streamed attempt at {ask.tried[-1]} was delivered again, so its tokens may have "
+                       "reached the caller already; no other attempt is started",
+            )
+        ]
     if ask.deadline_at is not None and now >= ask.deadline_at:  # the caller stopped waiting: end it
         return [
             RouteUnavailable(
@@ -215,19 +228,6 @@ def decide(event: RouterInput, state: RouterState, policy: PolicyBundle, now: da
                 reservation=ask.reservation,
                 reply_to=ask.reply_to,
                 detail=f"the request's deadline {ask.deadline_at.isoformat()} passed before attempt {ask.attempt}",
-            )
-        ]
-    if ask.last_error == STREAM_BROKEN:  # the caller has part of an answer: another start would garble it
-        return [
-            RouteUnavailable(
-                **env,
-                caller=ask.caller,
-                requested_model=ask.requested_model,
-                reason="invocation_failed",
-                reservation=ask.reservation,
-                reply_to=ask.reply_to,
-                detail=f"the streamed answer from {ask.tried[-1]} broke off after tokens reached the caller; "
-                       "no fallback can take back what it read",
             )
         ]
     resolved = catalog.resolve(policy.catalog, ask.model_id)
