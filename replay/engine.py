@@ -92,6 +92,7 @@ class _Policies:
         self.routes: dict[str, RouteSelected] = {}  # every route, by event id: what a failure was an attempt of
         self.breakers = router.initial_state()  # failed attempts stored so far: what backs a circuit_open claim
         self.dev_jwks: dict[str, str] = {}
+        self.older: dict[int, int] = {}  # seq -> the version an event was stored at, when older than current
 
     def record(self, event: PolicyActivated) -> None:
         try:
@@ -135,16 +136,23 @@ def replay(stored: Iterable[Stored], extra_jwks: list[str] | None = None, first:
     The budget's projection is folded from the very first message whatever the range, so a
     decision is re-made on exactly the state it was made on. Mismatches name the decision and why.
     """
-    decoded = [(seq, _decode(subject, data)) for seq, subject, data in stored]  # once: it is most of the cost
-    return replay_decoded(decoded, extra_jwks, first, last, progress, trusted)
+    decoded: list[tuple[int, AnyEvent | None]] = []
+    older: dict[int, int] = {}
+    for seq, subject, data in stored:  # once: it is most of the cost
+        event, version = _decode(subject, data)
+        decoded.append((seq, event))
+        if event is not None and version != event.schema_version:
+            older[seq] = version
+    return replay_decoded(decoded, extra_jwks, first, last, progress, trusted, older)
 
 
 def replay_decoded(decoded: list[tuple[int, AnyEvent | None]], extra_jwks: list[str] | None = None, first: int = 0,
                    last: int | None = None, progress: Callable[[int], None] | None = None,
-                   trusted: dict[str, str] | None = None) -> Result:
-    """`replay` of messages already decoded (None: bytes that are no event), so a verifier decodes once."""
+                   trusted: dict[str, str] | None = None, older: dict[int, int] | None = None) -> Result:
+    """`replay` of messages already decoded (None: bytes that are no event), so a verifier decodes once;
+    `older` gives the version of each one stored at an older version than its type's current."""
     with frozen_for_the_collector():
-        return _replay(decoded, extra_jwks, first, last, progress, trusted)
+        return _replay(decoded, extra_jwks, first, last, progress, trusted, older or {})
 
 
 @contextlib.contextmanager
@@ -163,8 +171,10 @@ def frozen_for_the_collector() -> Iterator[None]:
 
 
 def _replay(decoded: list[tuple[int, AnyEvent | None]], extra_jwks: list[str] | None, first: int,
-            last: int | None, progress: Callable[[int], None] | None, trusted: dict[str, str] | None) -> Result:
+            last: int | None, progress: Callable[[int], None] | None, trusted: dict[str, str] | None,
+            older: dict[int, int]) -> Result:
     result, policies = Result(), _Policies(extra_jwks or [], trusted)
+    policies.older = older
     inputs: dict[tuple[str, str], AnyEvent] = {}
     for seq, event in decoded:  # first pass: policies and the inputs decisions are made from
         if isinstance(event, PolicyActivated):
@@ -193,11 +203,11 @@ def _replay(decoded: list[tuple[int, AnyEvent | None]], extra_jwks: list[str] | 
     return result
 
 
-def _decode(subject: str, data: bytes) -> AnyEvent | None:
+def _decode(subject: str, data: bytes) -> tuple[AnyEvent | None, int]:
     try:
-        return codec.decode_event(data, subject)
+        return codec.decode_event_versioned(data, subject)
     except codec.DecodeError:
-        return None  # junk and misplaced bytes decide nothing and were decided by nothing
+        return None, 0  # junk and misplaced bytes decide nothing and were decided by nothing
 
 
 def _check(seq: int, event: AnyEvent, inputs: dict[tuple[str, str], AnyEvent], state: budget.BudgetState,
@@ -251,15 +261,13 @@ def _check(seq: int, event: AnyEvent, inputs: dict[tuple[str, str], AnyEvent], s
 
 def _router_state(event: RouteSelected | RouteUnavailable, policies: _Policies,
                   previous: RouteSelected | None = None) -> router.RouterState:
-    """The breakers the decision recorded as open (its figures) and the failed attempt's route."""
-    if isinstance(event, RouteSelected):
-        return router.as_recorded(event, policies.bundle(event.policy_version), previous)
-    return router.RouterState(routes=router.Routes().add(previous) if previous else router.Routes())
+    """The breakers the decision recorded as open and its latency figures, and the failed attempt's route."""
+    return router.as_recorded(event, policies.bundle(event.policy_version), previous)
 
 
 def _unbacked_claims(event: RouteSelected | RouteUnavailable, policies: _Policies) -> str:
     """Why a route's open circuits are not what the failures stored before it say ("" when they are)."""
-    if not isinstance(event, RouteSelected) or not event.circuit_open:
+    if not event.circuit_open:
         return ""
     try:
         bundle = policies.bundle(event.policy_version)
@@ -326,6 +334,8 @@ def _compare(seq: int, event: AnyEvent, result: Result, cause: AnyEvent, policie
         # the shell stamps the causation, which the decider cannot know: carry the recorded one over
         replayed = [msgspec.structs.replace(r, causation_id=event.causation_id, causation_seq=event.causation_seq)
                     for r in decide()]
+        if (version := policies.older.get(seq)) is not None:  # what it would read as, written at that version
+            replayed = [codec.as_version(r, version) if type(r) is type(event) else r for r in replayed]
     except PolicyError as exc:
         _mismatch(result, seq, event, f"its policy cannot be replayed: {exc}", "", counted=True)
         return

@@ -208,6 +208,7 @@ class _Rebuilt(msgspec.Struct, kw_only=True):
 
     rows: dict[int, AuditRow] = msgspec.field(default_factory=dict)
     decoded: list[tuple[int, AnyEvent | None]] = msgspec.field(default_factory=list)  # None: not an event
+    older: dict[int, int] = msgspec.field(default_factory=dict)  # seq -> version, for events stored at an old one
     checkpoints: list[AuditCheckpoint] = msgspec.field(default_factory=list)
     activations: list[tuple[bytes, str, int]] = msgspec.field(default_factory=list)
 
@@ -267,7 +268,10 @@ def _check_stream(root: Path, manifest: pkg.Manifest, signer: keys.SignerKey, re
             continue
         previous = seq
         try:
-            event: AnyEvent | codec.DecodeError = codec.decode_event(data, subject)
+            event: AnyEvent | codec.DecodeError
+            event, version = codec.decode_event_versioned(data, subject)
+            if version != event.schema_version:
+                rebuilt.older[seq] = version
         except codec.DecodeError as exc:
             event = exc
         rebuilt.decoded.append((seq, None if isinstance(event, codec.DecodeError) else event))
@@ -429,7 +433,7 @@ def _check_replay(root: Path, register: Register, rebuilt: _Rebuilt, regular: se
         return
     recorded = msgspec.json.decode((root / pkg.REPLAY).read_bytes(), type=pkg.ReplaySummary)
     jwks = [msgspec.json.encode(register.dev_token_issuer).decode()] if register.dev_token_issuer else []
-    result = replay_decoded(rebuilt.decoded, jwks, trusted=register.policy_signers)
+    result = replay_decoded(rebuilt.decoded, jwks, trusted=register.policy_signers, older=rebuilt.older)
     again = [f"seq {m.seq} {m.decision} request {m.request_id}: {m.why}" for m in result.mismatches[:100]]
     if (result.decisions, result.reproduced, result.observations, again) != (
             recorded.decisions, recorded.reproduced, recorded.observations, recorded.mismatches):

@@ -27,6 +27,9 @@ class ChatBody(Struct, frozen=True, kw_only=True, gc=False):
     # issue 10 with defaults that mean what an older event meant, so stored events read unchanged.
     stream: bool = False
     include_usage: bool = False  # OpenAI's stream_options.include_usage: a usage chunk last
+    # How to pick among the model's endpoints, when the catalog lets a request ask (issue 10):
+    # "ordered", "weighted", "cheapest" or "latency"; None: the model's own strategy.
+    strategy: str | None = None
 
 
 class SubmitRequest(Struct, frozen=True, kw_only=True, gc=False):

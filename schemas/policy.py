@@ -8,6 +8,9 @@ from typing import Literal
 
 from msgspec import Struct
 
+Strategy = Literal["ordered", "weighted", "cheapest", "latency"]
+STRATEGIES: tuple[Strategy, ...] = ("ordered", "weighted", "cheapest", "latency")
+
 
 class ModelEntry(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One model of the catalog."""
@@ -18,11 +21,18 @@ class ModelEntry(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # before fallbacks, kept so every recorded policy still loads; a model names one or the other.
     endpoint: str = ""
     endpoints: tuple[str, ...] = ()
-    # How a first attempt picks among the endpoints: "ordered" (the first whose circuit is closed:
-    # the others stand by) or "weighted" (spread by `weights`, one per endpoint, drawn from the
-    # request id so every replica and replay pick the same); fallbacks follow catalog order.
-    strategy: Literal["ordered", "weighted"] = "ordered"
+    # How the router ranks the endpoints: "ordered" (catalog order: the first whose circuit is
+    # closed, the others stand by), "weighted" (a first attempt spread by `weights`, one per
+    # endpoint, drawn from the request id so every replica and replay pick the same), "cheapest"
+    # (lowest `costs` first: what an endpoint costs to run, one per endpoint; the team's charge is
+    # the model's rates whichever serves) or "latency" (lowest observed latency first, learned by
+    # the router from completions; the figures it used are recorded in the route).
+    strategy: Strategy = "ordered"
     weights: tuple[int, ...] = ()
+    costs: tuple[int, ...] = ()
+    # The strategies a request may ask for instead (X-Routing-Strategy, or `strategy` on gw.submit);
+    # the model's own is always allowed. Asking for any other is refused (strategy_not_allowed).
+    strategies_allowed: tuple[Strategy, ...] = ()
     protocol: Literal["openai"] = "openai"
     context_length: int
     default_max_tokens: int

@@ -31,6 +31,7 @@ ReasonCode = Literal[
     "timeout",
     "reply_subject_refused",  # gw.submit.<app> without a reply subject under the app's own inbox
     "authorization_stale",  # an authorization older than the budget's memory of closed requests
+    "strategy_not_allowed",  # a routing strategy the catalog does not let requests for the model ask for
 ]
 
 HTTP_STATUS: dict[str, int] = {
@@ -51,6 +52,7 @@ HTTP_STATUS: dict[str, int] = {
     "accreditation_insufficient": 403,
     "write_down": 403,
     "policy_denied": 403,
+    "strategy_not_allowed": 403,
     "model_not_found": 404,
     "model_forbidden": 403,
     "budget_exceeded": 402,

@@ -19,11 +19,12 @@ from .events import (
     RequestAuthorized,
     RequestSubmitted,
     RouteSelected,
+    RouteUnavailable,
 )
 from .events.budget import BudgetReservedV1
 from .events.invocation import InvocationCompletedV1, InvocationFailedV1
 from .events.request import RequestAuthorizedV1, RequestSubmittedV1
-from .events.route import RouteSelectedV1
+from .events.route import RouteSelectedV1, RouteSelectedV2, RouteUnavailableV1
 
 Upcaster = Callable[[Event], Event]
 
@@ -53,11 +54,14 @@ READERS: dict[tuple[str, int], tuple[type[Event], Upcaster | None]] = {
     **{(str(cls.__struct_config__.tag), current_version(cls)): (cls, None) for cls in CURRENT_EVENT_TYPES},
     # a v1 route was its request's first and only attempt
     ("RouteSelected", 1): (RouteSelectedV1, carried(RouteSelected)),
+    # a v2 route was ranked in catalog order (or by weight, which replay draws again)
+    ("RouteSelected", 2): (RouteSelectedV2, carried(RouteSelected)),
     # a v1 failure ended its request: the budget released and the caller heard of it
     ("InvocationFailed", 1): (InvocationFailedV1, carried(InvocationFailed, lambda old: {
         "final": True, "requested_model": old.model_id})),
     # a v1 completion was answered whole, with the usage its server reported
     ("InvocationCompleted", 1): (InvocationCompletedV1, carried(InvocationCompleted)),
+    ("RouteUnavailable", 1): (RouteUnavailableV1, carried(RouteUnavailable)),
     ("RequestSubmitted", 1): (RequestSubmittedV1, carried(RequestSubmitted)),
     ("RequestAuthorized", 1): (RequestAuthorizedV1, carried(RequestAuthorized)),
     ("BudgetReserved", 1): (BudgetReservedV1, carried(BudgetReserved)),

@@ -44,6 +44,26 @@ def resolve(catalog: Catalog, name: str) -> Resolution | None:
     return Resolution(model=entry, substituted_from=None if entry.id == name else name)
 
 
+def substitution(catalog: Catalog, name: str, served: str) -> str | None:
+    """Why a request for `name` is served by `served` (None: it is the model asked for)."""
+    if name == served:
+        return None
+    entry = find(catalog, name)
+    prefix = ""
+    if entry is None:
+        entry = next((m for m in catalog.model if name in m.aliases), None)
+        if entry is None:
+            return None
+        if entry.id == served:
+            return f"alias of {served}"
+        prefix = f"alias of {entry.id}; "
+    chain = [entry.id]
+    while entry is not None and entry.id != served and entry.replacement and len(chain) < 9:
+        entry = find(catalog, entry.replacement)
+        chain.append(entry.id if entry is not None else "?")
+    return f"{prefix}deprecated: {' -> '.join(chain)}"
+
+
 def endpoints_of(model: ModelEntry) -> tuple[str, ...]:
     """The endpoints serving a model, in the order the router tries them."""
     return model.endpoints or ((model.endpoint,) if model.endpoint else ())

@@ -179,10 +179,11 @@ SERVICES: tuple[Identity, ...] = (
             "gw.evt.route.selected.*.*",
             "gw.evt.route.unavailable.*",
             # readers of its own, whichever replica's share a message was: every route decided
-            # (to route a failed attempt on) and every failed attempt (the circuit breakers); never
-            # the completions, whose content is the models' answers
+            # (to route a failed attempt on), every failed attempt (the circuit breakers) and every
+            # completion (the latency strategy learns each endpoint's; it reads answers it never keeps)
             f"{API}.CONSUMER.CREATE.{STREAM}.*.gw.evt.route.>",
             f"{API}.CONSUMER.CREATE.{STREAM}.*.gw.evt.invocation.failed.>",
+            f"{API}.CONSUMER.CREATE.{STREAM}.*.gw.evt.invocation.completed.>",
         ),
     ),
     _service(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage
+from enclave_gateway.schemas.events.route import Skipped
 from enclave_gateway.schemas.events import (
     AnyEvent,
     AuditCheckpoint,
@@ -74,9 +75,12 @@ def samples() -> list[AnyEvent]:
         RouteSelected(**env("route-2"), caller=CALLER, requested_model="tiny", model_id="enclave-tiny",
                       endpoint="local-llama", substituted_from="tiny", max_tokens=8, chat=CHAT, reservation=HELD,
                       reply_to="_INBOX.x", attempt=2, tried=("gpu-node-1",), circuit_open=("gpu-node-3",),
-                      deadline_at=DEADLINE, not_before=T + timedelta(milliseconds=120)),
+                      deadline_at=DEADLINE, not_before=T + timedelta(milliseconds=120), strategy="latency",
+                      candidates=("gpu-node-3", "local-llama"),
+                      skipped=(Skipped("gpu-node-1", "failed_before"), Skipped("gpu-node-3", "circuit_open")),
+                      observed_ms=(("gpu-node-3", 3.25), ("local-llama", 4.5)), substitution="alias of enclave-tiny"),
         RouteUnavailable(**env("route"), caller=CALLER, requested_model="x", reason="route_unavailable",
-                         detail="none", reservation=HELD, reply_to="_INBOX.x"),
+                         detail="none", reservation=HELD, reply_to="_INBOX.x", circuit_open=("gpu-node-3",)),
         InvocationCompleted(**env("invoke-2"), caller=CALLER, model_id="enclave-tiny", endpoint="local-llama",
                             prompt_tokens=20, completion_tokens=8, finish_reason="length", content="o o o",
                             latency_ms=2.5, reservation=HELD, reply_to="_INBOX.x", streamed=True,
@@ -109,6 +113,14 @@ def upcast_samples() -> dict[tuple[str, int], AnyEvent]:
         ("RouteSelected", 1): RouteSelected(**env("route"), caller=CALLER, requested_model="tiny",
                                             model_id="enclave-tiny", endpoint="local-llama", substituted_from="tiny",
                                             max_tokens=8, chat=CHAT, reservation=HELD, reply_to="_INBOX.x"),
+        ("RouteSelected", 2): RouteSelected(**env("route-2"), caller=CALLER, requested_model="tiny",
+                                            model_id="enclave-tiny", endpoint="local-llama", substituted_from="tiny",
+                                            max_tokens=8, chat=CHAT, reservation=HELD, reply_to="_INBOX.x", attempt=2,
+                                            tried=("gpu-node-1",), circuit_open=("gpu-node-3",), deadline_at=DEADLINE,
+                                            not_before=T + timedelta(milliseconds=120)),
+        ("RouteUnavailable", 1): RouteUnavailable(**env("route"), caller=CALLER, requested_model="x",
+                                                  reason="route_unavailable", detail="none", reservation=HELD,
+                                                  reply_to="_INBOX.x"),
         ("InvocationCompleted", 1): InvocationCompleted(**env("invoke"), caller=CALLER, model_id="enclave-tiny",
                                                         endpoint="local-llama", prompt_tokens=20, completion_tokens=8,
                                                         finish_reason="length", content="o o o", latency_ms=2.5,

@@ -582,3 +582,79 @@ def test_a_stream_that_ends_without_saying_why_is_broken_not_a_short_answer() ->
     _, reader = _read([LLAMA_STREAM[0], LLAMA_STREAM[3], b"data: [DONE]"])
     with pytest.raises(invoker.StreamBroken, match="without a finish reason"):
         reader.outcome(3.0)
+
+
+def _strategic(strategy: str = "ordered", allowed: tuple[str, ...] = (), costs: tuple[int, ...] = ()) -> PolicyBundle:
+    models = tuple(msgspec.structs.replace(m, endpoint="", endpoints=("node-a", "node-b", "node-c"), strategy=strategy,
+                                           strategies_allowed=allowed, costs=costs)
+                   if m.id == "enclave-tiny" else m for m in BUNDLE.catalog.model)
+    return msgspec.structs.replace(BUNDLE, catalog=msgspec.structs.replace(BUNDLE.catalog, model=models))
+
+
+def _asking(strategy: str | None) -> BudgetReserved:
+    reserved = SAMPLES_BY_NAME["BudgetReserved"]
+    assert isinstance(reserved, BudgetReserved)
+    return msgspec.structs.replace(reserved, chat=msgspec.structs.replace(reserved.chat, strategy=strategy))
+
+
+def test_cheapest_tries_the_lowest_cost_endpoint_first_and_records_why_it_passed_any_over() -> None:
+    policy = _strategic("cheapest", costs=(5, 1, 3))
+    [route] = router.decide(_asking(None), router.initial_state(), policy, NOW)
+    assert isinstance(route, RouteSelected) and route.endpoint == "node-b"
+    assert (route.strategy, route.candidates, route.skipped) == ("cheapest", ("node-b", "node-c", "node-a"), ())
+    failing = router.Breaker(failures=tuple((NOW, f"f{i}") for i in range(3)))
+    [around] = router.decide(_asking(None), router.RouterState(breakers={"node-b": failing}), policy, NOW)
+    assert isinstance(around, RouteSelected) and around.endpoint == "node-c"
+    assert [(s.endpoint, s.reason) for s in around.skipped] == [("node-b", "circuit_open")]
+
+
+def test_latency_learns_from_completions_records_its_figures_and_replays_from_them() -> None:
+    policy = _strategic("latency")
+    state = router.initial_state()
+    for endpoint, ms in (("node-a", 40.0), ("node-b", 9.0), ("node-a", 30.0)):
+        done = SAMPLES_BY_NAME["InvocationCompleted"]
+        assert isinstance(done, InvocationCompleted)
+        state = router.evolve(state, msgspec.structs.replace(done, endpoint=endpoint, latency_ms=ms))
+    assert state.latency["node-a"].ms == 38.0  # a moving average: 40, then a fifth of the way to 30
+    [route] = router.decide(_asking(None), state, policy, NOW)
+    assert isinstance(route, RouteSelected) and route.endpoint == "node-b"
+    # the fastest first; node-c was never observed, so it comes last (and is measured when tried)
+    assert route.candidates == ("node-b", "node-a", "node-c")
+    assert route.observed_ms == (("node-b", 9.0), ("node-a", 38.0))
+    # replay has no completions to learn from: it ranks by the figures the route recorded
+    assert router.decide(_asking(None), router.as_recorded(route, policy), policy, NOW) == [route]
+
+
+def test_a_request_may_ask_for_a_strategy_only_where_the_catalog_allows_it() -> None:
+    policy = _strategic("ordered", allowed=("cheapest",), costs=(5, 1, 3))
+    [plain] = router.decide(_asking(None), router.initial_state(), policy, NOW)
+    [asked] = router.decide(_asking("cheapest"), router.initial_state(), policy, NOW)
+    assert isinstance(plain, RouteSelected) and (plain.endpoint, plain.strategy) == ("node-a", "ordered")
+    assert isinstance(asked, RouteSelected) and (asked.endpoint, asked.strategy) == ("node-b", "cheapest")
+    [refused] = router.decide(_asking("latency"), router.initial_state(), policy, NOW)
+    assert isinstance(refused, RouteUnavailable) and refused.reason == "strategy_not_allowed"
+    assert "cheapest" in refused.detail
+
+
+def test_a_substitution_says_why() -> None:
+    catalog_ = BUNDLE.catalog
+    assert catalog.substitution(catalog_, "tiny", "enclave-tiny") == "alias of enclave-tiny"
+    assert catalog.substitution(catalog_, "enclave-tiny-v0", "enclave-tiny") == \
+        "deprecated: enclave-tiny-v0 -> enclave-tiny"
+    assert catalog.substitution(catalog_, "enclave-tiny", "enclave-tiny") is None
+
+
+@pytest.mark.parametrize("fields, needle", [
+    ({"strategy": "cheapest"}, "give one cost"),
+    ({"costs": (1, 2)}, "never routes by cost"),
+    ({"strategies_allowed": ("cheapest",), "costs": (1,)}, "give one cost"),
+    ({"strategies_allowed": ("weighted",)}, "weighted"),
+])
+def test_strategy_figures_are_validated(fields: dict[str, object], needle: str) -> None:
+    from enclave_gateway.services.policy.bundle import _check_catalog as check_catalog
+
+    base: dict[str, object] = {"endpoint": "", "endpoints": ("node-a", "node-b"), "strategies_allowed": (), "costs": ()}
+    models = tuple(msgspec.structs.replace(m, **{**base, **fields})  # type: ignore[arg-type]
+                   if m.id == "enclave-tiny" else m for m in BUNDLE.catalog.model)
+    with pytest.raises(PolicyError, match=needle):
+        check_catalog(msgspec.structs.replace(BUNDLE.catalog, model=models))

@@ -315,3 +315,37 @@ async def test_each_invoker_takes_only_the_routes_of_the_endpoints_it_hosts(
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*replicas), 20)
+
+
+async def test_a_caller_asks_for_a_routing_strategy_the_catalog_allows_and_is_refused_another(
+        admin: Client, http_url: str, stack: WorkerSettings, token_for) -> None:
+    """Issue 10 item 2: enclave-tiny lets requests ask for latency or cheapest. The router learned
+    local-llama's latency from earlier completions (its own reader of them) and records the figures
+    it ranked by; a strategy the catalog does not allow is refused, an unknown one is a bad request."""
+    import aiohttp
+
+    body = {"model": "enclave-tiny", "messages": [{"role": "user", "content": "route me"}], "max_tokens": 2}
+    headers = {"Authorization": f"Bearer {token_for('gamma')}"}
+    async with aiohttp.ClientSession() as http:
+        for _ in range(2):  # the first may come before the router has read any completion
+            async with http.post(f"{http_url}/v1/chat/completions", json=body,
+                                 headers={**headers, "X-Routing-Strategy": "latency"}) as resp:
+                assert resp.status == 200, await resp.text()
+                rid = (await resp.json())["id"].removeprefix("chatcmpl-")
+        async with http.post(f"{http_url}/v1/chat/completions", json=body,
+                             headers={**headers, "X-Routing-Strategy": "weighted"}) as refused:
+            assert refused.status == 403 and (await refused.json())["error"]["code"] == "strategy_not_allowed"
+        async with http.post(f"{http_url}/v1/chat/completions", json=body,
+                             headers={**headers, "X-Routing-Strategy": "fastest"}) as bad:
+            assert bad.status == 400 and (await bad.json())["error"]["code"] == "invalid_request"
+    facts = {str(b["type"]): b for _, b in await stream_events(admin, rid)}
+    route = facts["RouteSelected"]
+    assert route["strategy"] == "latency" and route["endpoint"] == "local-llama"
+    # local-llama was observed; local-llama-2 (hosted by no invoker in this stack) never was, so it comes last
+    assert route["candidates"] == ["local-llama", "local-llama-2"]
+    assert [e for e, _ in route["observed_ms"]] == ["local-llama"]  # type: ignore[union-attr]
+    await runtime.wait_audited(admin, 60)
+    stored = [(seq, subject, data) for data, subject, seq in
+              await bus.stored_on(admin.jetstream(), subjects.ALL_EVENTS, "test")]
+    result = replay(stored, dev_jwks(stack))  # the latency-ranked routes re-made from their recorded figures
+    assert result.ok, [(m.seq, m.decision, m.why, diff(m)) for m in result.mismatches]

@@ -27,6 +27,7 @@ from ...schemas.events import (
     RouteUnavailable,
     envelope,
 )
+from ...schemas.policy import STRATEGIES
 from ..remembered import Remembered
 
 Terminal = RequestDenied | BudgetRejected | RouteUnavailable | InvocationCompleted | InvocationFailed | RequestFailed
@@ -88,9 +89,10 @@ def parse_openai_request(body: bytes) -> OpenAIChatRequest:
     return req
 
 
-def to_chat(req: OpenAIChatRequest) -> ChatBody:
-    """The chat body the pipeline carries."""
+def to_chat(req: OpenAIChatRequest, strategy: str | None = None) -> ChatBody:
+    """The chat body the pipeline carries (`strategy`: what the caller asked to route by)."""
     return ChatBody(
+        strategy=strategy,
         model=req.model,
         messages=req.messages,
         max_tokens=req.max_completion_tokens or req.max_tokens,
@@ -109,6 +111,8 @@ def validate_chat(chat: ChatBody) -> None:
         raise codec.DecodeError("`messages` must hold at least one message")
     if chat.max_tokens is not None and chat.max_tokens < 1:
         raise codec.DecodeError("`max_tokens` must be at least 1")
+    if chat.strategy is not None and chat.strategy not in STRATEGIES:
+        raise codec.DecodeError(f"routing strategy {chat.strategy[:64]!r} is not one of {', '.join(STRATEGIES)}")
 
 
 def refuse_reply_subject(subject: str, reply_to: str | None) -> str | None:

@@ -27,6 +27,7 @@ OUTPUT_LABEL = "X-Output-Classification"
 # How long the caller will wait, in seconds (the edge's request timeout when absent or longer): the
 # request's deadline, enforced by every stage after the edge.
 TIMEOUT_HEADER = "X-Request-Timeout"
+STRATEGY_HEADER = "X-Routing-Strategy"  # ordered | weighted | cheapest | latency, where the catalog allows
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
@@ -80,6 +81,8 @@ async def chat_completions(edge: Edge, request: web.Request) -> web.StreamRespon
         return _error(reply.error)
     try:
         req = decider.parse_openai_request(body)
+        chat = decider.to_chat(req, request.headers.get(STRATEGY_HEADER))
+        decider.validate_chat(chat)
     except codec.DecodeError as exc:
         reply = await edge.reject(uuid.uuid4().hex, "http:/v1/chat/completions", "invalid_request", str(exc), None)
         assert reply.error is not None
@@ -96,7 +99,7 @@ async def chat_completions(edge: Edge, request: web.Request) -> web.StreamRespon
         return _error(reply.error)
     cmd = SubmitRequest(
         token=bearer(request),
-        chat=decider.to_chat(req),
+        chat=chat,
         input_label=request.headers.get(INPUT_LABEL),
         output_label=request.headers.get(OUTPUT_LABEL),
         timeout_s=timeout_s,

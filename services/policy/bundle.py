@@ -116,10 +116,16 @@ def _check_catalog(catalog: Catalog) -> None:
         served = model.endpoints or ((model.endpoint,) if model.endpoint else ())
         if not served and model.status != "retired":
             raise PolicyError(f"catalog.toml: model {model.id!r} has no endpoint: name at least one in endpoints")
-        if model.strategy == "weighted" and (len(model.weights) != len(served) or min(model.weights, default=0) < 1):
+        usable = {model.strategy, *model.strategies_allowed}
+        if "weighted" in usable and (len(model.weights) != len(served) or min(model.weights, default=0) < 1):
             raise PolicyError(f"catalog.toml: model {model.id!r} is weighted: give one positive weight per endpoint")
-        if model.weights and model.strategy != "weighted":
+        if model.weights and "weighted" not in usable:
             raise PolicyError(f"catalog.toml: model {model.id!r} has weights but strategy {model.strategy!r}")
+        if "cheapest" in usable and (len(model.costs) != len(served) or min(model.costs, default=0) < 0):
+            raise PolicyError(f"catalog.toml: model {model.id!r} routes by cost: give one cost (0 or more) per "
+                              "endpoint in costs")
+        if model.costs and "cheapest" not in usable:
+            raise PolicyError(f"catalog.toml: model {model.id!r} has costs but never routes by cost")
         if len(set(served)) != len(served) or not all(_ENDPOINT_NAME.match(e) for e in served):
             raise PolicyError(f"catalog.toml: model {model.id!r} endpoints {list(served)} must be distinct names of "
                               "1-64 of A-Z a-z 0-9 _ - .")

@@ -28,6 +28,7 @@ request's deadline: the request ends with RouteUnavailable(timeout).
 import hashlib
 from datetime import datetime, timedelta
 
+import msgspec
 from msgspec import Struct
 
 from ...schemas.commands import ChatBody
@@ -37,12 +38,14 @@ from ...schemas.events import (
     Caller,
     Envelope,
     Event,
+    InvocationCompleted,
     InvocationFailed,
     Reservation,
     RouteSelected,
     RouteUnavailable,
     envelope,
 )
+from ...schemas.events.route import Skipped
 from ...schemas.policy import ModelEntry, PolicyBundle
 from ...schemas.reasons import STREAM_BROKEN
 from .. import catalog
@@ -95,13 +98,24 @@ def _newer_wins(older: dict[str, RouteSelected], newer: dict[str, RouteSelected]
     return {**older, **newer}
 
 
+class Observed(Struct, frozen=True, kw_only=True):
+    """An endpoint's observed latency: a moving average of its completions' (each weighs LATENCY_WEIGHT)."""
+
+    ms: float
+    completions: int = 1
+
+
+LATENCY_WEIGHT = 0.2  # recent completions count most: a server that slows down is passed over soon
+
+
 class RouterState(Struct, frozen=True, kw_only=True):
     """The attempts already routed, as `request_id#attempt` (idempotency); the newest route of each
-    request in flight, by request id; each endpoint's breaker."""
+    request in flight, by request id; each endpoint's breaker and observed latency."""
 
     routed: Remembered = Remembered()
     routes: Routes = Routes()
     breakers: dict[str, Breaker] = {}
+    latency: dict[str, Observed] = {}
 
 
 def failures_within(breaker: Breaker | None, policy: PolicyBundle, now: datetime) -> int:
@@ -117,13 +131,17 @@ def circuit_open(breaker: Breaker | None, policy: PolicyBundle, now: datetime) -
     return failures_within(breaker, policy, now) >= policy.catalog.routing.breaker_failures
 
 
-def as_recorded(route: RouteSelected, policy: PolicyBundle, previous: RouteSelected | None = None) -> RouterState:
-    """What replay decides a route again on: the breakers it says were open (replay checks that the
-    stream backs each claim) and, for a fallback, the route of the failed attempt."""
+def as_recorded(route: RouteSelected | RouteUnavailable, policy: PolicyBundle,
+                previous: RouteSelected | None = None) -> RouterState:
+    """What replay decides a route (or the end of one) again on: the breakers it says were open
+    (replay checks that the stream backs each claim), the latency figures it ranked by and, for a
+    fallback, the route of the failed attempt."""
     failing = Breaker(failures=tuple((route.occurred_at, f"claimed-{i}")
                                      for i in range(policy.catalog.routing.breaker_failures)))
+    observed = route.observed_ms if isinstance(route, RouteSelected) else ()
     return RouterState(routes=Routes() if previous is None else Routes().add(previous),
-                       breakers={e: failing for e in route.circuit_open})
+                       breakers={e: failing for e in route.circuit_open},
+                       latency={e: Observed(ms=ms) for e, ms in observed})
 
 
 class _Ask(Struct, frozen=True, kw_only=True):
@@ -166,18 +184,23 @@ def evolve(state: RouterState, event: Event) -> RouterState:
             if attempt_key(event.request_id, event.attempt) in state.routed:
                 return state  # read again (its own decision, then from the stream): folded once
             routed = state.routed.add(attempt_key(event.request_id, event.attempt), event.occurred_at)
-            return RouterState(routed=routed, routes=state.routes.add(event), breakers=state.breakers)
+            return msgspec.structs.replace(state, routed=routed, routes=state.routes.add(event))
         case RouteUnavailable():
             # the request ended: its next attempt's key is taken, so no failure is routed on again
             routed = state.routed.add(attempt_key(event.request_id, _ended(event)), event.occurred_at)
-            return RouterState(routed=routed, routes=state.routes, breakers=state.breakers)
+            return msgspec.structs.replace(state, routed=routed)
+        case InvocationCompleted():
+            seen = state.latency.get(event.endpoint)
+            took = max(0.0, event.latency_ms)
+            ms = took if seen is None else seen.ms + LATENCY_WEIGHT * (took - seen.ms)
+            observed = Observed(ms=round(ms, 3), completions=1 if seen is None else seen.completions + 1)
+            return msgspec.structs.replace(state, latency={**state.latency, event.endpoint: observed})
         case InvocationFailed():
             old = state.breakers.get(event.endpoint, Breaker())
             if any(eid == event.event_id for _, eid in old.failures):
                 return state  # a copy of a failure counts once
             kept = Breaker(failures=(*old.failures, (event.occurred_at, event.event_id))[-KEPT_FAILURES:])
-            return RouterState(routed=state.routed, routes=state.routes, breakers={**state.breakers,
-                                                                                   event.endpoint: kept})
+            return msgspec.structs.replace(state, breakers={**state.breakers, event.endpoint: kept})
         case _:
             return state
 
@@ -231,9 +254,25 @@ def decide(event: RouterInput, state: RouterState, policy: PolicyBundle, now: da
             )
         ]
     resolved = catalog.resolve(policy.catalog, ask.model_id)
+    strategy = ask.chat.strategy or (resolved.model.strategy if resolved is not None else "ordered")
+    if resolved is not None and strategy not in (resolved.model.strategy, *resolved.model.strategies_allowed):
+        allowed = ", ".join(dict.fromkeys((resolved.model.strategy, *resolved.model.strategies_allowed)))
+        return [
+            RouteUnavailable(
+                **env,
+                caller=ask.caller,
+                requested_model=ask.requested_model,
+                reason="strategy_not_allowed",
+                reservation=ask.reservation,
+                reply_to=ask.reply_to,
+                detail=f"requests for {resolved.model.id!r} may not ask for routing strategy {strategy!r}; "
+                       f"the catalog allows: {allowed}",
+            )
+        ]
     again, blocked = _retry(ask, state, policy, now)
     if resolved is not None and again is not None:
-        return [_selected(env, ask, resolved.model.id, ask.tried[-1], (), again)]
+        return [_selected(env, ask, resolved.model.id, ask.tried[-1], (), again, policy,
+                          Ranking(strategy=strategy, candidates=(ask.tried[-1],)))]
     left = [] if resolved is None else [e for e in catalog.endpoints_of(resolved.model) if e not in ask.tried]
     if resolved is None or not left:
         why = (f"every endpoint of {ask.model_id!r} failed: {', '.join(ask.tried)}" if ask.tried
@@ -248,18 +287,54 @@ def decide(event: RouterInput, state: RouterState, policy: PolicyBundle, now: da
                 reservation=ask.reservation,
                 reply_to=ask.reply_to,
                 detail=why,
+                circuit_open=blocked,  # a retry its circuit stopped: the figure replay decides it on
             )
         ]
-    if resolved.model.strategy == "weighted" and not ask.tried:
-        left = _weighted(left, resolved.model, ask.request_id)
-    avoided = tuple(e for e in left if circuit_open(state.breakers.get(e), policy, now))
-    chosen = next((e for e in left if e not in avoided), left[0])  # all open: the first one probes
+    ranking = rank(strategy, left, resolved.model, ask.request_id, state, first=not ask.tried)
+    ranked = list(ranking.candidates)
+    avoided = tuple(e for e in ranked if circuit_open(state.breakers.get(e), policy, now))
+    chosen = next((e for e in ranked if e not in avoided), ranked[0])  # all open: the first one probes
+    skipped = (*(Skipped(e, "failed_before") for e in dict.fromkeys(ask.tried)),
+               *(Skipped(e, "circuit_open") for e in ranked[:ranked.index(chosen)]))
     # a retry its circuit stopped is recorded too: the figures replay decides it again on
-    return [_selected(env, ask, resolved.model.id, chosen, (*blocked, *avoided), None)]
+    return [_selected(env, ask, resolved.model.id, chosen, (*blocked, *avoided), None, policy,
+                      msgspec.structs.replace(ranking, skipped=skipped))]
+
+
+class Ranking(Struct, frozen=True, kw_only=True):
+    """How a decision ranked the endpoints: what RouteSelected v3 records of it."""
+
+    strategy: str
+    candidates: tuple[str, ...]
+    skipped: tuple[Skipped, ...] = ()
+    observed_ms: tuple[tuple[str, float], ...] = ()
+
+
+def rank(strategy: str, endpoints: list[str], model: ModelEntry, request_id: str, state: RouterState,
+         first: bool) -> Ranking:
+    """The endpoints in the order the strategy tries them (sorts are stable: ties keep catalog order).
+
+    "weighted" draws only a first attempt (a fallback takes catalog order); "latency" puts the
+    fastest observed first and records the figures it ranked by; endpoints never observed come last
+    (one no invoker hosts would otherwise draw every request), and are measured when tried."""
+    match strategy:
+        case "weighted" if first:
+            ranked = _weighted(endpoints, model, request_id)
+        case "cheapest":
+            cost = dict(zip(catalog.endpoints_of(model), model.costs, strict=True))
+            ranked = sorted(endpoints, key=lambda e: cost[e])
+        case "latency":
+            ranked = sorted(endpoints, key=lambda e: (e not in state.latency,
+                                                      state.latency[e].ms if e in state.latency else 0.0))
+            return Ranking(strategy=strategy, candidates=tuple(ranked),
+                           observed_ms=tuple((e, state.latency[e].ms) for e in ranked if e in state.latency))
+        case _:
+            ranked = endpoints
+    return Ranking(strategy=strategy, candidates=tuple(ranked))
 
 
 def _selected(env: Envelope, ask: _Ask, model_id: str, endpoint: str, avoided: tuple[str, ...],
-              not_before: datetime | None) -> RouteSelected:
+              not_before: datetime | None, policy: PolicyBundle, ranking: Ranking) -> RouteSelected:
     return RouteSelected(
         **env,
         caller=ask.caller,
@@ -276,6 +351,11 @@ def _selected(env: Envelope, ask: _Ask, model_id: str, endpoint: str, avoided: t
         circuit_open=avoided,
         deadline_at=ask.deadline_at,
         not_before=not_before,
+        strategy=ranking.strategy,
+        candidates=ranking.candidates,
+        skipped=ranking.skipped,
+        observed_ms=ranking.observed_ms,
+        substitution=catalog.substitution(policy.catalog, ask.requested_model, model_id),
     )
 
 

@@ -1,6 +1,7 @@
 """Router shell: consume BudgetReserved and failed attempts, publish the route under the active
-catalog. Beside it, two readers of its own keep every replica's view whole: every route decided
-(by any replica, and before a restart) and every failed attempt (the breakers)."""
+catalog. Beside it, three readers of its own keep every replica's view whole: every route decided
+(by any replica, and before a restart), every failed attempt (the breakers) and every completion
+(the endpoints' observed latency)."""
 
 import asyncio
 import contextlib
@@ -12,14 +13,14 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from ...schemas import codec
-from ...schemas.events import BudgetReserved, InvocationFailed, RouteSelected, RouteUnavailable
+from ...schemas.events import BudgetReserved, InvocationCompleted, InvocationFailed, RouteSelected, RouteUnavailable
 from ...schemas.policy import PolicyBundle
 from .. import bus, catalog, worker
 from ..settings import WorkerSettings
 from . import decider
 
 log = logging.getLogger("enclave_gateway.router")
-ROUTES, FAILURES = "gw.evt.route.>", "gw.evt.invocation.failed.>"
+ROUTES, FAILURES, COMPLETIONS = "gw.evt.route.>", "gw.evt.invocation.failed.>", "gw.evt.invocation.completed.>"
 SKEW = timedelta(seconds=60)  # a failure dated further ahead of this router's clock is not believed
 
 
@@ -52,11 +53,12 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
             except codec.DecodeError:
                 return  # junk moves nothing
             if isinstance(event, RouteSelected | RouteUnavailable) or (
-                    isinstance(event, InvocationFailed) and _believed(event, s.policy)):
+                    isinstance(event, InvocationFailed | InvocationCompleted) and _believed(event, s.policy)):
                 state = decider.evolve(state, event)
 
         since = bus.now_utc() - decider.ROUTES_KEPT
-        readers = [asyncio.create_task(_every(s.js, subject, fold, stop, since)) for subject in (ROUTES, FAILURES)]
+        readers = [asyncio.create_task(_every(s.js, subject, fold, stop, since))
+                   for subject in (ROUTES, FAILURES, COMPLETIONS)]
         try:
             await bus.consume(s.js, "router", handle, stop)
         finally:
@@ -66,11 +68,12 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
                     await reader
 
 
-def _believed(failure: InvocationFailed, policy: PolicyBundle) -> bool:
-    """A failure of an endpoint the catalog names, not dated ahead of our clock: only those move a
-    breaker (invented names would grow it without bound, future dates would pin it)."""
-    known = any(failure.endpoint in catalog.endpoints_of(m) for m in policy.catalog.model)
-    return known and failure.occurred_at <= bus.now_utc() + SKEW
+def _believed(outcome: InvocationFailed | InvocationCompleted, policy: PolicyBundle) -> bool:
+    """An outcome at an endpoint the catalog names, not dated ahead of our clock: only those move a
+    breaker or a latency figure (invented names would grow them without bound, future dates would
+    pin a breaker)."""
+    known = any(outcome.endpoint in catalog.endpoints_of(m) for m in policy.catalog.model)
+    return known and outcome.occurred_at <= bus.now_utc() + SKEW
 
 
 async def _every(js: JetStreamContext, subject: str, fold: Callable[[Msg], None], stop: asyncio.Event,
