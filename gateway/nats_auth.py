@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+from collections.abc import Iterable
 from pathlib import Path
 
+import msgspec
 import nkeys
 
 from .services import registry
@@ -55,12 +57,34 @@ def ensure_creds(creds_dir: Path, extra_apps: tuple[str, ...] = ()) -> list[regi
     return identities(creds_dir)
 
 
+ENDPOINTS_FILE = "endpoints.json"  # every endpoint whose invokers' durable this deployment has
+
+
+def endpoints(creds_dir: Path) -> tuple[str, ...]:
+    """The endpoints whose durables the auth config protects."""
+    try:
+        return tuple(msgspec.json.decode((creds_dir / ENDPOINTS_FILE).read_bytes(), type=list[str]))
+    except FileNotFoundError:
+        return ()
+
+
+def record_endpoints(creds_dir: Path, names: Iterable[str]) -> bool:
+    """Add endpoints to the protected list; whether it grew (the auth config must then be rewritten)."""
+    known = set(endpoints(creds_dir))
+    grown = sorted(known | set(names))
+    if len(grown) == len(known):
+        return False
+    write_private(creds_dir / ENDPOINTS_FILE, msgspec.json.encode(grown))
+    return True
+
+
 def authorization_block(creds_dir: Path) -> str:
     """The server config's `authorization { users: [...] }`: public NKeys and their permissions."""
     users = []
+    protected = endpoints(creds_dir)
     for ident in identities(creds_dir):
         entry: dict[str, object] = {"nkey": public_key(seed_path(creds_dir, ident.name))}
-        perms = registry.permissions(ident)
+        perms = registry.permissions(ident, protected)
         if perms is not None:
             entry["permissions"] = perms
         users.append(entry)

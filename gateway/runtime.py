@@ -17,7 +17,7 @@ from types import TracebackType
 import msgspec
 from nats.aio.client import Client
 
-from . import config, issuer, procs, supervisor
+from . import config, issuer, nats_auth, procs, supervisor
 from .broker import Broker
 from .engine import Engine
 from .policy_admin import DEV_SIGNER, activation, dev_signer, trusted
@@ -48,11 +48,26 @@ async def setup_topology(settings: WorkerSettings, replicas: int = 1, endpoints:
     """Create or update GW_EVENTS and the consumers through the admin connection: the services',
     and one per endpoint that the catalog names or this deployment's invokers host."""
     hosted = {*endpoints, *settings.endpoints, *catalog_endpoints(Path(settings.policy_dir))}
+    await protect_endpoints(settings, hosted)
     nc = await bus.connect(settings, "admin")
     try:
         await bus.ensure_topology(nc.jetstream(), replicas, hosted)
     finally:
         await nc.close()
+
+
+async def protect_endpoints(settings: WorkerSettings, endpoints: set[str]) -> None:
+    """Before an endpoint's durable is made, the broker refuses every runtime role the right to
+    create, update or delete it (a hostile review rewrote one's filter with a service credential):
+    the auth config names each endpoint durable, so it is rewritten and the broker reloaded."""
+    creds = Path(settings.creds_dir) if settings.creds_dir else None
+    if creds is None or not creds.is_dir() or not nats_auth.record_endpoints(creds, endpoints):
+        return
+    conf_dir = Path(settings.data_dir)
+    if (conf_dir / nats_auth.AUTH_FILE).exists():
+        nats_auth.write_authorization(creds, conf_dir)
+        if nats_auth.reload_broker(conf_dir / "nats.pid"):
+            await asyncio.sleep(0.5)  # the reload is asynchronous: let it land before the durable exists
 
 
 async def active_policy(settings: WorkerSettings) -> PolicyActivated | None:
@@ -93,9 +108,11 @@ async def activate(settings: WorkerSettings, folder: Path, by: str) -> PolicyAct
             signing_time(event.signed_at) <= signing_time(current.signed_at)):
         raise PolicyError(f"{folder} was signed at {event.signed_at}, before the active policy "
                           f"({current.signed_at}); workers never go back to an older signature: sign it again")
+    named = catalog_endpoints(folder)
+    await protect_endpoints(settings, named)
     nc = await bus.connect(settings, "admin", keep_trying=False)
     try:
-        await bus.ensure_endpoints(nc.jetstream(), catalog_endpoints(folder))  # before any route to one
+        await bus.ensure_endpoints(nc.jetstream(), named)  # before any route to one
         await bus.publish(nc.jetstream(), event)
     finally:
         await nc.close()

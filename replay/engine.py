@@ -93,6 +93,7 @@ class _Policies:
         self.breakers = router.initial_state()  # failed attempts stored so far: what backs a circuit_open claim
         self.dev_jwks: dict[str, str] = {}
         self.older: dict[int, int] = {}  # seq -> the version an event was stored at, when older than current
+        self.deadline_ends: set[tuple[str, str]] = set()  # (request, tick) of each release at a deadline
 
     def record(self, event: PolicyActivated) -> None:
         try:
@@ -188,6 +189,8 @@ def _replay(decoded: list[tuple[int, AnyEvent | None]], extra_jwks: list[str] | 
                 policies.failures.setdefault(event.event_id, event)
             elif isinstance(event, RouteSelected):
                 policies.routes.setdefault(event.event_id, event)
+            elif isinstance(event, BudgetReleased) and event.reason == "deadline" and event.causation_id:
+                policies.deadline_ends.add((event.request_id, event.causation_id))
     result.policies_refused = [f"{v}: {why}" for v, why in sorted(policies.refused.items())]
     state = budget.initial_state()
     for n, (seq, event) in enumerate(decoded):
@@ -255,6 +258,15 @@ def _check(seq: int, event: AnyEvent, inputs: dict[tuple[str, str], AnyEvent], s
                 _check_expiry(seq, event, state, policies, result)
             else:
                 _check_budget(seq, event, inputs, state, policies, result)
+        case RequestFailed() if event.stage == "budget":
+            # the budget ends a request at its deadline with two facts from one tick: the release,
+            # re-decided at its own place, and this answer to the caller, which must be its twin
+            result.decisions += 1
+            if (rid, event.causation_id or "") in policies.deadline_ends:
+                result.reproduced += 1
+            else:
+                _mismatch(result, seq, event, "the budget ends a request only with a deadline release decided "
+                                              "from the same tick, and there is none", "", counted=True)
         case _:
             result.observations += 1
 

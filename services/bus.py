@@ -116,7 +116,16 @@ async def ensure_endpoints(js: JetStreamContext, endpoints: Iterable[str]) -> No
     no more the one durable all invokers shared before issue 10, which took every route."""
     for endpoint in endpoints:
         name, spec = invoker_durable(endpoint)
-        await js.add_consumer(subjects.STREAM, consumer_config(name, spec))
+        config = consumer_config(name, spec)
+        try:  # one made by anyone else (squatted before the name was protected) is replaced
+            info = await js.consumer_info(subjects.STREAM, name)
+            if (info.config.filter_subject, info.config.deliver_subject, info.config.ack_policy) != (
+                    config.filter_subject, None, AckPolicy.EXPLICIT):
+                log.warning("replacing consumer %s, not the endpoint's durable: %s", name, info.config)
+                await js.delete_consumer(subjects.STREAM, name)
+        except NotFoundError:
+            pass
+        await js.add_consumer(subjects.STREAM, config)
     try:
         await js.delete_consumer(subjects.STREAM, "invoker")
         log.info("deleted the shared invoker durable: each endpoint's invokers have their own")

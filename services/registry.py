@@ -276,10 +276,12 @@ def by_name(name: str, apps: tuple[str, ...] = ()) -> Identity:
     raise KeyError(name)
 
 
-def _protected_consumers() -> tuple[str, ...]:
-    """No runtime role may create, update or delete a registered durable, its own included."""
+def _protected_consumers(endpoints: Iterable[str] = ()) -> tuple[str, ...]:
+    """No runtime role may create, update or delete a registered durable, its own included: the
+    services' and each endpoint's (`endpoints`: the deployment's, which the auth config is
+    regenerated with before each is made, as a durable's name cannot be matched by a prefix)."""
     out: list[str] = []
-    for durable in durables():
+    for durable in durables(endpoints):
         out += [
             f"{API}.CONSUMER.CREATE.{STREAM}.{durable}",
             f"{API}.CONSUMER.CREATE.{STREAM}.{durable}.>",
@@ -298,12 +300,12 @@ def _pull_any_but_fixed(ident: Identity) -> tuple[str, ...]:
     return tuple(s for d in durables() for s in (f"{API}.CONSUMER.MSG.NEXT.{STREAM}.{d}", f"$JS.ACK.{STREAM}.{d}.>"))
 
 
-def permissions(ident: Identity) -> dict[str, dict[str, list[str]]] | None:
+def permissions(ident: Identity, endpoints: Iterable[str] = ()) -> dict[str, dict[str, list[str]]] | None:
     """The nats-server `permissions` block of an identity; None (everything) for admin only."""
     if ident.unrestricted:
         return None
     publish: dict[str, list[str]] = (
-        {"allow": list(ident.publish), "deny": [*_protected_consumers(), *_pull_any_but_fixed(ident),
+        {"allow": list(ident.publish), "deny": [*_protected_consumers(endpoints), *_pull_any_but_fixed(ident),
                                                  *ident.deny_publish]}
         if ident.publish
         else {"deny": [">"]}
@@ -323,9 +325,9 @@ def matches(pattern: str, subject: str) -> bool:
     return len(p) == len(s)
 
 
-def may_publish(ident: Identity, subject: str) -> bool:
+def may_publish(ident: Identity, subject: str, endpoints: Iterable[str] = ()) -> bool:
     """What the server configuration derived from this registry allows (deny wins)."""
-    perms = permissions(ident)
+    perms = permissions(ident, endpoints)
     if perms is None:
         return True
     pub = perms["publish"]

@@ -7,7 +7,10 @@ import json
 import aiohttp
 import openai
 import pytest
+from enclave_gateway.replay.engine import replay
 from enclave_gateway.schemas import codec, subjects
+from enclave_gateway.services import bus
+from enclave_gateway.services.authz.policy_view import dev_jwks
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
 from nats.aio.client import Client
 
@@ -97,7 +100,7 @@ async def test_deprecated_model_is_swapped_and_the_substitution_recorded(admin: 
 
 
 async def test_a_request_no_invoker_takes_ends_at_its_deadline_with_its_money_back(admin: Client, client: Client,
-                                                                                  token_for) -> None:
+                                                                                  stack, token_for) -> None:
     """analyst-large's endpoint is hosted by no invoker here: its route waits on that endpoint's
     durable, and the budget ends the request once its deadline (and grace) passed."""
     chat = ChatBody(model="analyst-large", messages=(ChatMessage(role="user", content="x"),), max_tokens=4)
@@ -110,6 +113,18 @@ async def test_a_request_no_invoker_takes_ends_at_its_deadline_with_its_money_ba
     kinds = [b["type"] for _, b in await stream_events(admin, reply.request_id)]
     assert "InvocationCompleted" not in kinds and "InvocationFailed" not in kinds
     assert kinds.count("RequestFailed") == 1 and kinds.count("BudgetReleased") == 1
+    # replay re-makes the release from the budget's tick, and the caller's timeout must be its twin:
+    # a RequestFailed in the budget's name that no deadline release backs is named (a hostile review
+    # forged one with another service's credential)
+    stored = [(seq, subj, data) for data, subj, seq in await bus.stored_on(admin.jetstream(), "gw.evt.>", "test")]
+    first = next(seq for seq, _, data in stored if reply.request_id.encode() in data)
+    assert replay(stored, dev_jwks(stack), first=first).ok
+    failed_at = next(seq for seq, subj, data in stored if subj == subjects.request_failed()
+                     and reply.request_id.encode() in data)
+    forged = [(seq, subj, data.replace(b'"causation_id":"', b'"causation_id":"x') if seq == failed_at else data)
+              for seq, subj, data in stored]
+    flagged = replay(forged, dev_jwks(stack), first=first)
+    assert [m.seq for m in flagged.mismatches] == [failed_at]
 
 
 async def test_over_budget_request_gets_remaining_and_requested(client: Client, token_for) -> None:

@@ -658,3 +658,13 @@ def test_strategy_figures_are_validated(fields: dict[str, object], needle: str) 
                    if m.id == "enclave-tiny" else m for m in BUNDLE.catalog.model)
     with pytest.raises(PolicyError, match=needle):
         check_catalog(msgspec.structs.replace(BUNDLE.catalog, model=models))
+
+
+def test_two_endpoint_names_that_would_share_one_durable_are_refused() -> None:
+    """Found by a hostile review: `gpu.1` and `gpu_1` are one subject token, so one durable."""
+    from enclave_gateway.services.policy.bundle import _check_catalog as check_catalog
+
+    models = tuple(msgspec.structs.replace(m, endpoint="", endpoints=("gpu.1", "gpu_1"), strategies_allowed=(),
+                                           costs=()) if m.id == "enclave-tiny" else m for m in BUNDLE.catalog.model)
+    with pytest.raises(PolicyError, match="share one invokers' durable"):
+        check_catalog(msgspec.structs.replace(BUNDLE.catalog, model=models))

@@ -324,6 +324,7 @@ async def test_a_caller_asks_for_a_routing_strategy_the_catalog_allows_and_is_re
     it ranked by; a strategy the catalog does not allow is refused, an unknown one is a bad request."""
     import aiohttp
 
+    first = (await admin.jetstream().stream_info(subjects.STREAM)).state.last_seq + 1
     body = {"model": "enclave-tiny", "messages": [{"role": "user", "content": "route me"}], "max_tokens": 2}
     headers = {"Authorization": f"Bearer {token_for('gamma')}"}
     async with aiohttp.ClientSession() as http:
@@ -347,5 +348,5 @@ async def test_a_caller_asks_for_a_routing_strategy_the_catalog_allows_and_is_re
     await runtime.wait_audited(admin, 60)
     stored = [(seq, subject, data) for data, subject, seq in
               await bus.stored_on(admin.jetstream(), subjects.ALL_EVENTS, "test")]
-    result = replay(stored, dev_jwks(stack))  # the latency-ranked routes re-made from their recorded figures
+    result = replay(stored, dev_jwks(stack), first=first)  # latency-ranked routes re-made from their figures
     assert result.ok, [(m.seq, m.decision, m.why, diff(m)) for m in result.mismatches]

@@ -5,6 +5,7 @@ other's answers; `gw.submit` answers only on the requester's own inbox."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from pathlib import Path
 
@@ -74,7 +75,7 @@ NEVER = (
     f"{API}.STREAM.MSG.GET.{S}", f"{API}.CONSUMER.CREATE.{S}", "gw.evt.policy.activated",
     *(f"{API}.CONSUMER.DELETE.{S}.{d}" for d in registry.durables()),
     *(f"{API}.CONSUMER.CREATE.{S}.{d}.gw.evt.ledger.>" for d in registry.durables()),
-    *(f"{API}.CONSUMER.CREATE.{S}.{d}.gw.evt.policy.activated" for d in registry.durables()),
+    *(f"{API}.CONSUMER.CREATE.{S}.{d}.gw.evt.policy.activated" for d in registry.durables(("local-llama",))),
     f"{API}.CONSUMER.CREATE.OBJ_{registry.BUDGET_BUCKET}",
 )
 READS_TOKENS = {"authz", "auditor", "admin"}  # who may read a RequestSubmitted and so a bearer token
@@ -88,7 +89,7 @@ def runtime_identities() -> list[registry.Identity]:
 @pytest.mark.filterwarnings("ignore::pytest.PytestWarning")
 def test_the_registry_never_grants_what_no_runtime_role_may_do() -> None:
     for ident in runtime_identities():
-        granted = [s for s in NEVER if registry.may_publish(ident, s)]
+        granted = [s for s in NEVER if registry.may_publish(ident, s, ("local-llama",))]
         assert not granted, f"{ident.name} may {granted}"
         reads = [s for s in (f"{API}.DIRECT.GET.{S}.gw.evt.request.submitted", "gw.evt.request.submitted")
                  if registry.may_publish(ident, s) and "DIRECT" in s]
@@ -126,7 +127,10 @@ async def test_every_identity_is_refused_what_it_does_not_own(admin: Client, sta
     errors: list[str] = []
     nc = await _connect_as(stack, name, errors)
     try:
-        probes = [s for s in (*EVENT_FAMILIES, *CORE_FAMILIES, *JS_FAMILIES) if not registry.may_publish(ident, s)]
+        protected = nats_auth.endpoints(Path(stack.creds_dir))  # what the broker's auth config names
+        assert "local-llama" in protected
+        probes = [s for s in (*EVENT_FAMILIES, *CORE_FAMILIES, *JS_FAMILIES)
+                  if not registry.may_publish(ident, s, protected)]
         for subject in probes:
             await nc.publish(subject, b'{"type":"RequestAuthorized","forged":true}', reply=f"{ident.inbox_prefix}.p")
         subs = [(s, q) for s in SUBSCRIBE_FAMILIES for q in (None, "edge") if not registry.may_subscribe(ident, s, q)]
@@ -320,3 +324,28 @@ async def test_an_event_passed_off_on_a_subject_it_does_not_belong_to_is_refused
     finally:
         await router.close()
         await other.close()
+
+
+@pytest.mark.parametrize("name", ["edge", "authz", "router", "auditor", "invoker"])
+async def test_no_service_credential_can_rewrite_or_squat_an_endpoints_durable(admin: Client, stack: WorkerSettings,
+                                                                              name: str) -> None:
+    """Found by a hostile review: a service could update `invoker_<endpoint>`'s filter through its
+    reader-create right (any name) and stop every model call, or squat a future endpoint's name."""
+    js = admin.jetstream()
+    before = (await js.consumer_info(S, "invoker_local-llama")).config
+    errors: list[str] = []
+    nc = await _connect_as(stack, name, errors)
+    try:
+        config = {"stream_name": S, "config": {"durable_name": "invoker_local-llama", "name": "invoker_local-llama",
+                                                "filter_subject": "gw.evt.policy.activated", "ack_policy": "explicit",
+                                                "deliver_policy": "all"}}
+        subject = f"{API}.CONSUMER.CREATE.{S}.invoker_local-llama.gw.evt.policy.activated"
+        with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+            await nc.request(subject, json.dumps(config).encode(), timeout=1)
+        await nc.flush()
+        await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
+    assert _refused(errors, "publish", subject)
+    after = (await js.consumer_info(S, "invoker_local-llama")).config
+    assert (after.filter_subject, after.deliver_subject) == (before.filter_subject, before.deliver_subject)

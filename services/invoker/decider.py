@@ -31,8 +31,14 @@ class _Choice(Struct, frozen=True):
     finish_reason: str | None = None
 
 
+def encoded_size(text: str) -> int:
+    """Bytes the text takes inside an event's JSON (escapes included: a control byte takes six)."""
+    return len(_encoder.encode(text)) - 2
+
+
 Count = Annotated[int, Meta(ge=0)]  # a negative count from a server would credit the team's ledger
-# A larger answer is refused (bad_response): the fact that records it must fit a NATS message.
+# A larger answer, as JSON, is refused (bad_response) or cut (a stream): the fact that records it
+# must fit a NATS message (1 MiB), with its envelope.
 MAX_ANSWER_BYTES = 512 * 1024
 
 
@@ -154,7 +160,7 @@ class StreamReader:
             self.finish_reason = choice.finish_reason
         if not choice.delta.content:
             return None
-        self.size += len(choice.delta.content.encode())
+        self.size += encoded_size(choice.delta.content)
         if self.size > MAX_ANSWER_BYTES:
             raise StreamBroken(f"the answer grew past {MAX_ANSWER_BYTES} bytes")
         if self.first_token_ms is None:
@@ -257,7 +263,7 @@ def decide(route: RouteSelected, outcome: CallOutcome, policy_version: str, now:
     if not parsed.choices:
         return [_failed(route, policy_version, now, "bad_response", "no choices", outcome.latency_ms)]
     choice = parsed.choices[0]
-    if len((choice.message.content or "").encode()) > MAX_ANSWER_BYTES:
+    if encoded_size(choice.message.content or "") > MAX_ANSWER_BYTES:
         return [_failed(route, policy_version, now, "bad_response", f"an answer over {MAX_ANSWER_BYTES} bytes",
                         outcome.latency_ms)]
     return [

@@ -104,6 +104,11 @@ def _check_catalog(catalog: Catalog) -> None:
                 raise PolicyError(f"catalog.toml: the name {name!r} would resolve to both {names[name]!r} and "
                                   f"{model.id!r}: ids and aliases must be unique across models")
     by_id = {m.id: m for m in catalog.model}
+    durable_of: dict[str, str] = {}  # an endpoint's subject token names its invokers' durable: one per name
+    for endpoint in sorted({e for m in catalog.model for e in (m.endpoints or ((m.endpoint,) if m.endpoint else ()))}):
+        if durable_of.setdefault(subjects.token(endpoint), endpoint) != endpoint:
+            raise PolicyError(f"catalog.toml: endpoints {durable_of[subjects.token(endpoint)]!r} and {endpoint!r} "
+                              "would share one invokers' durable: rename one")
     for model in catalog.model:
         _check_figures(model)
         _check_replacement(model, by_id)
