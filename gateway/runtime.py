@@ -25,6 +25,7 @@ from .schemas import subjects
 from .schemas.events import PolicyActivated
 from .services import bus, catalog, egress, registry
 from .services.authz.policy_view import dev_jwks
+from .services.invoker.adapters import HOSTED
 from .services.policy import PolicyError, load_bundle
 from .services.policy.feed import latest_valid
 from .services.policy.signing import load_public, signing_time
@@ -100,8 +101,19 @@ def activation_for(settings: WorkerSettings, folder: Path, by: str) -> PolicyAct
                       trusted_dev[0] if trusted_dev else None)
 
 
+def refuse_hosted_in_enclave(settings: WorkerSettings, folder: Path) -> None:
+    """In enclave mode a catalog may not name a model served by a hosted API (Anthropic, Bedrock):
+    their adapters are refused here as well as at call time."""
+    if settings.egress_allow is None or not (folder / "catalog.toml").is_file():
+        return
+    hosted = [f"{m.id} ({m.protocol})" for m in load_bundle(folder).catalog.model if m.protocol in HOSTED]
+    if hosted:
+        raise PolicyError(f"enclave mode refuses the hosted-API adapters, and the catalog names {', '.join(hosted)}")
+
+
 async def activate(settings: WorkerSettings, folder: Path, by: str) -> PolicyActivated:
     """Validate the folder's signed bundle and publish it as the active policy; raises PolicyError."""
+    refuse_hosted_in_enclave(settings, folder)
     event = activation_for(settings, folder, by)
     current = await active_policy(settings)
     if current is not None and current.signed_at and event.signed_at and (

@@ -33,7 +33,10 @@ class ModelEntry(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # The strategies a request may ask for instead (X-Routing-Strategy, or `strategy` on gw.submit);
     # the model's own is always allowed. Asking for any other is refused (strategy_not_allowed).
     strategies_allowed: tuple[Strategy, ...] = ()
-    protocol: Literal["openai"] = "openai"
+    # How its endpoints are called: "openai" (vLLM, TGI, llama.cpp, Ollama: OpenAI-compatible),
+    # "anthropic" (Messages API) or "bedrock" (Converse): the last two are hosted APIs outside any
+    # enclave, refused in enclave mode
+    protocol: Literal["openai", "anthropic", "bedrock"] = "openai"
     context_length: int
     default_max_tokens: int
     # The most completion tokens one call may ask for (None: up to the context length); a caller's

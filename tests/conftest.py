@@ -51,6 +51,7 @@ DOWN = f"http://127.0.0.1:{procs.free_port()}"  # nothing listens there
 # A second llama.cpp server that test_routing starts, kills during traffic and starts again.
 DUO_PORT = procs.free_port()
 HANG_PORT = procs.free_port()  # a server test_routing starts that accepts and never answers
+ANTHROPIC_PORT, BEDROCK_PORT = procs.free_port(), procs.free_port()  # servers of those shapes (test_adapters)
 DUO_MODEL = """
 [[model]]
 id = "enclave-tiny-duo"
@@ -70,6 +71,25 @@ default_max_tokens = 32
 prompt_micros_per_1k = 2000
 completion_micros_per_1k = 6000
 accreditation = "SECRET//SI//NOFORN"
+
+[[model]]
+# hosted APIs, for unclassified deployments: local servers of their shapes stand in (test_adapters)
+id = "claude-local"
+protocol = "anthropic"
+endpoints = ["anthropic-local"]
+context_length = 512
+default_max_tokens = 32
+prompt_micros_per_1k = 2000
+completion_micros_per_1k = 6000
+
+[[model]]
+id = "converse-local"
+protocol = "bedrock"
+endpoints = ["bedrock-local"]
+context_length = 512
+default_max_tokens = 32
+prompt_micros_per_1k = 2000
+completion_micros_per_1k = 6000
 
 [[model]]
 id = "enclave-tiny-down"
@@ -102,7 +122,8 @@ def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with open(folder / "access_policy.csv", "a") as fh:
         fh.write("p, team:gamma, enclave-tiny\np, team:gamma, analyst-large\np, team:tight, enclave-tiny\n"
                  "p, team:gamma, enclave-tiny-ha\np, team:gamma, enclave-tiny-duo\np, team:gamma, enclave-tiny-hang\n"
-                 "p, team:gamma, enclave-tiny-down\np, team:gamma, enclave-tiny-solo\n")
+                 "p, team:gamma, enclave-tiny-down\np, team:gamma, enclave-tiny-solo\n"
+                 "p, team:gamma, claude-local\np, team:gamma, converse-local\n")
     shipped = (folder / "catalog.toml").read_text()
     assert "breaker_cooldown_s = 30" in shipped
     # a short cooldown, so a test sees a circuit open and close again
@@ -153,7 +174,9 @@ def settings(broker: Broker, engine: str, data_dir: Path, policy_dir: Path, keys
     return WorkerSettings(nats_url=broker.url, data_dir=str(data_dir), policy_dir=str(policy_dir),
                           endpoints={"local-llama": engine, "gpu-node-down": DOWN,
                                      "duo-a": f"http://127.0.0.1:{DUO_PORT}",
-                                     "hang-node": f"http://127.0.0.1:{HANG_PORT}"}, http_port=procs.free_port(), max_body_bytes=64 * 1024,
+                                     "hang-node": f"http://127.0.0.1:{HANG_PORT}",
+                                     "anthropic-local": f"http://127.0.0.1:{ANTHROPIC_PORT}",
+                                     "bedrock-local": f"http://127.0.0.1:{BEDROCK_PORT}"}, http_port=procs.free_port(), max_body_bytes=64 * 1024,
                           request_timeout_s=60.0, creds_dir=str(data_dir / "creds"),
                           policy_signers={signer.kid: signer.public_key})
 

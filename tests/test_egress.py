@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from enclave_gateway.services import egress
-from enclave_gateway.services.invoker import decider
+from enclave_gateway.services.invoker import decider, hosted
 from enclave_gateway.schemas.events import RouteSelected
 from enclave_gateway.services.invoker.shell import call
 
@@ -44,6 +44,11 @@ def test_an_allow_list_entry_that_is_neither_cidr_nor_host_is_refused(entry: str
         egress.parse([entry])
 
 
+def _up(base: str, body: bytes) -> hosted.Upstream:
+    return hosted.Upstream(protocol="openai", url=f"{base}/v1/chat/completions", body=body,
+                           headers={"Content-Type": "application/json"})
+
+
 @pytest.mark.asyncio(loop_scope="session")
 async def test_a_listed_name_is_refused_when_it_resolves_outside_the_enclave(engine: str) -> None:
     """After name resolution: `localhost` is listed, but resolves to 127.0.0.1, outside 10.20/16."""
@@ -53,7 +58,7 @@ async def test_a_listed_name_is_refused_when_it_resolves_outside_the_enclave(eng
                             (egress.parse(["127.0.0.0/8"]), "egress_refused"),  # the name itself not listed
                             (egress.parse(["127.0.0.0/8", "localhost"]), None)):
         async with aiohttp.ClientSession(connector=egress.connector(allow)) as session:
-            outcome = await call(session, f"http://localhost:{port}", body, 30.0)
+            outcome = await call(session, _up(f"http://localhost:{port}", body), 30.0)
         if expected is None:
             assert isinstance(outcome, decider.CallAnswered) and outcome.status == 200
         else:
@@ -126,7 +131,7 @@ async def test_a_model_servers_redirect_is_never_followed_out_of_the_enclave() -
     port = inner.sockets[0].getsockname()[1]
     try:
         async with aiohttp.ClientSession(connector=egress.connector(egress.parse(["127.0.0.1/32"]))) as session:
-            outcome = await call(session, f"http://127.0.0.1:{port}", b'{"secret": "prompt"}', 10.0)
+            outcome = await call(session, _up(f"http://127.0.0.1:{port}", b'{"secret": "prompt"}'), 10.0)
     finally:
         inner.close()
         outer.close()

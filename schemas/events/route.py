@@ -88,6 +88,7 @@ class RouteSelected(Event, frozen=True, kw_only=True, tag="RouteSelected"):
     skipped: tuple[Skipped, ...] = ()
     observed_ms: tuple[tuple[str, float], ...] = ()
     substitution: str | None = None  # e.g. "alias of enclave-tiny", "deprecated: enclave-tiny-v0 -> enclave-tiny"
+    protocol: str = "openai"  # how the invoker calls the endpoint (the catalog's, for the model served)
 
 
 class RouteUnavailableV1(Event, frozen=True, kw_only=True, tag="RouteUnavailable"):

@@ -5,15 +5,25 @@ so replay can re-derive `InvocationCompleted` from a recorded response.
 """
 
 from datetime import datetime
-from typing import Annotated
 
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import Struct
 
 from ...schemas.commands import ChatMessage
 from ...schemas.events import AnyEvent, Event, InvocationCompleted, InvocationFailed, RouteSelected, envelope
-from ...schemas.reasons import INTERRUPTED
 from .. import catalog
+from . import adapters
+from .streams import (
+    MAX_ANSWER_BYTES,
+    CallAnswered,
+    CallFailed,
+    CallOutcome,
+    CallStreamed,
+    Count,
+    StreamBroken,
+    StreamReader,
+    encoded_size,
+)
 
 STAGE = "invoke"
 
@@ -31,16 +41,6 @@ class _Choice(Struct, frozen=True):
     finish_reason: str | None = None
 
 
-def encoded_size(text: str) -> int:
-    """Bytes the text takes inside an event's JSON (escapes included: a control byte takes six)."""
-    return len(_encoder.encode(text)) - 2
-
-
-Count = Annotated[int, Meta(ge=0)]  # a negative count from a server would credit the team's ledger
-# A larger answer, as JSON, is refused (bad_response) or cut (a stream): the fact that records it
-# must fit a NATS message (1 MiB), with its envelope.
-MAX_ANSWER_BYTES = 512 * 1024
-
 
 class _Usage(Struct, frozen=True):
     prompt_tokens: Count
@@ -53,139 +53,6 @@ class OpenAIResponse(Struct, frozen=True):
     choices: tuple[_Choice, ...]
     usage: _Usage
 
-
-class CallAnswered(Struct, frozen=True, kw_only=True):
-    """The server answered with an HTTP status and a body."""
-
-    status: int
-    body: bytes
-    latency_ms: float
-
-
-class CallFailed(Struct, frozen=True, kw_only=True):
-    """The call never got an answer (refused, reset, timed out) and no token reached the caller."""
-
-    error: str
-    detail: str
-    latency_ms: float
-
-
-class _Usage0(Struct, frozen=True):
-    prompt_tokens: Count = 0
-    completion_tokens: Count = 0
-
-
-class CallStreamed(Struct, frozen=True, kw_only=True):
-    """A streamed answer: the content chunks joined, and the usage if reported. `broken_off` says
-    why it ended early, after tokens had reached the caller (they are its answer, and charged)."""
-
-    content: str
-    finish_reason: str
-    chunks: int  # content chunks received: one per token on llama.cpp, vLLM and TGI
-    usage: _Usage0 | None
-    first_token_ms: float | None
-    latency_ms: float
-    broken_off: str | None = None
-
-
-CallOutcome = CallAnswered | CallFailed | CallStreamed
-
-
-class _Delta(Struct, frozen=True):
-    content: str | None = None
-
-
-class _ChunkChoice(Struct, frozen=True):
-    delta: _Delta = _Delta()
-    finish_reason: str | None = None
-
-
-class _StreamError(Struct, frozen=True):
-    message: str = ""
-
-
-class _Chunk(Struct, frozen=True):
-    choices: tuple[_ChunkChoice, ...] = ()
-    usage: _Usage0 | None = None
-    error: _StreamError | str | None = None
-
-
-_chunk = msgspec.json.Decoder(_Chunk)
-
-
-class StreamBroken(Exception):
-    """The server's event stream said it failed, or could not be read."""
-
-
-class StreamReader:
-    """Reads an OpenAI chat-completion event stream line by line: pure, so tests feed it bytes.
-
-    `feed` returns the content a line adds (to pass on at once), or None.
-    """
-
-    def __init__(self) -> None:
-        self.parts: list[str] = []
-        self.finish_reason: str | None = None
-        self.usage: _Usage0 | None = None
-        self.first_token_ms: float | None = None
-        self.done = False
-        self.size = 0  # bytes of content so far
-
-    @property
-    def chunks(self) -> int:
-        """Content chunks received so far."""
-        return len(self.parts)
-
-    def feed(self, line: bytes, elapsed_ms: float) -> str | None:
-        """Take one line of the event stream; raises StreamBroken on an error event or bad JSON."""
-        line = line.strip()
-        if not line.startswith(b"data:"):
-            return None  # blank separators, comments (": ping"), `event:` and `id:` lines
-        payload = line[5:].strip()
-        if payload == b"[DONE]":
-            self.done = True
-            return None
-        try:
-            chunk = _chunk.decode(payload)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            raise StreamBroken(f"unreadable chunk: {exc}") from exc
-        if chunk.error is not None:
-            raise StreamBroken(f"the server reported an error mid-stream: {chunk.error}")
-        if chunk.usage is not None:
-            self.usage = chunk.usage
-        if not chunk.choices:
-            return None
-        choice = chunk.choices[0]
-        if choice.finish_reason:
-            self.finish_reason = choice.finish_reason
-        if not choice.delta.content:
-            return None
-        self.size += encoded_size(choice.delta.content)
-        if self.size > MAX_ANSWER_BYTES:
-            raise StreamBroken(f"the answer grew past {MAX_ANSWER_BYTES} bytes")
-        if self.first_token_ms is None:
-            self.first_token_ms = round(elapsed_ms, 3)
-        self.parts.append(choice.delta.content)
-        return choice.delta.content
-
-    def outcome(self, latency_ms: float) -> CallStreamed:
-        """What the stream amounted to once read to its end; raises StreamBroken when it never said
-        why the answer ended (a server that cut it short, as llama-cpp-python's does to one stream
-        when another request comes, unless started with `--interrupt_requests False`)."""
-        if self.finish_reason is None:
-            raise StreamBroken(f"the stream ended after {self.chunks} tokens without a finish reason")
-        return CallStreamed(content="".join(self.parts), finish_reason=self.finish_reason,
-                            chunks=self.chunks, usage=self.usage, first_token_ms=self.first_token_ms,
-                            latency_ms=latency_ms)
-
-    def broken(self, error: str, detail: str, latency_ms: float) -> CallOutcome:
-        """The stream failed: before any token, a failed attempt (another endpoint may serve it);
-        after some, those tokens are the caller's answer, cut short."""
-        if not self.parts:
-            return CallFailed(error=error, detail=detail, latency_ms=latency_ms)
-        return CallStreamed(content="".join(self.parts), finish_reason=INTERRUPTED, chunks=self.chunks,
-                            usage=self.usage, first_token_ms=self.first_token_ms, latency_ms=latency_ms,
-                            broken_off=f"{error}: {detail}"[:500])
 
 _response = msgspec.json.Decoder(OpenAIResponse)
 _encoder = msgspec.json.Encoder()
@@ -231,8 +98,20 @@ class UpstreamRequest(Struct, frozen=True, kw_only=True, omit_defaults=True):
     stream_options: StreamOptions | None = None
 
 
+def request_for(route: RouteSelected) -> tuple[str, bytes]:
+    """The path and JSON body of the call in the endpoint's protocol (`max_tokens` is always the
+    bound the budget reserved for, DESIGN §4)."""
+    match route.protocol:
+        case "anthropic":
+            return adapters.anthropic_request(route)
+        case "bedrock":
+            return adapters.bedrock_request(route)
+        case _:
+            return "/v1/chat/completions", request_body(route)
+
+
 def request_body(route: RouteSelected) -> bytes:
-    """The upstream JSON; `max_tokens` is always the bound the budget reserved for (DESIGN §4)."""
+    """The OpenAI-compatible upstream JSON."""
     chat = route.chat
     return _encoder.encode(
         UpstreamRequest(
@@ -247,6 +126,21 @@ def request_body(route: RouteSelected) -> bytes:
     )
 
 
+def whole_answer(protocol: str, body: bytes) -> adapters.Answer:
+    """A whole (not streamed) answer in the endpoint's protocol; raises when it is not one."""
+    match protocol:
+        case "anthropic":
+            return adapters.anthropic_answer(body)
+        case "bedrock":
+            return adapters.bedrock_answer(body)
+    parsed = _response.decode(body)
+    if not parsed.choices:
+        raise ValueError("no choices")
+    choice = parsed.choices[0]
+    return adapters.Answer(content=choice.message.content or "", finish_reason=choice.finish_reason or "stop",
+                           prompt_tokens=parsed.usage.prompt_tokens, completion_tokens=parsed.usage.completion_tokens)
+
+
 def decide(route: RouteSelected, outcome: CallOutcome, policy_version: str, now: datetime) -> list[AnyEvent]:
     """InvocationCompleted for a well-formed 200, InvocationFailed for anything else."""
     if isinstance(outcome, CallFailed):
@@ -257,13 +151,10 @@ def decide(route: RouteSelected, outcome: CallOutcome, policy_version: str, now:
         detail = outcome.body[:500].decode(errors="replace")
         return [_failed(route, policy_version, now, f"http_{outcome.status}", detail, outcome.latency_ms)]
     try:
-        parsed = _response.decode(outcome.body)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        answer = whole_answer(route.protocol, outcome.body)
+    except (msgspec.DecodeError, UnicodeDecodeError, ValueError) as exc:
         return [_failed(route, policy_version, now, "bad_response", str(exc)[:500], outcome.latency_ms)]
-    if not parsed.choices:
-        return [_failed(route, policy_version, now, "bad_response", "no choices", outcome.latency_ms)]
-    choice = parsed.choices[0]
-    if encoded_size(choice.message.content or "") > MAX_ANSWER_BYTES:
+    if encoded_size(answer.content) > MAX_ANSWER_BYTES:
         return [_failed(route, policy_version, now, "bad_response", f"an answer over {MAX_ANSWER_BYTES} bytes",
                         outcome.latency_ms)]
     return [
@@ -274,10 +165,10 @@ def decide(route: RouteSelected, outcome: CallOutcome, policy_version: str, now:
             endpoint=route.endpoint,
             reservation=route.reservation,
             reply_to=route.reply_to,
-            prompt_tokens=parsed.usage.prompt_tokens,
-            completion_tokens=parsed.usage.completion_tokens,
-            finish_reason=choice.finish_reason or "stop",
-            content=choice.message.content or "",
+            prompt_tokens=answer.prompt_tokens,
+            completion_tokens=answer.completion_tokens,
+            finish_reason=answer.finish_reason,
+            content=answer.content,
             latency_ms=outcome.latency_ms,
             attempt=route.attempt,
         )
@@ -341,3 +232,8 @@ def _failed(
         chat=route.chat,
         deadline_at=route.deadline_at,
     )
+
+
+__all__ = ["MAX_ANSWER_BYTES", "CallAnswered", "CallFailed", "CallOutcome", "CallStreamed", "StreamBroken",
+           "StreamReader", "call_timeout", "counted_completion_tokens", "decide", "encoded_size", "evolve",
+           "initial_state", "request_body", "request_for", "stage", "whole_answer"]

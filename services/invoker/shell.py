@@ -23,19 +23,19 @@ from ...schemas.reasons import STREAM_BROKEN
 from .. import bus, egress, worker
 from ..registry import invoker_durable
 from ..settings import WorkerSettings
-from . import decider
+from . import adapters, decider, hosted
 
 log = logging.getLogger("enclave_gateway.invoker")
 
 
-async def call(session: aiohttp.ClientSession, base_url: str, body: bytes, timeout_s: float) -> decider.CallOutcome:
-    """POST /v1/chat/completions; every failure becomes a CallFailed."""
+async def call(session: aiohttp.ClientSession, up: hosted.Upstream, timeout_s: float) -> decider.CallOutcome:
+    """POST the whole-answer call; every failure becomes a CallFailed."""
     t0 = time.perf_counter()
     try:
         async with session.post(
-            f"{base_url.rstrip('/')}/v1/chat/completions",
-            data=body,
-            headers={"Content-Type": "application/json"},
+            up.url,
+            data=up.body,
+            headers=up.headers,
             timeout=aiohttp.ClientTimeout(total=timeout_s),
             # a model server's redirect is an answer, never followed: aiohttp connects to an IP
             # literal without asking the enclave's resolver, so a 307 could send the prompt anywhere
@@ -57,23 +57,26 @@ AFTER_FINISH_S = 2.0  # how long a stream that gave its finish reason may take t
 MAX_BODY_BYTES = 2 * decider.MAX_ANSWER_BYTES  # a whole answer's JSON around its content
 
 
-async def call_streaming(session: aiohttp.ClientSession, base_url: str, body: bytes, timeout_s: float,
+async def call_streaming(session: aiohttp.ClientSession, up: hosted.Upstream, timeout_s: float,
                          emit: Emit) -> decider.CallOutcome:
     """POST a `stream: true` chat; each content chunk goes to `emit` as it arrives. A server that
     answers whole instead (no event stream) is read as an ordinary answer. A failure after tokens
     went out ends the answer there (`StreamReader.broken`): those tokens are what the caller got."""
     t0 = time.perf_counter()
-    reader = decider.StreamReader()
+    reader = adapters.reader_for(up.protocol)
     try:
         async with session.post(
-            f"{base_url.rstrip('/')}/v1/chat/completions",
-            data=body,
-            headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+            up.url,
+            data=up.body,
+            headers=up.headers,
             timeout=aiohttp.ClientTimeout(total=timeout_s),
             allow_redirects=False,  # as in `call`: a redirect is an answer, never followed
         ) as resp:
-            if resp.status != 200 or not resp.content_type.startswith("text/event-stream"):
+            if resp.status != 200 or not resp.content_type.startswith(("text/event-stream", "application/vnd.amazon")):
                 return decider.CallAnswered(status=resp.status, body=await _read_capped(resp), latency_ms=_ms(t0))
+            if isinstance(reader, adapters.BedrockStreamReader):
+                await _read_frames(resp, reader, t0, emit)
+                return reader.outcome(_ms(t0))
             while not reader.done:
                 if reader.finish_reason is None:
                     line = await resp.content.readline()
@@ -100,6 +103,23 @@ async def call_streaming(session: aiohttp.ClientSession, base_url: str, body: by
         return reader.broken("unreachable", repr(exc), _ms(t0))
     except egress.EgressRefused as exc:
         return reader.broken("egress_refused", str(exc), _ms(t0))
+
+
+async def _read_frames(resp: aiohttp.ClientResponse, reader: adapters.BedrockStreamReader, t0: float,
+                       emit: Emit) -> None:
+    """Bedrock's binary event stream, frame by frame."""
+    buffer = hosted.frame_buffer()
+    async for data in resp.content.iter_any():
+        try:
+            decoded = hosted.frames(data, buffer)
+        except Exception as exc:  # botocore's parser: a bad prelude or CRC
+            raise decider.StreamBroken(f"unreadable event-stream frame: {exc!r}") from exc
+        for event_type, message_type, payload in decoded:
+            text = reader.feed_event(event_type, message_type, payload, (time.perf_counter() - t0) * 1000.0)
+            if text is not None:
+                await emit(reader.chunks - 1, text)
+        if reader.done:
+            return
 
 
 async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
@@ -167,11 +187,17 @@ async def _serve(settings: WorkerSettings, nc: Client, js: JetStreamContext, sto
         elif route.chat.stream and msg.metadata.num_delivered > 1:  # streamed before, by us or a replica that died
             outcome = decider.CallFailed(error=STREAM_BROKEN, detail="a streamed attempt delivered again: its tokens "
                                          "may have reached the caller, so it is not started again", latency_ms=0.0)
-        elif route.chat.stream:
-            outcome = await call_streaming(session, base_url, decider.request_body(route), timeout_s,
-                                           chunk_sender(nc, route))
+        elif allow is not None and route.protocol in adapters.HOSTED:  # nothing leaves the enclave
+            outcome = decider.CallFailed(error="egress_refused", latency_ms=0.0,
+                                         detail=f"the {route.protocol} adapter is refused in enclave mode")
         else:
-            outcome = await call(session, base_url, decider.request_body(route), timeout_s)
+            try:
+                up = hosted.upstream(route, base_url)
+            except hosted.NoCredentials as exc:
+                outcome = decider.CallFailed(error="no_credentials", detail=str(exc), latency_ms=0.0)
+            else:
+                outcome = await (call_streaming(session, up, timeout_s, chunk_sender(nc, route)) if route.chat.stream
+                                 else call(session, up, timeout_s))
         for event in decider.decide(route, outcome, route.policy_version, bus.now_utc()):
             await bus.publish(js, bus.caused(event, route, msg))
 

@@ -356,6 +356,7 @@ def _selected(env: Envelope, ask: _Ask, model_id: str, endpoint: str, avoided: t
         skipped=ranking.skipped,
         observed_ms=ranking.observed_ms,
         substitution=catalog.substitution(policy.catalog, ask.requested_model, model_id),
+        protocol=served.protocol if (served := catalog.find(policy.catalog, model_id)) is not None else "openai",
     )
 
 
