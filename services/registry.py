@@ -184,6 +184,9 @@ SERVICES: tuple[Identity, ...] = (
             f"{API}.CONSUMER.CREATE.{STREAM}.*.gw.evt.route.>",
             f"{API}.CONSUMER.CREATE.{STREAM}.*.gw.evt.invocation.failed.>",
             f"{API}.CONSUMER.CREATE.{STREAM}.*.gw.evt.invocation.completed.>",
+            # whether any invoker pulls an endpoint's routes (num_waiting): the endpoint's durable is
+            # named by the catalog, so any consumer's info (counts and config, never messages)
+            f"{API}.CONSUMER.INFO.{STREAM}.*",
         ),
     ),
     _service(

@@ -92,6 +92,16 @@ prompt_micros_per_1k = 2000
 completion_micros_per_1k = 6000
 
 [[model]]
+# its first endpoint is hosted by no invoker: the router sees no pull waiting on its durable
+id = "enclave-tiny-orphan"
+endpoints = ["orphan-ep", "local-llama"]
+context_length = 512
+default_max_tokens = 32
+prompt_micros_per_1k = 2000
+completion_micros_per_1k = 6000
+accreditation = "SECRET//SI//NOFORN"
+
+[[model]]
 id = "enclave-tiny-down"
 endpoints = ["gpu-node-down"]
 context_length = 512
@@ -123,7 +133,7 @@ def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         fh.write("p, team:gamma, enclave-tiny\np, team:gamma, analyst-large\np, team:tight, enclave-tiny\n"
                  "p, team:gamma, enclave-tiny-ha\np, team:gamma, enclave-tiny-duo\np, team:gamma, enclave-tiny-hang\n"
                  "p, team:gamma, enclave-tiny-down\np, team:gamma, enclave-tiny-solo\n"
-                 "p, team:gamma, claude-local\np, team:gamma, converse-local\n")
+                 "p, team:gamma, claude-local\np, team:gamma, converse-local\np, team:gamma, enclave-tiny-orphan\n")
     shipped = (folder / "catalog.toml").read_text()
     assert "breaker_cooldown_s = 30" in shipped
     # a short cooldown, so a test sees a circuit open and close again

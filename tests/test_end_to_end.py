@@ -162,5 +162,6 @@ async def test_models_list_shows_only_what_the_session_may_use(http_url: str, to
         async with s.get(f"{http_url}/v1/models", headers={"Authorization": "Bearer nope"}) as r:
             assert r.status == 401 and (await r.json())["error"]["code"] == "token_malformed"
     assert seen["gamma"] == {"enclave-tiny", "analyst-large", "enclave-tiny-ha", "enclave-tiny-duo", "enclave-tiny-hang",
-                             "enclave-tiny-down", "enclave-tiny-solo", "claude-local", "converse-local"}
+                             "enclave-tiny-down", "enclave-tiny-solo", "claude-local", "converse-local",
+                             "enclave-tiny-orphan"}
     assert seen["bravo"] == {"enclave-tiny"}

@@ -668,3 +668,15 @@ def test_two_endpoint_names_that_would_share_one_durable_are_refused() -> None:
                                            costs=()) if m.id == "enclave-tiny" else m for m in BUNDLE.catalog.model)
     with pytest.raises(PolicyError, match="share one invokers' durable"):
         check_catalog(msgspec.structs.replace(BUNDLE.catalog, model=models))
+
+
+def test_an_endpoint_without_an_invoker_is_passed_over_unless_none_is_served() -> None:
+    policy = _strategic("ordered")
+    state = msgspec.structs.replace(router.initial_state(), unserved=frozenset({"node-a"}))
+    [route] = router.decide(_asking(None), state, policy, NOW)
+    assert isinstance(route, RouteSelected) and route.endpoint == "node-b"
+    assert [(s.endpoint, s.reason) for s in route.skipped] == [("node-a", "no_invoker")]
+    assert router.decide(_asking(None), router.as_recorded(route, policy), policy, NOW) == [route]
+    nobody = msgspec.structs.replace(state, unserved=frozenset({"node-a", "node-b", "node-c"}))
+    [probe] = router.decide(_asking(None), nobody, policy, NOW)
+    assert isinstance(probe, RouteSelected) and probe.endpoint == "node-a" and probe.skipped == ()

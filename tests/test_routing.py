@@ -350,3 +350,28 @@ async def test_a_caller_asks_for_a_routing_strategy_the_catalog_allows_and_is_re
               await bus.stored_on(admin.jetstream(), subjects.ALL_EVENTS, "test")]
     result = replay(stored, dev_jwks(stack), first=first)  # latency-ranked routes re-made from their figures
     assert result.ok, [(m.seq, m.decision, m.why, diff(m)) for m in result.mismatches]
+
+
+async def test_an_endpoint_no_invoker_pulls_for_is_passed_over_and_the_decision_says_so(
+        admin: Client, client: Client, stack: WorkerSettings, token_for) -> None:
+    """A hostile review found a model's first endpoint with no live invoker swallowed every request
+    until its deadline. The router looks at each endpoint's durable (no pull waiting, twice in a row)
+    and sends requests to the next endpoint, recording the skip; replay decides on that record."""
+    first = (await admin.jetstream().stream_info(subjects.STREAM)).state.last_seq + 1
+    chat = ChatBody(model="enclave-tiny-orphan", messages=(ChatMessage(role="user", content="who serves"),),
+                    max_tokens=2)
+    deadline = time.monotonic() + 20
+    while True:
+        msg = await client.request(subjects.submit(APP), codec.encode(SubmitRequest(
+            token=token_for("gamma"), chat=chat, timeout_s=3.0)), timeout=30)
+        reply = codec.decode_reply(msg.data)
+        route = next(b for _, b in await stream_events(admin, reply.request_id) if b["type"] == "RouteSelected")
+        if route["endpoint"] == "local-llama" or time.monotonic() > deadline:
+            break
+    assert reply.completion is not None and route["endpoint"] == "local-llama", route
+    assert route["skipped"] == [{"endpoint": "orphan-ep", "reason": "no_invoker"}]
+    await runtime.wait_audited(admin, 60)
+    stored = [(seq, subject, data) for data, subject, seq in
+              await bus.stored_on(admin.jetstream(), subjects.ALL_EVENTS, "test")]
+    result = replay(stored, dev_jwks(stack), first=first)
+    assert result.ok, [(m.seq, m.decision, m.why, diff(m)) for m in result.mismatches]

@@ -52,7 +52,7 @@ class Skipped(Struct, frozen=True, gc=False):
     """An endpoint ranked before the one chosen, and why it was not chosen."""
 
     endpoint: str
-    reason: Literal["failed_before", "circuit_open"]
+    reason: Literal["failed_before", "circuit_open", "no_invoker"]
 
 
 class RouteSelected(Event, frozen=True, kw_only=True, tag="RouteSelected"):

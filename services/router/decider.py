@@ -116,6 +116,9 @@ class RouterState(Struct, frozen=True, kw_only=True):
     routes: Routes = Routes()
     breakers: dict[str, Breaker] = {}
     latency: dict[str, Observed] = {}
+    # endpoints no invoker was pulling routes for, as the shell last saw their durables: passed over
+    # like an open circuit and recorded as skipped ("no_invoker"), the figure replay decides on
+    unserved: frozenset[str] = frozenset()
 
 
 def failures_within(breaker: Breaker | None, policy: PolicyBundle, now: datetime) -> int:
@@ -139,9 +142,11 @@ def as_recorded(route: RouteSelected | RouteUnavailable, policy: PolicyBundle,
     failing = Breaker(failures=tuple((route.occurred_at, f"claimed-{i}")
                                      for i in range(policy.catalog.routing.breaker_failures)))
     observed = route.observed_ms if isinstance(route, RouteSelected) else ()
+    unserved = frozenset(s.endpoint for s in route.skipped if s.reason == "no_invoker") if isinstance(
+        route, RouteSelected) else frozenset()
     return RouterState(routes=Routes() if previous is None else Routes().add(previous),
                        breakers={e: failing for e in route.circuit_open},
-                       latency={e: Observed(ms=ms) for e, ms in observed})
+                       latency={e: Observed(ms=ms) for e, ms in observed}, unserved=unserved)
 
 
 class _Ask(Struct, frozen=True, kw_only=True):
@@ -293,9 +298,10 @@ def decide(event: RouterInput, state: RouterState, policy: PolicyBundle, now: da
     ranking = rank(strategy, left, resolved.model, ask.request_id, state, first=not ask.tried)
     ranked = list(ranking.candidates)
     avoided = tuple(e for e in ranked if circuit_open(state.breakers.get(e), policy, now))
-    chosen = next((e for e in ranked if e not in avoided), ranked[0])  # all open: the first one probes
+    chosen = next((e for e in ranked if e not in avoided and e not in state.unserved), None) or next(
+        (e for e in ranked if e not in avoided), ranked[0])  # none served and closed: the first one probes
     skipped = (*(Skipped(e, "failed_before") for e in dict.fromkeys(ask.tried)),
-               *(Skipped(e, "circuit_open") for e in ranked[:ranked.index(chosen)]))
+               *(Skipped(e, "circuit_open" if e in avoided else "no_invoker") for e in ranked[:ranked.index(chosen)]))
     # a retry its circuit stopped is recorded too: the figures replay decides it again on
     return [_selected(env, ask, resolved.model.id, chosen, (*blocked, *avoided), None, policy,
                       msgspec.structs.replace(ranking, skipped=skipped))]

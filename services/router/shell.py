@@ -9,19 +9,23 @@ import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
-from ...schemas import codec
+from ...schemas import codec, subjects
 from ...schemas.events import BudgetReserved, InvocationCompleted, InvocationFailed, RouteSelected, RouteUnavailable
 from ...schemas.policy import PolicyBundle
 from .. import bus, catalog, worker
+from ..registry import invoker_durable
 from ..settings import WorkerSettings
 from . import decider
 
 log = logging.getLogger("enclave_gateway.router")
 ROUTES, FAILURES, COMPLETIONS = "gw.evt.route.>", "gw.evt.invocation.failed.>", "gw.evt.invocation.completed.>"
-SKEW = timedelta(seconds=60)  # a failure dated further ahead of this router's clock is not believed
+SKEW = timedelta(seconds=60)
+WATCH_EVERY_S = 2.0  # a failure dated further ahead of this router's clock is not believed
 
 
 class NotYetRouted(LookupError):
@@ -42,7 +46,8 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
             if isinstance(cause, InvocationFailed) and decider.unknown_attempt(cause, state):
                 raise NotYetRouted(f"no route of request {cause.request_id} attempt {cause.attempt} at "
                                    f"{cause.endpoint!r}")
-            for event in decider.decide(cause, state, s.policy, bus.now_utc()):
+            seen = msgspec.structs.replace(state, unserved=frozenset(watch.unserved))
+            for event in decider.decide(cause, seen, s.policy, bus.now_utc()):
                 await bus.publish(s.js, bus.caused(event, cause, msg))
                 state = decider.evolve(state, event)
 
@@ -57,8 +62,10 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
                 state = decider.evolve(state, event)
 
         since = bus.now_utc() - decider.ROUTES_KEPT
+        watch = InvokerWatch()
         readers = [asyncio.create_task(_every(s.js, subject, fold, stop, since))
                    for subject in (ROUTES, FAILURES, COMPLETIONS)]
+        readers.append(asyncio.create_task(watch.run(s.js, lambda: s.policy, stop)))
         try:
             await bus.consume(s.js, "router", handle, stop)
         finally:
@@ -66,6 +73,33 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await reader
+
+
+class InvokerWatch:
+    """Which endpoints no invoker is pulling routes for: their durable had no pull request waiting
+    at two looks in a row, WATCH_EVERY_S apart (an idle invoker always has one; see bus.consume)."""
+
+    def __init__(self) -> None:
+        self.unserved: set[str] = set()
+        self.idle: dict[str, int] = {}
+
+    async def run(self, js: JetStreamContext, policy: Callable[[], PolicyBundle], stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                for endpoint in sorted({e for m in policy().catalog.model for e in catalog.endpoints_of(m)}):
+                    try:
+                        info = await js.consumer_info(subjects.STREAM, invoker_durable(endpoint)[0])
+                        waiting = int(info.num_waiting or 0)
+                    except NotFoundError:
+                        waiting = 0
+                    self.idle[endpoint] = 0 if waiting else self.idle.get(endpoint, 0) + 1
+                    (self.unserved.add if self.idle[endpoint] >= 2 else self.unserved.discard)(endpoint)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the next look tries again; routing goes on with the last view
+                log.warning("router: could not look at the invokers' durables: %r", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), WATCH_EVERY_S)
 
 
 def _believed(outcome: InvocationFailed | InvocationCompleted, policy: PolicyBundle) -> bool:
