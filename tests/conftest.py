@@ -4,6 +4,7 @@ model, and every worker running in the session's event loop (STYLE §6)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -36,89 +37,32 @@ period = "month"
 """
 
 
-# Served by two endpoints, the first of them down: every request fails over (issue 10).
-HA_MODEL = """
-[[model]]
-id = "enclave-tiny-ha"
-endpoints = ["gpu-node-down", "local-llama"]
-context_length = 512
-default_max_tokens = 32
-prompt_micros_per_1k = 2000
-completion_micros_per_1k = 6000
-accreditation = "SECRET//SI//NOFORN"
-"""
 DOWN = f"http://127.0.0.1:{procs.free_port()}"  # nothing listens there
 # A second llama.cpp server that test_routing starts, kills during traffic and starts again.
 DUO_PORT = procs.free_port()
 HANG_PORT = procs.free_port()  # a server test_routing starts that accepts and never answers
 ANTHROPIC_PORT, BEDROCK_PORT = procs.free_port(), procs.free_port()  # servers of those shapes (test_adapters)
-DUO_MODEL = """
-[[model]]
-id = "enclave-tiny-duo"
-endpoints = ["duo-a", "local-llama"]
-context_length = 512
-default_max_tokens = 32
-prompt_micros_per_1k = 2000
-completion_micros_per_1k = 6000
-accreditation = "SECRET//SI//NOFORN"
 
-[[model]]
-# served only at solo-b, which the stack's invoker does not host: test_routing starts one that does
-id = "enclave-tiny-solo"
-endpoints = ["solo-b"]
-context_length = 512
-default_max_tokens = 32
-prompt_micros_per_1k = 2000
-completion_micros_per_1k = 6000
-accreditation = "SECRET//SI//NOFORN"
 
-[[model]]
-# hosted APIs, for unclassified deployments: local servers of their shapes stand in (test_adapters)
-id = "claude-local"
-protocol = "anthropic"
-endpoints = ["anthropic-local"]
-context_length = 512
-default_max_tokens = 32
-prompt_micros_per_1k = 2000
-completion_micros_per_1k = 6000
+def model_toml(model_id: str, endpoints: list[str], protocol: str = "openai", enclave: bool = True) -> str:
+    """A test model in catalog.toml: the tiny model's figures, served at `endpoints`."""
+    accredited = 'accreditation = "SECRET//SI//NOFORN"\n' if enclave else ""
+    return (f'\n[[model]]\nid = "{model_id}"\nprotocol = "{protocol}"\nendpoints = {json.dumps(endpoints)}\n'
+            "context_length = 512\ndefault_max_tokens = 32\nprompt_micros_per_1k = 2000\n"
+            "completion_micros_per_1k = 6000\n" + accredited)
 
-[[model]]
-id = "converse-local"
-protocol = "bedrock"
-endpoints = ["bedrock-local"]
-context_length = 512
-default_max_tokens = 32
-prompt_micros_per_1k = 2000
-completion_micros_per_1k = 6000
 
-[[model]]
-# its first endpoint is hosted by no invoker: the router sees no pull waiting on its durable
-id = "enclave-tiny-orphan"
-endpoints = ["orphan-ep", "local-llama"]
-context_length = 512
-default_max_tokens = 32
-prompt_micros_per_1k = 2000
-completion_micros_per_1k = 6000
-accreditation = "SECRET//SI//NOFORN"
-
-[[model]]
-id = "enclave-tiny-down"
-endpoints = ["gpu-node-down"]
-context_length = 512
-default_max_tokens = 32
-prompt_micros_per_1k = 2000
-completion_micros_per_1k = 6000
-accreditation = "SECRET//SI//NOFORN"
-
-[[model]]
-id = "enclave-tiny-hang"
-endpoints = ["hang-node"]
-context_length = 512
-default_max_tokens = 32
-prompt_micros_per_1k = 2000
-completion_micros_per_1k = 6000
-accreditation = "SECRET//SI//NOFORN"
-"""
+TEST_MODELS = "".join([
+    model_toml("enclave-tiny-ha", ["gpu-node-down", "local-llama"]),  # the first down: every request fails over
+    model_toml("enclave-tiny-duo", ["duo-a", "local-llama"]),  # duo-a: started, killed and restarted in tests
+    model_toml("enclave-tiny-solo", ["solo-b"]),  # hosted by no stack invoker: test_routing starts one that is
+    # hosted APIs, for unclassified deployments: local servers of their shapes stand in (test_adapters)
+    model_toml("claude-local", ["anthropic-local"], protocol="anthropic", enclave=False),
+    model_toml("converse-local", ["bedrock-local"], protocol="bedrock", enclave=False),
+    model_toml("enclave-tiny-orphan", ["orphan-ep", "local-llama"]),  # orphan-ep: no invoker pulls for it
+    model_toml("enclave-tiny-down", ["gpu-node-down"]),  # its only endpoint refuses connections
+    model_toml("enclave-tiny-hang", ["hang-node"]),  # a server that accepts and never answers, or stalls
+])
 
 
 @pytest.fixture(scope="session")
@@ -138,7 +82,7 @@ def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert "breaker_cooldown_s = 30" in shipped
     # a short cooldown, so a test sees a circuit open and close again
     (folder / "catalog.toml").write_text(shipped.replace("breaker_cooldown_s = 30", "breaker_cooldown_s = 4")
-                                         + HA_MODEL + DUO_MODEL)
+                                         + TEST_MODELS)
     return folder
 
 

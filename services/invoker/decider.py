@@ -5,6 +5,7 @@ so replay can re-derive `InvocationCompleted` from a recorded response.
 """
 
 from datetime import datetime
+from typing import Any
 
 import msgspec
 from msgspec import Struct
@@ -189,12 +190,7 @@ def _streamed(route: RouteSelected, outcome: CallStreamed, policy_version: str, 
     usage = outcome.usage
     reported = usage is not None and (usage.prompt_tokens or usage.completion_tokens) > 0
     return InvocationCompleted(
-        **envelope(route.request_id, stage(route.attempt), now, policy_version),
-        caller=route.caller,
-        model_id=route.model_id,
-        endpoint=route.endpoint,
-        reservation=route.reservation,
-        reply_to=route.reply_to,
+        **_about(route, policy_version, now),
         # a server reporting fewer tokens than the chunks it sent is not believed
         prompt_tokens=usage.prompt_tokens if usage and usage.prompt_tokens else catalog.prompt_tokens_bound(route.chat),
         completion_tokens=max(usage.completion_tokens, outcome.chunks) if usage and reported
@@ -210,16 +206,18 @@ def _streamed(route: RouteSelected, outcome: CallStreamed, policy_version: str, 
     )
 
 
+def _about(route: RouteSelected, policy_version: str, now: datetime) -> dict[str, Any]:
+    """What every outcome of an attempt says of it: its envelope and the route's request."""
+    return {**envelope(route.request_id, stage(route.attempt), now, policy_version), "caller": route.caller,
+            "model_id": route.model_id, "endpoint": route.endpoint, "reservation": route.reservation,
+            "reply_to": route.reply_to}
+
+
 def _failed(
     route: RouteSelected, policy_version: str, now: datetime, error: str, detail: str, latency_ms: float
 ) -> InvocationFailed:
     return InvocationFailed(
-        **envelope(route.request_id, stage(route.attempt), now, policy_version),
-        caller=route.caller,
-        model_id=route.model_id,
-        endpoint=route.endpoint,
-        reservation=route.reservation,
-        reply_to=route.reply_to,
+        **_about(route, policy_version, now),
         error=error,
         detail=detail,
         latency_ms=latency_ms,

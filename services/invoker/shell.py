@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 from nats.aio.client import Client
@@ -32,24 +33,31 @@ async def call(session: aiohttp.ClientSession, up: hosted.Upstream, timeout_s: f
     """POST the whole-answer call; every failure becomes a CallFailed."""
     t0 = time.perf_counter()
     try:
-        async with session.post(
-            up.url,
-            data=up.body,
-            headers=up.headers,
-            timeout=aiohttp.ClientTimeout(total=timeout_s),
-            # a model server's redirect is an answer, never followed: aiohttp connects to an IP
-            # literal without asking the enclave's resolver, so a 307 could send the prompt anywhere
-            allow_redirects=False,
-        ) as resp:
+        async with _post(session, up, timeout_s) as resp:
             return decider.CallAnswered(status=resp.status, body=await _read_capped(resp), latency_ms=_ms(t0))
-    except TimeoutError:
-        return decider.CallFailed(error="timeout", detail=f"no answer in {timeout_s}s", latency_ms=_ms(t0))
-    except aiohttp.ClientError as exc:
-        if isinstance(exc.__cause__, egress.EgressRefused) or isinstance(exc.__context__, egress.EgressRefused):
-            return decider.CallFailed(error="egress_refused", detail=str(exc), latency_ms=_ms(t0))
-        return decider.CallFailed(error="unreachable", detail=repr(exc), latency_ms=_ms(t0))
-    except egress.EgressRefused as exc:
-        return decider.CallFailed(error="egress_refused", detail=str(exc), latency_ms=_ms(t0))
+    except (TimeoutError, aiohttp.ClientError, egress.EgressRefused) as exc:
+        error, detail = _why(exc, timeout_s)
+        return decider.CallFailed(error=error, detail=detail, latency_ms=_ms(t0))
+
+
+def _post(session: aiohttp.ClientSession, up: hosted.Upstream, timeout_s: float) -> Any:
+    """The call, as an async context manager of its response."""
+    # a model server's redirect is an answer, never followed: aiohttp connects to an IP literal
+    # without asking the enclave's resolver, so a 307 could send the prompt anywhere
+    return session.post(up.url, data=up.body, headers=up.headers, timeout=aiohttp.ClientTimeout(total=timeout_s),
+                        allow_redirects=False)
+
+
+def _why(exc: BaseException, timeout_s: float) -> tuple[str, str]:
+    """A failed call's error code and detail."""
+    if isinstance(exc, TimeoutError):
+        return "timeout", f"no (whole) answer in {timeout_s}s"
+    if isinstance(exc, egress.EgressRefused) or isinstance(exc.__cause__, egress.EgressRefused) or isinstance(
+            exc.__context__, egress.EgressRefused):
+        return "egress_refused", str(exc)
+    if isinstance(exc, decider.StreamBroken | ValueError):  # ValueError: aiohttp, a line longer than its buffer
+        return "bad_response", str(exc)
+    return "unreachable", repr(exc)
 
 
 Emit = Callable[[int, str], Awaitable[None]]
@@ -65,13 +73,7 @@ async def call_streaming(session: aiohttp.ClientSession, up: hosted.Upstream, ti
     t0 = time.perf_counter()
     reader = adapters.reader_for(up.protocol)
     try:
-        async with session.post(
-            up.url,
-            data=up.body,
-            headers=up.headers,
-            timeout=aiohttp.ClientTimeout(total=timeout_s),
-            allow_redirects=False,  # as in `call`: a redirect is an answer, never followed
-        ) as resp:
+        async with _post(session, up, timeout_s) as resp:
             if resp.status != 200 or not resp.content_type.startswith(("text/event-stream", "application/vnd.amazon")):
                 return decider.CallAnswered(status=resp.status, body=await _read_capped(resp), latency_ms=_ms(t0))
             if isinstance(reader, adapters.BedrockStreamReader):
@@ -91,18 +93,8 @@ async def call_streaming(session: aiohttp.ClientSession, up: hosted.Upstream, ti
                 if text is not None:
                     await emit(reader.chunks - 1, text)
             return reader.outcome(_ms(t0))
-    except TimeoutError:
-        return reader.broken("timeout", f"no end of the answer in {timeout_s}s", _ms(t0))
-    except decider.StreamBroken as exc:
-        return reader.broken("bad_response", str(exc), _ms(t0))
-    except ValueError as exc:  # aiohttp: a line longer than its buffer
-        return reader.broken("bad_response", str(exc), _ms(t0))
-    except aiohttp.ClientError as exc:
-        if isinstance(exc.__cause__, egress.EgressRefused) or isinstance(exc.__context__, egress.EgressRefused):
-            return reader.broken("egress_refused", str(exc), _ms(t0))
-        return reader.broken("unreachable", repr(exc), _ms(t0))
-    except egress.EgressRefused as exc:
-        return reader.broken("egress_refused", str(exc), _ms(t0))
+    except (TimeoutError, decider.StreamBroken, ValueError, aiohttp.ClientError, egress.EgressRefused) as exc:
+        return reader.broken(*_why(exc, timeout_s), _ms(t0))
 
 
 async def _read_frames(resp: aiohttp.ClientResponse, reader: adapters.BedrockStreamReader, t0: float,

@@ -234,46 +234,18 @@ def decide(event: RouterInput, state: RouterState, policy: PolicyBundle, now: da
         return []
     env = envelope(ask.request_id, stage(ask.attempt), now, policy.version)
     if ask.last_error == STREAM_BROKEN:  # the caller may have part of an answer: another start would garble it
-        return [
-            RouteUnavailable(
-                **env,
-                caller=ask.caller,
-                requested_model=ask.requested_model,
-                reason="invocation_failed",
-                reservation=ask.reservation,
-                reply_to=ask.reply_to,
-                detail=f"the streamed attempt at {ask.tried[-1]} was delivered again, so its tokens may have "
-                       "reached the caller already; no other attempt is started",
-            )
-        ]
+        return [_unavailable(env, ask, "invocation_failed", f"the streamed attempt at {ask.tried[-1]} was "
+                             "delivered again, so its tokens may have reached the caller already; no other "
+                             "attempt is started")]
     if ask.deadline_at is not None and now >= ask.deadline_at:  # the caller stopped waiting: end it
-        return [
-            RouteUnavailable(
-                **env,
-                caller=ask.caller,
-                requested_model=ask.requested_model,
-                reason="timeout",
-                reservation=ask.reservation,
-                reply_to=ask.reply_to,
-                detail=f"the request's deadline {ask.deadline_at.isoformat()} passed before attempt {ask.attempt}",
-            )
-        ]
+        return [_unavailable(env, ask, "timeout", f"the request's deadline {ask.deadline_at.isoformat()} passed "
+                                                  f"before attempt {ask.attempt}")]
     resolved = catalog.resolve(policy.catalog, ask.model_id)
     strategy = ask.chat.strategy or (resolved.model.strategy if resolved is not None else "ordered")
     if resolved is not None and strategy not in (resolved.model.strategy, *resolved.model.strategies_allowed):
         allowed = ", ".join(dict.fromkeys((resolved.model.strategy, *resolved.model.strategies_allowed)))
-        return [
-            RouteUnavailable(
-                **env,
-                caller=ask.caller,
-                requested_model=ask.requested_model,
-                reason="strategy_not_allowed",
-                reservation=ask.reservation,
-                reply_to=ask.reply_to,
-                detail=f"requests for {resolved.model.id!r} may not ask for routing strategy {strategy!r}; "
-                       f"the catalog allows: {allowed}",
-            )
-        ]
+        return [_unavailable(env, ask, "strategy_not_allowed", f"requests for {resolved.model.id!r} may not ask "
+                             f"for routing strategy {strategy!r}; the catalog allows: {allowed}")]
     again, blocked = _retry(ask, state, policy, now)
     if resolved is not None and again is not None:
         return [_selected(env, ask, resolved.model.id, ask.tried[-1], (), again, policy,
@@ -282,19 +254,9 @@ def decide(event: RouterInput, state: RouterState, policy: PolicyBundle, now: da
     if resolved is None or not left:
         why = (f"every endpoint of {ask.model_id!r} failed: {', '.join(ask.tried)}" if ask.tried
                else f"no active endpoint serves {ask.model_id!r}")
-        return [
-            RouteUnavailable(
-                **env,
-                caller=ask.caller,
-                requested_model=ask.requested_model,
-                # the caller hears what it always heard: the model server failed (502), or no server (503)
-                reason="invocation_failed" if ask.tried else "route_unavailable",
-                reservation=ask.reservation,
-                reply_to=ask.reply_to,
-                detail=why,
-                circuit_open=blocked,  # a retry its circuit stopped: the figure replay decides it on
-            )
-        ]
+        # the caller hears what it always heard: the model server failed (502), or no server (503);
+        # a retry its circuit stopped is recorded, the figure replay decides it on
+        return [_unavailable(env, ask, "invocation_failed" if ask.tried else "route_unavailable", why, blocked)]
     ranking = rank(strategy, left, resolved.model, ask.request_id, state, first=not ask.tried)
     ranked = list(ranking.candidates)
     avoided = tuple(e for e in ranked if circuit_open(state.breakers.get(e), policy, now))
@@ -337,6 +299,13 @@ def rank(strategy: str, endpoints: list[str], model: ModelEntry, request_id: str
         case _:
             ranked = endpoints
     return Ranking(strategy=strategy, candidates=tuple(ranked))
+
+
+def _unavailable(env: Envelope, ask: _Ask, reason: str, detail: str,
+                 circuit_open: tuple[str, ...] = ()) -> RouteUnavailable:
+    return RouteUnavailable(**env, caller=ask.caller, requested_model=ask.requested_model, reason=reason,
+                            reservation=ask.reservation, reply_to=ask.reply_to, detail=detail,
+                            circuit_open=circuit_open)
 
 
 def _selected(env: Envelope, ask: _Ask, model_id: str, endpoint: str, avoided: tuple[str, ...],
