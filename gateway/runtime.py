@@ -26,7 +26,7 @@ from .schemas.events import PolicyActivated
 from .services import bus, catalog, egress, registry
 from .services.authz.policy_view import dev_jwks
 from .services.invoker.adapters import HOSTED
-from .services.policy import PolicyError, load_bundle
+from .services.policy import PolicyError, bundle_from_files, load_bundle
 from .services.policy.feed import latest_valid
 from .services.policy.signing import load_public, signing_time
 from .services.settings import WorkerSettings
@@ -136,6 +136,12 @@ async def bootstrap_policy(settings: WorkerSettings, folder: Path) -> str:
     current = await active_policy(settings)
     if current is None:
         return (await activate(settings, folder, "gateway up")).version
+    if settings.egress_allow is not None:  # a gateway started in enclave mode over an active catalog
+        hosted = [f"{m.id} ({m.protocol})" for m in bundle_from_files(current.files).catalog.model
+                  if m.protocol in HOSTED]
+        if hosted:
+            raise PolicyError(f"enclave mode refuses the hosted-API adapters, and the active catalog names "
+                              f"{', '.join(hosted)}: activate one without them")
     wanted = activation_for(settings, folder, "check").version
     if wanted != current.version:
         log.warning(

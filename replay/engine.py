@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 
@@ -94,6 +95,17 @@ class _Policies:
         self.dev_jwks: dict[str, str] = {}
         self.older: dict[int, int] = {}  # seq -> the version an event was stored at, when older than current
         self.deadline_ends: set[tuple[str, str]] = set()  # (request, tick) of each release at a deadline
+        # the lowest and highest latency of each endpoint's completions so far, each of a recorded
+        # route: a moving average a route ranked by must lie between them
+        self.latencies: dict[str, tuple[float, float]] = {}
+
+    def observe(self, done: InvocationCompleted) -> None:
+        route = self.routes.get(done.causation_id or "")
+        if route is None or (route.request_id, route.endpoint) != (done.request_id, done.endpoint):
+            return
+        ms = min(router.MAX_LATENCY_MS, max(0.0, done.latency_ms))
+        low, high = self.latencies.get(done.endpoint, (ms, ms))
+        self.latencies[done.endpoint] = (min(low, ms), max(high, ms))
 
     def record(self, event: PolicyActivated) -> None:
         try:
@@ -201,6 +213,8 @@ def _replay(decoded: list[tuple[int, AnyEvent | None]], extra_jwks: list[str] | 
                 state = budget.evolve(state, event)
             elif isinstance(event, InvocationFailed):
                 policies.breakers = router.evolve(policies.breakers, event)
+            elif isinstance(event, InvocationCompleted):
+                policies.observe(event)
         if progress is not None and n % 1000 == 0:
             progress(n)
     return result
@@ -278,7 +292,13 @@ def _router_state(event: RouteSelected | RouteUnavailable, policies: _Policies,
 
 
 def _unbacked_claims(event: RouteSelected | RouteUnavailable, policies: _Policies) -> str:
-    """Why a route's open circuits are not what the failures stored before it say ("" when they are)."""
+    """Why a route's open circuits, or the latency figures it ranked by, are not what the outcomes
+    stored before it say ("" when they are)."""
+    for endpoint, ms in event.observed_ms if isinstance(event, RouteSelected) else ():
+        low, high = policies.latencies.get(endpoint, (math.inf, -math.inf))
+        if not low - 0.001 <= ms <= high + 0.001:
+            return (f"it ranks {endpoint} at {ms} ms, outside the latencies of its completions stored before it "
+                    f"({'none' if low > high else f'{low}-{high} ms'})")
     if not event.circuit_open:
         return ""
     try:

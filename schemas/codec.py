@@ -92,8 +92,15 @@ def as_version(event: AnyEvent, version: int) -> AnyEvent:
     if reader is None or reader[1] is None:
         return event
     cls, step = reader
-    result: AnyEvent = upcast(_decoder(cls).decode(encode(event)), step)  # type: ignore[assignment]
+    known = {f.encode_name for f in msgspec.structs.fields(cls)} | {"type"}
+    fields = {k: v for k, v in msgspec.json.decode(encode(event)).items() if k in known}
+    result: AnyEvent = upcast(_decoder(cls).decode(encode_obj(fields)), step)  # type: ignore[assignment]
     return result
+
+
+def encode_obj(obj: object) -> bytes:
+    """JSON bytes of plain data."""
+    return _encoder.encode(obj)
 
 
 def stored_version(data: bytes) -> int:

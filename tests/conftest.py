@@ -129,8 +129,9 @@ def settings(broker: Broker, engine: str, data_dir: Path, policy_dir: Path, keys
                           endpoints={"local-llama": engine, "gpu-node-down": DOWN,
                                      "duo-a": f"http://127.0.0.1:{DUO_PORT}",
                                      "hang-node": f"http://127.0.0.1:{HANG_PORT}",
-                                     "anthropic-local": f"http://127.0.0.1:{ANTHROPIC_PORT}",
-                                     "bedrock-local": f"http://127.0.0.1:{BEDROCK_PORT}"}, http_port=procs.free_port(), max_body_bytes=64 * 1024,
+                                     # a hosted API's endpoint says so: its keys go nowhere else
+                                     "anthropic-local": f"anthropic+http://127.0.0.1:{ANTHROPIC_PORT}",
+                                     "bedrock-local": f"bedrock+http://127.0.0.1:{BEDROCK_PORT}"}, http_port=procs.free_port(), max_body_bytes=64 * 1024,
                           request_timeout_s=60.0, creds_dir=str(data_dir / "creds"),
                           policy_signers={signer.kid: signer.public_key})
 

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from enclave_gateway import runtime
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage
-from enclave_gateway.schemas.events import InvocationCompleted, RouteSelected
+from enclave_gateway.schemas.events import InvocationCompleted, InvocationFailed, RouteSelected
 from enclave_gateway.services.invoker import adapters, decider, hosted
 from enclave_gateway.services.policy import PolicyError
 from enclave_gateway.services.settings import WorkerSettings
@@ -218,3 +218,80 @@ async def test_both_adapters_answer_through_the_edge_whole_and_streamed(
     settled = await wait_for_event(admin, rid, "BudgetSettled")
     assert (done["prompt_tokens"], done["completion_tokens"]) == (5, 1) == (settled["prompt_tokens"],
                                                                             settled["completion_tokens"])
+
+
+def test_usage_no_audit_column_can_hold_is_a_bad_response_and_never_stops_the_auditor() -> None:
+    """Found by a hostile review: usage of 10**20 from a server went through and stopped the
+    auditor (its int64 columns), which took the gateway down, again after every restart."""
+    huge = b'{"content":[{"type":"text","text":"x"}],"usage":{"input_tokens":100000000000000000000,"output_tokens":1}}'
+    [failed] = decider.decide(_route("anthropic"), decider.CallAnswered(status=200, body=huge, latency_ms=1.0), "pv",
+                              SAMPLES_BY_NAME["RouteSelected"].occurred_at)
+    assert isinstance(failed, InvocationFailed) and failed.error == "bad_response"
+    from enclave_gateway.schemas import codec, subjects
+    from enclave_gateway.services.auditor import decider as auditor
+
+    forged = msgspec.structs.replace(SAMPLES_BY_NAME["InvocationCompleted"], prompt_tokens=10**20)
+    row, _ = auditor.row_for(auditor.initial_state(), 1, subjects.for_event(forged), codec.encode(forged),
+                             forged.occurred_at, b"k" * 32)
+    assert row.prompt_tokens is None and "prompt_tokens out of the audit's range" in (row.detail or "")
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_no_key_or_signature_ever_reaches_the_stream_and_a_route_cannot_claim_a_hosted_protocol(
+        admin: Client, http_url: str, token_for, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a hostile review: (1) aiohttp's repr of a failed call, recorded as the failure's
+    detail, carried the request's headers: the API key and the SigV4 signature went into the audit
+    trail; (2) the invoker chose which keys to send by the route's `protocol`, so a forged route
+    sent them to a plain model server. Now keys go only to endpoints the deployment configures as
+    that API, and no failure detail carries them, even from a server echoing what it was sent."""
+    import asyncio
+
+    from enclave_gateway.schemas import subjects
+    from enclave_gateway.services import bus
+
+    from .conftest import HANG_PORT
+
+    key, secret = "sk-ant-NEVER-IN-THE-STREAM-1", "AWS-SECRET-NEVER-IN-THE-STREAM-2"
+    monkeypatch.setenv("ANTHROPIC_API_KEY", key)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDNEVERINSTREAM")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    heard: list[bytes] = []
+
+    async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        heard.append(head)
+        echo = head.replace(b"\r\n", b" ")  # what a hostile or debugging server might send back
+        writer.write(b"HTTP/1.1 2000 OK\r\n\r\n" if len(heard) % 2 else
+                     b"HTTP/1.1 500 Oops\r\nContent-Length: %d\r\n\r\n" % len(echo) + echo)
+        await writer.drain()
+        writer.close()
+
+    servers = [await asyncio.start_server(broken, "127.0.0.1", port) for port in (ANTHROPIC_PORT, BEDROCK_PORT)]
+    plain = await asyncio.start_server(broken, "127.0.0.1", HANG_PORT)
+    oai = openai.AsyncOpenAI(base_url=f"{http_url}/v1", api_key=token_for("gamma"), max_retries=0)
+    try:
+        for model in ("claude-local", "converse-local"):
+            with pytest.raises(openai.APIStatusError):
+                await oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}],
+                                                  max_tokens=4)
+        assert any(key.encode() in h for h in heard) and any(b"AWS4-HMAC-SHA256" in h for h in heard)
+        # a route forged to claim the anthropic protocol for a plain model server's endpoint
+        hang = SAMPLES_BY_NAME["RouteSelected"]
+        assert isinstance(hang, RouteSelected)
+        rid = "f" * 32
+        forged = msgspec.structs.replace(hang, event_id=f"{rid}:route", request_id=rid, model_id="enclave-tiny-hang",
+                                         endpoint="hang-node", protocol="anthropic", attempt=1, tried=(),
+                                         deadline_at=None, not_before=None, causation_id=None, causation_seq=None)
+        heard.clear()
+        await bus.publish(admin.jetstream(), forged)
+        failed = await wait_for_event(admin, rid, "InvocationFailed")
+        assert failed["error"] == "protocol_mismatch" and heard == []  # nothing was sent to it at all
+    finally:
+        for server in (*servers, plain):
+            server.close()
+    from enclave_gateway import runtime as rt
+    await rt.wait_audited(admin, 60)
+    stored = await bus.stored_on(admin.jetstream(), subjects.ALL_EVENTS, "test")
+    leaks = [seq for data, _, seq in stored if key.encode() in data or secret.encode() in data
+             or b"AWS4-HMAC-SHA256" in data]
+    assert leaks == [], [data.decode()[300:900] for data, _, seq in stored if seq in leaks]  # read as bytes

@@ -611,18 +611,27 @@ def test_cheapest_tries_the_lowest_cost_endpoint_first_and_records_why_it_passed
 def test_latency_learns_from_completions_records_its_figures_and_replays_from_them() -> None:
     policy = _strategic("latency")
     state = router.initial_state()
-    for endpoint, ms in (("node-a", 40.0), ("node-b", 9.0), ("node-a", 30.0)):
-        done = SAMPLES_BY_NAME["InvocationCompleted"]
-        assert isinstance(done, InvocationCompleted)
-        state = router.evolve(state, msgspec.structs.replace(done, endpoint=endpoint, latency_ms=ms))
+    done = SAMPLES_BY_NAME["InvocationCompleted"]
+    assert isinstance(done, InvocationCompleted)
+    for i, (endpoint, ms) in enumerate((("node-a", 40.0), ("node-b", 9.0), ("node-a", 30.0))):
+        rid = f"{i:032d}"
+        state = router.evolve(state, msgspec.structs.replace(route(), request_id=rid, event_id=f"{rid}:route-2",
+                                                             endpoint=endpoint))
+        completed = msgspec.structs.replace(done, request_id=rid, event_id=f"{rid}:invoke-2", endpoint=endpoint,
+                                            latency_ms=ms)
+        state = router.evolve(router.evolve(state, completed), completed)  # read twice, counted once
     assert state.latency["node-a"].ms == 38.0  # a moving average: 40, then a fifth of the way to 30
-    [route] = router.decide(_asking(None), state, policy, NOW)
-    assert isinstance(route, RouteSelected) and route.endpoint == "node-b"
+    # found by a hostile review: completions of no route (forged by an invoker credential) move nothing
+    forged = msgspec.structs.replace(done, request_id="f" * 32, event_id="f" * 32 + ":invoke", endpoint="node-c",
+                                     latency_ms=0.0)
+    assert router.evolve(state, forged) == state
+    [chosen] = router.decide(_asking(None), state, policy, NOW)
+    assert isinstance(chosen, RouteSelected) and chosen.endpoint == "node-b"
     # the fastest first; node-c was never observed, so it comes last (and is measured when tried)
-    assert route.candidates == ("node-b", "node-a", "node-c")
-    assert route.observed_ms == (("node-b", 9.0), ("node-a", 38.0))
+    assert chosen.candidates == ("node-b", "node-a", "node-c")
+    assert chosen.observed_ms == (("node-b", 9.0), ("node-a", 38.0))
     # replay has no completions to learn from: it ranks by the figures the route recorded
-    assert router.decide(_asking(None), router.as_recorded(route, policy), policy, NOW) == [route]
+    assert router.decide(_asking(None), router.as_recorded(chosen, policy), policy, NOW) == [chosen]
 
 
 def test_a_request_may_ask_for_a_strategy_only_where_the_catalog_allows_it() -> None:

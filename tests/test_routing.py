@@ -350,6 +350,15 @@ async def test_a_caller_asks_for_a_routing_strategy_the_catalog_allows_and_is_re
               await bus.stored_on(admin.jetstream(), subjects.ALL_EVENTS, "test")]
     result = replay(stored, dev_jwks(stack), first=first)  # latency-ranked routes re-made from their figures
     assert result.ok, [(m.seq, m.decision, m.why, diff(m)) for m in result.mismatches]
+    # found by a hostile review: figures a route merely claims would steer it and still replay;
+    # each must lie within the latencies of that endpoint's completions stored before it
+    at = next(seq for seq, subject, data in stored if seq >= first and subject.startswith("gw.evt.route.selected")
+              and b'"strategy":"latency"' in data)
+    honest = codec.decode_event(next(d for q, _, d in stored if q == at))
+    assert isinstance(honest, RouteSelected)
+    forged = msgspec.structs.replace(honest, observed_ms=(("local-llama", 99_999.0),))
+    flagged = replay(_swap(stored, at, forged), dev_jwks(stack), first=first)
+    assert any(m.seq == at and "outside the latencies of its completions" in m.why for m in flagged.mismatches)
 
 
 async def test_an_endpoint_no_invoker_pulls_for_is_passed_over_and_the_decision_says_so(

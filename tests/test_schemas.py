@@ -78,3 +78,14 @@ def test_ledger_subject_and_cas_filter_come_from_one_team_name() -> None:
     for team in ("alpha", "team.with.dots"):
         subj, filt = subjects.ledger("reserved", team), subjects.ledger_filter(team)
         assert filt.replace("*", "reserved") == subj
+
+
+def test_an_event_relabelled_as_an_older_version_is_refused_not_read_as_less() -> None:
+    """Found by a hostile review: a v3 route relabelled v2 read as v2 (its protocol and figures
+    dropped, the invoker ignoring them) and replay compared it as v2. A stored version's frozen
+    reader takes exactly that version's fields."""
+    data = codec.encode(SAMPLES["RouteSelected"])
+    assert b'"schema_version":3' in data
+    for older in (b'"schema_version":2', b'"schema_version":1'):
+        with pytest.raises(codec.DecodeError, match="unknown field"):
+            codec.decode_event(data.replace(b'"schema_version":3', older))

@@ -20,7 +20,7 @@ class LedgerTotals(Event, frozen=True, kw_only=True):
     cap_micros: int
 
 
-class BudgetReservedV1(LedgerTotals, frozen=True, kw_only=True, tag="BudgetReserved"):
+class BudgetReservedV1(LedgerTotals, frozen=True, kw_only=True, tag="BudgetReserved", forbid_unknown_fields=True):
     """Version 1, stored before requests carried a deadline: read, upcast, never written."""
 
     caller: Caller

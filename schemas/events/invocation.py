@@ -11,7 +11,7 @@ from ..commands import ChatBody
 from .base import Caller, Event, Reservation
 
 
-class InvocationCompletedV1(Event, frozen=True, kw_only=True, tag="InvocationCompleted"):
+class InvocationCompletedV1(Event, frozen=True, kw_only=True, tag="InvocationCompleted", forbid_unknown_fields=True):
     """Version 1 as stored before streaming: read, upcast, never written."""
 
     caller: Caller
@@ -57,7 +57,7 @@ class InvocationCompleted(Event, frozen=True, kw_only=True, tag="InvocationCompl
     broken_off: str | None = None
 
 
-class InvocationFailedV1(Event, frozen=True, kw_only=True, tag="InvocationFailed"):
+class InvocationFailedV1(Event, frozen=True, kw_only=True, tag="InvocationFailed", forbid_unknown_fields=True):
     """Version 1 as stored before fallbacks: read, upcast, never written."""
 
     caller: Caller

@@ -7,7 +7,7 @@ from ..commands import ChatBody
 from .base import Caller, Event, Reservation
 
 
-class RequestSubmittedV1(Event, frozen=True, kw_only=True, tag="RequestSubmitted"):
+class RequestSubmittedV1(Event, frozen=True, kw_only=True, tag="RequestSubmitted", forbid_unknown_fields=True):
     """Version 1, stored before requests carried a deadline: read, upcast, never written."""
 
     entry: Literal["http", "nats"]
@@ -38,7 +38,7 @@ class RequestSubmitted(Event, frozen=True, kw_only=True, tag="RequestSubmitted")
     deadline_at: datetime | None = None
 
 
-class RequestAuthorizedV1(Event, frozen=True, kw_only=True, tag="RequestAuthorized"):
+class RequestAuthorizedV1(Event, frozen=True, kw_only=True, tag="RequestAuthorized", forbid_unknown_fields=True):
     """Version 1, stored before requests carried a deadline: read, upcast, never written."""
 
     caller: Caller

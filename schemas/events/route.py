@@ -14,7 +14,7 @@ from ..commands import ChatBody
 from .base import Caller, Event, Reservation
 
 
-class RouteSelectedV1(Event, frozen=True, kw_only=True, tag="RouteSelected"):
+class RouteSelectedV1(Event, frozen=True, kw_only=True, tag="RouteSelected", forbid_unknown_fields=True):
     """Version 1 as stored before fallbacks: read, upcast, never written."""
 
     caller: Caller
@@ -28,7 +28,7 @@ class RouteSelectedV1(Event, frozen=True, kw_only=True, tag="RouteSelected"):
     reply_to: str
 
 
-class RouteSelectedV2(Event, frozen=True, kw_only=True, tag="RouteSelected"):
+class RouteSelectedV2(Event, frozen=True, kw_only=True, tag="RouteSelected", forbid_unknown_fields=True):
     """Version 2 as stored before routing strategies were recorded: read, upcast, never written."""
 
     schema_version: int = 2
@@ -91,7 +91,7 @@ class RouteSelected(Event, frozen=True, kw_only=True, tag="RouteSelected"):
     protocol: str = "openai"  # how the invoker calls the endpoint (the catalog's, for the model served)
 
 
-class RouteUnavailableV1(Event, frozen=True, kw_only=True, tag="RouteUnavailable"):
+class RouteUnavailableV1(Event, frozen=True, kw_only=True, tag="RouteUnavailable", forbid_unknown_fields=True):
     """Version 1 as stored before it named open circuits: read, upcast, never written."""
 
     caller: Caller

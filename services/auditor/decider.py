@@ -179,7 +179,24 @@ def row_of(
         chain_hash=head,
     )
     _fill(row, event, digest_key)
+    _fit(row)
     return row, AuditorState(seq=seq, head=head)
+
+
+_INT_COLUMNS = ("prompt_tokens", "completion_tokens", "amount_micros", "charged_micros", "spent_micros",
+                "reserved_micros", "cap_micros", "remaining_micros")
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _fit(row: AuditRow) -> None:
+    """A figure the audit's int64 columns cannot hold (a forged or broken event may carry one) is
+    left out of its column and named in `detail`, instead of stopping the auditor; the event
+    itself, with the figure, stays in the stream."""
+    for column in _INT_COLUMNS:
+        value = getattr(row, column)
+        if value is not None and not _INT64[0] <= value <= _INT64[1]:
+            setattr(row, column, None)
+            row.detail = f"{row.detail + '; ' if row.detail else ''}{column} out of the audit's range"
 
 
 def _fill(row: AuditRow, e: AnyEvent, digest_key: bytes | None) -> None:

@@ -17,7 +17,7 @@ from .streams import StreamBroken, StreamReader
 Protocol = Literal["openai", "anthropic", "bedrock"]
 HOSTED: tuple[Protocol, ...] = ("anthropic", "bedrock")  # leave the enclave: refused in enclave mode
 ANTHROPIC_VERSION = "2023-06-01"
-Count = Annotated[int, Meta(ge=0)]
+Count = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 _encoder = msgspec.json.Encoder()
 
 

@@ -28,6 +28,35 @@ class Upstream(Struct, frozen=True, kw_only=True):
     headers: dict[str, str]
 
 
+def configured(url: str) -> tuple[str, str]:
+    """An endpoint's protocol and base URL as the deployment configures it: `anthropic+https://...`
+    or `bedrock+https://...` for a hosted API, a bare URL for an OpenAI-compatible server. Which
+    keys go to an endpoint is the operator's word, never a route's (a route claiming a hosted
+    protocol must not make the invoker send its keys to a plain model server)."""
+    head, plus, rest = url.partition("+")
+    return (head, rest) if plus and head in adapters.HOSTED else ("openai", url)
+
+
+def secrets(env: dict[str, str] | None = None) -> list[str]:
+    """The key material an invoker holds, to scrub from anything it records."""
+    env = dict(os.environ) if env is None else env
+    return [v for k in ("ANTHROPIC_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+            if len(v := env.get(k, "")) >= 8]
+
+
+def scrub(text: str, headers: dict[str, str], env: dict[str, str] | None = None) -> str:
+    """`text` without any key, signature or token that went out with the call."""
+    found = [*secrets(env), *(v for k, v in headers.items() if k.lower() in _SECRET_HEADERS)]
+    for secret in sorted(found, key=len, reverse=True):  # a header holding a key goes whole, before the key
+        if len(secret) >= 8:
+            text = text.replace(secret, "[redacted]")
+    return _SIGNATURE.sub("Signature=[redacted]", text)
+
+
+_SECRET_HEADERS = {"x-api-key", "authorization", "x-amz-security-token"}
+_SIGNATURE = re.compile(r"Signature=[0-9a-fA-F]{8,}")
+
+
 class NoCredentials(Exception):
     """The invoker's environment lacks what the endpoint's protocol needs."""
 

@@ -13,13 +13,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from ...schemas import codec, subjects
 from ...schemas.commands import StreamChunk
-from ...schemas.events import RouteSelected
+from ...schemas.events import InvocationFailed, RouteSelected
 from ...schemas.reasons import STREAM_BROKEN
 from .. import bus, egress, worker
 from ..registry import invoker_durable
@@ -57,7 +58,8 @@ def _why(exc: BaseException, timeout_s: float) -> tuple[str, str]:
         return "egress_refused", str(exc)
     if isinstance(exc, decider.StreamBroken | ValueError):  # ValueError: aiohttp, a line longer than its buffer
         return "bad_response", str(exc)
-    return "unreachable", repr(exc)
+    # never repr(): aiohttp's carries the request's headers, keys and signatures included
+    return "unreachable", f"{type(exc).__name__}: {exc}"[:500]
 
 
 Emit = Callable[[int, str], Awaitable[None]]
@@ -101,7 +103,16 @@ async def _read_frames(resp: aiohttp.ClientResponse, reader: adapters.BedrockStr
                        emit: Emit) -> None:
     """Bedrock's binary event stream, frame by frame."""
     buffer = hosted.frame_buffer()
-    async for data in resp.content.iter_any():
+    while True:
+        if reader.finish_reason is None:
+            data = await resp.content.readany()
+        else:  # the answer is over: its usage may follow, or nothing ever again (as for SSE)
+            try:
+                data = await asyncio.wait_for(resp.content.readany(), AFTER_FINISH_S)
+            except TimeoutError:
+                return
+        if not data:
+            return
         try:
             decoded = hosted.frames(data, buffer)
         except Exception as exc:  # botocore's parser: a bad prelude or CRC
@@ -158,16 +169,19 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
 
 async def _serve(settings: WorkerSettings, nc: Client, js: JetStreamContext, stop: asyncio.Event) -> None:
     allow = egress.parse(settings.egress_allow) if settings.egress_allow is not None else None
-    refused = {name: why for name, url in settings.endpoints.items()
-               if allow is not None and (why := egress.refuse_url(url, allow)) is not None}
+    targets = {name: hosted.configured(url) for name, url in settings.endpoints.items()}
+    refused = {name: why for name, (protocol, url) in targets.items() if allow is not None and (
+        why := (f"the {protocol} adapter is refused in enclave mode" if protocol in adapters.HOSTED
+                else egress.refuse_url(url, allow))) is not None}
     for name, why in refused.items():
         log.error("enclave mode: endpoint %s refused: %s", name, why)
     session = aiohttp.ClientSession(connector=egress.connector(allow, limit=256, keepalive_timeout=60))
 
     async def handle(msg: Msg) -> None:
         route = codec.decode_as(msg.data, RouteSelected, msg.subject)
-        base_url = settings.endpoints.get(route.endpoint)
-        if base_url is None:
+        protocol, base_url = targets.get(route.endpoint, ("", ""))
+        up: hosted.Upstream | None = None
+        if not base_url:
             outcome: decider.CallOutcome = decider.CallFailed(
                 error="unknown_endpoint", detail=f"this invoker serves no endpoint {route.endpoint!r}", latency_ms=0.0
             )
@@ -182,6 +196,9 @@ async def _serve(settings: WorkerSettings, nc: Client, js: JetStreamContext, sto
         elif allow is not None and route.protocol in adapters.HOSTED:  # nothing leaves the enclave
             outcome = decider.CallFailed(error="egress_refused", latency_ms=0.0,
                                          detail=f"the {route.protocol} adapter is refused in enclave mode")
+        elif route.protocol != protocol:  # the keys an endpoint gets are the deployment's to say
+            outcome = decider.CallFailed(error="protocol_mismatch", latency_ms=0.0, detail=(
+                f"endpoint {route.endpoint!r} is configured for {protocol}, the route says {route.protocol}"))
         else:
             try:
                 up = hosted.upstream(route, base_url)
@@ -190,7 +207,13 @@ async def _serve(settings: WorkerSettings, nc: Client, js: JetStreamContext, sto
             else:
                 outcome = await (call_streaming(session, up, timeout_s, chunk_sender(nc, route)) if route.chat.stream
                                  else call(session, up, timeout_s))
+        sent = up.headers if up else {}
+        if isinstance(outcome, decider.CallAnswered) and outcome.status != 200:  # its body becomes the detail
+            outcome = msgspec.structs.replace(outcome, body=hosted.scrub(
+                outcome.body.decode(errors="replace"), sent).encode())
         for event in decider.decide(route, outcome, route.policy_version, bus.now_utc()):
+            if isinstance(event, InvocationFailed):  # a server may echo what it was sent: no key is recorded
+                event = msgspec.structs.replace(event, detail=hosted.scrub(event.detail, sent))
             await bus.publish(js, bus.caused(event, route, msg))
 
     if not settings.endpoints:

@@ -16,7 +16,7 @@ def encoded_size(text: str) -> int:
     return len(_encoder.encode(text)) - 2
 
 
-Count = Annotated[int, Meta(ge=0)]  # a negative count from a server would credit the team's ledger
+Count = Annotated[int, Meta(ge=0, le=2**31 - 1)]  # a negative count from a server would credit the team's ledger
 # A larger answer, as JSON, is refused (bad_response) or cut (a stream): the fact that records it
 # must fit a NATS message (1 MiB), with its envelope.
 MAX_ANSWER_BYTES = 512 * 1024

@@ -103,9 +103,12 @@ class Observed(Struct, frozen=True, kw_only=True):
 
     ms: float
     completions: int = 1
+    recent: tuple[str, ...] = ()  # the newest completions' event ids: each counts once
 
 
 LATENCY_WEIGHT = 0.2  # recent completions count most: a server that slows down is passed over soon
+LATENCY_RECENT = 64
+MAX_LATENCY_MS = 3_600_000.0  # an hour: longer is a broken figure, not a slow server
 
 
 class RouterState(Struct, frozen=True, kw_only=True):
@@ -195,10 +198,17 @@ def evolve(state: RouterState, event: Event) -> RouterState:
             routed = state.routed.add(attempt_key(event.request_id, _ended(event)), event.occurred_at)
             return msgspec.structs.replace(state, routed=routed)
         case InvocationCompleted():
+            # learned only from the outcome of a route this router recorded, once: a completion
+            # forged for no route (or read again after a reader restart) moves no figure
+            route = state.routes.get(event.request_id)
             seen = state.latency.get(event.endpoint)
-            took = max(0.0, event.latency_ms)
+            if route is None or (route.attempt, route.endpoint) != (event.attempt, event.endpoint) or (
+                    seen is not None and event.event_id in seen.recent):
+                return state
+            took = min(MAX_LATENCY_MS, max(0.0, event.latency_ms))
             ms = took if seen is None else seen.ms + LATENCY_WEIGHT * (took - seen.ms)
-            observed = Observed(ms=round(ms, 3), completions=1 if seen is None else seen.completions + 1)
+            observed = Observed(ms=round(ms, 3), completions=1 if seen is None else seen.completions + 1,
+                                recent=(*(seen.recent if seen else ()), event.event_id)[-LATENCY_RECENT:])
             return msgspec.structs.replace(state, latency={**state.latency, event.endpoint: observed})
         case InvocationFailed():
             old = state.breakers.get(event.endpoint, Breaker())
