@@ -32,6 +32,7 @@ from ..schemas.events import (
     BudgetReserved,
     BudgetSettled,
     BudgetThresholdCrossed,
+    EndpointObserved,
     InvocationCompleted,
     InvocationFailed,
     PolicyActivated,
@@ -98,6 +99,7 @@ class _Policies:
         # the lowest and highest latency of each endpoint's completions so far, each of a recorded
         # route: a moving average a route ranked by must lie between them
         self.latencies: dict[str, tuple[float, float]] = {}
+        self.watched: dict[tuple[str, str], bool] = {}  # (endpoint, router replica) -> served, its latest view
 
     def observe(self, done: InvocationCompleted) -> None:
         route = self.routes.get(done.causation_id or "")
@@ -215,6 +217,8 @@ def _replay(decoded: list[tuple[int, AnyEvent | None]], extra_jwks: list[str] | 
                 policies.breakers = router.evolve(policies.breakers, event)
             elif isinstance(event, InvocationCompleted):
                 policies.observe(event)
+            elif isinstance(event, EndpointObserved):
+                policies.watched[(event.endpoint, event.replica)] = event.served
         if progress is not None and n % 1000 == 0:
             progress(n)
     return result
@@ -294,6 +298,11 @@ def _router_state(event: RouteSelected | RouteUnavailable, policies: _Policies,
 def _unbacked_claims(event: RouteSelected | RouteUnavailable, policies: _Policies) -> str:
     """Why a route's open circuits, or the latency figures it ranked by, are not what the outcomes
     stored before it say ("" when they are)."""
+    for skip in event.skipped if isinstance(event, RouteSelected) else ():
+        if skip.reason == "no_invoker" and not any(
+                endpoint == skip.endpoint and not served for (endpoint, _), served in policies.watched.items()):
+            return (f"it passes over {skip.endpoint} as served by no invoker, but no router's view stored before "
+                    "it says so")
     for endpoint, ms in event.observed_ms if isinstance(event, RouteSelected) else ():
         low, high = policies.latencies.get(endpoint, (math.inf, -math.inf))
         if not low - 0.001 <= ms <= high + 0.001:

@@ -16,6 +16,7 @@ from .events import (
     BudgetReserved,
     BudgetSettled,
     BudgetThresholdCrossed,
+    EndpointObserved,
     InvocationCompleted,
     InvocationFailed,
     MessageRejected,
@@ -135,6 +136,11 @@ def route_selected(model_id: str, endpoint: str) -> str:
     return f"gw.evt.route.selected.{token(model_id)}.{token(endpoint)}"
 
 
+def endpoint_observed(endpoint: str) -> str:
+    """A router replica's changed view of whether an endpoint is served (under the routes it backs)."""
+    return f"gw.evt.route.observed.{token(endpoint)}"
+
+
 def routes_to(endpoint: str) -> str:
     """Every route to one endpoint, whatever the model: the filter of that endpoint's invokers."""
     return f"gw.evt.route.selected.*.{token(endpoint)}"
@@ -221,5 +227,7 @@ def for_event(event: AnyEvent) -> str:
             return audit_checkpoint()
         case BudgetClockTicked():
             return budget_ticked(event.team)
+        case EndpointObserved():
+            return endpoint_observed(event.endpoint)
         case _:
             assert_never(event)

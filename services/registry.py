@@ -178,6 +178,7 @@ SERVICES: tuple[Identity, ...] = (
         publish=(
             "gw.evt.route.selected.*.*",
             "gw.evt.route.unavailable.*",
+            "gw.evt.route.observed.*",  # its changed view of which endpoints an invoker serves
             # readers of its own, whichever replica's share a message was: every route decided
             # (to route a failed attempt on), every failed attempt (the circuit breakers) and every
             # completion (the latency strategy learns each endpoint's; it reads answers it never keeps)

@@ -16,7 +16,8 @@ from enclave_gateway.engine import Engine
 from enclave_gateway.replay.engine import diff, replay
 from enclave_gateway.schemas import codec, subjects
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
-from enclave_gateway.schemas.events import InvocationFailed, RouteSelected
+from enclave_gateway.schemas.events import EndpointObserved, InvocationFailed, RouteSelected
+from enclave_gateway.schemas.events.route import Skipped
 from enclave_gateway.services import bus
 from enclave_gateway.services.authz.policy_view import dev_jwks
 from enclave_gateway.services.settings import WorkerSettings
@@ -382,5 +383,17 @@ async def test_an_endpoint_no_invoker_pulls_for_is_passed_over_and_the_decision_
     await runtime.wait_audited(admin, 60)
     stored = [(seq, subject, data) for data, subject, seq in
               await bus.stored_on(admin.jetstream(), subjects.ALL_EVENTS, "test")]
+    views = [codec.decode_event(d, subj) for _, subj, d in stored if subj.startswith("gw.evt.route.observed.")]
+    assert any(isinstance(v, EndpointObserved) and (v.endpoint, v.served) == ("orphan-ep", False) for v in views)
     result = replay(stored, dev_jwks(stack), first=first)
     assert result.ok, [(m.seq, m.decision, m.why, diff(m)) for m in result.mismatches]
+    # found by a hostile review: a router could claim any endpoint unserved to steer a request, and
+    # replay re-made the steered route from the claim alone; a claim no stored view backs is named
+    at = next(seq for seq, subject, data in stored if seq >= first and subject.startswith("gw.evt.route.selected")
+              and b'"no_invoker"' in data)
+    honest = codec.decode_event(next(d for q, _, d in stored if q == at))
+    assert isinstance(honest, RouteSelected)
+    forged = msgspec.structs.replace(honest, endpoint="orphan-ep",
+                                     skipped=(Skipped("local-llama", "no_invoker"),))
+    flagged = replay(_swap(stored, at, forged), dev_jwks(stack), first=first)
+    assert any(m.seq == at and "no router's view stored before it says so" in m.why for m in flagged.mismatches)

@@ -22,7 +22,7 @@ from .request import (
     ResponseDelivered,
     ResponseUndelivered,
 )
-from .route import RouteSelected, RouteUnavailable
+from .route import EndpointObserved, RouteSelected, RouteUnavailable
 
 AnyEvent = (
     RequestSubmitted
@@ -44,6 +44,7 @@ AnyEvent = (
     | PolicyActivated
     | AuditCheckpoint
     | BudgetClockTicked
+    | EndpointObserved
 )
 
 CURRENT_EVENT_TYPES: tuple[type[Event], ...] = (
@@ -66,6 +67,7 @@ CURRENT_EVENT_TYPES: tuple[type[Event], ...] = (
     PolicyActivated,
     AuditCheckpoint,
     BudgetClockTicked,
+    EndpointObserved,
 )
 
 __all__ = [
@@ -79,6 +81,7 @@ __all__ = [
     "BudgetSettled",
     "BudgetThresholdCrossed",
     "Caller",
+    "EndpointObserved",
     "Envelope",
     "Event",
     "InvocationCompleted",

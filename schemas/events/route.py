@@ -117,3 +117,15 @@ class RouteUnavailable(Event, frozen=True, kw_only=True, tag="RouteUnavailable")
     reservation: Reservation
     reply_to: str
     circuit_open: tuple[str, ...] = ()
+
+
+class EndpointObserved(Event, frozen=True, kw_only=True, tag="EndpointObserved"):
+    """A router replica's view of whether any invoker pulls an endpoint's routes changed.
+
+    Published on each change (`request_id` is `endpoint-<name>`), so the `no_invoker` skips a route
+    records are backed by a stored fact replay can check, not the router's word alone.
+    """
+
+    endpoint: str
+    served: bool
+    replica: str  # the router replica whose view it is

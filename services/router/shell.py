@@ -6,6 +6,7 @@ catalog. Beside it, three readers of its own keep every replica's view whole: ev
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
@@ -15,7 +16,15 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from ...schemas import codec, subjects
-from ...schemas.events import BudgetReserved, InvocationCompleted, InvocationFailed, RouteSelected, RouteUnavailable
+from ...schemas.events import (
+    BudgetReserved,
+    EndpointObserved,
+    InvocationCompleted,
+    InvocationFailed,
+    RouteSelected,
+    RouteUnavailable,
+    envelope,
+)
 from ...schemas.policy import PolicyBundle
 from .. import bus, catalog, worker
 from ..registry import invoker_durable
@@ -65,7 +74,7 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
         watch = InvokerWatch()
         readers = [asyncio.create_task(_every(s.js, subject, fold, stop, since))
                    for subject in (ROUTES, FAILURES, COMPLETIONS)]
-        readers.append(asyncio.create_task(watch.run(s.js, lambda: s.policy, stop)))
+        readers.append(asyncio.create_task(watch.run(s.js, s, stop)))
         try:
             await bus.consume(s.js, "router", handle, stop)
         finally:
@@ -77,23 +86,34 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
 
 class InvokerWatch:
     """Which endpoints no invoker is pulling routes for: their durable had no pull request waiting
-    at two looks in a row, WATCH_EVERY_S apart (an idle invoker always has one; see bus.consume)."""
+    at two looks in a row, WATCH_EVERY_S apart (an idle invoker always has one; see bus.consume).
+    Each change of this replica's view is published (EndpointObserved) before a route relies on it,
+    so replay can check every `no_invoker` skip against a stored fact."""
 
     def __init__(self) -> None:
         self.unserved: set[str] = set()
         self.idle: dict[str, int] = {}
+        self.replica = uuid.uuid4().hex
 
-    async def run(self, js: JetStreamContext, policy: Callable[[], PolicyBundle], stop: asyncio.Event) -> None:
+    async def run(self, js: JetStreamContext, session: "worker.Session[PolicyBundle]", stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
-                for endpoint in sorted({e for m in policy().catalog.model for e in catalog.endpoints_of(m)}):
+                for endpoint in sorted({e for m in session.policy.catalog.model for e in catalog.endpoints_of(m)}):
                     try:
                         info = await js.consumer_info(subjects.STREAM, invoker_durable(endpoint)[0])
                         waiting = int(info.num_waiting or 0)
                     except NotFoundError:
                         waiting = 0
                     self.idle[endpoint] = 0 if waiting else self.idle.get(endpoint, 0) + 1
-                    (self.unserved.add if self.idle[endpoint] >= 2 else self.unserved.discard)(endpoint)
+                    unserved = self.idle[endpoint] >= 2
+                    if unserved != (endpoint in self.unserved):
+                        now = bus.now_utc()
+                        await bus.publish(js, EndpointObserved(
+                            **envelope(f"endpoint-{subjects.token(endpoint)}",
+                                       f"observed-{self.replica[:12]}-{now.strftime('%Y%m%dT%H%M%S%f')}", now,
+                                       session.policy_version),
+                            endpoint=endpoint, served=not unserved, replica=self.replica))
+                    (self.unserved.add if unserved else self.unserved.discard)(endpoint)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the next look tries again; routing goes on with the last view
