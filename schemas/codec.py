@@ -123,12 +123,23 @@ def decode_as(data: bytes, cls: type[Any], subject: str | None = None) -> Any:
     return event
 
 
+def decode_json(decoder: msgspec.json.Decoder[Any], data: bytes) -> Any:
+    """Decode a caller's JSON; every way it can be wrong is a DecodeError that names the problem
+    and never quotes the caller's text (bytes that are not UTF-8, nesting too deep, bad types)."""
+    try:
+        return decoder.decode(data)
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"the body is not valid utf-8 (at byte {exc.start})") from None
+    except RecursionError:
+        raise DecodeError("the JSON is nested too deeply") from None
+    except msgspec.DecodeError as exc:
+        raise DecodeError(str(exc)[:300]) from None
+
+
 def decode_submit(data: bytes) -> SubmitRequest:
     """Decode a `gw.submit` command."""
-    try:
-        return _submit.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise DecodeError(str(exc)) from exc
+    result: SubmitRequest = decode_json(_submit, data)
+    return result
 
 
 def decode_reply(data: bytes) -> SubmitReply:

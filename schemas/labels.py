@@ -57,7 +57,10 @@ def join(a: Label, b: Label) -> Label:
 
 @functools.lru_cache(maxsize=4096)  # pure, and the same few markings recur on every request
 def parse_label(text: str) -> Label:
-    """Parse a marking string; raises LabelError."""
+    """Parse a marking string; raises LabelError. ASCII only: Unicode case rules would read
+    `SECRET//ſI` (a long s) as `SECRET//SI`."""
+    if not text.isascii():
+        raise LabelError("a classification label is ASCII only")
     parts = [p.strip() for p in text.strip().upper().split("//")]
     if not parts or not parts[0]:
         raise LabelError(f"empty classification in {text!r}")

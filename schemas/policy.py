@@ -67,6 +67,10 @@ class Routing(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # (retry_backoff_ms, then twice that, ...), before the next endpoint; never past the deadline
     retries_per_endpoint: int = 1
     retry_backoff_ms: int = 100
+    # A model server's refusal of the request itself (a 400 or 422, the context exceeded) ends it
+    # with that error for the caller instead of trying the next endpoint, which would refuse it too.
+    # Off unless stated, so a catalog recorded before it replays as it was decided.
+    end_on_refusal: bool = False
 
 
 class Catalog(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -32,6 +32,7 @@ ReasonCode = Literal[
     "reply_subject_refused",  # gw.submit.<app> without a reply subject under the app's own inbox
     "authorization_stale",  # an authorization older than the budget's memory of closed requests
     "strategy_not_allowed",  # a routing strategy the catalog does not let requests for the model ask for
+    "context_length_exceeded",  # the model server says the prompt and max_tokens do not fit its context
 ]
 
 HTTP_STATUS: dict[str, int] = {
@@ -53,6 +54,7 @@ HTTP_STATUS: dict[str, int] = {
     "write_down": 403,
     "policy_denied": 403,
     "strategy_not_allowed": 403,
+    "context_length_exceeded": 400,
     "model_not_found": 404,
     "model_forbidden": 403,
     "budget_exceeded": 402,
@@ -69,6 +71,9 @@ HTTP_STATUS: dict[str, int] = {
 # delivered to an invoker again, so its tokens may already have reached the caller: no invoker
 # starts it again and the router starts no other (the caller would read the answer twice).
 STREAM_BROKEN = "stream_broken"
+# An invocation error that is the caller's to fix: no other endpoint of the model would take it.
+CONTEXT_EXCEEDED = "context_length_exceeded"
+REFUSED_AS_MALFORMED = ("http_400", "http_422")  # the request itself, not the server: no fallback helps
 # The finish reason of a streamed answer that broke off after tokens reached the caller: they are
 # its answer (recorded and charged), and the caller is told it was cut short.
 INTERRUPTED = "interrupted"

@@ -412,7 +412,7 @@ def test_a_failure_that_may_pass_is_retried_on_the_same_endpoint_with_backoff_th
     state = router.evolve(state, again)
     [moved] = router.decide(_fail(again, "timeout"), state, policy, NOW)  # its one retry is used up
     assert isinstance(moved, RouteSelected) and (moved.endpoint, moved.not_before) == ("node-b", None)
-    for error in ("http_400", "egress_refused", "unknown_endpoint"):  # would fail the same way again
+    for error in ("http_404", "egress_refused", "unknown_endpoint"):  # would fail the same way again
         [onward] = router.decide(_fail(first, error), router.evolve(router.initial_state(), first), policy, NOW)
         assert isinstance(onward, RouteSelected) and onward.endpoint == "node-b"
     hurried = msgspec.structs.replace(first, deadline_at=NOW + timedelta(milliseconds=10))
@@ -689,3 +689,22 @@ def test_an_endpoint_without_an_invoker_is_passed_over_unless_none_is_served() -
     nobody = msgspec.structs.replace(state, unserved=frozenset({"node-a", "node-b", "node-c"}))
     [probe] = router.decide(_asking(None), nobody, policy, NOW)
     assert isinstance(probe, RouteSelected) and probe.endpoint == "node-a" and probe.skipped == ()
+
+
+def test_a_servers_refusal_of_the_request_itself_ends_it_where_the_catalog_says_so() -> None:
+    """Issue 11 item 7: a prompt over the context was a 502 after every endpoint refused it in turn."""
+    policy = _two_endpoints("node-a", "node-b")
+    assert policy.catalog.routing.end_on_refusal  # the shipped catalog states it
+    reserved = SAMPLES_BY_NAME["BudgetReserved"]
+    assert isinstance(reserved, BudgetReserved)
+    [first] = router.decide(reserved, router.initial_state(), policy, NOW)
+    assert isinstance(first, RouteSelected)
+    state = router.evolve(router.initial_state(), first)
+    for error, reason in (("context_length_exceeded", "context_length_exceeded"), ("http_400", "invalid_request")):
+        [ended] = router.decide(_fail(first, error), state, policy, NOW)
+        assert isinstance(ended, RouteUnavailable) and ended.reason == reason
+    # a catalog recorded before the setting existed decides as it did then: on to the next endpoint
+    before = msgspec.structs.replace(policy, catalog=msgspec.structs.replace(
+        policy.catalog, routing=msgspec.structs.replace(policy.catalog.routing, end_on_refusal=False)))
+    [onward] = router.decide(_fail(first, "http_400"), state, before, NOW)
+    assert isinstance(onward, RouteSelected) and onward.endpoint == "node-b"

@@ -133,6 +133,7 @@ def _timeless(claims: dict[str, object]) -> _Timeless:
     if not (isinstance(exp, int) and isinstance(iat, int) and isinstance(nbf, int)):
         malformed = TokenDefect(code="token_malformed", detail="exp, iat and nbf must be integers")
         return _Timeless(malformed, 0, 0, malformed)
+
     return _Timeless(None, exp, nbf, _attributes(claims, exp))
 
 

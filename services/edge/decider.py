@@ -63,38 +63,63 @@ class StreamOptionsIn(Struct, frozen=True, kw_only=True):
     include_usage: bool = False
 
 
+class _ContentPart(Struct, frozen=True, kw_only=True):
+    type: str
+    text: str | None = None
+
+
+class _InMessage(Struct, frozen=True, kw_only=True):
+    """A message as OpenAI accepts it: content as text, or an array of parts (text ones here)."""
+
+    role: str
+    content: str | tuple[_ContentPart, ...] | None  # required, as OpenAI's; null only means no text
+
+
 class OpenAIChatRequest(Struct, frozen=True, kw_only=True):
-    """The OpenAI chat-completions fields the gateway honours; others are ignored, not refused."""
+    """The OpenAI chat-completions fields the gateway honours, and those it refuses by name rather
+    than ignore (`n` above 1, tools, functions): a caller never gets less than it asked for silently."""
 
     model: str
-    messages: tuple[ChatMessage, ...]
+    messages: tuple[_InMessage, ...]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     temperature: float | None = None
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptionsIn | None = None
+    n: int | None = None
+    tools: list[object] | None = None
+    functions: list[object] | None = None
+    tool_choice: object | None = None
 
 
 _chat_request = msgspec.json.Decoder(OpenAIChatRequest)
+ROLES = ("system", "user", "assistant", "developer")  # developer: OpenAI's newer name for system
+MAX_MODEL_NAME = 256
 
 
 def parse_openai_request(body: bytes) -> OpenAIChatRequest:
-    """Validate an HTTP body; raises codec.DecodeError naming the bad path."""
-    try:
-        req = _chat_request.decode(body)
-    except msgspec.DecodeError as exc:
-        raise codec.DecodeError(str(exc)) from exc
+    """Validate an HTTP body; raises codec.DecodeError naming the bad path (never quoting content)."""
+    req: OpenAIChatRequest = codec.decode_json(_chat_request, body)
+    if req.n not in (None, 1):
+        raise codec.DecodeError("`n` must be 1: one choice per request is supported")
+    if req.tools or req.functions or req.tool_choice is not None:
+        raise codec.DecodeError("tools, functions and tool_choice are not supported by this gateway")
+    for i, m in enumerate(req.messages):
+        if isinstance(m.content, tuple) and any(p.type != "text" or p.text is None for p in m.content):
+            raise codec.DecodeError(f"messages[{i}]: only text content parts are supported")
     validate_chat(to_chat(req))
     return req
 
 
 def to_chat(req: OpenAIChatRequest, strategy: str | None = None) -> ChatBody:
-    """The chat body the pipeline carries (`strategy`: what the caller asked to route by)."""
+    """The chat body the pipeline carries (`strategy`: what the caller asked to route by); text
+    parts are joined, and the `developer` role is `system` for servers that lack it."""
     return ChatBody(
         strategy=strategy,
         model=req.model,
-        messages=req.messages,
+        messages=tuple(ChatMessage(role="system" if m.role == "developer" else m.role, content=_text(m.content))
+                       for m in req.messages),
         max_tokens=req.max_completion_tokens or req.max_tokens,
         temperature=req.temperature,
         seed=req.seed,
@@ -103,10 +128,23 @@ def to_chat(req: OpenAIChatRequest, strategy: str | None = None) -> ChatBody:
     )
 
 
+def _text(content: str | tuple[_ContentPart, ...] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(p.text or "" for p in content)
+
+
 def validate_chat(chat: ChatBody) -> None:
-    """Rules msgspec's types cannot say; raises codec.DecodeError."""
+    """Rules msgspec's types cannot say; raises codec.DecodeError (never quoting the caller's text)."""
     if not chat.model:
         raise codec.DecodeError("`model` must not be empty")
+    if len(chat.model) > MAX_MODEL_NAME:
+        raise codec.DecodeError(f"`model` is longer than {MAX_MODEL_NAME} characters")
+    for i, m in enumerate(chat.messages):
+        if m.role not in ROLES:
+            raise codec.DecodeError(f"messages[{i}].role must be one of {', '.join(ROLES)}")
+    if chat.temperature is not None and not 0 <= chat.temperature <= 2:
+        raise codec.DecodeError("`temperature` must be between 0 and 2")
     if not chat.messages:
         raise codec.DecodeError("`messages` must hold at least one message")
     if chat.max_tokens is not None and chat.max_tokens < 1:

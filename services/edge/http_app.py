@@ -6,7 +6,7 @@ import logging
 import time
 import uuid
 from contextlib import aclosing
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aiohttp import web
@@ -33,7 +33,7 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 def build(edge: Edge) -> web.Application:
     """The aiohttp application; the body limit is checked by us so the error is OpenAI-shaped."""
-    app = web.Application(client_max_size=edge.settings.max_body_bytes + 1)
+    app = web.Application(client_max_size=edge.settings.max_body_bytes + 1, middlewares=[_openai_shaped])
 
     async def post_chat(request: web.Request) -> web.StreamResponse:
         return await chat_completions(edge, request)
@@ -48,6 +48,21 @@ def build(edge: Edge) -> web.Application:
     app.router.add_get("/v1/models", get_models)
     app.router.add_get("/health", get_health)
     return app
+
+
+@web.middleware
+async def _openai_shaped(request: web.Request, handler: Any) -> web.StreamResponse:
+    """aiohttp's own refusals (no such path, wrong method) in OpenAI's error shape, not text/plain."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "invalid_request")
+        body = {"error": {"message": f"{request.method} {request.path[:200]}: {exc.reason}", "code": code,
+                          "type": "invalid_request_error", "param": None}}
+        return web.Response(status=exc.status, body=_json.encode(body), content_type="application/json")
 
 
 async def health() -> web.Response:
@@ -85,6 +100,13 @@ async def chat_completions(edge: Edge, request: web.Request) -> web.StreamRespon
         decider.validate_chat(chat)
     except codec.DecodeError as exc:
         reply = await edge.reject(uuid.uuid4().hex, "http:/v1/chat/completions", "invalid_request", str(exc), None)
+        assert reply.error is not None
+        return _error(reply.error)
+    repeated = [h for h in (INPUT_LABEL, OUTPUT_LABEL, TIMEOUT_HEADER, STRATEGY_HEADER, "Authorization")
+                if len(request.headers.getall(h, [])) > 1]
+    if repeated:  # which one would count is the server's guess: none does
+        reply = await edge.reject(uuid.uuid4().hex, "http:/v1/chat/completions", "invalid_request",
+                                  f"{repeated[0]} may be given once", None)
         assert reply.error is not None
         return _error(reply.error)
     wait = request.headers.get(TIMEOUT_HEADER)

@@ -12,6 +12,7 @@ from msgspec import Struct
 
 from ...schemas.commands import ChatMessage
 from ...schemas.events import AnyEvent, Event, InvocationCompleted, InvocationFailed, RouteSelected, envelope
+from ...schemas.reasons import CONTEXT_EXCEEDED
 from .. import catalog
 from . import adapters
 from .streams import (
@@ -127,6 +128,15 @@ def request_body(route: RouteSelected) -> bytes:
     )
 
 
+def refusal(answer: CallAnswered) -> str:
+    """The error code of a model server's non-200: `context_length_exceeded` when it says the
+    prompt does not fit (llama.cpp, vLLM and OpenAI say so in their 400's body), else `http_<status>`."""
+    body = answer.body[:2000].lower()
+    if answer.status == 400 and b"context" in body and (b"exceed" in body or b"too long" in body):
+        return CONTEXT_EXCEEDED
+    return f"http_{answer.status}"
+
+
 def whole_answer(protocol: str, body: bytes) -> adapters.Answer:
     """A whole (not streamed) answer in the endpoint's protocol; raises when it is not one."""
     match protocol:
@@ -150,7 +160,7 @@ def decide(route: RouteSelected, outcome: CallOutcome, policy_version: str, now:
         return [_streamed(route, outcome, policy_version, now)]
     if outcome.status != 200:
         detail = outcome.body[:500].decode(errors="replace")
-        return [_failed(route, policy_version, now, f"http_{outcome.status}", detail, outcome.latency_ms)]
+        return [_failed(route, policy_version, now, refusal(outcome), detail, outcome.latency_ms)]
     try:
         answer = whole_answer(route.protocol, outcome.body)
     except (msgspec.DecodeError, UnicodeDecodeError, ValueError) as exc:

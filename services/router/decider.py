@@ -47,7 +47,7 @@ from ...schemas.events import (
 )
 from ...schemas.events.route import Skipped
 from ...schemas.policy import ModelEntry, PolicyBundle
-from ...schemas.reasons import STREAM_BROKEN
+from ...schemas.reasons import CONTEXT_EXCEEDED, REFUSED_AS_MALFORMED, STREAM_BROKEN
 from .. import catalog
 from ..remembered import Remembered, seal
 
@@ -247,6 +247,11 @@ def decide(event: RouterInput, state: RouterState, policy: PolicyBundle, now: da
         return [_unavailable(env, ask, "invocation_failed", f"the streamed attempt at {ask.tried[-1]} was "
                              "delivered again, so its tokens may have reached the caller already; no other "
                              "attempt is started")]
+    if policy.catalog.routing.end_on_refusal and (  # the caller's to fix: another endpoint would refuse it too
+            ask.last_error == CONTEXT_EXCEEDED or ask.last_error in REFUSED_AS_MALFORMED):
+        return [_unavailable(env, ask, CONTEXT_EXCEEDED if ask.last_error == CONTEXT_EXCEEDED else "invalid_request",
+                             f"the model server at {ask.tried[-1]} refused the request ({ask.last_error}); "
+                             "another endpoint of the same model would too")]
     if ask.deadline_at is not None and now >= ask.deadline_at:  # the caller stopped waiting: end it
         return [_unavailable(env, ask, "timeout", f"the request's deadline {ask.deadline_at.isoformat()} passed "
                                                   f"before attempt {ask.attempt}")]

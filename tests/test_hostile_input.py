@@ -1,0 +1,111 @@
+"""Issue 11 item 7 (in part): every hostile input a tester sent gets an OpenAI-shaped 4xx with our
+code, a record in the stream, and nothing of the prompt in a reply it should not be in."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+from enclave_gateway.schemas import codec, subjects
+from nats.aio.client import Client
+
+from .conftest import stream_events
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+SECRET_TEXT = "the-prompt-must-not-leak-7731"
+
+
+def _chat(**extra: object) -> dict[str, object]:
+    return {"model": "enclave-tiny", "messages": [{"role": "user", "content": SECRET_TEXT}], "max_tokens": 2,
+            **extra}
+
+
+async def _post(http_url: str, body: bytes | dict[str, object], headers: dict[str, str] | None = None,
+                raw_headers: list[tuple[bytes, bytes]] | None = None) -> tuple[int, dict[str, object], str]:
+    async with aiohttp.ClientSession() as http:
+        kwargs: dict[str, object] = {"json": body} if isinstance(body, dict) else {"data": body}
+        async with http.post(f"{http_url}/v1/chat/completions", headers=headers or {}, **kwargs) as resp:  # type: ignore[arg-type]
+            text = await resp.text()
+            assert resp.content_type == "application/json", (resp.status, text[:200])
+            return resp.status, await resp.json(), text
+
+
+@pytest.mark.parametrize("body, why", [
+    (b"[" * 10_000 + b"]" * 10_000, "expected `object`"),
+    (b'{"model":"enclave-tiny","messages":[],"metadata":' + b"[" * 10_000 + b"]" * 10_000 + b"}", "nested"),
+    (b'{"model":"enclave-tiny","messages":[{"role":"user","content":"\xff\xfe"}]}', "utf-8"),
+    (_chat(messages=[{"role": "", "content": "x"}]), "role"),
+    (_chat(n=3), "n"),
+    (_chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+    (_chat(functions=[{"name": "f"}]), "functions"),
+    (_chat(temperature=-5), "temperature"),
+    (_chat(temperature=2.5), "temperature"),
+    (_chat(model="m" * 10_000), "model"),
+    (_chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), "text"),
+])
+async def test_a_hostile_body_is_an_openai_shaped_400_and_a_record(admin: Client, http_url: str, token_for,
+                                                                   body: bytes | dict[str, object], why: str) -> None:
+    status, answer, text = await _post(http_url, body, {"Authorization": f"Bearer {token_for('gamma')}"})
+    assert status == 400 and answer["error"]["code"] == "invalid_request", answer  # type: ignore[index]
+    assert why in str(answer["error"]["message"]).lower()  # type: ignore[index]
+    assert SECRET_TEXT not in text and "m" * 1000 not in text
+    rejected = [b for _, b in await stream_events(admin, subject=subjects.message_rejected(), timeout_s=0.3)
+                if b.get("subject") == "http:/v1/chat/completions" and why in str(b.get("detail", "")).lower()]
+    assert rejected, "no record in the stream"
+    assert all(SECRET_TEXT not in str(b) for b in rejected)
+
+
+async def test_text_content_parts_are_accepted_as_openai_does(http_url: str, token_for) -> None:
+    parts = [{"type": "text", "text": "hello "}, {"type": "text", "text": "there"}]
+    status, answer, _ = await _post(http_url, _chat(messages=[{"role": "user", "content": parts}]),
+                                    {"Authorization": f"Bearer {token_for('gamma')}"})
+    assert status == 200 and answer["choices"][0]["message"]["content"], answer  # type: ignore[index]
+
+
+@pytest.mark.parametrize("header, value, code", [
+    ("X-Input-Classification", "SECRET//\u017fI", "label_invalid"),  # the long s upper-cases to S: ASCII only
+    ("X-Input-Classification", "SECRET\u00ff", "label_invalid"),
+    ("Authorization", "Bearer abc\u00ff.def.ghi", "token_malformed"),
+])
+async def test_a_hostile_header_is_refused_with_its_code(http_url: str, token_for, header: str, value: str,
+                                                         code: str) -> None:
+    headers = {"Authorization": f"Bearer {token_for('gamma')}", "X-Output-Classification": "SECRET//SI"}
+    headers[header] = value
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{http_url}/v1/chat/completions", json=_chat(),
+            # the bytes on the wire are UTF-8 (aiohttp's client writes header strings as latin-1)
+            headers={k: v.encode().decode("latin-1") for k, v in headers.items()}) as resp:
+        answer = await resp.json()
+    assert resp.status in (400, 401) and answer["error"]["code"] == code, answer
+
+
+async def test_two_output_labels_are_ambiguous_and_refused(http_url: str, token_for) -> None:
+    from multidict import CIMultiDict
+
+    headers = CIMultiDict([("Authorization", f"Bearer {token_for('gamma')}"),
+                           ("X-Output-Classification", "SECRET//SI"), ("X-Output-Classification", "UNCLASSIFIED")])
+    async with aiohttp.ClientSession() as http, http.post(f"{http_url}/v1/chat/completions", json=_chat(),
+                                                          headers=headers) as resp:
+        answer = await resp.json()
+    assert resp.status == 400 and answer["error"]["code"] == "invalid_request" and "once" in answer["error"]["message"]
+
+
+async def test_unknown_paths_and_methods_answer_in_openai_shape(http_url: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{http_url}/v1/nothing") as missing:
+            assert missing.status == 404 and (await missing.json())["error"]["code"] == "not_found"
+        async with http.get(f"{http_url}/v1/chat/completions") as wrong:
+            assert wrong.status == 405 and (await wrong.json())["error"]["code"] == "method_not_allowed"
+
+
+async def test_hostile_bytes_on_gw_submit_get_a_clear_error_without_the_prompt(client: Client) -> None:
+    for data in (b"[" * 10_000 + b"]" * 10_000, b'{"token":"x","chat":{"model":"m","messages":[{"role":"user",'
+                                                b'"content":"' + SECRET_TEXT.encode() + b'\xff"}]}}'):
+        reply = codec.decode_reply((await client.request(subjects.submit("tester"), data, timeout=10)).data)
+        assert reply.error is not None and reply.error.code == "invalid_request"
+        assert SECRET_TEXT not in reply.error.message
+
+
+async def test_a_prompt_longer_than_the_context_is_a_400_not_a_model_failure(http_url: str, token_for) -> None:
+    status, answer, _ = await _post(http_url, _chat(messages=[{"role": "user", "content": "o " * 2000}],
+                                                    max_tokens=8), {"Authorization": f"Bearer {token_for('gamma')}"})
+    assert status == 400 and answer["error"]["code"] == "context_length_exceeded", answer  # type: ignore[index]
