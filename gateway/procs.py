@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import socket
 import subprocess
@@ -22,8 +23,11 @@ def _die_with_parent() -> None:
 
 def spawn(argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start a child whose output goes to `log_path` and that gets SIGTERM if we die."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its life
+    log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    # 0640: a worker's log may name callers and endpoints; no one outside the gateway's group reads it
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    os.chmod(log_path, 0o640)  # one made before by an older version (0644) is narrowed too
+    log: IO[bytes] = os.fdopen(fd, "ab")
     return subprocess.Popen(
         list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, env=env
     )

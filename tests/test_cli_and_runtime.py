@@ -108,6 +108,10 @@ def test_the_demo_shows_completed_denied_write_down_and_over_budget(tmp_path: Pa
                    "local-llama-2", "Streaming (stream: true)", "48 chunks, first after",
                    "48 completion tokens"):  # issue 10: a streamed answer, token by token, with its usage
         assert needle in text, needle
+    # issue 11 item 7: logs are 0640 and never hold a prompt
+    logs = list((tmp_path / "d" / "logs").iterdir())
+    assert logs and all(f.stat().st_mode & 0o777 == 0o640 for f in logs), [(f.name, oct(f.stat().st_mode)) for f in logs]
+    assert not [f.name for f in logs if "Summarise the intercept" in f.read_text(errors="replace")]
     status = subprocess.run([sys.executable, "-m", "enclave_gateway.cli", "sql",
                              "SELECT 'denied=' || count(*) AS n FROM events WHERE type = 'RequestDenied'", "--data-dir",
                              str(tmp_path / "d")], capture_output=True, text=True, timeout=60)

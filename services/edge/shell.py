@@ -222,9 +222,9 @@ class Edge:
                 return
             await self.submit("nats", cmd, msg.reply or "", request_id)
         except Exception as exc:  # the caller must hear something; the bus may be down
-            log.error("gw.submit failed: %r", exc)
+            log.error("gw.submit failed: %s", type(exc).__name__)  # never the message: it may quote the prompt
             if msg.reply and decider.refuse_reply_subject(msg.subject, msg.reply) is None:
-                reply = decider.error_reply(request_id, "request_failed", f"could not submit: {exc!r}")
+                reply = decider.error_reply(request_id, "request_failed", f"could not submit: {type(exc).__name__}")
                 await self.nc.publish(msg.reply, codec.encode(reply))
 
     async def respond(self, msg: Msg) -> None:
