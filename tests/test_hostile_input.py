@@ -109,3 +109,16 @@ async def test_a_prompt_longer_than_the_context_is_a_400_not_a_model_failure(htt
     status, answer, _ = await _post(http_url, _chat(messages=[{"role": "user", "content": "o " * 2000}],
                                                     max_tokens=8), {"Authorization": f"Bearer {token_for('gamma')}"})
     assert status == 400 and answer["error"]["code"] == "context_length_exceeded", answer  # type: ignore[index]
+
+
+async def test_a_token_that_lives_longer_than_policy_allows_is_refused(http_url: str, keys_dir) -> None:
+    """A token with `exp` 10^30 was accepted; the shipped policy bounds a session at a day
+    (issuers.jwks.json `max_token_lifetime_s`; a policy recorded without it replays as decided)."""
+    import time
+
+    from enclave_gateway import issuer
+
+    forever = issuer.issue(keys_dir, subject="eve", team="gamma", ttl_s=10**12, now=int(time.time()))
+    status, answer, _ = await _post(http_url, _chat(), {"Authorization": f"Bearer {forever}"})
+    assert status == 401 and answer["error"]["code"] == "token_malformed"  # type: ignore[index]
+    assert "lifetime" in str(answer["error"]["message"])  # type: ignore[index]

@@ -53,6 +53,7 @@ class AuthzPolicy(Struct, frozen=True, kw_only=True):
     keys: KeyRing
     # A memo of signature checks for this key ring only; decisions are the same with or without it.
     tokens: TokenCache | None = None
+    max_token_lifetime_s: int | None = None  # issuers.jwks.json's bound on exp - iat (none: unbounded)
 
 
 def initial_state() -> AuthzState:
@@ -98,7 +99,7 @@ def decide(cmd: RequestSubmitted, state: AuthzState, policy: AuthzPolicy, now: d
             )
         ]
 
-    claims = verify(cmd.token, policy.keys, now, policy.tokens)
+    claims = verify(cmd.token, policy.keys, now, policy.tokens, policy.max_token_lifetime_s)
     if isinstance(claims, TokenDefect):
         return deny(claims.code, "session-token", claims.detail)
     caller = Caller(
@@ -137,7 +138,7 @@ def decide(cmd: RequestSubmitted, state: AuthzState, policy: AuthzPolicy, now: d
 
 def visible_models(token: str, policy: AuthzPolicy, now: datetime) -> list[str] | TokenDefect:
     """The catalog ids a session's team and roles may use (GET /v1/models lists no others)."""
-    claims = verify(token, policy.keys, now, policy.tokens)
+    claims = verify(token, policy.keys, now, policy.tokens, policy.max_token_lifetime_s)
     if isinstance(claims, TokenDefect):
         return claims
     principals = (f"team:{claims.team}", *(f"role:{r}" for r in claims.roles))

@@ -11,7 +11,7 @@ from ..policy import PolicyError
 from ..settings import WorkerSettings, jwks_path
 from .access import AccessError, AccessRules
 from .decider import AuthzPolicy
-from .tokens import TokenCache, keyring
+from .tokens import TokenCache, keyring, max_lifetime
 
 
 def compile_view(bundle: PolicyBundle, extra_jwks: list[str]) -> AuthzPolicy:
@@ -22,9 +22,10 @@ def compile_view(bundle: PolicyBundle, extra_jwks: list[str]) -> AuthzPolicy:
         raise PolicyError(f"access_model.conf/access_policy.csv: {exc}") from exc
     try:
         keys = keyring([bundle.issuers_jwks, *extra_jwks])
+        lifetime = max_lifetime(bundle.issuers_jwks)
     except (ValueError, KeyError, TypeError) as exc:
         raise PolicyError(f"issuers.jwks.json: {exc}") from exc
-    return AuthzPolicy(bundle=bundle, rules=rules, keys=keys, tokens=TokenCache())
+    return AuthzPolicy(bundle=bundle, rules=rules, keys=keys, tokens=TokenCache(), max_token_lifetime_s=lifetime)
 
 
 def validate(bundle: PolicyBundle) -> None:

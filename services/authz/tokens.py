@@ -48,6 +48,7 @@ class _Timeless(Struct, frozen=True):
     exp: int
     nbf: int
     attributes: Claims | TokenDefect
+    iat: int = 0
 
 
 class TokenCache:
@@ -81,8 +82,10 @@ class TokenCache:
         return len(self._entries)
 
 
-def verify(token: str, keys: KeyRing, now: datetime, cache: TokenCache | None = None) -> Claims | TokenDefect:
-    """Verify a bearer token at time `now`; every defect has its own code."""
+def verify(token: str, keys: KeyRing, now: datetime, cache: TokenCache | None = None,
+           max_lifetime_s: int | None = None) -> Claims | TokenDefect:
+    """Verify a bearer token at time `now`; every defect has its own code. `max_lifetime_s` (the
+    policy's bound on `exp - iat`, none in policies recorded before it) refuses a token for life."""
     if not token:
         return TokenDefect(code="token_missing", detail="no bearer token")
     digest = hashlib.sha256(token.encode()).hexdigest()
@@ -94,6 +97,9 @@ def verify(token: str, keys: KeyRing, now: datetime, cache: TokenCache | None = 
         checked = _timeless(verified)
         if cache is not None:
             cache.put(digest, checked)
+    if max_lifetime_s is not None and checked.time_defect is None and checked.exp - checked.iat > max_lifetime_s:
+        return TokenDefect(code="token_malformed", detail=f"a lifetime over {max_lifetime_s} s (exp - iat), "
+                                                          "which the policy does not allow")
     return _at(checked, int(now.timestamp()))
 
 
@@ -134,7 +140,7 @@ def _timeless(claims: dict[str, object]) -> _Timeless:
         malformed = TokenDefect(code="token_malformed", detail="exp, iat and nbf must be integers")
         return _Timeless(malformed, 0, 0, malformed)
 
-    return _Timeless(None, exp, nbf, _attributes(claims, exp))
+    return _Timeless(None, exp, nbf, _attributes(claims, exp), iat)
 
 
 def _at(checked: _Timeless, now: int) -> Claims | TokenDefect:
@@ -187,3 +193,13 @@ def keyring(jwks_texts: list[str]) -> KeyRing:
                 raise ValueError("every issuer key needs a kid, so keys can rotate")
             ring[str(jwk["kid"])] = jwt.PyJWK.from_dict(jwk)
     return ring
+
+
+def max_lifetime(jwks_text: str) -> int | None:
+    """The policy's bound on a token's lifetime: `max_token_lifetime_s` beside the issuers' keys."""
+    value = json.loads(jwks_text).get("max_token_lifetime_s")
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError("max_token_lifetime_s must be a whole number of seconds, at least 1")
+    return value
