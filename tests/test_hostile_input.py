@@ -122,3 +122,20 @@ async def test_a_token_that_lives_longer_than_policy_allows_is_refused(http_url:
     status, answer, _ = await _post(http_url, _chat(), {"Authorization": f"Bearer {forever}"})
     assert status == 401 and answer["error"]["code"] == "token_malformed"  # type: ignore[index]
     assert "lifetime" in str(answer["error"]["message"])  # type: ignore[index]
+
+
+async def test_answers_carry_the_fields_openais_schema_requires(http_url: str, token_for) -> None:
+    """Issue 11 item 8 (in part): `choices[].logprobs` and `message.refusal` are required (nullable)
+    in OpenAI's response schema, and were missing; a streamed chunk's choices carry `logprobs` too."""
+    headers = {"Authorization": f"Bearer {token_for('gamma')}"}
+    status, answer, _ = await _post(http_url, _chat(messages=[{"role": "developer", "content": "be brief"},
+                                                              {"role": "user", "content": "hi"}]), headers)
+    choice = answer["choices"][0]  # type: ignore[index]
+    assert status == 200 and "logprobs" in choice and choice["logprobs"] is None
+    assert "refusal" in choice["message"] and choice["message"]["refusal"] is None
+    async with aiohttp.ClientSession() as http, http.post(f"{http_url}/v1/chat/completions",
+                                                          json=_chat(stream=True), headers=headers) as resp:
+        chunks = [line[6:] for line in (await resp.read()).split(b"\n") if line.startswith(b"data: {")]
+    import json
+
+    assert chunks and all("logprobs" in c for body in chunks for c in json.loads(body)["choices"])

@@ -47,12 +47,14 @@ def openai_error(err: ErrorBody) -> tuple[int, OpenAIErrorEnvelope]:
 class _RespMessage(Struct, frozen=True):
     role: str
     content: str
+    refusal: None = None  # required by OpenAI's schema (null: the model did not refuse)
 
 
 class _RespChoice(Struct, frozen=True):
     index: int
     message: _RespMessage
     finish_reason: str
+    logprobs: None = None  # required by OpenAI's schema; log probabilities are not offered
 
 
 class _RespUsage(Struct, frozen=True):
@@ -94,6 +96,7 @@ class _ChunkChoice(Struct, frozen=True):
     index: int
     delta: _Delta
     finish_reason: str | None
+    logprobs: None = None  # as in a whole answer's choice
 
 
 class ChatCompletionChunk(Struct, frozen=True, omit_defaults=True):
