@@ -53,7 +53,7 @@ def carried(current: type[Event], fill: Callable[[Any], dict[str, Any]] | None =
 READERS: dict[tuple[str, int], tuple[type[Event], Upcaster | None]] = {
     **{(str(cls.__struct_config__.tag), current_version(cls)): (cls, None) for cls in CURRENT_EVENT_TYPES},
     # a v1 route was its request's first and only attempt
-    ("RouteSelected", 1): (RouteSelectedV1, carried(RouteSelected)),
+    ("RouteSelected", 1): (RouteSelectedV1, carried(RouteSelectedV2)),  # then v2's step to the current
     # a v2 route was ranked in catalog order (or by weight, which replay draws again)
     ("RouteSelected", 2): (RouteSelectedV2, carried(RouteSelected)),
     # a v1 failure ended its request: the budget released and the caller heard of it
@@ -69,5 +69,12 @@ READERS: dict[tuple[str, int], tuple[type[Event], Upcaster | None]] = {
 
 
 def upcast(event: Event, step: Upcaster | None) -> Event:
-    """Apply one upcast step, if any; chains are walked by the codec."""
-    return event if step is None else step(event)
+    """Apply the step, then each next one, until the event is at its type's current version: a
+    stored version is taken one version at a time (v1 -> v2 -> v3), so each step stays small."""
+    for _ in range(32):  # more steps than any type has versions: a cycle is a bug, not a loop forever
+        if step is None:
+            return event
+        event = step(event)
+        reader = READERS.get((str(type(event).__struct_config__.tag), event.schema_version))
+        step = None if reader is None or type(event) is not reader[0] else reader[1]
+    raise RuntimeError(f"upcasters of {type(event).__name__} do not reach its current version")

@@ -89,3 +89,18 @@ def test_an_event_relabelled_as_an_older_version_is_refused_not_read_as_less() -
     for older in (b'"schema_version":2', b'"schema_version":1'):
         with pytest.raises(codec.DecodeError, match="unknown field"):
             codec.decode_event(data.replace(b'"schema_version":3', older))
+
+
+def test_a_stored_version_is_read_one_version_at_a_time_up_to_the_current() -> None:
+    """Issue 11 item 9 (in part): upcasters form a chain the codec walks (RouteSelected v1 -> v2 -> v3)."""
+    from enclave_gateway.schemas.events.route import RouteSelectedV1, RouteSelectedV2
+    from enclave_gateway.schemas.upcast import READERS
+
+    cls, step = READERS[("RouteSelected", 1)]
+    assert cls is RouteSelectedV1 and step is not None
+    old = codec._decoder(cls).decode((GOLDEN / "RouteSelected" / "v1.json").read_bytes())
+    middle = step(old)
+    assert isinstance(middle, RouteSelectedV2) and middle.schema_version == 2  # one step, not a leap
+    event = codec.decode_event((GOLDEN / "RouteSelected" / "v1.json").read_bytes())
+    assert type(event).__name__ == "RouteSelected" and event.schema_version == current_version(type(event))
+    assert event == upcast_samples()[("RouteSelected", 1)]
