@@ -23,6 +23,7 @@ from .engine import Engine
 from .policy_admin import DEV_SIGNER, activation, dev_signer, trusted
 from .schemas import subjects
 from .schemas.events import PolicyActivated
+from .schemas.policy import Catalog
 from .services import bus, catalog, egress, registry
 from .services.authz.policy_view import dev_jwks
 from .services.invoker.adapters import HOSTED
@@ -42,7 +43,7 @@ def catalog_endpoints(folder: Path) -> set[str]:
         bundle = load_bundle(folder)
     except PolicyError:
         return set()
-    return {e for m in bundle.catalog.model for e in catalog.endpoints_of(m)}
+    return catalog.all_endpoints(bundle.catalog)
 
 
 async def setup_topology(settings: WorkerSettings, replicas: int = 1, endpoints: tuple[str, ...] = ()) -> None:
@@ -104,11 +105,14 @@ def activation_for(settings: WorkerSettings, folder: Path, by: str) -> PolicyAct
 def refuse_hosted_in_enclave(settings: WorkerSettings, folder: Path) -> None:
     """In enclave mode a catalog may not name a model served by a hosted API (Anthropic, Bedrock):
     their adapters are refused here as well as at call time."""
-    if settings.egress_allow is None or not (folder / "catalog.toml").is_file():
-        return
-    hosted = [f"{m.id} ({m.protocol})" for m in load_bundle(folder).catalog.model if m.protocol in HOSTED]
+    if settings.egress_allow is not None and (folder / "catalog.toml").is_file():
+        _refuse_hosted(load_bundle(folder).catalog, "the catalog names")
+
+
+def _refuse_hosted(named: Catalog, whose: str, then: str = "") -> None:
+    hosted = [f"{m.id} ({m.protocol})" for m in named.model if m.protocol in HOSTED]
     if hosted:
-        raise PolicyError(f"enclave mode refuses the hosted-API adapters, and the catalog names {', '.join(hosted)}")
+        raise PolicyError(f"enclave mode refuses the hosted-API adapters, and {whose} {', '.join(hosted)}{then}")
 
 
 async def activate(settings: WorkerSettings, folder: Path, by: str) -> PolicyActivated:
@@ -137,11 +141,8 @@ async def bootstrap_policy(settings: WorkerSettings, folder: Path) -> str:
     if current is None:
         return (await activate(settings, folder, "gateway up")).version
     if settings.egress_allow is not None:  # a gateway started in enclave mode over an active catalog
-        hosted = [f"{m.id} ({m.protocol})" for m in bundle_from_files(current.files).catalog.model
-                  if m.protocol in HOSTED]
-        if hosted:
-            raise PolicyError(f"enclave mode refuses the hosted-API adapters, and the active catalog names "
-                              f"{', '.join(hosted)}: activate one without them")
+        _refuse_hosted(bundle_from_files(current.files).catalog, "the active catalog names",
+                       ": activate one without them")
     wanted = activation_for(settings, folder, "check").version
     if wanted != current.version:
         log.warning(

@@ -64,6 +64,11 @@ def substitution(catalog: Catalog, name: str, served: str) -> str | None:
     return f"{prefix}deprecated: {' -> '.join(chain)}"
 
 
+def all_endpoints(catalog: Catalog) -> set[str]:
+    """Every endpoint any model of the catalog names."""
+    return {e for m in catalog.model for e in endpoints_of(m)}
+
+
 def endpoints_of(model: ModelEntry) -> tuple[str, ...]:
     """The endpoints serving a model, in the order the router tries them."""
     return model.endpoints or ((model.endpoint,) if model.endpoint else ())

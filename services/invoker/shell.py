@@ -82,13 +82,7 @@ async def call_streaming(session: aiohttp.ClientSession, up: hosted.Upstream, ti
                 await _read_frames(resp, reader, t0, emit)
                 return reader.outcome(_ms(t0))
             while not reader.done:
-                if reader.finish_reason is None:
-                    line = await resp.content.readline()
-                else:  # the answer is over: a usage chunk and [DONE] may follow, or nothing ever again
-                    try:
-                        line = await asyncio.wait_for(resp.content.readline(), AFTER_FINISH_S)
-                    except TimeoutError:
-                        break
+                line = await _next(resp.content.readline(), reader)
                 if not line:
                     break
                 text = reader.feed(line, (time.perf_counter() - t0) * 1000.0)
@@ -99,18 +93,23 @@ async def call_streaming(session: aiohttp.ClientSession, up: hosted.Upstream, ti
         return reader.broken(*_why(exc, timeout_s), _ms(t0))
 
 
+async def _next(read: Awaitable[bytes], reader: decider.StreamReader) -> bytes:
+    """The stream's next piece (b"" at its end). Once the answer gave its finish reason, its usage
+    and end may follow, or nothing ever again: it waits AFTER_FINISH_S for them, then ends."""
+    if reader.finish_reason is None:
+        return await read
+    try:
+        return await asyncio.wait_for(read, AFTER_FINISH_S)
+    except TimeoutError:
+        return b""
+
+
 async def _read_frames(resp: aiohttp.ClientResponse, reader: adapters.BedrockStreamReader, t0: float,
                        emit: Emit) -> None:
     """Bedrock's binary event stream, frame by frame."""
     buffer = hosted.frame_buffer()
     while True:
-        if reader.finish_reason is None:
-            data = await resp.content.readany()
-        else:  # the answer is over: its usage may follow, or nothing ever again (as for SSE)
-            try:
-                data = await asyncio.wait_for(resp.content.readany(), AFTER_FINISH_S)
-            except TimeoutError:
-                return
+        data = await _next(resp.content.readany(), reader)
         if not data:
             return
         try:

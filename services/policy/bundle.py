@@ -18,6 +18,7 @@ import msgspec
 from ...schemas import subjects
 from ...schemas.labels import LabelError, parse_label
 from ...schemas.policy import Budgets, Catalog, ModelEntry, PolicyBundle
+from ..catalog import all_endpoints
 
 FILES = ("catalog.toml", "budgets.toml", "access_model.conf", "access_policy.csv", "issuers.jwks.json")
 # A team name becomes a subject token (its ledger, its authorizations): only these characters
@@ -105,7 +106,7 @@ def _check_catalog(catalog: Catalog) -> None:
                                   f"{model.id!r}: ids and aliases must be unique across models")
     by_id = {m.id: m for m in catalog.model}
     durable_of: dict[str, str] = {}  # an endpoint's subject token names its invokers' durable: one per name
-    for endpoint in sorted({e for m in catalog.model for e in (m.endpoints or ((m.endpoint,) if m.endpoint else ()))}):
+    for endpoint in sorted(all_endpoints(catalog)):
         if durable_of.setdefault(subjects.token(endpoint), endpoint) != endpoint:
             raise PolicyError(f"catalog.toml: endpoints {durable_of[subjects.token(endpoint)]!r} and {endpoint!r} "
                               "would share one invokers' durable: rename one")

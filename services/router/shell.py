@@ -98,7 +98,7 @@ class InvokerWatch:
     async def run(self, js: JetStreamContext, session: "worker.Session[PolicyBundle]", stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
-                for endpoint in sorted({e for m in session.policy.catalog.model for e in catalog.endpoints_of(m)}):
+                for endpoint in sorted(catalog.all_endpoints(session.policy.catalog)):
                     try:
                         info = await js.consumer_info(subjects.STREAM, invoker_durable(endpoint)[0])
                         waiting = int(info.num_waiting or 0)
@@ -126,7 +126,7 @@ def _believed(outcome: InvocationFailed | InvocationCompleted, policy: PolicyBun
     """An outcome at an endpoint the catalog names, not dated ahead of our clock: only those move a
     breaker or a latency figure (invented names would grow them without bound, future dates would
     pin a breaker)."""
-    known = any(outcome.endpoint in catalog.endpoints_of(m) for m in policy.catalog.model)
+    known = outcome.endpoint in catalog.all_endpoints(policy.catalog)
     return known and outcome.occurred_at <= bus.now_utc() + SKEW
 
 
