@@ -77,7 +77,8 @@ class Broker:
         m = re.search(r"on (\S+):(\d+)", line)
         if m is None:
             raise RuntimeError(f"cannot read the port from {line!r}")
-        self.url = f"nats://{self.host}:{m.group(2)}"
+        self.port = int(m.group(2))  # a restart (the supervisor's) listens where the workers reconnect
+        self.url = f"nats://{self.host}:{self.port}"
         return self.url
 
     def stop(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import msgspec
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import audit_sql, issuer
@@ -51,21 +53,31 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Broker, engine and every worker on this machine until Ctrl-C."""
-    from .config import ConfigError
+    from .deployment import preflight
     from .runtime import Gateway
 
-    try:
-        gw = Gateway.from_config(Path(args.config), nats_port=None, http_port=None)
-    except ConfigError as exc:
-        console.print(f"[red]configuration refused:[/] {exc}")
-        return 2
-    with gw:
+    preflight(Path(args.config))  # a missing or invalid file, bad bundle, taken port: one line from main()
+    gw = Gateway.from_config(Path(args.config), nats_port=None, http_port=None)
+    gw.say = lambda line: console.print(f"[yellow]{escape(line)}[/]")  # restarts, as they happen
+    with gw:  # returns once /readyz says every stage consumes
         for notice in gw.notices:
-            console.print(f"[yellow]{notice}[/]")
+            console.print(f"[yellow]{escape(notice)}[/]")
         console.print(f"[bold green]Enclave Gateway up[/]: HTTP {gw.http_url}  NATS {gw.nats_url}  data {gw.data_dir}")
         console.print("Ctrl-C to stop.")
         gw.wait_for_signal()
     console.print("stopped cleanly")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Lay out a deployment (configuration, policy bundle, README) from the installed package."""
+    from .deployment import init
+
+    folder = Path(args.dir)
+    written = init(folder, http_port=args.http_port, nats_port=args.nats_port, force=args.force)
+    console.print(f"laid out {folder}: {', '.join(str(p.relative_to(folder)) for p in written)}", soft_wrap=True)
+    console.print(f"start it: gateway up --config {folder / 'gateway.toml'}  (README.md there says more)",
+                  soft_wrap=True)
     return 0
 
 
@@ -329,6 +341,13 @@ def parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start broker, engine and all workers")
     up.add_argument("--config", default="gateway.toml")
     up.set_defaults(func=cmd_up)
+    ini = sub.add_parser("init", help="lay out a deployment in DIR: gateway.toml, policies/, README.md")
+    ini.add_argument("dir")
+    ini.add_argument("--http-port", type=int, default=8080)
+    ini.add_argument("--nats-port", type=int, default=4222)
+    ini.add_argument("--force", action="store_true",
+                     help="rewrite gateway.toml, README.md and policies/ in a non-empty DIR (var/ is kept)")
+    ini.set_defaults(func=cmd_init)
     demo = sub.add_parser("demo", help="run the end-to-end demo on free ports")
     demo.add_argument("--data-dir", help="keep the demo's data here (default: a temporary folder)")
     demo.add_argument("--enclave", action="store_true", help="enclave mode: model servers on loopback only")
@@ -425,10 +444,39 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _operator_error(exc: Exception) -> tuple[str, int] | None:
+    """The one line and exit code for a failure the operator caused and can fix; None for any other."""
+    from nats.errors import NoServersError
+
+    from .config import ConfigError
+    from .deployment import DeploymentError
+    from .procs import ChildExited
+    from .services.policy import PolicyError
+
+    if isinstance(exc, ConfigError):
+        return f"configuration refused: {exc}", 2
+    if isinstance(exc, PolicyError):
+        return f"policy refused: {exc}", 1
+    if isinstance(exc, DeploymentError | ChildExited):
+        return str(exc), 1
+    if isinstance(exc, NoServersError) or (isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED):
+        return f"the broker is not reachable (is `gateway up` running?): {exc}", 1
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return f"a port is taken: {exc}", 1
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `gateway` script."""
     args = parser().parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except Exception as exc:
+        known = _operator_error(exc)
+        if known is None:
+            raise  # not the operator's doing: a bug, whose traceback must stay visible
+        console.print(f"[red]gateway {args.command}:[/] {escape(known[0])}", soft_wrap=True)
+        return known[1]
     return result
 
 

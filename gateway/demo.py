@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import json
 import tempfile
 import time
@@ -25,7 +26,8 @@ from .services.settings import WorkerSettings
 from .violations import list_violations, violations_table
 
 console = Console()
-POLICIES = Path(__file__).resolve().parent.parent / "policies"
+# the shipped bundle: the repository's policies/ in a checkout, the wheel's copy when installed
+POLICIES = Path(str(importlib.resources.files("enclave_gateway") / "policies"))
 SAMPLE_SQL = """SELECT coalesce(team, '(no valid session)') AS team,
        count(*) FILTER (WHERE type = 'InvocationCompleted') AS completed,
        count(*) FILTER (WHERE type = 'RequestDenied') AS denied,

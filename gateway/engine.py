@@ -36,7 +36,7 @@ class Engine:
     def start(self, timeout_s: float = 60.0) -> str:
         """Start the server and return its base URL once /v1/models answers."""
         model = ensure_model(self.data_dir / "models")
-        port = self.port or procs.free_port()
+        port = self.port = self.port or procs.free_port()  # a restart serves the invokers' same URL
         argv = [
             sys.executable,
             "-m",

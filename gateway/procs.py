@@ -16,6 +16,10 @@ from typing import IO
 PR_SET_PDEATHSIG = 1
 
 
+class ChildExited(RuntimeError):
+    """A child exited while we waited for it to start; the message names its log."""
+
+
 def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -54,7 +58,7 @@ def wait_for_line(log_path: Path, needle: str, proc: subprocess.Popen[bytes], ti
                 if needle in line:
                     return line
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}; see {log_path}")
+            raise ChildExited(f"{proc.args!r} exited with {proc.returncode}; see {log_path}")
         time.sleep(0.05)
     raise TimeoutError(f"no {needle!r} in {log_path} after {timeout_s}s")
 

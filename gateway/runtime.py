@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -31,8 +34,21 @@ from .services.policy import PolicyError, bundle_from_files, load_bundle
 from .services.policy.feed import latest_valid
 from .services.policy.signing import load_public, signing_time
 from .services.settings import WorkerSettings
+from .supervision import Supervisor
 
 log = logging.getLogger("enclave_gateway.runtime")
+READY_TIMEOUT_S = 90.0
+
+
+def readiness(http_url: str) -> tuple[bool, str]:
+    """The edge's /readyz: whether every stage consumes, and what it says (which stage does not)."""
+    try:
+        with urllib.request.urlopen(f"{http_url}/readyz", timeout=2) as resp:
+            return resp.status == 200, resp.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return False, exc.read().decode(errors="replace")
+    except OSError as exc:
+        return False, f"the edge does not answer: {exc}"
 
 
 def catalog_endpoints(folder: Path) -> set[str]:
@@ -187,6 +203,8 @@ class Gateway:
         self.notices: list[str] = []  # what `gateway up` must say on start (dev keys in use)
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self.nats_url = self.http_url = self.policy_version = ""
+        self._halted, self._ticking = threading.Event(), threading.Lock()
+        self.say: Callable[[str], None] = lambda line: log.warning("%s", line)  # `gateway up` prints them
 
     @classmethod
     def from_config(cls, path: Path, nats_port: int | None, http_port: int | None) -> Gateway:
@@ -244,10 +262,55 @@ class Gateway:
         asyncio.run(setup_topology(self.settings))
         self.policy_version = asyncio.run(bootstrap_policy(self.settings, self.policy_dir))
         self.workers = supervisor.spawn_workers(self.settings)
+        self._wait_ready(READY_TIMEOUT_S)
+        self.supervisor = self._supervise_children()
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        """Until the edge's /readyz says every stage consumes (logs are appended across restarts,
+        so an old "consuming" line proves nothing); a child that exits meanwhile fails the start."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for name, proc in self.workers.items():
+                if proc.poll() is not None:
+                    raise procs.ChildExited(f"worker {name} exited with {proc.returncode} while starting; "
+                                       f"see {self.data_dir / 'logs' / (name + '.log')}")
+            if readiness(self.http_url)[0]:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"the gateway was not ready after {timeout_s:g} s: {readiness(self.http_url)[1]}")
+
+    def _supervise_children(self) -> Supervisor:
+        """The broker first, then the engine, then the workers: the order they come back in."""
+        sup = Supervisor(self.data_dir / "logs" / "supervisor.log", self.data_dir / "supervisor.json", self.say)
+        broker, engine = self.broker, self.engine
+
+        def start_broker() -> subprocess.Popen[bytes]:
+            broker.start()
+            assert broker.proc is not None
+            return broker.proc
+
+        sup.add("nats-server", start_broker, broker.proc)
+        if engine is not None:
+            def start_engine() -> subprocess.Popen[bytes]:
+                engine.start()
+                assert engine.proc is not None
+                return engine.proc
+            sup.add(engine.name, start_engine, engine.proc)
         for name, proc in self.workers.items():
-            # an invoker consumes each endpoint's durable (`invoker_<endpoint> consuming`)
-            needle = " consuming" if name == "invoker" else f"{name} consuming"
-            procs.wait_for_line(self.data_dir / "logs" / f"{name}.log", needle, proc, 60.0)
+            sup.add(name, functools.partial(self._respawn, name), proc)
+        return sup
+
+    def _respawn(self, name: str) -> subprocess.Popen[bytes]:
+        self.workers[name] = supervisor.spawn_worker(self.settings, name)
+        return self.workers[name]
+
+    def supervise(self, done: threading.Event, every_s: float = 0.5) -> None:
+        """Restart what dies, until `done` is set or the gateway stops."""
+        while not done.wait(every_s):
+            with self._ticking:
+                if self._halted.is_set():
+                    return
+                self.supervisor.tick()
 
     def _signers(self) -> dict[str, str]:
         """The pinned policy signers; with none configured, the data dir's dev signer (said out loud)."""
@@ -260,12 +323,14 @@ class Gateway:
         )
         if self.trust_dev_issuer:
             self.notices.append("DEV token issuer trusted ([auth] trust_dev_issuer = true): off in an enclave")
-        for notice in self.notices:
-            log.warning("%s", notice)
+        for notice in self.notices:  # `gateway up` prints them; a log keeps them for the others
+            log.info("%s", notice)
         return {public.kid: public.public_key}
 
     def stop(self) -> None:
-        """Workers first (they drain), then the engine, then the broker."""
+        """Workers first (they drain), then the engine, then the broker; nothing is restarted after."""
+        with self._ticking:
+            self._halted.set()
         for proc in self.workers.values():
             if proc.poll() is None:
                 proc.terminate()
@@ -276,15 +341,11 @@ class Gateway:
         self.broker.stop()
 
     def wait_for_signal(self) -> None:
-        """Block until SIGINT or SIGTERM, or until a worker dies."""
+        """Supervise the children until SIGINT or SIGTERM: only being told stops the gateway."""
         done = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: done.set())
-        while not done.wait(1.0):
-            dead = [n for n, p in self.workers.items() if p.poll() is not None]
-            if dead:
-                print(f"worker(s) exited: {', '.join(dead)}; stopping")
-                return
+        self.supervise(done)
 
     def __enter__(self) -> Gateway:
         try:

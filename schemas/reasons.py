@@ -33,6 +33,8 @@ ReasonCode = Literal[
     "authorization_stale",  # an authorization older than the budget's memory of closed requests
     "strategy_not_allowed",  # a routing strategy the catalog does not let requests for the model ask for
     "context_length_exceeded",  # the model server says the prompt and max_tokens do not fit its context
+    "audit_unavailable",  # the stream cannot record the request now (broker down, stream full, no quorum):
+    # it was not recorded, so it is neither run nor charged (AU-5: nothing is served unrecorded)
 ]
 
 HTTP_STATUS: dict[str, int] = {
@@ -60,6 +62,7 @@ HTTP_STATUS: dict[str, int] = {
     "budget_exceeded": 402,
     "budget_not_configured": 403,
     "route_unavailable": 503,
+    "audit_unavailable": 503,
     "invocation_failed": 502,
     "request_failed": 500,
     "timeout": 504,

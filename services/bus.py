@@ -36,6 +36,7 @@ from .settings import WorkerSettings
 log = logging.getLogger("enclave_gateway.bus")
 
 MAX_DELIVER = 5
+OUTAGE_SAY_EVERY_S = 30.0
 BACKOFF_S = (0.2, 1.0, 3.0, 6.0)
 # Every durable consumer comes from the one registry of identities (services/registry.py).
 CONSUMERS: dict[str, ConsumerSpec] = durables()
@@ -60,9 +61,12 @@ async def connect(settings: WorkerSettings, name: str, *, keep_trying: bool = Tr
     if creds is not None:  # NKey challenge-response: the seed signs the server's nonce, nothing secret is sent
         auth = {"nkeys_seed": creds.seed_file, "inbox_prefix": creds.inbox_prefix}
     if keep_trying:
-        return await nats.connect(
-            servers, name=f"gw-{name}", max_reconnect_attempts=-1, reconnect_time_wait=0.5, **auth
+        watch = OutageLog(name)
+        watch.nc = await nats.connect(
+            servers, name=f"gw-{name}", max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            error_cb=watch.error, disconnected_cb=watch.lost, reconnected_cb=watch.back, **auth
         )
+        return watch.nc
 
     async def quiet(_exc: Exception) -> None:
         return None
@@ -76,6 +80,34 @@ async def connect(settings: WorkerSettings, name: str, *, keep_trying: bool = Tr
         error_cb=quiet,
         **auth,
     )
+
+
+class OutageLog:
+    """What a worker says about its bus: once when it is lost, once when it is back, and at most one
+    line per OUTAGE_SAY_EVERY_S while it stays away (nats-py's default logs a traceback per retry,
+    which filled a worker's log with 730 KB in a broker outage)."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.since, self.said, self.errors = name, 0.0, 0.0, 0
+        self.nc: Client | None = None
+
+    async def error(self, exc: Exception) -> None:
+        self.errors += 1
+        now = asyncio.get_running_loop().time()
+        if now - self.said >= OUTAGE_SAY_EVERY_S:
+            self.said = now
+            log.warning("%s: bus error (%d so far): %s", self.name, self.errors, type(exc).__name__)
+
+    async def lost(self) -> None:
+        if self.nc is None or self.nc.is_closed or self.nc.is_draining:
+            return  # closed on purpose: nothing was lost
+        self.since = self.said = asyncio.get_running_loop().time()
+        log.warning("%s: lost the bus; reconnecting", self.name)
+
+    async def back(self) -> None:
+        away = asyncio.get_running_loop().time() - self.since
+        log.warning("%s: bus back after %.1f s (%d errors meanwhile)", self.name, away, self.errors)
+        self.errors = 0
 
 
 async def close(nc: Client) -> None:
@@ -233,6 +265,10 @@ async def consume(
                 continue
             except nats.errors.ConnectionClosedError:
                 return
+            except nats.errors.Error as exc:  # the bus is away: its OutageLog says so, the fetch is retried
+                log.debug("%s: fetch failed: %r", stage, exc)
+                await asyncio.sleep(0.5)
+                continue
             for msg in msgs:
                 if sequential:
                     await process(js, stage, handle, msg)

@@ -127,6 +127,8 @@ SERVICES: tuple[Identity, ...] = (
             # edge replica's inbox (the replica holding the connection may not be the responder)
             "_INBOX_app.>",
             "_INBOX_edge.>",
+            # /readyz: whether each stage's durable has a pull waiting (counts and config, never messages)
+            f"{API}.CONSUMER.INFO.{STREAM}.*",
         ),
         # only as queue group `edge`; and its HTTP callers' streamed tokens (`subjects.chunks_of`)
         subscribe=(f"{subjects.SUBMIT}.* edge", f"{subjects.CHUNK_HEAD}edge.>"),

@@ -28,6 +28,7 @@ OUTPUT_LABEL = "X-Output-Classification"
 # request's deadline, enforced by every stage after the edge.
 TIMEOUT_HEADER = "X-Request-Timeout"
 STRATEGY_HEADER = "X-Routing-Strategy"  # ordered | weighted | cheapest | latency, where the catalog allows
+REQUEST_ID_HEADER = "X-Request-Id"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
@@ -46,7 +47,14 @@ def build(edge: Edge) -> web.Application:
 
     app.router.add_post("/v1/chat/completions", post_chat)
     app.router.add_get("/v1/models", get_models)
+    async def get_ready(request: web.Request) -> web.Response:
+        stages = await edge.readiness()
+        ready = all(stages.values())
+        return web.json_response({"status": "ready" if ready else "not_ready", "stages": stages},
+                                 status=200 if ready else 503)
+
     app.router.add_get("/health", get_health)
+    app.router.add_get("/readyz", get_ready)  # every stage consumes: what `gateway up` waits for
     return app
 
 
@@ -76,9 +84,16 @@ def bearer(request: web.Request) -> str:
     return auth[7:].strip() if auth[:7].lower() == "bearer " else ""
 
 
-def _error(err: ErrorBody) -> web.Response:
+def _error(err: ErrorBody, request_id: str | None = None) -> web.Response:
     status, body = openai_shapes.openai_error(err)
-    return web.Response(status=status, body=_json.encode(body), content_type="application/json")
+    return web.Response(status=status, body=_json.encode(body), content_type="application/json",
+                        headers=_id_header(request_id))
+
+
+def _id_header(request_id: str | None) -> dict[str, str]:
+    """`X-Request-Id`, as OpenAI sends it: the id the audit trail knows the request by, so a caller
+    (or an operator holding its error) can find its record."""
+    return {REQUEST_ID_HEADER: request_id} if request_id else {}
 
 
 async def chat_completions(edge: Edge, request: web.Request) -> web.StreamResponse:
@@ -93,7 +108,7 @@ async def chat_completions(edge: Edge, request: web.Request) -> web.StreamRespon
             uuid.uuid4().hex, "http:/v1/chat/completions", "body_too_large", f"request body over {limit} bytes", None
         )
         assert reply.error is not None
-        return _error(reply.error)
+        return _error(reply.error, reply.request_id)
     try:
         req = decider.parse_openai_request(body)
         chat = decider.to_chat(req, request.headers.get(STRATEGY_HEADER))
@@ -101,14 +116,14 @@ async def chat_completions(edge: Edge, request: web.Request) -> web.StreamRespon
     except codec.DecodeError as exc:
         reply = await edge.reject(uuid.uuid4().hex, "http:/v1/chat/completions", "invalid_request", str(exc), None)
         assert reply.error is not None
-        return _error(reply.error)
+        return _error(reply.error, reply.request_id)
     repeated = [h for h in (INPUT_LABEL, OUTPUT_LABEL, TIMEOUT_HEADER, STRATEGY_HEADER, "Authorization")
                 if len(request.headers.getall(h, [])) > 1]
     if repeated:  # which one would count is the server's guess: none does
         reply = await edge.reject(uuid.uuid4().hex, "http:/v1/chat/completions", "invalid_request",
                                   f"{repeated[0]} may be given once", None)
         assert reply.error is not None
-        return _error(reply.error)
+        return _error(reply.error, reply.request_id)
     wait = request.headers.get(TIMEOUT_HEADER)
     try:
         timeout_s = None if wait is None else float(wait)
@@ -118,7 +133,7 @@ async def chat_completions(edge: Edge, request: web.Request) -> web.StreamRespon
         reply = await edge.reject(uuid.uuid4().hex, "http:/v1/chat/completions", "invalid_request",
                                   f"{TIMEOUT_HEADER} must be a number of seconds above 0", None)
         assert reply.error is not None
-        return _error(reply.error)
+        return _error(reply.error, reply.request_id)
     cmd = SubmitRequest(
         token=bearer(request),
         chat=chat,
@@ -130,10 +145,11 @@ async def chat_completions(edge: Edge, request: web.Request) -> web.StreamRespon
         return await _stream(edge, request, cmd)
     reply = await edge.call(cmd)
     if reply.error is not None:
-        return _error(reply.error)
+        return _error(reply.error, reply.request_id)
     assert reply.completion is not None
     body_out = openai_shapes.openai_completion(reply.request_id, reply.completion, int(time.time()))
-    return web.Response(body=_json.encode(body_out), content_type="application/json")
+    return web.Response(body=_json.encode(body_out), content_type="application/json",
+                        headers=_id_header(reply.request_id))
 
 
 async def _stream(edge: Edge, request: web.Request, cmd: SubmitRequest) -> web.StreamResponse:
@@ -149,9 +165,9 @@ async def _stream(edge: Edge, request: web.Request, cmd: SubmitRequest) -> web.S
         async with aclosing(edge.stream(cmd)) as items:
             async for item in items:
                 if isinstance(item, SubmitReply) and item.error is not None and resp is None:
-                    return _error(item.error)
+                    return _error(item.error, item.request_id)
                 if resp is None:
-                    resp = web.StreamResponse(headers=SSE_HEADERS)
+                    resp = web.StreamResponse(headers={**SSE_HEADERS, **_id_header(item.request_id)})
                     await resp.prepare(request)
                 for event in writer.events(item):
                     await resp.write(event)

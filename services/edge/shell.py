@@ -8,17 +8,20 @@ caller got: the reply, the 504 at the deadline, or a late reply as undelivered (
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Any, Literal
 
+import nats.errors
 from aiohttp import web
 from nats.aio.msg import Msg
+from nats.js.errors import APIError, NotFoundError
 
 from ...schemas import codec, subjects
 from ...schemas.commands import StreamChunk, SubmitReply, SubmitRequest
 from ...schemas.events import AnyEvent
-from .. import bus, worker
+from .. import bus, catalog, registry, worker
 from ..authz import policy_view
 from ..authz.decider import AuthzPolicy, visible_models
 from ..authz.tokens import TokenDefect
@@ -28,6 +31,12 @@ from . import decider, http_app
 log = logging.getLogger("enclave_gateway.edge")
 REPLY_GRACE_S = 1.0
 ANSWERED_MEMORY = 4096  # recent answered request ids: a redelivered duplicate reply is not "undelivered"
+READY_MEMORY_S = 1.0  # a probe answered from the last look this recent (load balancers poll often)
+# The stream surely did not store the event: the server said no (stream full, no quorum), nobody
+# answered, or the connection is closed. A timeout is not among them: the event may be stored.
+NOT_STORED = (APIError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError,
+              nats.errors.OutboundBufferLimitError)
+NOT_RECORDED = "the audit stream cannot record requests now; this one was not recorded, run or charged: retry later"
 
 
 class Edge:
@@ -41,6 +50,7 @@ class Edge:
         self.pending: dict[str, asyncio.Future[tuple[SubmitReply, str | None]]] = {}
         self.streams: dict[str, asyncio.Queue[StreamChunk]] = {}  # HTTP callers of `stream: true`
         self.answered: dict[str, None] = {}  # insertion-ordered, the oldest dropped first
+        self.ready: tuple[float, dict[str, bool]] = (0.0, {})  # when last looked, and what was seen
 
     async def start(self) -> None:
         """Listen for replies and subscribe to every `gw.submit.<app>` (queue group `edge`)."""
@@ -54,16 +64,37 @@ class Edge:
         assert chunks is not None
         await self.nc.subscribe(chunks, cb=self._on_chunk)
 
-    async def submit(self, entry: Literal["http", "nats"], cmd: SubmitRequest, reply_to: str, request_id: str) -> None:
-        """Put a validated request into the pipeline."""
+    async def submit(self, entry: Literal["http", "nats"], cmd: SubmitRequest, reply_to: str, request_id: str
+                     ) -> SubmitReply | None:
+        """Put a validated request into the pipeline: None once it is (or may be) recorded, else the
+        caller's 503 (AU-5: a request the stream did not record is never run, so never answered).
+
+        A publish that timed out may still be stored (nats-py sends what it buffered once it is
+        reconnected), so the caller is not told it failed: it waits for the outcome, which is decided
+        by the request's deadline like any other (every stage refuses work past it).
+        """
+        if not self.nc.is_connected:  # publishing now would buffer it for later: refuse it instead
+            return decider.error_reply(request_id, "audit_unavailable", NOT_RECORDED)
         event = decider.submitted(request_id, entry, cmd, reply_to, bus.now_utc(), self.version,
                                   self.settings.request_timeout_s)
-        await bus.publish(self.js, event)
+        try:
+            await bus.publish(self.js, event)
+        except NOT_STORED as exc:
+            log.error("request %s not recorded: %s", request_id, type(exc).__name__)
+            return decider.error_reply(request_id, "audit_unavailable", NOT_RECORDED)
+        except TimeoutError:
+            log.error("request %s: no acknowledgement from the stream; waiting for its outcome", request_id)
+        return None
 
     async def reject(self, request_id: str, subject: str, code: str, detail: str, reply_to: str | None) -> SubmitReply:
         """Record a refusal at the entry, answer a NATS caller, and return the reply."""
-        await bus.publish(self.js, decider.rejected(request_id, subject, code, detail, bus.now_utc(), self.version))
-        reply = decider.error_reply(request_id, code, detail)
+        try:
+            await bus.publish(self.js, decider.rejected(request_id, subject, code, detail, bus.now_utc(),
+                                                        self.version))
+            reply = decider.error_reply(request_id, code, detail)
+        except Exception as exc:  # unrecorded, the refusal is not what the caller hears (AU-5)
+            log.error("refusal %s not recorded: %s", request_id, type(exc).__name__)
+            return decider.error_reply(request_id, "audit_unavailable", NOT_RECORDED)
         await self.deliver(reply, reply_to, team=None)
         return reply
 
@@ -79,7 +110,9 @@ class Edge:
         fut: asyncio.Future[tuple[SubmitReply, str | None]] = asyncio.get_running_loop().create_future()
         self.pending[request_id] = fut
         try:
-            await self.submit("http", cmd, subjects.edge_reply(self.replica, request_id), request_id)
+            refused = await self.submit("http", cmd, subjects.edge_reply(self.replica, request_id), request_id)
+            if refused is not None:
+                return refused
             reply, team = await asyncio.wait_for(fut, self._backstop(cmd))
             self._answered(request_id)
         except TimeoutError:
@@ -102,7 +135,11 @@ class Edge:
         streamed_out = False
         getter: asyncio.Future[StreamChunk] | None = None
         try:
-            await self.submit("http", cmd, subjects.edge_reply(self.replica, request_id), request_id)
+            refused = await self.submit("http", cmd, subjects.edge_reply(self.replica, request_id), request_id)
+            if refused is not None:
+                streamed_out = True
+                yield refused
+                return
             deadline = loop.time() + self._backstop(cmd)
             while outcome is None:
                 getter = asyncio.ensure_future(queue.get())
@@ -140,6 +177,44 @@ class Edge:
         enforces and whose outcome it answers (an attempt cut at it, what a stream got), plus a
         moment for that answer to arrive; the edge's own 504 is for a pipeline that says nothing."""
         return decider.caller_wait_s(cmd, self.settings.request_timeout_s) + REPLY_GRACE_S
+
+    async def readiness(self) -> dict[str, bool]:
+        """Whether each stage consumes: its durable has a pull request waiting (an idle consumer
+        always has one; a busy one between fetches may not, so a stage gets three looks). The
+        invokers: the endpoints this deployment hosts, else any endpoint of the catalog."""
+        now = time.monotonic()
+        if now - self.ready[0] < READY_MEMORY_S:
+            return self.ready[1]
+        if not self.nc.is_connected:
+            seen = {"bus": False}
+        else:
+            wanted = {name: [name] for name in registry.durables()}
+            if self.settings.endpoints:  # every endpoint this deployment hosts, each by name
+                wanted |= {d: [d] for d in (registry.invoker_durable(e)[0] for e in sorted(self.settings.endpoints))}
+            else:  # an edge-only node: some invoker somewhere
+                named = sorted(catalog.all_endpoints(self.session.policy.bundle.catalog))
+                wanted["invoker"] = [registry.invoker_durable(e)[0] for e in named]
+            seen = {stage: False for stage in wanted}
+            for look in range(3):
+                for stage, names in wanted.items():
+                    if not seen[stage]:
+                        seen[stage] = await self._pulled(names)
+                if all(seen.values()):
+                    break
+                await asyncio.sleep(0.2 * (look + 1))
+            seen = {"bus": True, **seen}
+        self.ready = (time.monotonic(), seen)
+        return seen
+
+    async def _pulled(self, durables: list[str]) -> bool:
+        for name in durables:
+            try:
+                info = await self.js.consumer_info(subjects.STREAM, name, timeout=1.0)
+            except (NotFoundError, TimeoutError, nats.errors.Error):
+                continue
+            if int(info.num_waiting or 0) > 0:
+                return True
+        return False
 
     def _answered(self, request_id: str) -> None:
         self.answered[request_id] = None
@@ -220,7 +295,9 @@ class Edge:
             except codec.DecodeError as exc:
                 await self.reject(request_id, msg.subject, "invalid_request", str(exc), msg.reply)
                 return
-            await self.submit("nats", cmd, msg.reply or "", request_id)
+            not_recorded = await self.submit("nats", cmd, msg.reply or "", request_id)
+            if not_recorded is not None and msg.reply:
+                await self.nc.publish(msg.reply, codec.encode(not_recorded))
         except Exception as exc:  # the caller must hear something; the bus may be down
             log.error("gw.submit failed: %s", type(exc).__name__)  # never the message: it may quote the prompt
             if msg.reply and decider.refuse_reply_subject(msg.subject, msg.reply) is None:

@@ -1,0 +1,260 @@
+"""Faults survived with nothing lost (issue 11 items 1, 2, 5, 6), on a gateway run as `gateway up`
+runs it: the broker and every worker as processes, under the supervisor.
+
+Each fault is dealt while requests are in flight; afterwards every caller's view is checked
+against the stream: one recorded delivery per answered caller, matching what it was told; no
+charge for a request its caller was told failed; no request charged twice; every reservation
+closed; the Parquet audit reconciles with the ledger and the evidence package verifies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import aiohttp
+import msgspec
+import nats
+import pytest
+import pytest_asyncio
+from enclave_gateway import cli, issuer, reports, runtime
+from enclave_gateway.runtime import Gateway
+from enclave_gateway.services import bus
+from nats.aio.client import Client
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+ROOT = Path(__file__).resolve().parent.parent
+TEAM = "faults"
+ANSWER_AFTER_S = 1.5  # the model server's think time: the window a fault is dealt in
+DEADLINE_S = 6  # each request's X-Request-Timeout: a request stuck behind a dead worker ends soon
+WORKERS = ("authz", "budget", "router", "invoker", "auditor", "edge")
+
+
+class _SlowModel(BaseHTTPRequestHandler):
+    """An OpenAI-compatible model server that answers after ANSWER_AFTER_S."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        time.sleep(ANSWER_AFTER_S)
+        body = json.dumps({"id": "cmpl-slow", "object": "chat.completion", "created": 0, "model": "slow",
+                           "choices": [{"index": 0, "finish_reason": "stop",
+                                        "message": {"role": "assistant", "content": "slow but sure"}}],
+                           "usage": {"prompt_tokens": 6, "completion_tokens": 4, "total_tokens": 10}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def slow_model() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowModel)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory, slow_model: str) -> Iterator[Gateway]:
+    """`gateway up` in this process: broker and workers as children, supervised by a thread."""
+    policies, data = tmp_path_factory.mktemp("fault-policies"), tmp_path_factory.mktemp("fault-data")
+    for f in (ROOT / "policies").iterdir():
+        shutil.copy(f, policies / f.name)
+    with open(policies / "catalog.toml", "a") as fh:
+        fh.write('\n[[model]]\nid = "slow-model"\nendpoints = ["slow"]\ncontext_length = 512\n'
+                 'default_max_tokens = 4\nprompt_micros_per_1k = 2000\ncompletion_micros_per_1k = 6000\n')
+    with open(policies / "budgets.toml", "a") as fh:
+        fh.write(f'\n[teams.{TEAM}]\ncap_micros = 100_000_000\nperiod = "month"\n')
+    with open(policies / "access_policy.csv", "a") as fh:
+        fh.write(f"p, team:{TEAM}, slow-model\n")
+    gw = Gateway(data, policies, nats_port=-1, http_port=0, endpoints={"slow": slow_model}, serve_tiny=None,
+                 request_timeout_s=30.0)
+    gw.say = lambda line: None
+    done = threading.Event()
+    with gw:
+        supervising = threading.Thread(target=gw.supervise, args=(done, 0.2), daemon=True)
+        supervising.start()
+        yield gw
+        done.set()
+        supervising.join(10)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def admin(gateway: Gateway) -> AsyncIterator[Client]:
+    nc = await bus.connect(gateway.settings, "admin")
+    yield nc
+    await nc.close()
+
+
+CallerView = tuple[int, str | None, str | None]  # HTTP status (0: the connection broke), request id, error code
+
+
+async def _ask(gw: Gateway, token: str, n: int) -> list[CallerView]:
+    body = {"model": "slow-model", "messages": [{"role": "user", "content": "still there?"}], "max_tokens": 4}
+    headers = {"Authorization": f"Bearer {token}", "X-Request-Timeout": str(DEADLINE_S)}
+
+    async def one(session: aiohttp.ClientSession) -> CallerView:
+        try:
+            async with session.post(f"{gw.http_url}/v1/chat/completions", json=body, headers=headers) as resp:
+                payload = await resp.json()
+                code = None if resp.status == 200 else payload["error"]["code"]
+                return resp.status, resp.headers.get("X-Request-Id"), code
+        except (aiohttp.ClientConnectionError, aiohttp.ContentTypeError):
+            return 0, None, None
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        return list(await asyncio.gather(*(one(session) for _ in range(n))))
+
+
+async def _ready(gw: Gateway, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if (await asyncio.to_thread(runtime.readiness, gw.http_url))[0]:
+            return
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"not ready again: {runtime.readiness(gw.http_url)[1]}")
+
+
+async def _events(nc: Client) -> list[dict[str, object]]:
+    """Every event in the stream, decoded as plain JSON, oldest first."""
+    js = nc.jetstream()
+    last = (await js.stream_info("GW_EVENTS")).state.last_seq
+    sub = await js.subscribe("gw.evt.>", ordered_consumer=True, deliver_policy=nats.js.api.DeliverPolicy.ALL)
+    out: list[dict[str, object]] = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=5)
+            out.append(msgspec.json.decode(msg.data))
+            if msg.metadata.sequence.stream >= last:
+                return out
+    finally:
+        await sub.unsubscribe()
+
+
+async def _settled(nc: Client, timeout_s: float = 60.0) -> list[dict[str, object]]:
+    """The stream once the team holds no reservation any more (every request closed)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        events = await _events(nc)
+        ledger = [e for e in events if e.get("team") == TEAM and "reserved_micros" in e]
+        if ledger and ledger[-1]["reserved_micros"] == 0:
+            return events
+        await asyncio.sleep(0.5)
+    raise AssertionError("the team's reservations never all closed")
+
+
+def _check_consistent(events: list[dict[str, object]], views: list[CallerView]) -> None:
+    """What each caller was told is what the stream records, and money follows it."""
+    by_rid: dict[str, list[dict[str, object]]] = {}
+    for e in events:
+        by_rid.setdefault(str(e.get("request_id")), []).append(e)
+    for status, rid, code in views:
+        if rid is None:
+            assert status == 0, "an answer without its request id"
+            continue
+        mine = by_rid.get(rid, [])
+        delivered = [e for e in mine if e["type"] == "ResponseDelivered"]
+        if code == "audit_unavailable":  # refused because the stream could not record it: nothing is
+            assert mine == [], f"{rid}: told it was not recorded, yet {[e['type'] for e in mine]}"
+            continue
+        assert len(delivered) == 1, f"{rid} ({status}): {[e['type'] for e in mine]}"
+        told = ("completed", None) if status == 200 else ("error", code)
+        assert (delivered[0]["outcome"], delivered[0]["code"]) == told, (rid, delivered[0], status)
+        charged = sum(int(e["charged_micros"]) for e in mine if e["type"] == "BudgetSettled")  # type: ignore[call-overload]
+        settles = [e for e in mine if e["type"] in ("BudgetSettled", "BudgetReleased")]
+        reserved = any(e["type"] == "BudgetReserved" for e in mine)
+        assert len(settles) == int(reserved), f"{rid}: its reservation closed {len(settles)} times"
+        if status != 200:
+            assert charged == 0, f"{rid} was told {code} and charged {charged}"
+        else:
+            assert charged > 0
+    ledger = [e for e in events if e.get("team") == TEAM and "spent_micros" in e]
+    settled = sum(int(e["charged_micros"]) for e in events  # type: ignore[call-overload]
+                  if e["type"] == "BudgetSettled" and e.get("team") == TEAM)
+    assert ledger[-1]["reserved_micros"] == 0 and ledger[-1]["spent_micros"] == settled
+
+
+async def _audit_reconciles_and_verifies(gw: Gateway, admin: Client, tmp: Path) -> None:
+    await runtime.wait_audited(admin, timeout_s=60)
+    audit = gw.data_dir / "audit"
+    assert reports.compare(reports.audited_spend_by_period(audit), reports.recorded_ledger_state(audit)) == []
+    package = tmp / "evidence"
+    assert await asyncio.to_thread(cli.main, ["evidence", "export", str(package), "--data-dir",
+                                              str(gw.data_dir)]) == 0
+    assert await asyncio.to_thread(cli.main, ["evidence", "verify", str(package)]) == 0
+
+
+async def test_readyz_names_a_stage_that_stops_consuming_and_recovers(gateway: Gateway) -> None:
+    ready, text = await asyncio.to_thread(runtime.readiness, gateway.http_url)
+    assert ready and json.loads(text)["stages"]["invoker_slow"] is True
+    router = gateway.workers["router"]
+    os.kill(router.pid, signal.SIGSTOP)  # alive, consuming nothing: its pull requests expire
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            ready, text = await asyncio.to_thread(runtime.readiness, gateway.http_url)
+            if not ready:
+                break
+            await asyncio.sleep(0.3)
+        stages = json.loads(text)["stages"]
+        assert not ready and stages["router"] is False and stages["authz"] is True, text
+    finally:
+        os.kill(router.pid, signal.SIGCONT)
+    await _ready(gateway)
+
+
+async def test_kill_9_of_each_worker_mid_request_is_restarted_and_nothing_is_lost_or_charged_twice(
+        gateway: Gateway, admin: Client, tmp_path: Path) -> None:
+    token = issuer.issue(gateway.data_dir / "keys", subject="fault-tester", team=TEAM, ttl_s=3600)
+    views: list[CallerView] = []
+    for name in WORKERS:
+        victim = gateway.workers[name]
+        asking = asyncio.ensure_future(_ask(gateway, token, 3))
+        await asyncio.sleep(0.6)  # submitted, authorized, reserved, routed: the model is thinking
+        victim.send_signal(signal.SIGKILL)
+        views += await asking
+        await _ready(gateway)  # the supervisor started it again
+        assert gateway.workers[name].pid != victim.pid
+        views += await _ask(gateway, token, 1)  # and it works again
+        assert views[-1][0] == 200, (name, views[-1])
+    counts = json.loads((gateway.data_dir / "supervisor.json").read_text())
+    assert all(counts[name]["restarts"] >= 1 for name in WORKERS), counts
+    assert sum(1 for v in views if v[0] == 200) >= len(WORKERS)
+    events = await _settled(admin)
+    _check_consistent(events, views)
+    await _audit_reconciles_and_verifies(gateway, admin, tmp_path)
+
+
+async def test_the_broker_killed_mid_traffic_is_restarted_and_nothing_runs_unrecorded(
+        gateway: Gateway, admin: Client, tmp_path: Path) -> None:
+    token = issuer.issue(gateway.data_dir / "keys", subject="fault-tester", team=TEAM, ttl_s=3600)
+    broker = gateway.broker.proc
+    assert broker is not None
+    asking = asyncio.ensure_future(_ask(gateway, token, 4))
+    await asyncio.sleep(0.6)
+    broker.send_signal(signal.SIGKILL)
+    during = await _ask(gateway, token, 2)  # while it is down (the supervisor waits before a restart)
+    views = await asking + during
+    assert any(code == "audit_unavailable" for _, _, code in during), during
+    await _ready(gateway)
+    assert gateway.broker.proc is not None and gateway.broker.proc.pid != broker.pid
+    views += await _ask(gateway, token, 2)
+    assert [v[0] for v in views[-2:]] == [200, 200], views
+    logs = gateway.data_dir / "logs"
+    assert all((logs / f"{w}.log").stat().st_size < 200_000 for w in WORKERS)  # no traceback per retry
+    assert "Traceback" not in (logs / "router.log").read_text()
+    events = await _settled(admin)
+    _check_consistent(events, views)
+    await _audit_reconciles_and_verifies(gateway, admin, tmp_path)
