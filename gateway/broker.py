@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import nats_auth, procs
@@ -24,6 +25,22 @@ def binary() -> Path:
     return Path(found)
 
 
+@dataclass(frozen=True)
+class ClusterNode:
+    """This server's place in a JetStream cluster: its name, its route port and its peers' routes."""
+
+    server_name: str
+    cluster_port: int
+    peers: tuple[int, ...]  # the other nodes' route ports (loopback in tests; hosts in compose.yaml)
+    cluster_name: str = "gw"
+
+    def config_text(self, host: str) -> str:
+        routes = ", ".join(f'"nats-route://{host}:{p}"' for p in self.peers)
+        return (f'server_name: "{self.server_name}"\n'
+                f'cluster {{ name: "{self.cluster_name}", listen: "{host}:{self.cluster_port}", '
+                f"routes: [{routes}] }}\n")
+
+
 class Broker:
     """One nats-server process with its JetStream store under `data_dir/nats`."""
 
@@ -34,8 +51,10 @@ class Broker:
         port: int = -1,
         max_payload: int = 1 << 20,
         creds_dir: Path | None = None,
+        cluster: ClusterNode | None = None,
     ) -> None:
         self.data_dir, self.host, self.port, self.max_payload = data_dir, host, port, max_payload
+        self.cluster = cluster
         self.creds_dir = creds_dir  # every identity's NKey seed (None: no authentication, tests of the floor only)
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
@@ -59,6 +78,8 @@ class Broker:
             f'pid_file: "{self.pid_file.resolve()}"\n'
             f'jetstream {{ store_dir: "{store}" }}\n'
         )
+        if self.cluster is not None:
+            text += self.cluster.config_text(self.host)
         # the users live in their own file, so adding or revoking an application rewrites only it
         return text + (f'include "{nats_auth.AUTH_FILE}"\n' if self.creds_dir is not None else "")
 

@@ -1,0 +1,196 @@
+"""The gateway on a 3-node JetStream cluster (issue 11 item 4): three nats-server processes routed
+on loopback, GW_EVENTS at R3, two replicas of every worker spread over the nodes, and the stream's
+leader killed during traffic.
+
+ADR-31 (direct gets): with `allow_direct` every replica of an R3 stream answers a direct get, so a
+follower that lags can answer one stale. The budget's catch-up reads its team's newest ledger fact
+with one, and its write carries `Nats-Expected-Last-Subject-Sequence`, which only the leader checks:
+a stale read makes the write refused and retried, never a double spend. The test below hands the
+budget's writer a stale sequence on purpose and watches the leader refuse it. The policy bootstrap
+reads stored activations by direct get too, then follows the subject live, so a stale start is
+corrected by the next delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+import pytest_asyncio
+from enclave_gateway import issuer, policy_admin, procs, runtime, supervisor
+from enclave_gateway.cluster import LocalCluster, setup_when_placed, stream_leader, wait_for_jetstream
+from enclave_gateway.schemas import codec, subjects
+from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
+from enclave_gateway.services import bus
+from enclave_gateway.services.settings import WorkerSettings
+from nats.aio.client import Client
+from nats.js.errors import BadRequestError
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+ROOT = Path(__file__).resolve().parent.parent
+APP = "clustered"
+
+
+@pytest.fixture(scope="module")
+def cluster_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    data, policies = tmp_path_factory.mktemp("cluster-data"), tmp_path_factory.mktemp("cluster-policies")
+    for f in (ROOT / "policies").iterdir():
+        shutil.copy(f, policies / f.name)
+    issuer.ensure_keys(data / "keys")
+    return data, policies
+
+
+@pytest.fixture(scope="module")
+def cluster(cluster_dirs: tuple[Path, Path]) -> Iterator[LocalCluster]:
+    data, _ = cluster_dirs
+    c = LocalCluster(data, data / "creds", endpoints=("local-llama",), apps=(APP,))
+    c.start()
+    yield c
+    c.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def replicas(cluster: LocalCluster, cluster_dirs: tuple[Path, Path], engine: str
+                   ) -> AsyncIterator[list[WorkerSettings]]:
+    """Two replicas of every service, in this loop, each replica's connections seeded differently."""
+    data, policies = cluster_dirs
+    _, signer, _ = policy_admin.dev_signer(data / "keys")
+    base = WorkerSettings(nats_url=cluster.url, data_dir=str(data), policy_dir=str(policies),
+                          endpoints={"local-llama": engine}, creds_dir=str(data / "creds"),
+                          request_timeout_s=30.0, policy_signers={signer.kid: signer.public_key})
+    await wait_for_jetstream(base)
+    await setup_when_placed(base, replicas=3)
+    await runtime.activate(base, policies, "cluster-test")
+    urls = cluster.url.split(",")
+    settings = [msgspec.structs.replace(base, http_port=procs.free_port(),
+                                        nats_url=",".join(urls[i:] + urls[:i])) for i in range(2)]
+    supervisor.write_settings(base)
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(supervisor.run_all(s, stop)) for s in settings]
+    await asyncio.sleep(3.0)  # every replica bound to its durables
+    yield settings
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+
+
+def _submit(token: str) -> bytes:
+    chat = ChatBody(model="enclave-tiny", messages=(ChatMessage(role="user", content="cluster?"),), max_tokens=3,
+                    temperature=0.0)
+    return codec.encode(SubmitRequest(token=token, chat=chat))
+
+
+async def _ask(nc: Client, token: str) -> tuple[str, str | None]:
+    """(request id, error code or None) as a batch caller hears it."""
+    msg = await nc.request(subjects.submit(APP), _submit(token), timeout=60)
+    reply = codec.decode_reply(msg.data)
+    return reply.request_id, reply.error.code if reply.error else None
+
+
+async def _events(nc: Client) -> list[dict[str, object]]:
+    js = nc.jetstream()
+    last = (await js.stream_info(subjects.STREAM)).state.last_seq
+    sub = await js.subscribe("gw.evt.>", ordered_consumer=True, deliver_policy=nats.js.api.DeliverPolicy.ALL)
+    out: list[dict[str, object]] = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=10)
+            out.append(msgspec.json.decode(msg.data))
+            if msg.metadata.sequence.stream >= last:
+                return out
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_the_stream_is_replicated_on_three_nodes_and_serves_two_replicas_of_each_worker(
+        replicas: list[WorkerSettings], cluster_dirs: tuple[Path, Path]) -> None:
+    leader, followers = await stream_leader(replicas[0])
+    assert leader and len(followers) == 2 and leader not in followers
+    app = await bus.connect(replicas[0], f"app.{APP}")
+    admin = await bus.connect(replicas[0], "admin")
+    try:
+        for name in ("authz", "budget", "router", "edge"):  # both replicas pull from the one durable
+            waiting = max([(await admin.jetstream().consumer_info(subjects.STREAM, name)).num_waiting or 0
+                           for _ in range(5)])
+            assert waiting >= 2, (name, waiting)
+        token = issuer.issue(cluster_dirs[0] / "keys", subject="c", team="alpha", ttl_s=3600)
+        answers = await asyncio.gather(*(_ask(app, token) for _ in range(6)))
+        assert [code for _, code in answers] == [None] * 6
+    finally:
+        await app.close()
+        await admin.close()
+
+
+async def test_killing_the_streams_leader_during_traffic_loses_nothing_and_charges_once(
+        replicas: list[WorkerSettings], cluster: LocalCluster, cluster_dirs: tuple[Path, Path]) -> None:
+    token = issuer.issue(cluster_dirs[0] / "keys", subject="c", team="alpha", ttl_s=3600)
+    leader, _ = await stream_leader(replicas[0])
+    victim = cluster.node_named(leader)
+    app = await bus.connect(replicas[0], f"app.{APP}")
+    try:
+        asking = [asyncio.ensure_future(_ask(app, token)) for _ in range(12)]
+        await asyncio.sleep(0.3)
+        assert victim.proc is not None
+        victim.proc.kill()
+        victim.proc.wait(10)
+        victim.proc = None
+        answers = await asyncio.gather(*asking, return_exceptions=True)
+        new_leader, _ = await stream_leader(replicas[0])
+        assert new_leader != leader
+        after = await asyncio.gather(*(_ask(app, token) for _ in range(3)))
+        assert [code for _, code in after] == [None] * 3  # two nodes of three keep quorum
+    finally:
+        await app.close()
+    admin = await bus.connect(replicas[0], "admin")
+    try:
+        deadline = asyncio.get_running_loop().time() + 60
+        while True:
+            events = await _events(admin)
+            ledger = [e for e in events if e.get("team") == "alpha" and "reserved_micros" in e]
+            if ledger[-1]["reserved_micros"] == 0 or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        await admin.close()
+    assert ledger[-1]["reserved_micros"] == 0, "a reservation was left open"
+    by_rid: dict[str, list[dict[str, object]]] = {}
+    for e in events:
+        by_rid.setdefault(str(e.get("request_id")), []).append(e)
+    told = [a for a in [*answers, *after] if not isinstance(a, BaseException)]
+    assert len(told) >= 3
+    for rid, code in told:
+        mine = by_rid[rid]
+        settled = [e for e in mine if e["type"] == "BudgetSettled"]
+        closed = [e for e in mine if e["type"] in ("BudgetSettled", "BudgetReleased")]
+        assert len(closed) <= 1, f"{rid} closed {len(closed)} times"
+        assert (code is None) == (len(settled) == 1 and int(settled[0]["charged_micros"]) > 0), (rid, code)  # type: ignore[call-overload]
+        assert sum(1 for e in mine if e["type"] == "ResponseDelivered") == 1, (rid, [e["type"] for e in mine])
+    spent = sum(int(e["charged_micros"]) for e in events  # type: ignore[call-overload]
+                if e["type"] == "BudgetSettled" and e.get("team") == "alpha")
+    assert ledger[-1]["spent_micros"] == spent
+    victim.start()  # the node comes back and catches up as a follower
+    await asyncio.sleep(3)
+    _, followers = await stream_leader(replicas[0])
+    assert victim.cluster is not None and victim.cluster.server_name in followers
+
+
+async def test_a_stale_read_of_the_ledger_is_refused_by_the_leader_never_double_spent(
+        replicas: list[WorkerSettings]) -> None:
+    """ADR-31: whatever a follower answers, the leader checks the expected sequence."""
+    admin = await bus.connect(replicas[0], "admin")
+    try:
+        js = admin.jetstream()
+        newest = await js.get_last_msg(subjects.STREAM, subjects.ledger_filter("alpha"), direct=True)
+        stale = int(newest.seq or 0) - 1
+        with pytest.raises(BadRequestError) as refused:
+            await js.publish(subjects.ledger("reserved", "alpha"), b"{}", headers={
+                "Nats-Expected-Last-Subject-Sequence": str(stale),
+                "Nats-Expected-Last-Subject-Sequence-Subject": subjects.ledger_filter("alpha")})
+        assert "wrong last sequence" in str(refused.value)
+        assert int((await js.get_last_msg(subjects.STREAM, subjects.ledger_filter("alpha"))).seq or 0) == newest.seq
+    finally:
+        await admin.close()
