@@ -231,6 +231,9 @@ async def test_kill_9_of_each_worker_mid_request_is_restarted_and_nothing_is_los
         assert views[-1][0] == 200, (name, views[-1])
     counts = json.loads((gateway.data_dir / "supervisor.json").read_text())
     assert all(counts[name]["restarts"] >= 1 for name in WORKERS), counts
+    async with aiohttp.ClientSession() as http, http.get(f"{gateway.http_url}/metrics") as r:
+        scraped = await r.text()
+    assert all(f'enclave_gateway_process_restarts{{process="{name}"}} ' in scraped for name in WORKERS), scraped
     assert sum(1 for v in views if v[0] == 200) >= len(WORKERS)
     events = await _settled(admin)
     _check_consistent(events, views)

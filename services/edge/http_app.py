@@ -14,7 +14,7 @@ from aiohttp import web
 from ...schemas import codec
 from ...schemas.commands import ErrorBody, SubmitReply, SubmitRequest
 from ..authz.tokens import TokenDefect
-from . import decider, openai_shapes
+from . import decider, metrics, openai_shapes
 
 if TYPE_CHECKING:
     from .shell import Edge
@@ -53,7 +53,11 @@ def build(edge: Edge) -> web.Application:
         return web.json_response({"status": "ready" if ready else "not_ready", "stages": stages},
                                  status=200 if ready else 503)
 
+    async def get_metrics(request: web.Request) -> web.Response:
+        return web.Response(body=await edge.scrape(), headers={"Content-Type": metrics.CONTENT_TYPE})
+
     app.router.add_get("/health", get_health)
+    app.router.add_get("/metrics", get_metrics)  # Prometheus text format
     app.router.add_get("/readyz", get_ready)  # every stage consumes: what `gateway up` waits for
     return app
 

@@ -11,6 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator
+from pathlib import Path
 from typing import Any, Literal
 
 import nats.errors
@@ -27,6 +28,7 @@ from ..authz.decider import AuthzPolicy, visible_models
 from ..authz.tokens import TokenDefect
 from ..settings import WorkerSettings
 from . import decider, http_app
+from .metrics import EdgeMetrics
 
 log = logging.getLogger("enclave_gateway.edge")
 REPLY_GRACE_S = 1.0
@@ -51,6 +53,7 @@ class Edge:
         self.streams: dict[str, asyncio.Queue[StreamChunk]] = {}  # HTTP callers of `stream: true`
         self.answered: dict[str, None] = {}  # insertion-ordered, the oldest dropped first
         self.ready: tuple[float, dict[str, bool]] = (0.0, {})  # when last looked, and what was seen
+        self.metrics = EdgeMetrics()
 
     async def start(self) -> None:
         """Listen for replies and subscribe to every `gw.submit.<app>` (queue group `edge`)."""
@@ -106,12 +109,13 @@ class Edge:
 
     async def call(self, cmd: SubmitRequest) -> SubmitReply:
         """The HTTP path: submit, wait on this replica's inbox, and record what the caller gets."""
-        request_id = uuid.uuid4().hex
+        request_id, started = uuid.uuid4().hex, time.monotonic()
         fut: asyncio.Future[tuple[SubmitReply, str | None]] = asyncio.get_running_loop().create_future()
         self.pending[request_id] = fut
         try:
             refused = await self.submit("http", cmd, subjects.edge_reply(self.replica, request_id), request_id)
             if refused is not None:
+                self._count("http", cmd, None, refused, started)
                 return refused
             reply, team = await asyncio.wait_for(fut, self._backstop(cmd))
             self._answered(request_id)
@@ -120,13 +124,14 @@ class Edge:
         finally:  # from here on a reply for this request finds no caller (`_on_reply`)
             self.pending.pop(request_id, None)
         await self._record(decider.handed_over(reply, team, "waiting", bus.now_utc(), self.version))
+        self._count("http", cmd, team, reply, started)
         return reply
 
     async def stream(self, cmd: SubmitRequest) -> AsyncGenerator[StreamChunk | SubmitReply, None]:
         """The HTTP path of `stream: true`: the answer's chunks as the model produces them, then the
         reply (the authority on content and usage). Closed early (the caller hung up), the reply is
         recorded as undelivered when it comes."""
-        request_id = uuid.uuid4().hex
+        request_id, started = uuid.uuid4().hex, time.monotonic()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[SubmitReply, str | None]] = loop.create_future()
         queue: asyncio.Queue[StreamChunk] = asyncio.Queue()
@@ -138,6 +143,7 @@ class Edge:
             refused = await self.submit("http", cmd, subjects.edge_reply(self.replica, request_id), request_id)
             if refused is not None:
                 streamed_out = True
+                self._count("http", cmd, None, refused, started)
                 yield refused
                 return
             deadline = loop.time() + self._backstop(cmd)
@@ -170,6 +176,7 @@ class Edge:
                     await self._record(decider.handed_over(outcome[0], outcome[1], "gone", bus.now_utc(),
                                                            self.version))
         await self._record(decider.handed_over(outcome[0], outcome[1], "waiting", bus.now_utc(), self.version))
+        self._count("http", cmd, outcome[1], outcome[0], started)
         yield outcome[0]
 
     def _backstop(self, cmd: SubmitRequest) -> float:
@@ -215,6 +222,29 @@ class Edge:
             if int(info.num_waiting or 0) > 0:
                 return True
         return False
+
+    def _count(self, entry: str, cmd: SubmitRequest, team: str | None, reply: SubmitReply,
+               started: float | None) -> None:
+        models = (m.id for m in self.session.policy.bundle.catalog.model)
+        seconds = None if started is None else time.monotonic() - started
+        self.metrics.answered(entry, cmd.chat.model, models, team, reply, seconds)
+
+    async def scrape(self) -> bytes:
+        """GET /metrics: the counters, and the consumers' backlog and restarts as of now."""
+        self.metrics.connected.set(1 if self.nc.is_connected else 0)
+        if self.nc.is_connected:
+            endpoints = catalog.all_endpoints(self.session.policy.bundle.catalog)
+            rows = []
+            for name in registry.durables(endpoints):  # by name: the edge may read a durable's info, not list them
+                try:
+                    info = await self.js.consumer_info(subjects.STREAM, name, timeout=1.0)
+                except (NotFoundError, TimeoutError, nats.errors.Error):
+                    continue  # the counters still answer
+                rows.append((name, int(info.num_pending or 0), int(info.num_ack_pending or 0),
+                             int(info.num_redelivered or 0)))
+            self.metrics.consumers(rows)
+        self.metrics.supervised(Path(self.settings.data_dir) / "supervisor.json")
+        return self.metrics.exposition()
 
     def _answered(self, request_id: str) -> None:
         self.answered[request_id] = None
@@ -317,6 +347,10 @@ class Edge:
         for fact in decider.decide(event, self.state, self.version, bus.now_utc()):
             await bus.publish(self.js, bus.caused(fact, event, msg))
             self.state = decider.evolve(self.state, fact)
+            if decider.reply_route(event.reply_to) == "application":  # an HTTP caller is counted where it waits
+                models = (m.id for m in self.session.policy.bundle.catalog.model)
+                self.metrics.answered("nats", str(getattr(event, "model", "")), models, decider.team_of(event),
+                                      decider.reply_for(event))
 
 
 async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
