@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import msgspec
-import nats
 import pytest
 import pytest_asyncio
 from enclave_gateway import issuer, policy_admin, procs, runtime, supervisor
@@ -30,6 +29,8 @@ from enclave_gateway.services import bus
 from enclave_gateway.services.settings import WorkerSettings
 from nats.aio.client import Client
 from nats.js.errors import BadRequestError
+
+from .conftest import stream_events
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,18 +93,8 @@ async def _ask(nc: Client, token: str) -> tuple[str, str | None]:
 
 
 async def _events(nc: Client) -> list[dict[str, object]]:
-    js = nc.jetstream()
-    last = (await js.stream_info(subjects.STREAM)).state.last_seq
-    sub = await js.subscribe("gw.evt.>", ordered_consumer=True, deliver_policy=nats.js.api.DeliverPolicy.ALL)
-    out: list[dict[str, object]] = []
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=10)
-            out.append(msgspec.json.decode(msg.data))
-            if msg.metadata.sequence.stream >= last:
-                return out
-    finally:
-        await sub.unsubscribe()
+    """Every event in the stream, decoded as plain JSON, oldest first."""
+    return [body for _, body in await stream_events(nc, timeout_s=10.0)]
 
 
 async def test_the_stream_is_replicated_on_three_nodes_and_serves_two_replicas_of_each_worker(

@@ -21,14 +21,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import aiohttp
-import msgspec
-import nats
 import pytest
 import pytest_asyncio
 from enclave_gateway import cli, issuer, reports, runtime
 from enclave_gateway.runtime import Gateway
 from enclave_gateway.services import bus
 from nats.aio.client import Client
+
+from .conftest import stream_events
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,18 +129,7 @@ async def _ready(gw: Gateway, timeout_s: float = 60.0) -> None:
 
 async def _events(nc: Client) -> list[dict[str, object]]:
     """Every event in the stream, decoded as plain JSON, oldest first."""
-    js = nc.jetstream()
-    last = (await js.stream_info("GW_EVENTS")).state.last_seq
-    sub = await js.subscribe("gw.evt.>", ordered_consumer=True, deliver_policy=nats.js.api.DeliverPolicy.ALL)
-    out: list[dict[str, object]] = []
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=5)
-            out.append(msgspec.json.decode(msg.data))
-            if msg.metadata.sequence.stream >= last:
-                return out
-    finally:
-        await sub.unsubscribe()
+    return [body for _, body in await stream_events(nc, timeout_s=10.0)]
 
 
 async def _settled(nc: Client, timeout_s: float = 60.0) -> list[dict[str, object]]:
