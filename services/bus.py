@@ -24,7 +24,16 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ObjectStoreConfig, PubAck, StorageType, StreamConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    ObjectStoreConfig,
+    PubAck,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.errors import BadRequestError, NotFoundError
 
 from ..schemas import codec, subjects
@@ -130,6 +139,9 @@ async def ensure_topology(js: JetStreamContext, replicas: int = 1, endpoints: It
         deny_purge=True,
         allow_direct=True,
         duplicate_window=120.0,
+        # the audit trail never makes room by dropping its oldest facts: a stream given a size
+        # limit refuses new writes when full, and the edge then answers 503 (AU-5)
+        discard=DiscardPolicy.NEW,
     )
     try:
         await js.stream_info(subjects.STREAM)
@@ -222,10 +234,11 @@ def consumer_config(name: str, spec: ConsumerSpec) -> ConsumerConfig:
     )
 
 
-async def publish_ack(js: JetStreamContext, event: AnyEvent, headers: dict[str, str] | None = None) -> PubAck:
+async def publish_ack(js: JetStreamContext, event: AnyEvent, headers: dict[str, str] | None = None,
+                      wait_s: float | None = None) -> PubAck:
     """Publish an event with `Nats-Msg-Id` = its id, so a republish is deduplicated by the server."""
     hdrs = {"Nats-Msg-Id": event.event_id, **(headers or {})}
-    return await js.publish(subjects.for_event(event), codec.encode(event), headers=hdrs)
+    return await js.publish(subjects.for_event(event), codec.encode(event), timeout=wait_s, headers=hdrs)
 
 
 async def publish(js: JetStreamContext, event: AnyEvent, headers: dict[str, str] | None = None) -> int:

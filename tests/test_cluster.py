@@ -185,3 +185,55 @@ async def test_a_stale_read_of_the_ledger_is_refused_by_the_leader_never_double_
         assert int((await js.get_last_msg(subjects.STREAM, subjects.ledger_filter("alpha"))).seq or 0) == newest.seq
     finally:
         await admin.close()
+
+
+async def test_with_quorum_lost_nothing_is_served_or_charged_unrecorded_and_it_resumes(
+        replicas: list[WorkerSettings], cluster: LocalCluster, cluster_dirs: tuple[Path, Path]) -> None:
+    """AU-5: two nodes of three down, the stream cannot record: callers hear a clear error."""
+    token = issuer.issue(cluster_dirs[0] / "keys", subject="c", team="alpha", ttl_s=3600)
+    admin = await bus.connect(replicas[0], "admin")
+    try:
+        before = [e for e in await _events(admin) if e.get("team") == "alpha" and "spent_micros" in e][-1]
+    finally:
+        await admin.close()
+    down = cluster.nodes[:2]
+    for node in down:
+        assert node.proc is not None
+        node.proc.kill()
+        node.proc.wait(10)
+        node.proc = None
+    app = await bus.connect(replicas[0], f"app.{APP}")
+    try:
+        chat = ChatBody(model="enclave-tiny", messages=(ChatMessage(role="user", content="quorum?"),), max_tokens=3)
+        msg = await app.request(subjects.submit(APP), codec.encode(SubmitRequest(token=token, chat=chat,
+                                                                                   timeout_s=4.0)), timeout=30)
+        reply = codec.decode_reply(msg.data)
+        assert reply.completion is None and reply.error is not None
+        assert reply.error.code == "audit_unavailable", reply.error
+    finally:
+        await app.close()
+    for node in down:
+        node.start()
+    await stream_leader(replicas[0], timeout_s=60)
+    app = await bus.connect(replicas[0], f"app.{APP}")
+    try:
+        deadline = asyncio.get_running_loop().time() + 60
+        while True:  # the workers' consumers come back with the quorum
+            try:
+                _, code = await _ask(app, token)
+            except TimeoutError:
+                code = "no answer"
+            if code is None or asyncio.get_running_loop().time() > deadline:
+                break
+        assert code is None
+    finally:
+        await app.close()
+    admin = await bus.connect(replicas[0], "admin")
+    try:
+        events = await _events(admin)
+    finally:
+        await admin.close()
+    ledger = [e for e in events if e.get("team") == "alpha" and "spent_micros" in e]
+    refused = codec.decode_reply(msg.data).request_id
+    assert not any(e["type"] == "BudgetSettled" and e.get("request_id") == refused for e in events)
+    assert int(ledger[-1]["spent_micros"]) > int(before["spent_micros"])  # type: ignore[call-overload]

@@ -10,6 +10,7 @@ closed; the Parquet audit reconciles with the ledger and the evidence package ve
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import aiohttp
+import nats.js.api
 import pytest
 import pytest_asyncio
 from enclave_gateway import cli, issuer, reports, runtime
@@ -250,3 +252,23 @@ async def test_the_broker_killed_mid_traffic_is_restarted_and_nothing_runs_unrec
     events = await _settled(admin)
     _check_consistent(events, views)
     await _audit_reconciles_and_verifies(gateway, admin, tmp_path)
+
+
+async def test_a_full_stream_refuses_requests_with_503_and_nothing_runs_or_is_charged(
+        gateway: Gateway, admin: Client) -> None:
+    """AU-5: the stream at its size limit (discard new) records nothing more, so nothing more runs."""
+    token = issuer.issue(gateway.data_dir / "keys", subject="fault-tester", team=TEAM, ttl_s=3600)
+    js = admin.jetstream()
+    info = await js.stream_info("GW_EVENTS")
+    assert info.config.discard == nats.js.api.DiscardPolicy.NEW
+    await js.update_stream(dataclasses.replace(info.config, max_bytes=info.state.bytes + 1))
+    try:
+        views = await _ask(gateway, token, 2)
+        assert [code for _, _, code in views] == ["audit_unavailable"] * 2, views
+        assert (await js.stream_info("GW_EVENTS")).state.last_seq == info.state.last_seq  # nothing recorded
+    finally:
+        await js.update_stream(dataclasses.replace(info.config, max_bytes=-1))
+    views += await _ask(gateway, token, 1)
+    assert views[-1][0] == 200, views
+    events = await _settled(admin)
+    _check_consistent(events, views)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import nats.errors
 from aiohttp import web
 from nats.aio.msg import Msg
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from ...schemas import codec, subjects
 from ...schemas.commands import StreamChunk, SubmitReply, SubmitRequest
@@ -36,9 +36,12 @@ ANSWERED_MEMORY = 4096  # recent answered request ids: a redelivered duplicate r
 READY_MEMORY_S = 1.0  # a probe answered from the last look this recent (load balancers poll often)
 # The stream surely did not store the event: the server said no (stream full, no quorum), nobody
 # answered, or the connection is closed. A timeout is not among them: the event may be stored.
-NOT_STORED = (APIError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError,
-              nats.errors.OutboundBufferLimitError)
+NOT_STORED = (APIError, NoStreamResponseError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError,
+              nats.errors.OutboundBufferLimitError)  # NoStreamResponseError: no replica could take it (quorum lost)
 NOT_RECORDED = "the audit stream cannot record requests now; this one was not recorded, run or charged: retry later"
+NOT_CONFIRMED = ("the audit stream did not confirm this request before its deadline: retry later (a copy it "
+                 "recorded without confirming is never run past the deadline)")
+PUBLISH_TRY_S = 2.0  # one publish's wait for the stream's acknowledgement before it is sent again
 
 
 class Edge:
@@ -69,25 +72,37 @@ class Edge:
 
     async def submit(self, entry: Literal["http", "nats"], cmd: SubmitRequest, reply_to: str, request_id: str
                      ) -> SubmitReply | None:
-        """Put a validated request into the pipeline: None once it is (or may be) recorded, else the
-        caller's 503 (AU-5: a request the stream did not record is never run, so never answered).
+        """Put a validated request into the pipeline: None once the stream acknowledged it, else
+        the caller's 503 (AU-5: a request the stream did not record is never run, so never answered).
 
-        A publish that timed out may still be stored (nats-py sends what it buffered once it is
-        reconnected), so the caller is not told it failed: it waits for the outcome, which is decided
-        by the request's deadline like any other (every stage refuses work past it).
+        A publish that timed out may still be stored (its acknowledgement lost, or nats-py sending
+        what it buffered once reconnected), so it is published again with the same `Nats-Msg-Id`:
+        the stream stores it once and acknowledges a copy as a duplicate. Until the request's
+        deadline: past it, whatever was stored ends without running (every stage refuses work past
+        the deadline), so the caller's 503 is then the truth too.
         """
         if not self.nc.is_connected:  # publishing now would buffer it for later: refuse it instead
             return decider.error_reply(request_id, "audit_unavailable", NOT_RECORDED)
         event = decider.submitted(request_id, entry, cmd, reply_to, bus.now_utc(), self.version,
                                   self.settings.request_timeout_s)
-        try:
-            await bus.publish(self.js, event)
-        except NOT_STORED as exc:
-            log.error("request %s not recorded: %s", request_id, type(exc).__name__)
-            return decider.error_reply(request_id, "audit_unavailable", NOT_RECORDED)
-        except TimeoutError:
-            log.error("request %s: no acknowledgement from the stream; waiting for its outcome", request_id)
-        return None
+        loop = asyncio.get_running_loop()
+        until = loop.time() + decider.caller_wait_s(cmd, self.settings.request_timeout_s)
+        maybe_stored = False
+        while True:
+            left = until - loop.time()
+            if left <= 0:
+                log.error("request %s: no acknowledgement from the stream before its deadline", request_id)
+                return decider.error_reply(request_id, "audit_unavailable", NOT_CONFIRMED)
+            try:
+                await bus.publish_ack(self.js, event, wait_s=min(PUBLISH_TRY_S, left))
+                return None
+            except NOT_STORED as exc:
+                if not maybe_stored:  # the first try failed for sure: nothing is stored
+                    log.error("request %s not recorded: %s", request_id, type(exc).__name__)
+                    return decider.error_reply(request_id, "audit_unavailable", NOT_RECORDED)
+            except TimeoutError:
+                maybe_stored = True
+            await asyncio.sleep(min(0.5, max(0.0, until - loop.time())))
 
     async def reject(self, request_id: str, subject: str, code: str, detail: str, reply_to: str | None) -> SubmitReply:
         """Record a refusal at the entry, answer a NATS caller, and return the reply."""
@@ -114,7 +129,7 @@ class Edge:
         self.pending[request_id] = fut
         try:
             refused = await self.submit("http", cmd, subjects.edge_reply(self.replica, request_id), request_id)
-            if refused is not None:
+            if refused is not None and not fut.done():  # done: it was stored after all, and answered
                 self._count("http", cmd, None, refused, started)
                 return refused
             reply, team = await asyncio.wait_for(fut, self._backstop(cmd))
@@ -141,7 +156,7 @@ class Edge:
         getter: asyncio.Future[StreamChunk] | None = None
         try:
             refused = await self.submit("http", cmd, subjects.edge_reply(self.replica, request_id), request_id)
-            if refused is not None:
+            if refused is not None and not fut.done():  # done: it was stored after all, and answered
                 streamed_out = True
                 self._count("http", cmd, None, refused, started)
                 yield refused
