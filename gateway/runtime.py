@@ -235,6 +235,7 @@ class Gateway:
 
     def start(self) -> None:
         """Broker, engine, keys, topology, policy, workers; returns once every worker consumes."""
+        self._halted.clear()  # a gateway stopped and started again is supervised again
         issuer.ensure_keys(self.data_dir / "keys")
         signers = self._signers()
         self.nats_url = self.broker.start()

@@ -80,17 +80,21 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, slow_model: str) -> Iterat
     with open(policies / "budgets.toml", "a") as fh:
         fh.write(f'\n[teams.{TEAM}]\ncap_micros = 100_000_000\nperiod = "month"\n')
     with open(policies / "access_policy.csv", "a") as fh:
-        fh.write(f"p, team:{TEAM}, slow-model\n")
-    gw = Gateway(data, policies, nats_port=-1, http_port=0, endpoints={"slow": slow_model}, serve_tiny=None,
-                 request_timeout_s=30.0)
+        fh.write(f"p, team:{TEAM}, slow-model\np, team:{TEAM}, enclave-tiny\n")
+    gw = Gateway(data, policies, nats_port=-1, http_port=0, endpoints={"slow": slow_model},
+                 serve_tiny="local-llama", request_timeout_s=30.0)
     gw.say = lambda line: None
-    done = threading.Event()
     with gw:
-        supervising = threading.Thread(target=gw.supervise, args=(done, 0.2), daemon=True)
-        supervising.start()
+        done = _supervised(gw)
         yield gw
         done.set()
-        supervising.join(10)
+
+
+def _supervised(gw: Gateway) -> threading.Event:
+    """Supervise `gw` from a thread, as `gateway up` does from its main one; set the event to stop."""
+    done = threading.Event()
+    threading.Thread(target=gw.supervise, args=(done, 0.2), daemon=True).start()
+    return done
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -103,8 +107,8 @@ async def admin(gateway: Gateway) -> AsyncIterator[Client]:
 CallerView = tuple[int, str | None, str | None]  # HTTP status (0: the connection broke), request id, error code
 
 
-async def _ask(gw: Gateway, token: str, n: int) -> list[CallerView]:
-    body = {"model": "slow-model", "messages": [{"role": "user", "content": "still there?"}], "max_tokens": 4}
+async def _ask(gw: Gateway, token: str, n: int, model: str = "slow-model") -> list[CallerView]:
+    body = {"model": model, "messages": [{"role": "user", "content": "still there?"}], "max_tokens": 4}
     headers = {"Authorization": f"Bearer {token}", "X-Request-Timeout": str(DEADLINE_S)}
 
     async def one(session: aiohttp.ClientSession) -> CallerView:
@@ -272,3 +276,82 @@ async def test_a_full_stream_refuses_requests_with_503_and_nothing_runs_or_is_ch
     assert views[-1][0] == 200, views
     events = await _settled(admin)
     _check_consistent(events, views)
+
+
+async def test_a_model_server_that_dies_is_restarted_and_its_callers_told_the_truth(
+        gateway: Gateway, admin: Client) -> None:
+    token = issuer.issue(gateway.data_dir / "keys", subject="fault-tester", team=TEAM, ttl_s=3600)
+    assert gateway.engine is not None and gateway.engine.proc is not None
+    engine = gateway.engine.proc
+    views = await _ask(gateway, token, 1, "enclave-tiny")
+    engine.send_signal(signal.SIGKILL)
+    engine.wait(10)
+    views += await _ask(gateway, token, 2, "enclave-tiny")  # while it is down or coming back
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        counts = json.loads((gateway.data_dir / "supervisor.json").read_text())
+        if counts["llama-server"]["restarts"] >= 1 and counts["llama-server"]["running"]:
+            break
+        await asyncio.sleep(0.5)
+    assert gateway.engine.proc is not None and gateway.engine.proc.pid != engine.pid
+    views += await _ask(gateway, token, 2, "enclave-tiny")
+    assert [v[0] for v in views[-2:]] == [200, 200], views
+    assert all(v[0] in (200, 502, 504) for v in views), views  # answered, or told it failed or timed out
+    events = await _settled(admin)
+    _check_consistent(events, views)
+
+
+async def test_the_whole_gateway_restarted_during_traffic_answers_or_records_every_request(
+        gateway: Gateway, admin: Client, tmp_path: Path) -> None:
+    token = issuer.issue(gateway.data_dir / "keys", subject="fault-tester", team=TEAM, ttl_s=3600)
+    asking = asyncio.ensure_future(_ask(gateway, token, 4))
+    await asyncio.sleep(0.6)
+    await asyncio.to_thread(gateway.stop)  # as Ctrl-C on `gateway up` does, mid-request
+    views = await asking
+    await asyncio.to_thread(gateway.start)  # the same data dir, the same broker port
+    _supervised(gateway)
+    views += await _ask(gateway, token, 2)
+    assert [v[0] for v in views[-2:]] == [200, 200], views
+    events = await _settled(admin)
+    _check_consistent(events, views)
+    in_flight = {e["request_id"] for e in events if e["type"] == "RequestSubmitted"} - {v[1] for v in views}
+    for rid in in_flight:  # callers cut off by the stop: each request still ends once, recorded
+        closes = [e for e in events if e.get("request_id") == rid and e["type"] in ("BudgetSettled", "BudgetReleased")]
+        assert len(closes) <= 1, rid
+    await _audit_reconciles_and_verifies(gateway, admin, tmp_path)
+
+
+async def test_a_restarted_auditor_fills_what_its_predecessor_left_unacked_before_going_on(
+        gateway: Gateway, admin: Client, tmp_path: Path) -> None:
+    """The durable redelivers a dead auditor's unacked messages only after ack_wait (30 s), and
+    hands the new auditor newer ones at once: the chain must still have no hole, in order."""
+    import duckdb
+
+    token = issuer.issue(gateway.data_dir / "keys", subject="fault-tester", team=TEAM, ttl_s=3600)
+    js = admin.jetstream()
+    for _ in range(5):  # until a stopped auditor holds delivered, unacknowledged messages
+        auditor = gateway.workers["auditor"]
+        os.kill(auditor.pid, signal.SIGSTOP)
+        await _ask(gateway, token, 1, "enclave-tiny")  # its pending pull takes some of these events
+        held = (await js.consumer_info("GW_EVENTS", "auditor")).num_ack_pending
+        auditor.send_signal(signal.SIGKILL)
+        auditor.wait(10)
+        await _ready(gateway)
+        if held:
+            break
+    assert held, "no auditor was caught holding unacknowledged messages"
+    await _ask(gateway, token, 2, "enclave-tiny")  # newer events, delivered at once to the new auditor
+    last = (await js.stream_info("GW_EVENTS")).state.last_seq
+    glob = str(gateway.data_dir / "audit" / "events" / "**" / "*.parquet")
+    deadline = time.monotonic() + 20  # well before the 30 s redelivery
+    seqs: list[int] = []
+    while time.monotonic() < deadline:
+        try:
+            seqs = [int(r[0]) for r in duckdb.sql(f"SELECT seq FROM read_parquet('{glob}') ORDER BY seq").fetchall()]
+        except duckdb.IOException:  # no file written yet
+            seqs = []
+        if seqs and seqs[-1] >= last:
+            break
+        await asyncio.sleep(0.5)
+    assert seqs[: last] == list(range(1, last + 1)), "a hole or a duplicate in the Parquet audit"
+    await _audit_reconciles_and_verifies(gateway, admin, tmp_path)
