@@ -91,10 +91,15 @@ class Broker:
             nats_auth.ensure_creds(self.creds_dir)
             nats_auth.write_authorization(self.creds_dir, self.data_dir)
         conf.write_text(self.config_text())
-        if self.log_path.exists():
-            self.log_path.unlink()
+        if self.log_path.exists():  # kept once: after a crash it is the evidence of why
+            self.log_path.replace(self.log_path.with_suffix(".log.1"))
         self.proc = procs.spawn([str(binary()), "-c", str(conf)], self.log_path)
-        line = procs.wait_for_line(self.log_path, LISTENING, self.proc, timeout_s)
+        try:
+            line = procs.wait_for_line(self.log_path, LISTENING, self.proc, timeout_s)
+        except BaseException:  # a server that never listened is not left running on the store
+            procs.stop(self.proc, 2.0)
+            self.proc = None
+            raise
         m = re.search(r"on (\S+):(\d+)", line)
         if m is None:
             raise RuntimeError(f"cannot read the port from {line!r}")

@@ -46,6 +46,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await SERVICES[args.name](settings, stop)
+        if not stop.is_set():  # a worker that stopped working must not look alive to the supervisor
+            logging.getLogger("enclave_gateway.worker").error("%s ended before it was told to stop", args.name)
+            raise SystemExit(1)
 
     asyncio.run(main())
     return 0
@@ -59,12 +62,19 @@ def cmd_up(args: argparse.Namespace) -> int:
     preflight(Path(args.config))  # a missing or invalid file, bad bundle, taken port: one line from main()
     gw = Gateway.from_config(Path(args.config), nats_port=None, http_port=None)
     gw.say = lambda line: console.print(f"[yellow]{escape(line)}[/]")  # restarts, as they happen
-    with gw:  # returns once /readyz says every stage consumes
+    try:
+        gw.__enter__()  # returns once /readyz says every stage consumes; stops what it started if not
+    except KeyboardInterrupt:
+        console.print("interrupted while starting: stopped")
+        return 130
+    try:
         for notice in gw.notices:
             console.print(f"[yellow]{escape(notice)}[/]")
         console.print(f"[bold green]Enclave Gateway up[/]: HTTP {gw.http_url}  NATS {gw.nats_url}  data {gw.data_dir}")
         console.print("Ctrl-C to stop.")
         gw.wait_for_signal()
+    finally:
+        gw.stop()
     console.print("stopped cleanly")
     return 0
 
@@ -450,19 +460,21 @@ def _operator_error(exc: Exception) -> tuple[str, int] | None:
 
     from .config import ConfigError
     from .deployment import DeploymentError
-    from .procs import ChildExited
+    from .procs import StartFailed
     from .services.policy import PolicyError
 
     if isinstance(exc, ConfigError):
         return f"configuration refused: {exc}", 2
     if isinstance(exc, PolicyError):
         return f"policy refused: {exc}", 1
-    if isinstance(exc, DeploymentError | ChildExited):
+    if isinstance(exc, DeploymentError | StartFailed):
         return str(exc), 1
     if isinstance(exc, NoServersError) or (isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED):
         return f"the broker is not reachable (is `gateway up` running?): {exc}", 1
     if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
         return f"a port is taken: {exc}", 1
+    if isinstance(exc, OSError) and exc.filename:  # a path the configuration names: not a file, no access
+        return f"{exc.filename}: {exc.strerror or exc}", 1
     return None
 
 

@@ -14,6 +14,7 @@ Errors an operator causes here, each one line from `gateway` (cli.main):
 
 from __future__ import annotations
 
+import os
 import socket
 from importlib.resources import files
 from importlib.resources.abc import Traversable
@@ -69,18 +70,33 @@ def init(folder: Path, *, http_port: int = DEFAULT_HTTP_PORT, nats_port: int = D
         raise DeploymentError(f"{folder} is not empty: choose a new folder, or pass --force to rewrite "
                               "its gateway.toml, README.md and policies/")
     bundle_dir = folder / POLICY_DIR
-    bundle_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name in ("gateway.toml", "README.md"):
-        path = folder / name
-        path.write_text(render(name + ".template", http_port, nats_port), encoding="utf-8")
-        written.append(path)
-    for name, data in shipped_bundle().items():
-        (bundle_dir / name).write_bytes(data)
-        written.append(bundle_dir / name)
+    targets = [folder / "gateway.toml", folder / "README.md", bundle_dir,
+               *(bundle_dir / name for name in shipped_bundle())]
+    linked = [str(t) for t in targets if t.is_symlink()]
+    if linked:  # --force must not write through a link to files outside the deployment
+        raise DeploymentError(f"refusing to write through symbolic links: {', '.join(linked)}")
+    try:
+        bundle_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name in ("gateway.toml", "README.md"):
+            path = folder / name
+            _write_new(path, render(name + ".template", http_port, nats_port).encode())
+            written.append(path)
+        for name, data in shipped_bundle().items():
+            _write_new(bundle_dir / name, data)
+            written.append(bundle_dir / name)
+    except OSError as exc:
+        raise DeploymentError(f"cannot lay out a deployment in {folder}: {exc.strerror or exc}") from exc
     # a signature left by --force signs the files just replaced: `up` would refuse the bundle
     (bundle_dir / SIGNATURE_FILE).unlink(missing_ok=True)
     return written
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Write `path`, never following a link planted there since the check (O_NOFOLLOW)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
 
 
 def preflight(path: Path) -> config.GatewayConfig:

@@ -63,6 +63,15 @@ class Engine:
         ]
         self.proc = procs.spawn(argv, self.data_dir / "logs" / f"{self.name}.log")
         self.url = f"http://127.0.0.1:{port}"
+        try:
+            return self._wait_ready(timeout_s)
+        except BaseException:  # a server that never answered is not left running
+            procs.stop(self.proc, 2.0)
+            self.proc = None
+            raise
+
+    def _wait_ready(self, timeout_s: float) -> str:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -16,7 +16,11 @@ from typing import IO
 PR_SET_PDEATHSIG = 1
 
 
-class ChildExited(RuntimeError):
+class StartFailed(RuntimeError):
+    """Something `gateway up` started did not come up; the message says what and where to look."""
+
+
+class ChildExited(StartFailed):
     """A child exited while we waited for it to start; the message names its log."""
 
 

@@ -278,7 +278,7 @@ class Gateway:
             if readiness(self.http_url)[0]:
                 return
             time.sleep(0.2)
-        raise TimeoutError(f"the gateway was not ready after {timeout_s:g} s: {readiness(self.http_url)[1]}")
+        raise procs.StartFailed(f"the gateway was not ready after {timeout_s:g} s: {readiness(self.http_url)[1]}")
 
     def _supervise_children(self) -> Supervisor:
         """The broker first, then the engine, then the workers: the order they come back in."""

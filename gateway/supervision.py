@@ -10,6 +10,7 @@ gateway instead turned one crash into an outage whose in-flight requests ran aft
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -65,12 +66,12 @@ class Supervisor:
             code = child.proc.poll() if child.proc is not None else child.last_exit
             if code is None:
                 continue
-            if child.due is None:  # just seen dead
+            if child.due is None:  # just seen dead: how long this instance ran decides the wait
+                child.delay_s = next_delay(child.delay_s, now - child.started) if child.restarts else child.delay_s
                 child.last_exit, child.due = code, now + child.delay_s
                 self._note(f"{child.name} exited with {code}; restarting in {child.delay_s:g} s")
             if now < child.due:
                 continue
-            ran_s = now - child.started
             child.restarts += 1
             child.last_restart = datetime.now(UTC).isoformat()
             try:
@@ -82,9 +83,11 @@ class Supervisor:
                 self._note(f"{child.name} did not start ({exc}); next try in {child.delay_s:g} s")
                 continue
             child.started, child.due = time.monotonic(), None
-            child.delay_s = next_delay(child.delay_s, ran_s)
             self._note(f"{child.name} restarted (restart {child.restarts})")
-        self._write_counts()
+        try:
+            self._write_counts()
+        except OSError as exc:  # a full disk must not stop the gateway: the counts are for metrics
+            self.say(f"could not write {self.counts_path}: {exc}")
 
     def counts(self) -> dict[str, dict[str, object]]:
         """Per child: restarts, the last exit code and when it was last restarted."""
@@ -95,10 +98,16 @@ class Supervisor:
     def _note(self, line: str) -> None:
         stamped = f"{datetime.now(UTC).isoformat(timespec='seconds')} {line}"
         self.say(line)
-        with self.log_path.open("a") as log:
-            log.write(stamped + "\n")
+        try:  # 0640, as every log of the gateway
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            with os.fdopen(fd, "a") as log:
+                log.write(stamped + "\n")
+        except OSError as exc:  # said already; a full disk must not stop the gateway
+            self.say(f"could not write {self.log_path}: {exc}")
 
     def _write_counts(self) -> None:
         tmp = self.counts_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.counts(), indent=1, sort_keys=True))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(self.counts(), indent=1, sort_keys=True))
         tmp.replace(self.counts_path)

@@ -39,7 +39,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from ..schemas import codec, subjects
 from ..schemas.events import AnyEvent, BudgetReserved, MessageRejected, RequestFailed, Reservation, envelope
 from .credentials import load_creds
-from .registry import ConsumerSpec, by_name, durables, invoker_durable
+from .registry import INVOKER_ACK_WAIT_S, ConsumerSpec, by_name, durables, invoker_durable
 from .settings import WorkerSettings
 
 log = logging.getLogger("enclave_gateway.bus")
@@ -49,6 +49,12 @@ OUTAGE_SAY_EVERY_S = 30.0
 BACKOFF_S = (0.2, 1.0, 3.0, 6.0)
 # Every durable consumer comes from the one registry of identities (services/registry.py).
 CONSUMERS: dict[str, ConsumerSpec] = durables()
+# A fact decided again from a redelivered message keeps its id, and the stream drops the copy only
+# within this window: so it outlasts the last redelivery of the slowest consumer. At 120 s, routes
+# redelivered at the invoker's 180 s ack wait stored a second, contradicting outcome (a review found
+# 16 after a broker kill, which replay then named).
+DUPLICATE_WINDOW_S = (max(INVOKER_ACK_WAIT_S, *(s.ack_wait_s for s in CONSUMERS.values())) * MAX_DELIVER
+                      + sum(BACKOFF_S) + 60.0)
 
 
 def now_utc() -> datetime:
@@ -138,7 +144,7 @@ async def ensure_topology(js: JetStreamContext, replicas: int = 1, endpoints: It
         deny_delete=True,
         deny_purge=True,
         allow_direct=True,
-        duplicate_window=120.0,
+        duplicate_window=DUPLICATE_WINDOW_S,
         # the audit trail never makes room by dropping its oldest facts: a stream given a size
         # limit refuses new writes when full, and the edge then answers 503 (AU-5)
         discard=DiscardPolicy.NEW,
@@ -190,7 +196,12 @@ async def own_reader(js: JetStreamContext, subject: str, reader: str, start: int
               if start_time is not None else
               ConsumerConfig(name=f"{reader}_{uuid.uuid4().hex}", inactive_threshold=5.0,
                              deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start)))
-    return await js.subscribe(subject, stream=subjects.STREAM, ordered_consumer=True, config=config)
+    sub = await js.subscribe(subject, stream=subjects.STREAM, ordered_consumer=True, config=config)
+    # nats-py re-creates an ordered consumer (after a reconnect or a gap) from this very config,
+    # switched to BY_START_SEQUENCE but with the start time kept, which the server refuses for
+    # good: after one broker restart the router's readers were gone (a hostile review found it).
+    config.opt_start_time = None
+    return sub
 
 
 async def stored_between(js: JetStreamContext, subject: str, reader: str, start: int, until: int

@@ -252,13 +252,14 @@ def application(app: str) -> Identity:
 
 
 INVOKER_PREFIX = "invoker_"
+INVOKER_ACK_WAIT_S = 180.0  # a model call, streamed, may take minutes before its route is acked
 
 
 def invoker_durable(endpoint: str) -> tuple[str, ConsumerSpec]:
     """The durable of one endpoint's invokers: every replica hosting the endpoint shares it, and
     an invoker hosting several endpoints pulls from each of theirs."""
     return f"{INVOKER_PREFIX}{subjects.token(endpoint)}", ConsumerSpec(filters=(subjects.routes_to(endpoint),),
-                                                                        ack_wait_s=180.0)
+                                                                        ack_wait_s=INVOKER_ACK_WAIT_S)
 
 
 def durables(endpoints: Iterable[str] = ()) -> dict[str, ConsumerSpec]:

@@ -218,3 +218,14 @@ def _wait_for(proc: subprocess.Popen[str], needle: str, timeout_s: float) -> str
             return said
         assert line or proc.poll() is None, f"exited with {proc.returncode}: {said}"
     raise AssertionError(f"no {needle!r} after {timeout_s} s: {said}")
+
+
+def test_init_force_never_writes_through_a_planted_link(tmp_path: Path) -> None:
+    folder, outside = tmp_path / "dep", tmp_path / "outside.toml"
+    deployment.init(folder)
+    outside.write_text("# an operator's other file\n")
+    (folder / "gateway.toml").unlink()
+    (folder / "gateway.toml").symlink_to(outside)
+    with pytest.raises(deployment.DeploymentError, match="symbolic links"):
+        deployment.init(folder, force=True)
+    assert outside.read_text() == "# an operator's other file\n"

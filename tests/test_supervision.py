@@ -43,3 +43,30 @@ def test_the_supervisor_restarts_a_dead_child_after_its_delay_and_counts_it(tmp_
         assert child.proc is not None
         child.proc.kill()
         child.proc.wait()
+
+
+def test_the_wait_before_a_restart_is_decided_by_how_long_the_dead_instance_ran(tmp_path: Path) -> None:
+    sup = Supervisor(tmp_path / "supervisor.log", tmp_path / "counts.json", lambda line: None)
+
+    def start() -> subprocess.Popen[bytes]:
+        return procs.spawn(["sleep", "60"], tmp_path / "child.log")
+
+    sup.add("sleeper", start, start())
+    child = sup.children["sleeper"]
+    waits = []
+    try:
+        for ran_s in (1.0, 1.0, STABLE_S + 1.0):  # two quick crashes, then one after a long run
+            assert child.proc is not None
+            child.proc.kill()
+            child.proc.wait()
+            seen = child.started + ran_s
+            sup.tick(now=seen)
+            assert child.due is not None
+            waits.append(child.due - seen)
+            sup.tick(now=child.due)
+        assert waits == [FIRST_DELAY_S, 2 * FIRST_DELAY_S, FIRST_DELAY_S]
+        assert oct((tmp_path / "counts.json").stat().st_mode & 0o777) == "0o640"
+    finally:
+        if child.proc is not None:
+            child.proc.kill()
+            child.proc.wait()

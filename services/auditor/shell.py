@@ -34,7 +34,11 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
         try:
             await _serve(s.js, settings, state, digest_key, stop)
         finally:
-            await checkpointing
+            if not stop.is_set():  # the loop ended on its own: end the process, so it is restarted
+                log.error("auditor: stopped auditing before it was told to; exiting")
+                checkpointing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await checkpointing
 
 
 async def _stored_between(js: JetStreamContext, first: int, last: int) -> AsyncIterator[Msg]:
@@ -73,6 +77,12 @@ async def _serve(js: JetStreamContext, settings: WorkerSettings, state: AuditorS
             try:
                 batch = await psub.fetch(500, timeout=FLUSH_AGE_S)
             except (TimeoutError, nats.errors.TimeoutError):
+                batch = []
+            except nats.errors.ConnectionClosedError:
+                raise
+            except nats.errors.Error as exc:  # the bus is away or answered oddly: its OutageLog says so, retry
+                log.debug("auditor: fetch failed: %r", exc)  # (ending here left the process up, auditing nothing)
+                await asyncio.sleep(0.5)
                 batch = []
             for m in sorted(batch, key=lambda m: m.metadata.sequence.stream):
                 seq = m.metadata.sequence.stream
