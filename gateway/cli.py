@@ -79,6 +79,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_contracts(args: argparse.Namespace) -> int:
+    """Write the OpenAPI document of the edge and the AsyncAPI document of the bus."""
+    from .contracts import write
+
+    for path in write(Path(args.write)):
+        console.print(f"wrote {path}")
+    return 0
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     """Lay out a deployment (configuration, policy bundle, README) from the installed package."""
     from .deployment import init
@@ -430,6 +439,9 @@ def parser() -> argparse.ArgumentParser:
     evv.set_defaults(func=cmd_evidence_verify)
     ids = sub.add_parser("identities", help="the registry of NATS identities and their permissions (Markdown)")
     ids.set_defaults(func=cmd_identities)
+    con = sub.add_parser("contracts", help="write the edge's OpenAPI and the bus's AsyncAPI documents")
+    con.add_argument("--write", default="docs", metavar="DIR", help="folder to write them into (default: docs)")
+    con.set_defaults(func=cmd_contracts)
     vi = sub.add_parser("violations", help="denials with the rule that fired")
     vi.add_argument("--since", help="ISO date or timestamp, e.g. 2026-11-25 or 2026-11-25T09:00")
     vi.add_argument("--rule", help="only this rule id, e.g. no-write-down")

@@ -185,6 +185,32 @@ def msg_id(request_id: str, stage: str) -> str:
     return f"{request_id}:{stage}"
 
 
+# Each event type's subject as a pattern: the bus's published contract (docs/asyncapi.json); a
+# test checks that `for_event` puts a sample of every type on a subject its pattern matches.
+EVENT_SUBJECTS: dict[str, str] = {
+    "RequestSubmitted": "gw.evt.request.submitted",
+    "RequestAuthorized": "gw.evt.request.authorized.*",
+    "RequestDenied": "gw.evt.request.denied.*",
+    "RequestFailed": "gw.evt.request.failed",
+    "MessageRejected": "gw.evt.message.rejected",
+    "ResponseDelivered": "gw.evt.response.delivered",
+    "ResponseUndelivered": "gw.evt.response.undelivered",
+    "BudgetReserved": "gw.evt.ledger.reserved.*",
+    "BudgetSettled": "gw.evt.ledger.settled.*",
+    "BudgetReleased": "gw.evt.ledger.released.*",
+    "BudgetThresholdCrossed": "gw.evt.ledger.threshold.*",
+    "BudgetRejected": "gw.evt.budget.rejected.*",
+    "BudgetClockTicked": "gw.evt.budget.ticked.*",
+    "RouteSelected": "gw.evt.route.selected.*.*",
+    "RouteUnavailable": "gw.evt.route.unavailable.*",
+    "EndpointObserved": "gw.evt.route.observed.*",
+    "InvocationCompleted": "gw.evt.invocation.completed.*",
+    "InvocationFailed": "gw.evt.invocation.failed.*",
+    "PolicyActivated": "gw.evt.policy.activated",
+    "AuditCheckpoint": "gw.evt.audit.checkpoint",
+}
+
+
 def for_event(event: AnyEvent) -> str:
     """The subject an event is published on, derived from the event alone."""
 

@@ -107,9 +107,10 @@ async def admin(gateway: Gateway) -> AsyncIterator[Client]:
 CallerView = tuple[int, str | None, str | None]  # HTTP status (0: the connection broke), request id, error code
 
 
-async def _ask(gw: Gateway, token: str, n: int, model: str = "slow-model") -> list[CallerView]:
+async def _ask(gw: Gateway, token: str, n: int, model: str = "slow-model", deadline_s: float = DEADLINE_S
+               ) -> list[CallerView]:
     body = {"model": model, "messages": [{"role": "user", "content": "still there?"}], "max_tokens": 4}
-    headers = {"Authorization": f"Bearer {token}", "X-Request-Timeout": str(DEADLINE_S)}
+    headers = {"Authorization": f"Bearer {token}", "X-Request-Timeout": str(deadline_s)}
 
     async def one(session: aiohttp.ClientSession) -> CallerView:
         try:
@@ -367,3 +368,24 @@ async def test_a_restarted_auditor_fills_what_its_predecessor_left_unacked_befor
         await asyncio.sleep(0.5)
     assert seqs[: last] == list(range(1, last + 1)), "a hole or a duplicate in the Parquet audit"
     await _audit_reconciles_and_verifies(gateway, admin, tmp_path)
+
+
+async def test_a_broker_frozen_across_the_deadline_never_makes_a_504_that_is_charged(
+        gateway: Gateway, admin: Client) -> None:
+    """The answer decided before the deadline reaches the stream only after it: the edge waits for
+    what the pipeline decides instead of guessing 504 (a hostile review charged callers told 504)."""
+    token = issuer.issue(gateway.data_dir / "keys", subject="fault-tester", team=TEAM, ttl_s=3600)
+    broker = gateway.broker.proc
+    assert broker is not None
+    asking = asyncio.ensure_future(_ask(gateway, token, 3, deadline_s=3))
+    await asyncio.sleep(1.0)  # the model answers at 1.5 s, into a broker that no longer reads
+    broker.send_signal(signal.SIGSTOP)
+    try:
+        await asyncio.sleep(5.5)  # past the deadline (3 s) and the edge's backstop (4 s)
+    finally:
+        broker.send_signal(signal.SIGCONT)
+    views = await asking
+    assert all(v[0] in (200, 504) for v in views), views
+    await _ready(gateway)
+    events = await _settled(admin)
+    _check_consistent(events, views)  # a 504 is never charged; a 200 is

@@ -5,7 +5,7 @@ becomes the same `SubmitReply`, which the HTTP edge renders in OpenAI's shapes.
 """
 
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 from msgspec import Struct
@@ -88,9 +88,9 @@ class OpenAIChatRequest(Struct, frozen=True, kw_only=True):
     stream: bool = False
     stream_options: StreamOptionsIn | None = None
     n: int | None = None
-    tools: list[object] | None = None
-    functions: list[object] | None = None
-    tool_choice: object | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    tool_choice: Any | None = None
 
 
 _chat_request = msgspec.json.Decoder(OpenAIChatRequest)

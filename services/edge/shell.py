@@ -7,6 +7,7 @@ caller got: the reply, the 504 at the deadline, or a late reply as undelivered (
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -41,6 +42,8 @@ NOT_STORED = (APIError, NoStreamResponseError, nats.errors.NoRespondersError, na
 NOT_RECORDED = "the audit stream cannot record requests now; this one was not recorded, run or charged: retry later"
 NOT_CONFIRMED = ("the audit stream did not confirm this request before its deadline: retry later (a copy it "
                  "recorded without confirming is never run past the deadline)")
+OUTAGE_SETTLE_S = 10.0  # after an outage, how long the bus must be back before the edge stops waiting
+OUTAGE_WAIT_S = 120.0  # and the most it waits past the deadline for the pipeline's answer
 PUBLISH_TRY_S = 2.0  # one publish's wait for the stream's acknowledgement before it is sent again
 
 
@@ -57,6 +60,7 @@ class Edge:
         self.answered: dict[str, None] = {}  # insertion-ordered, the oldest dropped first
         self.ready: tuple[float, dict[str, bool]] = (0.0, {})  # when last looked, and what was seen
         self.metrics = EdgeMetrics()
+        self.unhealthy_at = -1e9  # loop time the bus last failed a ping (watch_bus)
 
     async def start(self) -> None:
         """Listen for replies and subscribe to every `gw.submit.<app>` (queue group `edge`)."""
@@ -125,6 +129,7 @@ class Edge:
     async def call(self, cmd: SubmitRequest) -> SubmitReply:
         """The HTTP path: submit, wait on this replica's inbox, and record what the caller gets."""
         request_id, started = uuid.uuid4().hex, time.monotonic()
+        waited_from = asyncio.get_running_loop().time()
         fut: asyncio.Future[tuple[SubmitReply, str | None]] = asyncio.get_running_loop().create_future()
         self.pending[request_id] = fut
         try:
@@ -132,10 +137,12 @@ class Edge:
             if refused is not None and not fut.done():  # done: it was stored after all, and answered
                 self._count("http", cmd, None, refused, started)
                 return refused
-            reply, team = await asyncio.wait_for(fut, self._backstop(cmd))
-            self._answered(request_id)
-        except TimeoutError:
-            reply, team = decider.timeout_reply(request_id), None
+            try:
+                reply, team = await asyncio.wait_for(asyncio.shield(fut), self._backstop(cmd))
+            except TimeoutError:
+                reply, team = await self._after_outage(fut, waited_from) or (decider.timeout_reply(request_id), None)
+            if fut.done():
+                self._answered(request_id)
         finally:  # from here on a reply for this request finds no caller (`_on_reply`)
             self.pending.pop(request_id, None)
         await self._record(decider.handed_over(reply, team, "waiting", bus.now_utc(), self.version))
@@ -148,6 +155,7 @@ class Edge:
         recorded as undelivered when it comes."""
         request_id, started = uuid.uuid4().hex, time.monotonic()
         loop = asyncio.get_running_loop()
+        waited_from = loop.time()
         fut: asyncio.Future[tuple[SubmitReply, str | None]] = loop.create_future()
         queue: asyncio.Queue[StreamChunk] = asyncio.Queue()
         self.pending[request_id], self.streams[request_id] = fut, queue
@@ -177,7 +185,12 @@ class Edge:
                     while not queue.empty():  # tokens that came before the reply go first
                         yield queue.get_nowait()
                 else:
-                    outcome = (decider.timeout_reply(request_id), None)
+                    late = await self._after_outage(fut, waited_from)
+                    outcome = late or (decider.timeout_reply(request_id), None)
+                    if late is not None:
+                        self._answered(request_id)
+                        while not queue.empty():
+                            yield queue.get_nowait()
             streamed_out = True
         finally:
             if getter is not None:
@@ -193,6 +206,51 @@ class Edge:
         await self._record(decider.handed_over(outcome[0], outcome[1], "waiting", bus.now_utc(), self.version))
         self._count("http", cmd, outcome[1], outcome[0], started)
         yield outcome[0]
+
+    async def watch_bus(self, stop: asyncio.Event) -> None:
+        """Note when JetStream last failed to answer (disconnected, or a broker that hangs without
+        closing the connection): the edge's 504 must not be a guess made during an outage.
+
+        It asks for its own durable's info, a request whose late answer is dropped. Not a PING
+        (`nc.flush`): nats-py's read loop dies on the PONG of a flush that timed out, which a frozen
+        broker causes (found by this very watch in a fault test).
+        """
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            try:
+                if not self.nc.is_connected:
+                    raise ConnectionError
+                await self.js.consumer_info(subjects.STREAM, "edge", timeout=1.0)
+            except Exception:
+                self.unhealthy_at = loop.time()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+
+    def _bus_unsteady_since(self, started: float) -> bool:
+        loop_now = asyncio.get_running_loop().time()
+        return self.unhealthy_at >= started - 1.0 or loop_now - self.unhealthy_at < OUTAGE_SETTLE_S
+
+    async def _after_outage(self, fut: asyncio.Future[tuple[SubmitReply, str | None]], started: float
+                            ) -> tuple[SubmitReply, str | None] | None:
+        """The pipeline's answer after the backstop, when the bus was away during the request.
+
+        A stage that decided before the deadline may have had its fact buffered (nats-py, or a
+        frozen broker's socket) and stored only after the bus came back; a 504 guessed meanwhile
+        told a caller "failed" for a request then settled and charged (a hostile review did it with
+        broker kills and SIGSTOP). So after an outage the edge waits for what the pipeline decides
+        (the answer, or the budget's deadline end, which charges nothing) until the bus has been
+        steady OUTAGE_SETTLE_S, at most OUTAGE_WAIT_S; None when there was no outage or nothing came.
+        """
+        loop = asyncio.get_running_loop()
+        if not self._bus_unsteady_since(started):
+            return None
+        until = loop.time() + OUTAGE_WAIT_S
+        while loop.time() < until and loop.time() - self.unhealthy_at < OUTAGE_SETTLE_S:
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), 1.0)
+            except TimeoutError:
+                continue
+        return None
 
     def _backstop(self, cmd: SubmitRequest) -> float:
         """How long this replica waits for the reply: the request's deadline, which every stage
@@ -378,7 +436,11 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
         site = web.TCPSite(runner, settings.http_host, settings.http_port)
         await site.start()
         log.info("edge listening on http://%s:%d", settings.http_host, settings.http_port)
+        watching = asyncio.create_task(edge.watch_bus(stop))
         try:
             await bus.consume(edge.js, "edge", edge.respond, stop)
         finally:
             await runner.cleanup()
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
