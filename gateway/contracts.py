@@ -20,6 +20,10 @@ from .services.edge.decider import OpenAIChatRequest
 from .services.edge.openai_shapes import ChatCompletion, ChatCompletionChunk, OpenAIErrorEnvelope
 
 OPENAPI_FILE, ASYNCAPI_FILE = "openapi.json", "asyncapi.json"
+# One server-sent event of a streamed answer: `data` is a chat.completion.chunk as JSON (x-chunk-schema),
+# an `error` object, or the final `[DONE]`.
+SSE_EVENT = {"type": "object", "required": ["data"],
+             "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
 VERSION = "0.1.0"
 
 
@@ -59,8 +63,7 @@ def openapi() -> dict[str, Any]:
         "responses": {
             "200": {"description": "the answer; server-sent chunks when `stream` is true", "headers": request_id,
                     "content": {"application/json": {"schema": completion},
-                                "text/event-stream": {"schema": {"type": "string"},
-                                                      "x-chunk-schema": chunk}}},
+                                "text/event-stream": {"schema": SSE_EVENT, "x-chunk-schema": chunk}}},
             **errors,
         },
     }
