@@ -9,7 +9,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import nats_auth, procs
+from . import nats_auth, procs, tls
+from .tls import BusCerts
 
 LISTENING = "Listening for client connections on"
 
@@ -34,11 +35,12 @@ class ClusterNode:
     peers: tuple[int, ...]  # the other nodes' route ports (loopback in tests; hosts in compose.yaml)
     cluster_name: str = "gw"
 
-    def config_text(self, host: str) -> str:
+    def config_text(self, host: str, certs: BusCerts | None = None) -> str:
         routes = ", ".join(f'"nats-route://{host}:{p}"' for p in self.peers)
+        route_tls = tls.server_block(certs, verify=True) if certs is not None else ""  # nodes prove themselves
         return (f'server_name: "{self.server_name}"\n'
                 f'cluster {{ name: "{self.cluster_name}", listen: "{host}:{self.cluster_port}", '
-                f"routes: [{routes}] }}\n")
+                f"routes: [{routes}]\n{route_tls}}}\n")
 
 
 class Broker:
@@ -52,9 +54,10 @@ class Broker:
         max_payload: int = 1 << 20,
         creds_dir: Path | None = None,
         cluster: ClusterNode | None = None,
+        certs: BusCerts | None = None,
     ) -> None:
         self.data_dir, self.host, self.port, self.max_payload = data_dir, host, port, max_payload
-        self.cluster = cluster
+        self.cluster, self.certs = cluster, certs  # certs: TLS for clients (and routes), none on a bare test bus
         self.creds_dir = creds_dir  # every identity's NKey seed (None: no authentication, tests of the floor only)
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
@@ -78,8 +81,10 @@ class Broker:
             f'pid_file: "{self.pid_file.resolve()}"\n'
             f'jetstream {{ store_dir: "{store}" }}\n'
         )
+        if self.certs is not None:
+            text += tls.server_block(self.certs, verify=False)
         if self.cluster is not None:
-            text += self.cluster.config_text(self.host)
+            text += self.cluster.config_text(self.host, self.certs)
         # the users live in their own file, so adding or revoking an application rewrites only it
         return text + (f'include "{nats_auth.AUTH_FILE}"\n' if self.creds_dir is not None else "")
 
@@ -104,7 +109,7 @@ class Broker:
         if m is None:
             raise RuntimeError(f"cannot read the port from {line!r}")
         self.port = int(m.group(2))  # a restart (the supervisor's) listens where the workers reconnect
-        self.url = f"nats://{self.host}:{self.port}"
+        self.url = f"{'tls' if self.certs is not None else 'nats'}://{self.host}:{self.port}"
         return self.url
 
     def stop(self) -> None:

@@ -35,9 +35,10 @@ def _table(cols: Sequence[str], rows: Sequence[Sequence[object]], title: str | N
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run one service until SIGTERM/SIGINT."""
+    from .services import logs
     from .supervisor import SERVICES
 
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s %(message)s")
+    logs.configure(args.name)  # JSON lines carrying request_id (services/logs.py)
     settings = msgspec.json.decode(Path(args.settings).read_bytes(), type=WorkerSettings)
 
     async def main() -> None:
@@ -76,6 +77,30 @@ def cmd_up(args: argparse.Namespace) -> int:
     finally:
         gw.stop()
     console.print("stopped cleanly")
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    """Make the bus's CA and the brokers' certificate (tests and demos; an enclave brings its PKI)."""
+    from .tls import make
+
+    hosts = tuple(args.host or ("localhost", "127.0.0.1", "::1"))
+    certs = make(Path(args.dir), hosts)
+    console.print(f"CA {certs.ca_file}; broker certificate {certs.cert_file} for {', '.join(hosts)}; "
+                  f"key {certs.key_file} (0600)", soft_wrap=True)
+    return 0
+
+
+def cmd_cluster_layout(args: argparse.Namespace) -> int:
+    """Write what compose.yaml mounts: node configs, NKey users, TLS, worker settings."""
+    from .cluster_layout import write
+
+    endpoints = dict(e.split("=", 1) for e in args.endpoint)
+    written = write(Path(args.dir), Path(args.policy_dir), endpoints, [Path(p) for p in args.signer], args.nodes)
+    console.print(f"wrote {len(written)} files into {args.dir} (seeds and the broker key 0600: keep it off git)")
+    if not args.signer:
+        console.print(f"[yellow]DEV policy signer in {Path(args.dir) / 'keys'}: pass --signer FILE.pub.json "
+                      "to pin your own before an assessment[/]")
     return 0
 
 
@@ -151,12 +176,16 @@ def cmd_bus_setup(args: argparse.Namespace) -> int:
     """Create or update the stream and consumers on an existing (clustered) NATS."""
     from .runtime import setup_topology
 
-    settings = WorkerSettings(
-        nats_url=args.url, data_dir=args.data_dir, policy_dir=args.policy_dir,
-        creds_dir=str(Path(args.data_dir) / "creds")
-    )
+    if args.settings:  # a deployment's worker settings: its URLs, NKeys and pinned CA
+        settings = msgspec.json.decode(Path(args.settings).read_bytes(), type=WorkerSettings)
+    elif args.url:
+        settings = WorkerSettings(nats_url=args.url, data_dir=args.data_dir, policy_dir=args.policy_dir,
+                                  creds_dir=str(Path(args.data_dir) / "creds"))
+    else:
+        console.print("[red]bus-setup needs --settings FILE or --url URL[/]")
+        return 2
     asyncio.run(setup_topology(settings, args.replicas, tuple(args.endpoint)))
-    console.print(f"GW_EVENTS ready on {args.url} with {args.replicas} replica(s)")
+    console.print(f"GW_EVENTS ready on {settings.nats_url} with {args.replicas} replica(s)")
     return 0
 
 
@@ -387,7 +416,8 @@ def parser() -> argparse.ArgumentParser:
     ti.add_argument("--data-dir", default="var")
     ti.set_defaults(func=cmd_token_issue)
     bs = sub.add_parser("bus-setup", help="create the stream and consumers on a running NATS (clusters)")
-    bs.add_argument("--url", required=True)
+    bs.add_argument("--url", help="the bus (or give --settings)")
+    bs.add_argument("--settings", help="a worker settings file (gateway cluster-layout): URLs, NKeys, CA")
     bs.add_argument("--replicas", type=int, default=1)
     bs.add_argument("--data-dir", default="var", help="where creds/admin.creds.json is, if the bus has users")
     bs.add_argument("--policy-dir", default="", help="a bundle whose catalog's endpoints get their invokers' durables")
@@ -439,6 +469,19 @@ def parser() -> argparse.ArgumentParser:
     evv.set_defaults(func=cmd_evidence_verify)
     ids = sub.add_parser("identities", help="the registry of NATS identities and their permissions (Markdown)")
     ids.set_defaults(func=cmd_identities)
+    cer = sub.add_parser("certs", help="make the bus's CA and the brokers' TLS certificate (tests, demos)")
+    cer.add_argument("dir")
+    cer.add_argument("--host", action="append", default=None, help="a name or address the brokers answer at "
+                     "(repeat; default localhost, 127.0.0.1, ::1)")
+    cer.set_defaults(func=cmd_certs)
+    cl = sub.add_parser("cluster-layout", help="write what compose.yaml mounts (NATS nodes, NKeys, TLS, settings)")
+    cl.add_argument("dir")
+    cl.add_argument("--policy-dir", default="policies", help="the bundle whose catalog's endpoints are protected")
+    cl.add_argument("--endpoint", action="append", default=[], metavar="NAME=URL",
+                    help="a model server the invokers reach (repeat)")
+    cl.add_argument("--signer", action="append", default=[], metavar="FILE.pub.json", help="a pinned policy signer")
+    cl.add_argument("--nodes", type=int, default=3)
+    cl.set_defaults(func=cmd_cluster_layout)
     con = sub.add_parser("contracts", help="write the edge's OpenAPI and the bus's AsyncAPI documents")
     con.add_argument("--write", default="docs", metavar="DIR", help="folder to write them into (default: docs)")
     con.set_defaults(func=cmd_contracts)

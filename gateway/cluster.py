@@ -10,7 +10,7 @@ from pathlib import Path
 import nats.errors
 from nats.js.errors import BadRequestError, ServiceUnavailableError
 
-from . import nats_auth, procs
+from . import nats_auth, procs, tls
 from .broker import Broker, ClusterNode
 from .schemas import subjects
 from .services import bus
@@ -21,14 +21,16 @@ class LocalCluster:
     """`size` routed nodes; `url` lists every node, as a worker's seed list does."""
 
     def __init__(self, data_dir: Path, creds_dir: Path, size: int = 3, endpoints: tuple[str, ...] = (),
-                 apps: tuple[str, ...] = ()) -> None:
+                 apps: tuple[str, ...] = (), use_tls: bool = True) -> None:
         self.creds_dir = creds_dir
+        # TLS for clients and between nodes (routes verify each other), from one CA of the cluster's
+        self.certs = tls.make(data_dir / "tls") if use_tls else None
         nats_auth.ensure_creds(creds_dir, apps)
         if endpoints:  # their durables are named in every node's auth config before they exist
             nats_auth.record_endpoints(creds_dir, set(endpoints))
         route_ports = [procs.free_port() for _ in range(size)]
         self.nodes = [
-            Broker(data_dir / f"n{i + 1}", port=procs.free_port(), creds_dir=creds_dir,
+            Broker(data_dir / f"n{i + 1}", port=procs.free_port(), creds_dir=creds_dir, certs=self.certs,
                    cluster=ClusterNode(f"n{i + 1}", route_ports[i],
                                        tuple(p for j, p in enumerate(route_ports) if j != i)))
             for i in range(size)
@@ -37,7 +39,8 @@ class LocalCluster:
     @property
     def url(self) -> str:
         """Every node's client URL, comma-separated (bus.connect takes the list)."""
-        return ",".join(f"nats://{n.host}:{n.port}" for n in self.nodes)
+        scheme = "tls" if self.certs is not None else "nats"
+        return ",".join(f"{scheme}://{n.host}:{n.port}" for n in self.nodes)
 
     def start(self) -> str:
         """Start every node; returns the seed list."""

@@ -13,6 +13,9 @@ class NatsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     host: str = "127.0.0.1"
     port: int = 4222
+    # TLS for every connection to the bus, with certificates `gateway up` makes in the data dir
+    # (tls/) when none exist: the workers pin that CA, so a process squatting the port gets nothing
+    tls: bool = False
 
 
 class HttpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

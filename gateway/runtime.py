@@ -20,7 +20,7 @@ from types import TracebackType
 import msgspec
 from nats.aio.client import Client
 
-from . import config, issuer, nats_auth, procs, supervisor
+from . import config, issuer, nats_auth, procs, supervisor, tls
 from .broker import Broker
 from .engine import Engine
 from .policy_admin import DEV_SIGNER, activation, dev_signer, trusted
@@ -188,6 +188,7 @@ class Gateway:
         engine_port: int = 0,
         audit: config.AuditConfig | None = None,
         egress_allow: tuple[str, ...] | None = None,
+        nats_tls: bool = False,
     ) -> None:
         if egress_allow is not None:
             egress.parse(egress_allow)  # a bad entry stops the start, with its name
@@ -198,7 +199,9 @@ class Gateway:
         self.data_dir, self.policy_dir = data_dir.resolve(), policy_dir.resolve()
         self.nats_port, self.http_port, self.max_body_bytes = nats_port, http_port, max_body_bytes
         self.endpoints, self.serve_tiny = dict(endpoints), serve_tiny
-        self.broker = Broker(self.data_dir, host=nats_host, port=nats_port, creds_dir=self.data_dir / "creds")
+        self.certs = tls.make(self.data_dir / "tls", (nats_host, "localhost", "127.0.0.1")) if nats_tls else None
+        self.broker = Broker(self.data_dir, host=nats_host, port=nats_port, creds_dir=self.data_dir / "creds",
+                             certs=self.certs)
         self.engine: Engine | None = Engine(self.data_dir, port=engine_port or None) if serve_tiny else None
         self.notices: list[str] = []  # what `gateway up` must say on start (dev keys in use)
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
@@ -226,6 +229,7 @@ class Gateway:
             engine_port=cfg.engine.port,
             audit=cfg.audit,
             egress_allow=tuple(cfg.enclave.allow) if cfg.enclave.enabled else None,
+            nats_tls=cfg.nats.tls,
         )
 
     @property
@@ -258,6 +262,7 @@ class Gateway:
             audit_checkpoint_events=self.audit.checkpoint_events,
             audit_checkpoint_s=self.audit.checkpoint_seconds,
             egress_allow=self.egress_allow,
+            nats_ca_file=str(self.certs.ca_file) if self.certs is not None else "",
         )
         supervisor.write_settings(self.settings)
         asyncio.run(setup_topology(self.settings))
@@ -392,7 +397,8 @@ def reachable_settings(data_dir: Path) -> Iterator[WorkerSettings]:
     if asyncio.run(alive()):
         yield settings
         return
-    broker = Broker(data_dir.resolve(), creds_dir=data_dir.resolve() / "creds")
+    certs = tls.paths(data_dir.resolve() / "tls") if settings.nats_ca_file else None
+    broker = Broker(data_dir.resolve(), creds_dir=data_dir.resolve() / "creds", certs=certs)
     url = broker.start()
     try:
         yield msgspec.structs.replace(settings, nats_url=url)

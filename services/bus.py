@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
@@ -38,6 +39,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 
 from ..schemas import codec, subjects
 from ..schemas.events import AnyEvent, BudgetReserved, MessageRejected, RequestFailed, Reservation, envelope
+from . import logs
 from .credentials import load_creds
 from .registry import INVOKER_ACK_WAIT_S, ConsumerSpec, by_name, durables, invoker_durable
 from .settings import WorkerSettings
@@ -75,11 +77,14 @@ async def connect(settings: WorkerSettings, name: str, *, keep_trying: bool = Tr
     auth: dict[str, str] = {}
     if creds is not None:  # NKey challenge-response: the seed signs the server's nonce, nothing secret is sent
         auth = {"nkeys_seed": creds.seed_file, "inbox_prefix": creds.inbox_prefix}
+    secure: dict[str, object] = {}
+    if settings.nats_ca_file:  # the server proves itself first: TLS before it says anything
+        secure = {"tls": ssl.create_default_context(cafile=settings.nats_ca_file), "tls_handshake_first": True}
     if keep_trying:
         watch = OutageLog(name)
         watch.nc = await nats.connect(
             servers, name=f"gw-{name}", max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-            error_cb=watch.error, disconnected_cb=watch.lost, reconnected_cb=watch.back, **auth
+            error_cb=watch.error, disconnected_cb=watch.lost, reconnected_cb=watch.back, **auth, **secure
         )
         return watch.nc
 
@@ -94,6 +99,7 @@ async def connect(settings: WorkerSettings, name: str, *, keep_trying: bool = Tr
         max_reconnect_attempts=1,  # 0 would retry the first connect forever (nats-py)
         error_cb=quiet,
         **auth,
+        **secure,
     )
 
 
@@ -307,7 +313,15 @@ async def consume(
 
 
 async def process(js: JetStreamContext, stage: str, handle: Handler, msg: Msg) -> None:
-    """Handle one message; never raises."""
+    """Handle one message; never raises. Its log lines carry the request it belongs to."""
+    token = logs.request_id.set(logs.request_of_msg_id((msg.headers or {}).get("Nats-Msg-Id")))
+    try:
+        await _process(js, stage, handle, msg)
+    finally:
+        logs.request_id.reset(token)
+
+
+async def _process(js: JetStreamContext, stage: str, handle: Handler, msg: Msg) -> None:
     try:
         await handle(msg)
         await msg.ack()

@@ -24,6 +24,9 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     trust_dev_issuer: bool = True
     # Where each identity's NKey seed lives; empty = connect without authentication.
     creds_dir: str = ""
+    # The CA that signed the brokers' certificate: set, every connection starts with a TLS
+    # handshake and refuses a server that cannot show that certificate (issue 11 item 4).
+    nats_ca_file: str = ""
     # Pinned policy signers (key id -> base64 Ed25519 public key), from the deployment's
     # configuration, never from the bundle or the stream: an activation none of them signed is refused.
     policy_signers: dict[str, str] = {}

@@ -1,6 +1,6 @@
 """The gateway on a 3-node JetStream cluster (issue 11 item 4): three nats-server processes routed
-on loopback, GW_EVENTS at R3, two replicas of every worker spread over the nodes, and the stream's
-leader killed during traffic.
+on loopback over TLS (clients and routes), GW_EVENTS at R3, two replicas of every worker spread over
+the nodes, and the stream's leader killed during traffic.
 
 ADR-31 (direct gets): with `allow_direct` every replica of an R3 stream answers a direct get, so a
 follower that lags can answer one stale. The budget's catch-up reads its team's newest ledger fact
@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import msgspec
+import nats.errors
 import pytest
 import pytest_asyncio
 from enclave_gateway import issuer, policy_admin, procs, runtime, supervisor
@@ -63,6 +64,7 @@ async def replicas(cluster: LocalCluster, cluster_dirs: tuple[Path, Path], engin
     _, signer, _ = policy_admin.dev_signer(data / "keys")
     base = WorkerSettings(nats_url=cluster.url, data_dir=str(data), policy_dir=str(policies),
                           endpoints={"local-llama": engine}, creds_dir=str(data / "creds"),
+                          nats_ca_file=str(cluster.certs.ca_file) if cluster.certs else "",
                           request_timeout_s=30.0, policy_signers={signer.kid: signer.public_key})
     await wait_for_jetstream(base)
     await setup_when_placed(base, replicas=3)
@@ -205,8 +207,13 @@ async def test_with_quorum_lost_nothing_is_served_or_charged_unrecorded_and_it_r
     app = await bus.connect(replicas[0], f"app.{APP}")
     try:
         chat = ChatBody(model="enclave-tiny", messages=(ChatMessage(role="user", content="quorum?"),), max_tokens=3)
-        msg = await app.request(subjects.submit(APP), codec.encode(SubmitRequest(token=token, chat=chat,
-                                                                                   timeout_s=4.0)), timeout=30)
+        body = codec.encode(SubmitRequest(token=token, chat=chat, timeout_s=4.0))
+        for _ in range(60):  # until an edge replica has reconnected to the node left (no responders before)
+            try:
+                msg = await app.request(subjects.submit(APP), body, timeout=30)
+                break
+            except nats.errors.NoRespondersError:
+                await asyncio.sleep(0.5)
         reply = codec.decode_reply(msg.data)
         assert reply.completion is None and reply.error is not None
         assert reply.error.code == "audit_unavailable", reply.error

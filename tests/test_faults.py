@@ -82,7 +82,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, slow_model: str) -> Iterat
     with open(policies / "access_policy.csv", "a") as fh:
         fh.write(f"p, team:{TEAM}, slow-model\np, team:{TEAM}, enclave-tiny\n")
     gw = Gateway(data, policies, nats_port=-1, http_port=0, endpoints={"slow": slow_model},
-                 serve_tiny="local-llama", request_timeout_s=30.0)
+                 serve_tiny="local-llama", request_timeout_s=30.0, nats_tls=True)  # as [nats] tls = true
     gw.say = lambda line: None
     with gw:
         done = _supervised(gw)
@@ -389,3 +389,41 @@ async def test_a_broker_frozen_across_the_deadline_never_makes_a_504_that_is_cha
     await _ready(gateway)
     events = await _settled(admin)
     _check_consistent(events, views)  # a 504 is never charged; a 200 is
+
+
+async def test_a_stage_that_falls_behind_catches_up_and_nothing_is_lost_or_charged_twice(
+        gateway: Gateway, admin: Client) -> None:
+    """A slow consumer: the budget frozen while requests pile up (they wait, or end at their
+    deadline uncharged), then let go: its backlog is worked off in order."""
+    token = issuer.issue(gateway.data_dir / "keys", subject="fault-tester", team=TEAM, ttl_s=3600)
+    budget = gateway.workers["budget"]
+    os.kill(budget.pid, signal.SIGSTOP)
+    try:
+        asking = asyncio.ensure_future(_ask(gateway, token, 6, "enclave-tiny", deadline_s=20))
+        await asyncio.sleep(4.0)
+        info = await admin.jetstream().consumer_info("GW_EVENTS", "budget")
+        assert info.num_pending + info.num_ack_pending > 0  # its work waits for it
+    finally:
+        os.kill(budget.pid, signal.SIGCONT)
+    views = await asking
+    assert all(v[0] in (200, 504) for v in views), views
+    assert any(v[0] == 200 for v in views), views
+    events = await _settled(admin)
+    _check_consistent(events, views)
+    assert gateway.workers["budget"].pid == budget.pid  # slow is not dead: nothing was restarted
+
+
+async def test_every_worker_logs_json_lines_that_name_the_requests(gateway: Gateway) -> None:
+    token = issuer.issue(gateway.data_dir / "keys", subject="fault-tester", team=TEAM, ttl_s=3600)
+    _, refused, code = (await _ask(gateway, token, 1, "no-such-model"))[0]
+    assert code == "model_not_found"
+    await asyncio.sleep(0.5)
+    edge_lines = [json.loads(line) for line in (gateway.data_dir / "logs" / "edge.log").read_text().splitlines()]
+    assert any(e.get("request_id") == refused and "model_not_found" in e["msg"] for e in edge_lines)
+    named = 0
+    for worker in WORKERS:
+        for line in (gateway.data_dir / "logs" / f"{worker}.log").read_text().splitlines():
+            entry = json.loads(line)  # every line, through crashes and outages
+            assert entry["service"] == worker
+            named += "request_id" in entry
+    assert named > 0  # the retries and refusals of the faults above name their request

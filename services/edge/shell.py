@@ -23,7 +23,7 @@ from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 from ...schemas import codec, subjects
 from ...schemas.commands import StreamChunk, SubmitReply, SubmitRequest
 from ...schemas.events import AnyEvent
-from .. import bus, catalog, registry, worker
+from .. import bus, catalog, logs, registry, worker
 from ..authz import policy_view
 from ..authz.decider import AuthzPolicy, visible_models
 from ..authz.tokens import TokenDefect
@@ -129,6 +129,7 @@ class Edge:
     async def call(self, cmd: SubmitRequest) -> SubmitReply:
         """The HTTP path: submit, wait on this replica's inbox, and record what the caller gets."""
         request_id, started = uuid.uuid4().hex, time.monotonic()
+        logs.request_id.set(request_id)  # this caller's task: its log lines name the request
         waited_from = asyncio.get_running_loop().time()
         fut: asyncio.Future[tuple[SubmitReply, str | None]] = asyncio.get_running_loop().create_future()
         self.pending[request_id] = fut
@@ -154,6 +155,7 @@ class Edge:
         reply (the authority on content and usage). Closed early (the caller hung up), the reply is
         recorded as undelivered when it comes."""
         request_id, started = uuid.uuid4().hex, time.monotonic()
+        logs.request_id.set(request_id)
         loop = asyncio.get_running_loop()
         waited_from = loop.time()
         fut: asyncio.Future[tuple[SubmitReply, str | None]] = loop.create_future()
@@ -298,6 +300,8 @@ class Edge:
 
     def _count(self, entry: str, cmd: SubmitRequest, team: str | None, reply: SubmitReply,
                started: float | None) -> None:
+        if reply.error is not None:  # an operator's trail of refusals (the line names the request, never its text)
+            log.info("answered %s: %s", entry, reply.error.code)
         models = (m.id for m in self.session.policy.bundle.catalog.model)
         seconds = None if started is None else time.monotonic() - started
         self.metrics.answered(entry, cmd.chat.model, models, team, reply, seconds)

@@ -1,0 +1,65 @@
+"""Structured logs (issue 11 item 10): one JSON object per line, carrying the request being handled,
+so a log line can be joined to the audit trail by `request_id` without ever holding prompt text.
+
+The request id travels in a context variable: the bus sets it for each message it hands a handler
+(from the `Nats-Msg-Id` every event is published with, `<request_id>:<stage>`), the edge for each
+caller; asyncio copies it into the tasks they start.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+from datetime import UTC, datetime
+
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+
+def request_of_msg_id(msg_id: str | None) -> str | None:
+    """The request id inside an event's `Nats-Msg-Id` (`<request_id>:<stage>`), if it has one."""
+    if not msg_id or ":" not in msg_id:
+        return None
+    return msg_id.split(":", 1)[0] or None
+
+
+class JsonLines(logging.Formatter):
+    """`{"ts", "level", "service", "logger", "msg", "request_id"?, "exc_type"?}` on one line.
+
+    An exception is named by its type and where it was raised, never by its message or a
+    traceback's locals: a model server's error text can quote the prompt.
+    """
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "service": self.service,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        rid = request_id.get()
+        if rid:
+            line["request_id"] = rid
+        if record.exc_info and record.exc_info[0] is not None:
+            tb = record.exc_info[2]
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            line["exc_type"] = record.exc_info[0].__name__
+            if tb is not None:
+                line["exc_at"] = f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}"
+        return json.dumps(line, ensure_ascii=False)
+
+
+def configure(service: str, level: int = logging.INFO) -> None:
+    """Send the process's logs to stderr as JSON lines (`gateway worker` runs with this)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLines(service))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.captureWarnings(True)  # a library's warning is a line like any other, not raw stderr
