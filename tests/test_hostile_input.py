@@ -41,6 +41,13 @@ async def _post(http_url: str, body: bytes | dict[str, object], headers: dict[st
     (_chat(temperature=2.5), "temperature"),
     (_chat(model="m" * 10_000), "model"),
     (_chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), "text"),
+    # fields the gateway does not honour are refused by name, never silently ignored (issue 11 item 8)
+    (_chat(response_format={"type": "json_object"}), "response_format"),
+    (_chat(top_p=0.2), "top_p"),
+    (_chat(stop=["\n"]), "stop"),
+    (_chat(logprobs=True), "logprobs"),
+    (_chat(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]), "tool_calls"),
 ])
 async def test_a_hostile_body_is_an_openai_shaped_400_and_a_record(admin: Client, http_url: str, token_for,
                                                                    body: bytes | dict[str, object], why: str) -> None:
@@ -52,6 +59,13 @@ async def test_a_hostile_body_is_an_openai_shaped_400_and_a_record(admin: Client
                 if b.get("subject") == "http:/v1/chat/completions" and why in str(b.get("detail", "")).lower()]
     assert rejected, "no record in the stream"
     assert all(SECRET_TEXT not in str(b) for b in rejected)
+
+
+async def test_the_neutral_values_client_libraries_send_by_default_are_accepted(http_url: str, token_for) -> None:
+    neutral = {"top_p": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "stop": None,
+               "logprobs": False, "response_format": {"type": "text"}, "user": "u-1", "n": 1}
+    status, answer, _ = await _post(http_url, _chat(**neutral), {"Authorization": f"Bearer {token_for('gamma')}"})
+    assert status == 200, answer
 
 
 async def test_text_content_parts_are_accepted_as_openai_does(http_url: str, token_for) -> None:

@@ -73,6 +73,9 @@ class _InMessage(Struct, frozen=True, kw_only=True):
 
     role: str
     content: str | tuple[_ContentPart, ...] | None  # required, as OpenAI's; null only means no text
+    tool_calls: Any | None = None  # an assistant's earlier tool calls: refused by name (no tools here)
+    function_call: Any | None = None
+    audio: Any | None = None
 
 
 class OpenAIChatRequest(Struct, frozen=True, kw_only=True):
@@ -91,9 +94,46 @@ class OpenAIChatRequest(Struct, frozen=True, kw_only=True):
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     tool_choice: Any | None = None
+    # OpenAI fields the gateway does not honour: accepted at their neutral value (what many clients
+    # send by default), refused by name otherwise, never silently ignored (NEUTRAL below)
+    function_call: Any | None = None
+    response_format: Any | None = None
+    logit_bias: Any | None = None
+    logprobs: Any | None = None
+    top_logprobs: Any | None = None
+    stop: Any | None = None
+    presence_penalty: Any | None = None
+    frequency_penalty: Any | None = None
+    top_p: Any | None = None
+    modalities: Any | None = None
+    audio: Any | None = None
+    prediction: Any | None = None
+    reasoning_effort: Any | None = None
+    web_search_options: Any | None = None
+    verbosity: Any | None = None
 
 
 _chat_request = msgspec.json.Decoder(OpenAIChatRequest)
+# The value of each unhonoured field that asks for nothing (a client library's default); any other
+# value is refused by name. Fields absent here (user, metadata, store, service_tier,
+# parallel_tool_calls without tools) change nothing about the answer and are accepted as sent.
+NEUTRAL: dict[str, tuple[object, ...]] = {
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "logit_bias": ({},),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "stop": ([],),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "top_p": (1, 1.0),
+    "modalities": (["text"],),
+    "audio": (),
+    "prediction": (),
+    "reasoning_effort": (),
+    "web_search_options": (),
+    "verbosity": (),
+}
 ROLES = ("system", "user", "assistant", "developer")  # developer: OpenAI's newer name for system
 MAX_MODEL_NAME = 256
 
@@ -105,7 +145,15 @@ def parse_openai_request(body: bytes) -> OpenAIChatRequest:
         raise codec.DecodeError("`n` must be 1: one choice per request is supported")
     if req.tools or req.functions or req.tool_choice is not None:
         raise codec.DecodeError("tools, functions and tool_choice are not supported by this gateway")
+    for field, neutral in NEUTRAL.items():
+        value = getattr(req, field)
+        if value is not None and value not in neutral:
+            raise codec.DecodeError(f"`{field}` is not supported by this gateway (send it unset)")
     for i, m in enumerate(req.messages):
+        for field in ("tool_calls", "function_call", "audio"):
+            if getattr(m, field) is not None:
+                raise codec.DecodeError(f"messages[{i}].{field}: tool calls and audio are not supported "
+                                        "by this gateway")
         if isinstance(m.content, tuple) and any(p.type != "text" or p.text is None for p in m.content):
             raise codec.DecodeError(f"messages[{i}]: only text content parts are supported")
     validate_chat(to_chat(req))
