@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shutil
 import statistics
@@ -17,7 +18,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -143,22 +144,10 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--concurrency", type=int, default=64)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp_name:
+    with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp_name, fixed_gateway(Path(tmp_name)) as (gw, backend):
         tmp = Path(tmp_name)
-        port = procs.free_port()
-        backend_proc = procs.spawn([sys.executable, str(HERE / "fixed_backend.py"), str(port)],
-                                   tmp / "logs" / "backend.log")
-        backend = f"http://127.0.0.1:{port}"
-        try:
-            _wait(backend)
-            nats_auth.ensure_creds(tmp / "data" / "creds", ("bench",))
-            gw = Gateway(tmp / "data", policy_dir(tmp), nats_port=-1, http_port=0,
-                         endpoints={"local-llama": backend}, serve_tiny=None)
-            with gw:
-                token = issuer.issue(tmp / "data" / "keys", subject="bench", team="bench", ttl_s=7200)
-                results = asyncio.run(scenarios(gw, backend, token, args.requests, args.concurrency, tmp))
-        finally:
-            procs.stop(backend_proc)
+        token = issuer.issue(tmp / "data" / "keys", subject="bench", team="bench", ttl_s=7200)
+        results = asyncio.run(scenarios(gw, backend, token, args.requests, args.concurrency, tmp))
     base = results["backend_direct"]["p50_ms"]
     ratios = {
         "nats_rps_vs_floor": round(results["gateway_nats"]["rps"] / results["floor_5hop"]["rps"], 3),
@@ -173,6 +162,23 @@ def main() -> int:
     print(json.dumps({"requests": args.requests, "concurrency": args.concurrency, "results": results,
                       "ratios": ratios}))
     return 0
+
+
+@contextlib.contextmanager
+def fixed_gateway(tmp: Path) -> Iterator[tuple[Gateway, str]]:
+    """A gateway in `tmp` whose one endpoint is the fixed-answer backend: (gateway, backend URL)."""
+    port = procs.free_port()
+    backend_proc = procs.spawn([sys.executable, str(HERE / "fixed_backend.py"), str(port)],
+                               tmp / "logs" / "backend.log")
+    backend = f"http://127.0.0.1:{port}"
+    try:
+        _wait(backend)
+        nats_auth.ensure_creds(tmp / "data" / "creds", ("bench",))
+        with Gateway(tmp / "data", policy_dir(tmp), nats_port=-1, http_port=0, endpoints={"local-llama": backend},
+                     serve_tiny=None) as gw:
+            yield gw, backend
+    finally:
+        procs.stop(backend_proc)
 
 
 def _wait(url: str) -> None:

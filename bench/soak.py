@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 
 import aiohttp
-from enclave_gateway import issuer, nats_auth, procs
+from enclave_gateway import issuer
 from enclave_gateway.runtime import Gateway
 from rich.progress import Progress
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import BODY, _wait, policy_dir  # noqa: E402 (a script beside this one)
+from run import BODY, fixed_gateway  # noqa: E402 (a script beside this one)
 
 GROWTH_LIMIT = 0.10  # more than 10 % from the second window to the last is reported as growth
 
@@ -105,21 +105,9 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=40.0, help="requests per second")
     ap.add_argument("--window", type=float, default=60.0, help="seconds per printed window")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="gw-soak-") as tmp_name:
-        tmp = Path(tmp_name)
-        port = procs.free_port()
-        backend_proc = procs.spawn([sys.executable, str(HERE / "fixed_backend.py"), str(port)],
-                                   tmp / "logs" / "backend.log")
-        backend = f"http://127.0.0.1:{port}"
-        try:
-            _wait(backend)
-            nats_auth.ensure_creds(tmp / "data" / "creds", ("bench",))
-            with Gateway(tmp / "data", policy_dir(tmp), nats_port=-1, http_port=0,
-                         endpoints={"local-llama": backend}, serve_tiny=None) as gw:
-                token = issuer.issue(tmp / "data" / "keys", subject="soak", team="bench", ttl_s=86400)
-                windows = asyncio.run(soak(gw, token, args.minutes, args.rate, args.window))
-        finally:
-            procs.stop(backend_proc)
+    with tempfile.TemporaryDirectory(prefix="gw-soak-") as tmp_name, fixed_gateway(Path(tmp_name)) as (gw, _):
+        token = issuer.issue(Path(tmp_name) / "data" / "keys", subject="soak", team="bench", ttl_s=86400)
+        windows = asyncio.run(soak(gw, token, args.minutes, args.rate, args.window))
     grew = growth(windows)
     flagged = {n: g for n, g in grew.items() if g > GROWTH_LIMIT}
     print(f"memory growth, second window to last: {grew}")
