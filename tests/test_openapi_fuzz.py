@@ -59,4 +59,6 @@ def _fuzz(http_url: str, token: str, mode: GenerationMode) -> tuple[int, int]:
 async def test_the_edge_answers_what_its_openapi_document_says_for_generated_requests(
         stack: WorkerSettings, http_url: str, token_for, mode: GenerationMode) -> None:  # type: ignore[no-untyped-def]
     calls, reached = await asyncio.to_thread(_fuzz, http_url, token_for("gamma"), mode)
-    assert calls >= 20 and reached >= 5  # the budget was spent on real calls, some answered by the model
+    assert calls >= 20  # the budget was spent on real calls, not filtered away
+    if mode is GenerationMode.POSITIVE:
+        assert reached >= 5  # and some were answered by the model, their answers checked too
