@@ -391,6 +391,25 @@ async def test_a_broker_frozen_across_the_deadline_never_makes_a_504_that_is_cha
     _check_consistent(events, views)  # a 504 is never charged; a 200 is
 
 
+async def test_an_edge_that_stood_still_across_the_deadline_never_makes_a_504_that_is_charged(
+        gateway: Gateway, admin: Client) -> None:
+    """The edge itself paused (a VM pause, a starved process) while the answer was decided in time:
+    on waking it must not guess 504 before it reads the answer waiting for it (a review did this)."""
+    token = issuer.issue(gateway.data_dir / "keys", subject="fault-tester", team=TEAM, ttl_s=3600)
+    edge = gateway.workers["edge"]
+    asking = asyncio.ensure_future(_ask(gateway, token, 2, deadline_s=3))
+    await asyncio.sleep(0.5)
+    edge.send_signal(signal.SIGSTOP)
+    try:
+        await asyncio.sleep(6.0)  # the model answered at 1.5 s; the deadline passed at 3 s
+    finally:
+        edge.send_signal(signal.SIGCONT)
+    views = await asking
+    assert all(v[0] in (200, 504) for v in views), views
+    events = await _settled(admin)
+    _check_consistent(events, views)  # a 504 is never charged
+
+
 async def test_a_stage_that_falls_behind_catches_up_and_nothing_is_lost_or_charged_twice(
         gateway: Gateway, admin: Client) -> None:
     """A slow consumer: the budget frozen while requests pile up (they wait, or end at their

@@ -46,6 +46,10 @@ async def _post(http_url: str, body: bytes | dict[str, object], headers: dict[st
     (_chat(top_p=0.2), "top_p"),
     (_chat(stop=["\n"]), "stop"),
     (_chat(logprobs=True), "logprobs"),
+    (_chat(top_k=5), "top_k"),  # a field OpenAI does not have either: refused, not ignored
+    (_chat(top_p=True), "top_p"),  # not the neutral 1: True == 1 in Python, not in the contract
+    (_chat(max_completion_tokens=0), "max_tokens"),
+    (_chat(messages=[{"role": "user", "content": "x", "name": "alice"}]), "name"),
     (_chat(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]), "tool_calls"),
 ])
@@ -63,7 +67,8 @@ async def test_a_hostile_body_is_an_openai_shaped_400_and_a_record(admin: Client
 
 async def test_the_neutral_values_client_libraries_send_by_default_are_accepted(http_url: str, token_for) -> None:
     neutral = {"top_p": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "stop": None,
-               "logprobs": False, "response_format": {"type": "text"}, "user": "u-1", "n": 1}
+               "logprobs": False, "response_format": {"type": "text"}, "user": "u-1", "n": 1, "stream": None,
+               "tool_choice": "none", "store": False, "metadata": {"app": "x"}}
     status, answer, _ = await _post(http_url, _chat(**neutral), {"Authorization": f"Bearer {token_for('gamma')}"})
     assert status == 200, answer
 

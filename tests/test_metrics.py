@@ -47,3 +47,17 @@ async def test_metrics_count_what_callers_were_told_by_model_team_and_code(
     assert after[("enclave_gateway_bus_connected", ())] == 1
     for durable in ("authz", "budget", "router", "auditor", "edge", "invoker_local-llama"):
         assert ("enclave_gateway_consumer_pending", (("consumer", durable),)) in after, durable
+
+
+async def test_labels_outside_the_policy_and_our_codes_are_other() -> None:
+    from enclave_gateway.schemas.commands import ErrorBody, SubmitReply
+    from enclave_gateway.services.edge.metrics import EdgeMetrics
+
+    metrics = EdgeMetrics()
+    for i in range(50):  # what a forged terminal event could name
+        reply = SubmitReply(request_id=str(i), error=ErrorBody(code=f"zz_reason_{i}", message="x"))
+        metrics.answered("nats", f"zz_model_{i}", ["enclave-tiny"], f"zz_team_{i}", ["alpha"], reply)
+    text = metrics.exposition().decode()
+    series = [line for line in text.splitlines() if line.startswith("enclave_gateway_requests_total{")]
+    assert len(series) == 1 and 'model="other"' in series[0] and 'team="other"' in series[0]
+    assert 'code="other"' in series[0] and series[0].endswith(" 50.0")

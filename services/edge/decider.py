@@ -68,7 +68,7 @@ class _ContentPart(Struct, frozen=True, kw_only=True):
     text: str | None = None
 
 
-class _InMessage(Struct, frozen=True, kw_only=True):
+class _InMessage(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A message as OpenAI accepts it: content as text, or an array of parts (text ones here)."""
 
     role: str
@@ -76,9 +76,12 @@ class _InMessage(Struct, frozen=True, kw_only=True):
     tool_calls: Any | None = None  # an assistant's earlier tool calls: refused by name (no tools here)
     function_call: Any | None = None
     audio: Any | None = None
+    name: Any | None = None  # a participant's name, which the model would see: not passed on, so refused
+    tool_call_id: Any | None = None
+    refusal: Any | None = None
 
 
-class OpenAIChatRequest(Struct, frozen=True, kw_only=True):
+class OpenAIChatRequest(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The OpenAI chat-completions fields the gateway honours, and those it refuses by name rather
     than ignore (`n` above 1, tools, functions): a caller never gets less than it asked for silently."""
 
@@ -88,7 +91,7 @@ class OpenAIChatRequest(Struct, frozen=True, kw_only=True):
     max_completion_tokens: int | None = None
     temperature: float | None = None
     seed: int | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptionsIn | None = None
     n: int | None = None
     tools: list[Any] | None = None
@@ -111,6 +114,13 @@ class OpenAIChatRequest(Struct, frozen=True, kw_only=True):
     reasoning_effort: Any | None = None
     web_search_options: Any | None = None
     verbosity: Any | None = None
+    store: Any | None = None
+    service_tier: Any | None = None
+    # Accepted as sent: they change nothing about the answer (an end-user id for the caller's own
+    # abuse tracing, tags, and a switch that only matters with tools, which are refused)
+    user: Any | None = None
+    metadata: Any | None = None
+    parallel_tool_calls: Any | None = None
 
 
 _chat_request = msgspec.json.Decoder(OpenAIChatRequest)
@@ -118,7 +128,9 @@ _chat_request = msgspec.json.Decoder(OpenAIChatRequest)
 # value is refused by name. Fields absent here (user, metadata, store, service_tier,
 # parallel_tool_calls without tools) change nothing about the answer and are accepted as sent.
 NEUTRAL: dict[str, tuple[object, ...]] = {
-    "function_call": ("none",),
+    "function_call": ("none", "auto"),  # with no functions, "auto" asks for nothing either
+    "store": (False,),
+    "service_tier": ("auto", "default"),
     "response_format": ({"type": "text"},),
     "logit_bias": ({},),
     "logprobs": (False,),
@@ -143,17 +155,16 @@ def parse_openai_request(body: bytes) -> OpenAIChatRequest:
     req: OpenAIChatRequest = codec.decode_json(_chat_request, body)
     if req.n not in (None, 1):
         raise codec.DecodeError("`n` must be 1: one choice per request is supported")
-    if req.tools or req.functions or req.tool_choice is not None:
+    if req.tools or req.functions or req.tool_choice not in (None, "none"):
         raise codec.DecodeError("tools, functions and tool_choice are not supported by this gateway")
     for field, neutral in NEUTRAL.items():
         value = getattr(req, field)
-        if value is not None and value not in neutral:
+        if value is not None and not any(type(value) is type(n) and value == n for n in neutral):
             raise codec.DecodeError(f"`{field}` is not supported by this gateway (send it unset)")
     for i, m in enumerate(req.messages):
-        for field in ("tool_calls", "function_call", "audio"):
+        for field in ("tool_calls", "function_call", "audio", "name", "tool_call_id", "refusal"):
             if getattr(m, field) is not None:
-                raise codec.DecodeError(f"messages[{i}].{field}: tool calls and audio are not supported "
-                                        "by this gateway")
+                raise codec.DecodeError(f"messages[{i}].{field} is not supported by this gateway")
         if isinstance(m.content, tuple) and any(p.type != "text" or p.text is None for p in m.content):
             raise codec.DecodeError(f"messages[{i}]: only text content parts are supported")
     validate_chat(to_chat(req))
@@ -168,11 +179,11 @@ def to_chat(req: OpenAIChatRequest, strategy: str | None = None) -> ChatBody:
         model=req.model,
         messages=tuple(ChatMessage(role="system" if m.role == "developer" else m.role, content=_text(m.content))
                        for m in req.messages),
-        max_tokens=req.max_completion_tokens or req.max_tokens,
+        max_tokens=req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
         temperature=req.temperature,
         seed=req.seed,
-        stream=req.stream,
-        include_usage=req.stream and req.stream_options is not None and req.stream_options.include_usage,
+        stream=bool(req.stream),
+        include_usage=bool(req.stream) and req.stream_options is not None and req.stream_options.include_usage,
     )
 
 

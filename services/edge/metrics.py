@@ -15,6 +15,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ...schemas.commands import SubmitReply
+from ...schemas.reasons import HTTP_STATUS
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -43,12 +44,16 @@ class EdgeMetrics:
                              ["process"], registry=self.registry)
 
     def answered(self, entry: str, model: str, known_models: Iterable[str], team: str | None,
-                 reply: SubmitReply, seconds: float | None = None) -> None:
-        """Count one caller's answer (and, for HTTP callers, how long it took)."""
+                 known_teams: Iterable[str], reply: SubmitReply, seconds: float | None = None) -> None:
+        """Count one caller's answer (and, for HTTP callers, how long it took). A model, team or
+        code outside the policy's and our own lists is `other`: a terminal event forged with any
+        service credential names what it likes (a review grew 600 series that way)."""
         named = model if model in set(known_models) else "other"
         outcome = "completed" if reply.completion is not None else "error"
         code = reply.error.code if reply.error is not None else ""
-        self.requests.labels(entry, named, team or "", outcome, code).inc()
+        code = code if not code or code in HTTP_STATUS else "other"
+        team_label = "" if not team else team if team in set(known_teams) else "other"
+        self.requests.labels(entry, named, team_label, outcome, code).inc()
         if seconds is not None:
             self.seconds.labels(named, outcome).observe(seconds)
 

@@ -9,6 +9,7 @@ caller got: the reply, the 504 at the deadline, or a late reply as undelivered (
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -40,8 +41,7 @@ READY_MEMORY_S = 1.0  # a probe answered from the last look this recent (load ba
 NOT_STORED = (APIError, NoStreamResponseError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError,
               nats.errors.OutboundBufferLimitError)  # NoStreamResponseError: no replica could take it (quorum lost)
 NOT_RECORDED = "the audit stream cannot record requests now; this one was not recorded, run or charged: retry later"
-NOT_CONFIRMED = ("the audit stream did not confirm this request before its deadline: retry later (a copy it "
-                 "recorded without confirming is never run past the deadline)")
+WATCH_GAP_S = 2.5  # watch_bus runs every 0.5 s (at most 1.5 s with a slow answer): a longer gap is a stall
 OUTAGE_SETTLE_S = 10.0  # after an outage, how long the bus must be back before the edge stops waiting
 OUTAGE_WAIT_S = 120.0  # and the most it waits past the deadline for the pipeline's answer
 PUBLISH_TRY_S = 2.0  # one publish's wait for the stream's acknowledgement before it is sent again
@@ -61,6 +61,7 @@ class Edge:
         self.ready: tuple[float, dict[str, bool]] = (0.0, {})  # when last looked, and what was seen
         self.metrics = EdgeMetrics()
         self.unhealthy_at = -1e9  # loop time the bus last failed a ping (watch_bus)
+        self.watched_at = math.inf  # loop time watch_bus last ran (none yet: no stall to see)
 
     async def start(self) -> None:
         """Listen for replies and subscribe to every `gw.submit.<app>` (queue group `edge`)."""
@@ -94,9 +95,11 @@ class Edge:
         maybe_stored = False
         while True:
             left = until - loop.time()
-            if left <= 0:
+            if left <= 0:  # a copy may be stored: the caller waits for the pipeline's word, which the
+                # deadline bounds (a 503 here was charged when a stalled copy ran in time, a review found)
                 log.error("request %s: no acknowledgement from the stream before its deadline", request_id)
-                return decider.error_reply(request_id, "audit_unavailable", NOT_CONFIRMED)
+                self.unhealthy_at = loop.time()
+                return None
             try:
                 await bus.publish_ack(self.js, event, wait_s=min(PUBLISH_TRY_S, left))
                 return None
@@ -131,6 +134,7 @@ class Edge:
         request_id, started = uuid.uuid4().hex, time.monotonic()
         logs.request_id.set(request_id)  # this caller's task: its log lines name the request
         waited_from = asyncio.get_running_loop().time()
+        backstop_at = waited_from + self._backstop(cmd)  # from the submission, however long that took
         fut: asyncio.Future[tuple[SubmitReply, str | None]] = asyncio.get_running_loop().create_future()
         self.pending[request_id] = fut
         try:
@@ -139,7 +143,8 @@ class Edge:
                 self._count("http", cmd, None, refused, started)
                 return refused
             try:
-                reply, team = await asyncio.wait_for(asyncio.shield(fut), self._backstop(cmd))
+                left = max(0.1, backstop_at - asyncio.get_running_loop().time())
+                reply, team = await asyncio.wait_for(asyncio.shield(fut), left)
             except TimeoutError:
                 reply, team = await self._after_outage(fut, waited_from) or (decider.timeout_reply(request_id), None)
             if fut.done():
@@ -158,6 +163,7 @@ class Edge:
         logs.request_id.set(request_id)
         loop = asyncio.get_running_loop()
         waited_from = loop.time()
+        deadline = waited_from + self._backstop(cmd)
         fut: asyncio.Future[tuple[SubmitReply, str | None]] = loop.create_future()
         queue: asyncio.Queue[StreamChunk] = asyncio.Queue()
         self.pending[request_id], self.streams[request_id] = fut, queue
@@ -171,7 +177,6 @@ class Edge:
                 self._count("http", cmd, None, refused, started)
                 yield refused
                 return
-            deadline = loop.time() + self._backstop(cmd)
             while outcome is None:
                 getter = asyncio.ensure_future(queue.get())
                 waiters: set[asyncio.Future[Any]] = {getter, fut}
@@ -219,18 +224,27 @@ class Edge:
         """
         loop = asyncio.get_running_loop()
         while not stop.is_set():
+            now = loop.time()
+            if now - self.watched_at > WATCH_GAP_S:  # this process itself stood still (paused, starved)
+                self.unhealthy_at = now
+            self.watched_at = now
             try:
                 if not self.nc.is_connected:
                     raise ConnectionError
                 await self.js.consumer_info(subjects.STREAM, "edge", timeout=1.0)
             except Exception:
                 self.unhealthy_at = loop.time()
+            self.watched_at = loop.time()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
 
     def _bus_unsteady_since(self, started: float) -> bool:
+        """Whether the bus failed, or this process stood still, since `started` (or lately): then
+        what the pipeline decided may still be on its way, and a 504 would be a guess. A pause is
+        seen by the watch falling behind: a review froze the edge itself, and its 504 was charged."""
         loop_now = asyncio.get_running_loop().time()
-        return self.unhealthy_at >= started - 1.0 or loop_now - self.unhealthy_at < OUTAGE_SETTLE_S
+        stalled = loop_now - self.watched_at > WATCH_GAP_S
+        return stalled or self.unhealthy_at >= started - 1.0 or loop_now - self.unhealthy_at < OUTAGE_SETTLE_S
 
     async def _after_outage(self, fut: asyncio.Future[tuple[SubmitReply, str | None]], started: float
                             ) -> tuple[SubmitReply, str | None] | None:
@@ -302,9 +316,10 @@ class Edge:
                started: float | None) -> None:
         if reply.error is not None:  # an operator's trail of refusals (the line names the request, never its text)
             log.info("answered %s: %s", entry, reply.error.code)
-        models = (m.id for m in self.session.policy.bundle.catalog.model)
+        bundle = self.session.policy.bundle
         seconds = None if started is None else time.monotonic() - started
-        self.metrics.answered(entry, cmd.chat.model, models, team, reply, seconds)
+        self.metrics.answered(entry, cmd.chat.model, (m.id for m in bundle.catalog.model), team,
+                              bundle.budgets.teams, reply, seconds)
 
     async def scrape(self) -> bytes:
         """GET /metrics: the counters, and the consumers' backlog and restarts as of now."""
@@ -425,9 +440,9 @@ class Edge:
             await bus.publish(self.js, bus.caused(fact, event, msg))
             self.state = decider.evolve(self.state, fact)
             if decider.reply_route(event.reply_to) == "application":  # an HTTP caller is counted where it waits
-                models = (m.id for m in self.session.policy.bundle.catalog.model)
-                self.metrics.answered("nats", str(getattr(event, "model", "")), models, decider.team_of(event),
-                                      decider.reply_for(event))
+                bundle = self.session.policy.bundle
+                self.metrics.answered("nats", str(getattr(event, "model", "")), (m.id for m in bundle.catalog.model),
+                                      decider.team_of(event), bundle.budgets.teams, decider.reply_for(event))
 
 
 async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
