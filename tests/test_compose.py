@@ -72,5 +72,16 @@ def test_every_worker_command_and_its_settings_are_accepted_by_the_gateway(tmp_p
         mounts = {v.split(":")[1] for v in service.get("volumes", []) if v.count(":") >= 1}
         if getattr(args, "settings", None):
             assert args.settings in mounts, (name, args.settings)
-            for path in (settings.creds_dir, settings.nats_ca_file):  # what the settings name is mounted
-                assert any(path == m or path.startswith(m + "/") for m in mounts), (name, path)
+            assert settings.nats_ca_file in mounts, name
+            identity = "admin" if args.command == "bus-setup" else args.name
+            seeds = [m for m in mounts if m.startswith(settings.creds_dir)]
+            # its own NKey seed and no other: a compromised container holds one identity
+            assert seeds == [f"{settings.creds_dir}/{identity}.nk"], (name, seeds)
+
+
+def test_a_nats_node_mounts_its_config_users_and_tls_and_no_seed(tmp_path: Path) -> None:
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    for node in cluster_layout.node_names(3):
+        sources = [v.split(":")[0] for v in compose["services"][node]["volumes"]]
+        assert not any("creds" in src or "keys" in src for src in sources), (node, sources)
+        assert f"{LAYOUT}/{node}.conf" in sources and f"{LAYOUT}/{nats_auth.AUTH_FILE}" in sources
