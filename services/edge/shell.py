@@ -94,14 +94,9 @@ class Edge:
         until = loop.time() + decider.caller_wait_s(cmd, self.settings.request_timeout_s)
         maybe_stored = False
         while True:
-            left = until - loop.time()
-            if left <= 0:  # a copy may be stored: the caller waits for the pipeline's word, which the
-                # deadline bounds (a 503 here was charged when a stalled copy ran in time, a review found)
-                log.error("request %s: no acknowledgement from the stream before its deadline", request_id)
-                self.unhealthy_at = loop.time()
-                return None
-            try:
-                await bus.publish_ack(self.js, event, wait_s=min(PUBLISH_TRY_S, left))
+            try:  # a full wait for the acknowledgement, whatever the deadline: storing late is safe
+                # (every stage refuses work past it), but a wait cut short is no sign of an outage
+                await bus.publish_ack(self.js, event, wait_s=PUBLISH_TRY_S)
                 return None
             except NOT_STORED as exc:
                 if not maybe_stored:  # the first try failed for sure: nothing is stored
@@ -109,6 +104,11 @@ class Edge:
                     return decider.error_reply(request_id, "audit_unavailable", NOT_RECORDED)
             except TimeoutError:
                 maybe_stored = True
+            if loop.time() >= until:  # a copy may be stored: the caller waits for the pipeline's word,
+                # which the deadline bounds (a 503 here was charged when a stalled copy ran in time)
+                log.error("request %s: no acknowledgement from the stream before its deadline", request_id)
+                self.unhealthy_at = loop.time()
+                return None
             await asyncio.sleep(min(0.5, max(0.0, until - loop.time())))
 
     async def reject(self, request_id: str, subject: str, code: str, detail: str, reply_to: str | None) -> SubmitReply:
@@ -143,7 +143,7 @@ class Edge:
                 self._count("http", cmd, None, refused, started)
                 return refused
             try:
-                left = max(0.1, backstop_at - asyncio.get_running_loop().time())
+                left = max(0.0, backstop_at - asyncio.get_running_loop().time())
                 reply, team = await asyncio.wait_for(asyncio.shield(fut), left)
             except TimeoutError:
                 reply, team = await self._after_outage(fut, waited_from) or (decider.timeout_reply(request_id), None)
