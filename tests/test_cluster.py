@@ -208,15 +208,20 @@ async def test_with_quorum_lost_nothing_is_served_or_charged_unrecorded_and_it_r
     try:
         chat = ChatBody(model="enclave-tiny", messages=(ChatMessage(role="user", content="quorum?"),), max_tokens=3)
         body = codec.encode(SubmitRequest(token=token, chat=chat, timeout_s=4.0))
+        refused: str | None = None
         for _ in range(60):  # until an edge replica has reconnected to the node left (no responders before)
             try:
-                msg = await app.request(subjects.submit(APP), body, timeout=30)
-                break
+                msg = await app.request(subjects.submit(APP), body, timeout=15)
             except nats.errors.NoRespondersError:
                 await asyncio.sleep(0.5)
-        reply = codec.decode_reply(msg.data)
-        assert reply.completion is None and reply.error is not None
-        assert reply.error.code == "audit_unavailable", reply.error
+                continue
+            except nats.errors.TimeoutError:  # the stream neither stored nor refused it: no word at all,
+                break  # never a "failed" (a copy may be stored; past its deadline it never runs)
+            reply = codec.decode_reply(msg.data)
+            assert reply.completion is None and reply.error is not None
+            assert reply.error.code == "audit_unavailable", reply.error  # the server said no: not recorded
+            refused = reply.request_id
+            break
     finally:
         await app.close()
     for node in down:
@@ -241,6 +246,9 @@ async def test_with_quorum_lost_nothing_is_served_or_charged_unrecorded_and_it_r
     finally:
         await admin.close()
     ledger = [e for e in events if e.get("team") == "alpha" and "spent_micros" in e]
-    refused = codec.decode_reply(msg.data).request_id
-    assert not any(e["type"] == "BudgetSettled" and e.get("request_id") == refused for e in events)
+    if refused is not None:
+        assert not any(e["type"] == "BudgetSettled" and e.get("request_id") == refused for e in events)
+    quorum_lost = [e for e in events if e["type"] == "RequestSubmitted" and "quorum?" in str(e.get("chat"))]
+    assert not any(e["type"] == "BudgetSettled" and e.get("request_id") in {q["request_id"] for q in quorum_lost}
+                   for e in events)  # whatever was stored while the quorum was lost ran past its deadline: uncharged
     assert int(ledger[-1]["spent_micros"]) > int(before["spent_micros"])  # type: ignore[call-overload]
