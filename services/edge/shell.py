@@ -83,8 +83,8 @@ class Edge:
         A publish that timed out may still be stored (its acknowledgement lost, or nats-py sending
         what it buffered once reconnected), so it is published again with the same `Nats-Msg-Id`:
         the stream stores it once and acknowledges a copy as a duplicate. Until the request's
-        deadline: past it, whatever was stored ends without running (every stage refuses work past
-        the deadline), so the caller's 503 is then the truth too.
+        deadline: past it the caller waits for the pipeline's word (None), since a copy may be
+        stored; whatever was stored late ends without running (every stage refuses work past it).
         """
         if not self.nc.is_connected:  # publishing now would buffer it for later: refuse it instead
             return decider.error_reply(request_id, "audit_unavailable", NOT_RECORDED)
