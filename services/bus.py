@@ -339,6 +339,31 @@ async def _process(js: JetStreamContext, stage: str, handle: Handler, msg: Msg) 
             await _safe(msg.nak(delay=BACKOFF_S[min(delivered, len(BACKOFF_S)) - 1]))
 
 
+OUTAGE_ERRORS = (TimeoutError, nats.errors.Error)  # the stream did not take a write: no leader, no quorum, away
+RECORD_RETRY_MAX_S = 2.0  # and so the in-progress signal: well within any ack wait (the shortest is 30 s)
+
+
+async def outlasting_outages(write: Callable[[], Awaitable[None]], msg: Msg, stage: str, stop: asyncio.Event) -> None:
+    """Run `write` until the stream takes it, however long the bus stays unable to: for the record
+    of something already true (the model ran and its caller has the answer), where giving up after
+    MAX_DELIVER attempts turned a leader election into `RequestFailed`, a released reservation and
+    a caller served free. The message is kept in progress meanwhile so it is not redelivered
+    elsewhere; only a stop, or an error that is no outage, ends it early (to the usual retries)."""
+    delay = BACKOFF_S[0]
+    while True:
+        try:
+            await write()
+            return
+        except OUTAGE_ERRORS as exc:
+            if stop.is_set():
+                raise
+            log.warning("%s: the stream did not take the record of %s: %r; retrying", stage, msg.subject, exc)
+        await _safe(msg.in_progress())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        delay = min(RECORD_RETRY_MAX_S, delay * 2)
+
+
 async def _reject(js: JetStreamContext, stage: str, msg: Msg, detail: str) -> None:
     seq = msg.metadata.sequence.stream
     event = MessageRejected(

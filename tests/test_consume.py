@@ -13,6 +13,7 @@ from enclave_gateway.services import bus
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import NoStreamResponseError
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -60,3 +61,41 @@ async def test_one_slow_message_does_not_hold_up_the_rest(admin: Client, stack) 
         await asyncio.wait_for(task, 10)
     info = await js.consumer_info(subjects.STREAM, durable)
     assert info.num_ack_pending == 0 and info.num_pending == 0  # every one acknowledged
+
+
+async def test_a_record_outlasts_an_outage_longer_than_every_retry_and_is_written_once(admin: Client, stack) -> None:
+    """A settlement (the model ran, the caller has its answer) is never given up: a write refused
+    for longer than the ack wait and all MAX_DELIVER attempts is retried in place until it lands."""
+    js = admin.jetstream()
+    durable = f"rec-{uuid.uuid4().hex[:8]}"
+    subject = f"gw.evt.test.{durable}"
+    await js.add_consumer(subjects.STREAM, ConsumerConfig(durable_name=durable, filter_subject=subject,
+                                                          ack_policy=AckPolicy.EXPLICIT, ack_wait=3.0,
+                                                          max_deliver=bus.MAX_DELIVER))
+    refused_until = time.monotonic() + 7.0  # over two ack waits
+    writes: list[int] = []
+    deliveries: list[int] = []
+
+    async def write() -> None:
+        if time.monotonic() < refused_until:
+            raise NoStreamResponseError
+        writes.append(1)
+
+    async def handle(msg: Msg) -> None:
+        deliveries.append(msg.metadata.num_delivered)
+        await bus.outlasting_outages(write, msg, durable, stop)
+
+    stop = asyncio.Event()
+    await js.publish(subject, b"settle me")
+    task = asyncio.create_task(bus.consume(js, durable, handle, stop))
+    try:
+        deadline = time.monotonic() + 20
+        while not writes and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(3.5)  # past another ack wait: an unacked message would come again
+        info = await js.consumer_info(subjects.STREAM, durable)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert writes == [1] and deliveries == [1], (writes, deliveries)  # kept in progress: never redelivered
+    assert info.num_ack_pending == 0 and info.num_pending == 0

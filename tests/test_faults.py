@@ -25,7 +25,7 @@ import aiohttp
 import nats.js.api
 import pytest
 import pytest_asyncio
-from enclave_gateway import cli, issuer, reports, runtime
+from enclave_gateway import cli, issuer, reports, runtime, supervision
 from enclave_gateway.runtime import Gateway
 from enclave_gateway.services import bus
 from nats.aio.client import Client
@@ -237,13 +237,16 @@ async def test_kill_9_of_each_worker_mid_request_is_restarted_and_nothing_is_los
 
 
 async def test_the_broker_killed_mid_traffic_is_restarted_and_nothing_runs_unrecorded(
-        gateway: Gateway, admin: Client, tmp_path: Path) -> None:
+        gateway: Gateway, admin: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     token = issuer.issue(gateway.data_dir / "keys", subject="fault-tester", team=TEAM, ttl_s=3600)
     broker = gateway.broker.proc
     assert broker is not None
+    monkeypatch.setattr(supervision, "FIRST_DELAY_S", 5.0)  # down long enough to be asked while down
+    gateway.supervisor.children["nats-server"].delay_s = 5.0  # (a busy CI had it back before the asking)
     asking = asyncio.ensure_future(_ask(gateway, token, 4))
     await asyncio.sleep(0.6)
     broker.send_signal(signal.SIGKILL)
+    await asyncio.sleep(0.5)  # the edge has seen its connection close
     during = await _ask(gateway, token, 2)  # while it is down (the supervisor waits before a restart)
     views = await asking + during
     assert any(code == "audit_unavailable" for _, _, code in during), during

@@ -86,14 +86,15 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
                 if isinstance(event, RequestAuthorized) and msg.metadata.num_delivered > 1:
                     await store.catch_up_refusals(team)  # refused by a replica that then died before its ack
                 known = isinstance(event, RequestAuthorized) or event.request_id in store.state.open
-                await apply(
-                    s,
-                    store,
-                    team,
-                    lambda: decider.decide(event, store.state, s.policy, bus.now_utc()),
-                    catch_up_first=not known,
-                    cause=(event, msg),
-                )
+
+                async def decide_and_write() -> None:
+                    await apply(s, store, team, lambda: decider.decide(event, store.state, s.policy, bus.now_utc()),
+                                catch_up_first=not known, cause=(event, msg))
+
+                if isinstance(event, InvocationCompleted):  # the model ran and its caller is answered: the
+                    await bus.outlasting_outages(decide_and_write, msg, "budget", stop)  # charge waits out any outage
+                else:  # anything else may give up: the request then fails, uncharged, within its deadline
+                    await decide_and_write()
 
         housekeeping = asyncio.create_task(_housekeeping(s, store, stop, settings.budget_housekeeping_s))
         try:

@@ -50,8 +50,10 @@ PUBLISH_TRY_S = 2.0  # one publish's wait for the stream's acknowledgement befor
 class Edge:
     """One edge replica's connections, pending HTTP callers and policy view."""
 
-    def __init__(self, settings: WorkerSettings, session: worker.Session[AuthzPolicy]) -> None:
+    def __init__(self, settings: WorkerSettings, session: worker.Session[AuthzPolicy],
+                 stop: asyncio.Event | None = None) -> None:
         self.settings, self.session = settings, session
+        self.stop = stop or asyncio.Event()  # set when the replica shuts down
         self.nc, self.js = session.nc, session.js
         self.replica = uuid.uuid4().hex
         self.state = decider.initial_state()  # the outcomes this replica recorded, for idempotency
@@ -82,9 +84,11 @@ class Edge:
 
         A publish that timed out may still be stored (its acknowledgement lost, or nats-py sending
         what it buffered once reconnected), so it is published again with the same `Nats-Msg-Id`:
-        the stream stores it once and acknowledges a copy as a duplicate. Until the request's
-        deadline: past it the caller waits for the pipeline's word (None), since a copy may be
-        stored; whatever was stored late ends without running (every stage refuses work past it).
+        the stream stores it once and acknowledges a copy as a duplicate. Past the deadline it goes
+        on, up to OUTAGE_WAIT_S more, until one copy is acknowledged: stored late, the request ends
+        without running (every stage refuses work past its deadline) and that end is the caller's
+        word. A 503 instead could be false (a stalled copy ran in time and was charged), and giving
+        up at the deadline left a batch caller with no word at all when no copy had been stored.
         """
         if not self.nc.is_connected:  # publishing now would buffer it for later: refuse it instead
             return decider.error_reply(request_id, "audit_unavailable", NOT_RECORDED)
@@ -104,12 +108,13 @@ class Edge:
                     return decider.error_reply(request_id, "audit_unavailable", NOT_RECORDED)
             except TimeoutError:
                 maybe_stored = True
-            if loop.time() >= until:  # a copy may be stored: the caller waits for the pipeline's word,
-                # which the deadline bounds (a 503 here was charged when a stalled copy ran in time)
-                log.error("request %s: no acknowledgement from the stream before its deadline", request_id)
+            if loop.time() >= until:  # the caller waits for the pipeline's word (`_after_outage`)
                 self.unhealthy_at = loop.time()
-                return None
-            await asyncio.sleep(min(0.5, max(0.0, until - loop.time())))
+                if loop.time() >= until + OUTAGE_WAIT_S:  # no copy acknowledged: the known silence
+                    log.error("request %s: no acknowledgement from the stream by %g s past its deadline",
+                              request_id, OUTAGE_WAIT_S)
+                    return None
+            await asyncio.sleep(0.5)
 
     async def reject(self, request_id: str, subject: str, code: str, detail: str, reply_to: str | None) -> SubmitReply:
         """Record a refusal at the entry, answer a NATS caller, and return the reply."""
@@ -437,7 +442,9 @@ class Edge:
         if target is not None:  # an HTTP caller's reply is forwarded to the replica holding it
             await self.nc.publish(target, codec.encode(decider.reply_for(event)), headers=decider.reply_headers(event))
         for fact in decider.decide(event, self.state, self.version, bus.now_utc()):
-            await bus.publish(self.js, bus.caused(fact, event, msg))
+            async def record(fact: AnyEvent = fact) -> None:
+                await bus.publish(self.js, bus.caused(fact, event, msg))
+            await bus.outlasting_outages(record, msg, "edge", self.stop)  # the caller has its reply: record it
             self.state = decider.evolve(self.state, fact)
             if decider.reply_route(event.reply_to) == "application":  # an HTTP caller is counted where it waits
                 bundle = self.session.policy.bundle
@@ -448,7 +455,7 @@ class Edge:
 async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
     """Serve HTTP, `gw.submit` and the responder until `stop` is set."""
     async with worker.session(settings, "edge", policy_view.for_worker(settings)) as s:
-        edge = Edge(settings, s)
+        edge = Edge(settings, s, stop)
         await edge.start()
         runner = web.AppRunner(http_app.build(edge), access_log=None)
         await runner.setup()
