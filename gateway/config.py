@@ -65,6 +65,13 @@ class EnclaveConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     allow: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.0/8", "::1/128", "localhost"])
 
 
+class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """OpenTelemetry spans of model calls, sent over OTLP/HTTP to this collector (off when empty;
+    in enclave mode the address must pass `[enclave] allow`)."""
+
+    otlp_traces_url: str = ""
+
+
 class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The whole file; every key has a default so an empty file is valid."""
 
@@ -77,6 +84,7 @@ class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
     audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
     enclave: EnclaveConfig = msgspec.field(default_factory=EnclaveConfig)
+    telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     endpoints: dict[str, str] = {}
 
 

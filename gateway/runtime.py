@@ -189,10 +189,11 @@ class Gateway:
         audit: config.AuditConfig | None = None,
         egress_allow: tuple[str, ...] | None = None,
         nats_tls: bool = False,
+        otlp_traces_url: str = "",
     ) -> None:
         if egress_allow is not None:
             egress.parse(egress_allow)  # a bad entry stops the start, with its name
-        self.egress_allow = egress_allow
+        self.egress_allow, self.otlp_traces_url = egress_allow, otlp_traces_url
         self.audit = audit or config.AuditConfig()
         self.trust_dev_issuer, self.trusted_signers = trust_dev_issuer, trusted_signers
         self.http_host, self.request_timeout_s = http_host, request_timeout_s
@@ -230,6 +231,7 @@ class Gateway:
             audit=cfg.audit,
             egress_allow=tuple(cfg.enclave.allow) if cfg.enclave.enabled else None,
             nats_tls=cfg.nats.tls,
+            otlp_traces_url=cfg.telemetry.otlp_traces_url,
         )
 
     @property
@@ -262,6 +264,7 @@ class Gateway:
             audit_checkpoint_events=self.audit.checkpoint_events,
             audit_checkpoint_s=self.audit.checkpoint_seconds,
             egress_allow=self.egress_allow,
+            otlp_traces_url=self.otlp_traces_url,
             nats_ca_file=str(self.certs.ca_file) if self.certs is not None else "",
         )
         supervisor.write_settings(self.settings)

@@ -130,6 +130,11 @@ def budget_ticked(team: str) -> str:
     return f"gw.evt.budget.ticked.{token(team)}"
 
 
+def routes_of(model_id: str) -> str:
+    """Every route selected for a model, whatever its endpoint (the newest tells which circuits were open)."""
+    return f"gw.evt.route.selected.{token(model_id)}.*"
+
+
 def route_selected(model_id: str, endpoint: str) -> str:
     """Partitioned by model and endpoint: each endpoint's invokers consume only its routes
     (`gw.evt.route.selected.*.<endpoint>`), so an invoker never takes a route it cannot serve."""

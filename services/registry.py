@@ -129,6 +129,9 @@ SERVICES: tuple[Identity, ...] = (
             "_INBOX_edge.>",
             # /readyz: whether each stage's durable has a pull waiting (counts and config, never messages)
             f"{API}.CONSUMER.INFO.{STREAM}.*",
+            # /metrics: each team's newest ledger totals and each model's newest route (read, never written)
+            last_of("gw.evt.ledger.>"),
+            last_of("gw.evt.route.selected.>"),
         ),
         # only as queue group `edge`; and its HTTP callers' streamed tokens (`subjects.chunks_of`)
         subscribe=(f"{subjects.SUBMIT}.* edge", f"{subjects.CHUNK_HEAD}edge.>"),

@@ -37,6 +37,8 @@ class WorkerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Enclave mode (issue 10 item 7): the CIDRs and host names model servers may be reached at;
     # None outside enclave mode. Every other address is refused at start and at call time.
     egress_allow: tuple[str, ...] | None = None
+    # OpenTelemetry spans of model calls go to this OTLP/HTTP collector; empty: none (the default).
+    otlp_traces_url: str = ""
 
     @property
     def keys_dir(self) -> Path:

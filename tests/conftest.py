@@ -4,11 +4,15 @@ model, and every worker running in the session's event loop (STYLE §6)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import msgspec
@@ -21,6 +25,8 @@ from enclave_gateway.engine import Engine
 from enclave_gateway.services import bus
 from enclave_gateway.services.settings import WorkerSettings
 from nats.aio.client import Client
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "tester"  # the application identity the session's `client` connects as
@@ -118,8 +124,56 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     e.stop()
 
 
+@dataclass
+class Collector:
+    """A local OTLP/HTTP receiver: what an exporter posted to /v1/traces, decoded."""
+
+    url: str
+    spans: list[Span] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def collecting() -> Iterator[Collector]:
+    """Receive OTLP/HTTP trace exports on a loopback port while the block runs."""
+    got = Collector(url="")
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            got.paths.append(self.path)
+            request = ExportTraceServiceRequest()
+            request.ParseFromString(body)
+            for resource in request.resource_spans:
+                for scope in resource.scope_spans:
+                    got.spans.extend(scope.spans)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    got.url = f"http://127.0.0.1:{server.server_address[1]}/v1/traces"
+    try:
+        yield got
+    finally:
+        server.shutdown()
+
+
 @pytest.fixture(scope="session")
-def settings(broker: Broker, engine: str, data_dir: Path, policy_dir: Path, keys_dir: Path) -> WorkerSettings:
+def span_collector() -> Iterator[Collector]:
+    """The test stack's OpenTelemetry collector."""
+    with collecting() as got:
+        yield got
+
+
+@pytest.fixture(scope="session")
+def settings(broker: Broker, engine: str, data_dir: Path, policy_dir: Path, keys_dir: Path,
+             span_collector: Collector) -> WorkerSettings:
     """Worker settings pointing at the test broker and engine; a small body limit to test it.
 
     The data dir's dev policy signer is the one pinned signer, as `gateway up` does with none configured.
@@ -133,7 +187,7 @@ def settings(broker: Broker, engine: str, data_dir: Path, policy_dir: Path, keys
                                      "anthropic-local": f"anthropic+http://127.0.0.1:{ANTHROPIC_PORT}",
                                      "bedrock-local": f"bedrock+http://127.0.0.1:{BEDROCK_PORT}"}, http_port=procs.free_port(), max_body_bytes=64 * 1024,
                           request_timeout_s=60.0, creds_dir=str(data_dir / "creds"),
-                          policy_signers={signer.kid: signer.public_key})
+                          policy_signers={signer.kid: signer.public_key}, otlp_traces_url=span_collector.url)
 
 
 @pytest_asyncio.fixture(scope="session")

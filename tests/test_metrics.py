@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import pytest
+from enclave_gateway.schemas import codec, subjects
+from enclave_gateway.schemas.events import LedgerTotals, RouteSelected
 from enclave_gateway.services.settings import WorkerSettings
+from nats.aio.client import Client
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -61,3 +66,34 @@ async def test_labels_outside_the_policy_and_our_codes_are_other() -> None:
     series = [line for line in text.splitlines() if line.startswith("enclave_gateway_requests_total{")]
     assert len(series) == 1 and 'model="other"' in series[0] and 'team="other"' in series[0]
     assert 'code="other"' in series[0] and series[0].endswith(" 50.0")
+
+
+async def test_metrics_show_spend_against_caps_open_circuits_and_the_time_the_gateway_added(
+        stack: WorkerSettings, http_url: str, token_for, admin: Client) -> None:  # type: ignore[no-untyped-def]
+    before = await _scrape(http_url)
+    headers = {"Authorization": f"Bearer {token_for('gamma')}"}
+    async with aiohttp.ClientSession() as s:
+        body = {"model": "enclave-tiny", "messages": [{"role": "user", "content": "what did it cost"}], "max_tokens": 2}
+        async with s.post(f"{http_url}/v1/chat/completions", json=body, headers=headers) as r:
+            assert r.status == 200
+    js = admin.jetstream()
+    for _ in range(50):  # the settlement follows the reply
+        newest = codec.decode_event((await js.get_last_msg(subjects.STREAM, subjects.ledger_filter("gamma"))).data)
+        if isinstance(newest, LedgerTotals) and newest.reserved_micros == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert isinstance(newest, LedgerTotals) and newest.spent_micros > 0
+    after = await _scrape(http_url)
+    assert after[("enclave_gateway_budget_spent_micros", (("team", "gamma"),))] == newest.spent_micros
+    assert after[("enclave_gateway_budget_reserved_micros", (("team", "gamma"),))] == 0
+    assert after[("enclave_gateway_budget_cap_micros", (("team", "gamma"),))] == newest.cap_micros
+    added = ("enclave_gateway_added_seconds_count", (("model", "enclave-tiny"),))
+    assert after[added] - before.get(added, 0.0) == 1
+    added_sum = ("enclave_gateway_added_seconds_sum", (("model", "enclave-tiny"),))
+    waited_sum = ("enclave_gateway_request_seconds_sum", (("model", "enclave-tiny"), ("outcome", "completed")))
+    assert 0 < after[added_sum] - before.get(added_sum, 0.0) < after[waited_sum] - before.get(waited_sum, 0.0)
+    route = codec.decode_event((await js.get_last_msg(subjects.STREAM, subjects.routes_of("enclave-tiny"))).data)
+    assert isinstance(route, RouteSelected)
+    circuits = {dict(lbls)["endpoint"]: v for (name, lbls), v in after.items()
+                if name == "enclave_gateway_circuit_open" and dict(lbls)["model"] == "enclave-tiny"}
+    assert circuits and circuits == {e: float(e in route.circuit_open) for e in circuits}, (circuits, route)

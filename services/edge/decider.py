@@ -35,6 +35,7 @@ STAGE = "edge"
 # Carries the caller's team from the responder to the edge replica holding an HTTP caller, so the
 # fact that replica records names the team; only edge replicas may publish on `_INBOX_edge.>`.
 TEAM_HEADER = "Gw-Team"
+MODEL_MS_HEADER = "Gw-Model-Ms"  # the model call's own time: what /metrics subtracts for the gateway's added time
 ReplyRoute = Literal["application", "edge", "refused", "none"]
 HolderView = Literal["waiting", "answered", "gone"]
 
@@ -371,9 +372,15 @@ def reply_target(reply_to: str | None) -> str | None:
 
 
 def reply_headers(event: Terminal) -> dict[str, str] | None:
-    """Headers of the reply: the team, for the edge replica that records an HTTP caller's outcome."""
+    """Headers of the reply to an HTTP caller's edge replica: the team, for the outcome it records,
+    and the model call's time, for the gateway's added time."""
+    if reply_route(event.reply_to) != "edge":
+        return None
     team = team_of(event)
-    return {TEAM_HEADER: team} if team and reply_route(event.reply_to) == "edge" else None
+    headers = {TEAM_HEADER: team} if team else {}
+    if isinstance(event, InvocationCompleted):
+        headers[MODEL_MS_HEADER] = f"{event.latency_ms:.3f}"
+    return headers or None
 
 
 def decide(event: Terminal, state: EdgeState, policy_version: str, now: datetime) -> list[AnyEvent]:

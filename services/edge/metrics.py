@@ -1,5 +1,7 @@
-"""The edge's Prometheus metrics (issue 11 item 10, in part): what callers were told, how long they
-waited, the consumers' backlog and the supervisor's restarts, served at GET /metrics.
+"""The edge's Prometheus metrics (issue 11 item 10): what callers were told, how long they waited
+and how much of that the gateway itself added, each team's spend against its cap, which endpoints'
+circuits the router found open, the consumers' backlog and the supervisor's restarts, served at
+GET /metrics.
 
 Each edge replica counts the callers it answered (Prometheus scrapes every replica and sums). Label
 values come only from bounded sets: a model the catalog names (any other is `other`, so a caller
@@ -30,6 +32,18 @@ class EdgeMetrics:
                                 ["entry", "model", "team", "outcome", "code"], registry=self.registry)
         self.seconds = Histogram("enclave_gateway_request_seconds", "Time from submission to the answer (HTTP)",
                                  ["model", "outcome"], buckets=BUCKETS, registry=self.registry)
+        self.added = Histogram("enclave_gateway_added_seconds",
+                               "Time the gateway added to an answer: the caller's wait less the model call (HTTP)",
+                               ["model"], buckets=BUCKETS, registry=self.registry)
+        self.spent = Gauge("enclave_gateway_budget_spent_micros", "Settled spend of the team's current period",
+                           ["team"], registry=self.registry)
+        self.reserved = Gauge("enclave_gateway_budget_reserved_micros", "Money held by requests in flight",
+                              ["team"], registry=self.registry)
+        self.cap = Gauge("enclave_gateway_budget_cap_micros", "The team's hard cap for the period",
+                         ["team"], registry=self.registry)
+        self.circuit = Gauge("enclave_gateway_circuit_open",
+                             "1 when the router's newest decision for the model passed the endpoint over as failing",
+                             ["model", "endpoint"], registry=self.registry)
         self.pending = Gauge("enclave_gateway_consumer_pending", "Messages not yet delivered to a stage",
                              ["consumer"], registry=self.registry)
         self.unacked = Gauge("enclave_gateway_consumer_ack_pending", "Messages delivered and not yet acknowledged",
@@ -56,6 +70,23 @@ class EdgeMetrics:
         self.requests.labels(entry, named, team_label, outcome, code).inc()
         if seconds is not None:
             self.seconds.labels(named, outcome).observe(seconds)
+
+    def added_time(self, model: str, known_models: Iterable[str], waited_s: float, model_s: float) -> None:
+        """One completed HTTP answer: what the caller waited beyond the model call itself."""
+        named = model if model in set(known_models) else "other"
+        self.added.labels(named).observe(max(0.0, waited_s - model_s))
+
+    def budgets(self, rows: Iterable[tuple[str, int, int, int]]) -> None:
+        """Per team of the policy: spent, reserved and cap of its current period."""
+        for team, spent, reserved, cap in rows:
+            self.spent.labels(team).set(spent)
+            self.reserved.labels(team).set(reserved)
+            self.cap.labels(team).set(cap)
+
+    def circuits(self, rows: Iterable[tuple[str, str, bool]]) -> None:
+        """Per (model, endpoint) of the catalog: open as of the router's newest route for the model."""
+        for model, endpoint, is_open in rows:
+            self.circuit.labels(model, endpoint).set(1 if is_open else 0)
 
     def consumers(self, rows: Iterable[tuple[str, int, int, int]]) -> None:
         """Per durable: pending, unacked, redelivered (read from the server at scrape time)."""

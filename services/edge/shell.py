@@ -23,11 +23,12 @@ from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from ...schemas import codec, subjects
 from ...schemas.commands import StreamChunk, SubmitReply, SubmitRequest
-from ...schemas.events import AnyEvent
+from ...schemas.events import AnyEvent, LedgerTotals, RouteSelected
 from .. import bus, catalog, logs, registry, worker
 from ..authz import policy_view
 from ..authz.decider import AuthzPolicy, visible_models
 from ..authz.tokens import TokenDefect
+from ..budget.decider import period_of
 from ..settings import WorkerSettings
 from . import decider, http_app
 from .metrics import EdgeMetrics
@@ -60,6 +61,7 @@ class Edge:
         self.pending: dict[str, asyncio.Future[tuple[SubmitReply, str | None]]] = {}
         self.streams: dict[str, asyncio.Queue[StreamChunk]] = {}  # HTTP callers of `stream: true`
         self.answered: dict[str, None] = {}  # insertion-ordered, the oldest dropped first
+        self.model_s: dict[str, float] = {}  # a waiting caller's model call time, until it is counted
         self.ready: tuple[float, dict[str, bool]] = (0.0, {})  # when last looked, and what was seen
         self.metrics = EdgeMetrics()
         self.unhealthy_at = -1e9  # loop time the bus last failed a ping (watch_bus)
@@ -323,8 +325,11 @@ class Edge:
             log.info("answered %s: %s", entry, reply.error.code)
         bundle = self.session.policy.bundle
         seconds = None if started is None else time.monotonic() - started
-        self.metrics.answered(entry, cmd.chat.model, (m.id for m in bundle.catalog.model), team,
-                              bundle.budgets.teams, reply, seconds)
+        models = [m.id for m in bundle.catalog.model]
+        self.metrics.answered(entry, cmd.chat.model, models, team, bundle.budgets.teams, reply, seconds)
+        model_s = self.model_s.pop(reply.request_id, None)
+        if seconds is not None and model_s is not None and reply.completion is not None:
+            self.metrics.added_time(cmd.chat.model, models, seconds, model_s)
 
     async def scrape(self) -> bytes:
         """GET /metrics: the counters, and the consumers' backlog and restarts as of now."""
@@ -340,8 +345,41 @@ class Edge:
                 rows.append((name, int(info.num_pending or 0), int(info.num_ack_pending or 0),
                              int(info.num_redelivered or 0)))
             self.metrics.consumers(rows)
+            self.metrics.budgets(await self._budgets())
+            self.metrics.circuits(await self._circuits())
         self.metrics.supervised(Path(self.settings.data_dir) / "supervisor.json")
         return self.metrics.exposition()
+
+    async def _budgets(self) -> list[tuple[str, int, int, int]]:
+        """Each policy team's newest ledger fact (a direct get of the newest only): its totals, or
+        zero spent and reserved when that fact is of an earlier period or there is none."""
+        rows = []
+        now = bus.now_utc()
+        for team, budget in sorted(self.session.policy.bundle.budgets.teams.items()):
+            spent = reserved = 0
+            try:
+                newest = await self.js.get_last_msg(subjects.STREAM, subjects.ledger_filter(team), direct=True)
+                fact = codec.decode_event(newest.data or b"", newest.subject or "")
+            except (NotFoundError, TimeoutError, nats.errors.Error, codec.DecodeError):
+                fact = None
+            if isinstance(fact, LedgerTotals) and fact.period == period_of(budget.period, now):
+                spent, reserved = fact.spent_micros, fact.reserved_micros
+            rows.append((team, spent, reserved, budget.cap_micros))
+        return rows
+
+    async def _circuits(self) -> list[tuple[str, str, bool]]:
+        """Per catalog model, its endpoints and whether the router's newest route for the model (a
+        direct get) passed each over as failing; none routed yet: all closed."""
+        rows = []
+        for model in self.session.policy.bundle.catalog.model:
+            try:
+                newest = await self.js.get_last_msg(subjects.STREAM, subjects.routes_of(model.id), direct=True)
+                route = codec.decode_event(newest.data or b"", newest.subject or "")
+            except (NotFoundError, TimeoutError, nats.errors.Error, codec.DecodeError):
+                route = None
+            opened = set(route.circuit_open) if isinstance(route, RouteSelected) else set()
+            rows += [(model.id, e, e in opened) for e in catalog.endpoints_of(model)]
+        return rows
 
     def _answered(self, request_id: str) -> None:
         self.answered[request_id] = None
@@ -390,6 +428,8 @@ class Edge:
             log.error("undecodable reply on %s: %s", msg.subject, exc)
             return
         team = (msg.headers or {}).get(decider.TEAM_HEADER)
+        with contextlib.suppress(ValueError, TypeError):
+            self.model_s[request_id] = float((msg.headers or {}).get(decider.MODEL_MS_HEADER, "")) / 1000
         fut = self.pending.get(request_id)
         if fut is not None and not fut.done():
             fut.set_result((reply, team))

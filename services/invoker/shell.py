@@ -20,9 +20,9 @@ from nats.js import JetStreamContext
 
 from ...schemas import codec, subjects
 from ...schemas.commands import StreamChunk
-from ...schemas.events import InvocationFailed, RouteSelected
+from ...schemas.events import InvocationCompleted, InvocationFailed, RouteSelected
 from ...schemas.reasons import STREAM_BROKEN
-from .. import bus, egress, worker
+from .. import bus, egress, telemetry, worker
 from ..registry import invoker_durable
 from ..settings import WorkerSettings
 from . import adapters, decider, hosted
@@ -175,6 +175,8 @@ async def _serve(settings: WorkerSettings, nc: Client, js: JetStreamContext, sto
     for name, why in refused.items():
         log.error("enclave mode: endpoint %s refused: %s", name, why)
     session = aiohttp.ClientSession(connector=egress.connector(allow, limit=256, keepalive_timeout=60))
+    spans = telemetry.start(settings.otlp_traces_url, None if allow is None or not settings.otlp_traces_url
+                            else egress.refuse_url(settings.otlp_traces_url, allow))
 
     async def handle(msg: Msg) -> None:
         route = codec.decode_as(msg.data, RouteSelected, msg.subject)
@@ -214,6 +216,8 @@ async def _serve(settings: WorkerSettings, nc: Client, js: JetStreamContext, sto
             if isinstance(event, InvocationFailed):  # a server may echo what it was sent: no key is recorded
                 event = msgspec.structs.replace(event, detail=hosted.scrub(event.detail, sent))
             await bus.publish(js, bus.caused(event, route, msg))
+            if spans is not None and isinstance(event, InvocationCompleted | InvocationFailed):
+                spans.record(route, event, base_url, event.occurred_at)
 
     if not settings.endpoints:
         log.warning("this invoker hosts no endpoint (gateway.toml [endpoints]): it takes no route")
@@ -222,3 +226,5 @@ async def _serve(settings: WorkerSettings, nc: Client, js: JetStreamContext, sto
                                for name in sorted(settings.endpoints)))
     finally:
         await session.close()
+        if spans is not None:
+            await asyncio.to_thread(spans.shutdown)  # what is still batched is sent before the invoker exits
