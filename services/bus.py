@@ -35,7 +35,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from ..schemas import codec, subjects
 from ..schemas.events import AnyEvent, BudgetReserved, MessageRejected, RequestFailed, Reservation, envelope
@@ -332,32 +332,40 @@ async def _process(js: JetStreamContext, stage: str, handle: Handler, msg: Msg) 
         await _reject(js, stage, msg, str(exc))
     except Exception as exc:  # infrastructure or a bug: retry, then fail the request loudly
         delivered = msg.metadata.num_delivered
-        log.warning("%s: attempt %d on %s failed: %r", stage, delivered, msg.subject, exc)
+        log.warning("%s: attempt %d on %s failed: %s", stage, delivered, msg.subject, str(exc) or repr(exc))
         if delivered >= MAX_DELIVER:
             await _fail(js, stage, msg, exc)
         else:
             await _safe(msg.nak(delay=BACKOFF_S[min(delivered, len(BACKOFF_S)) - 1]))
 
 
-OUTAGE_ERRORS = (TimeoutError, nats.errors.Error)  # the stream did not take a write: no leader, no quorum, away
+# The stream did not take a write because it could not (no leader, no quorum, away, temporarily
+# unavailable): never because of the write itself (too large, refused), which retrying cannot mend.
+OUTAGE_ERRORS: tuple[type[Exception], ...] = (
+    TimeoutError, NoStreamResponseError, ServiceUnavailableError, nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError)
 RECORD_RETRY_MAX_S = 2.0  # and so the in-progress signal: well within any ack wait (the shortest is 30 s)
 
 
-async def outlasting_outages(write: Callable[[], Awaitable[None]], msg: Msg, stage: str, stop: asyncio.Event) -> None:
+async def outlasting_outages(write: Callable[[], Awaitable[None]], msg: Msg, stage: str, stop: asyncio.Event,
+                             also: tuple[type[Exception], ...] = ()) -> None:
     """Run `write` until the stream takes it, however long the bus stays unable to: for the record
     of something already true (the model ran and its caller has the answer), where giving up after
     MAX_DELIVER attempts turned a leader election into `RequestFailed`, a released reservation and
     a caller served free. The message is kept in progress meanwhile so it is not redelivered
-    elsewhere; only a stop, or an error that is no outage, ends it early (to the usual retries)."""
+    elsewhere; only a stop, or an error that is no outage (nor in `also`), ends it early, to the
+    usual bounded retries: a write that can never succeed must not hold a consumer's slot forever."""
     delay = BACKOFF_S[0]
     while True:
         try:
             await write()
             return
-        except OUTAGE_ERRORS as exc:
+        except (*OUTAGE_ERRORS, *also) as exc:
             if stop.is_set():
                 raise
-            log.warning("%s: the stream did not take the record of %s: %r; retrying", stage, msg.subject, exc)
+            log.warning("%s: the stream did not take the record of %s: %s; retrying", stage, msg.subject,
+                        str(exc) or type(exc).__name__)
         await _safe(msg.in_progress())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), delay)

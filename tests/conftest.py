@@ -9,6 +9,7 @@ import json
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,9 +23,13 @@ import pytest_asyncio
 from enclave_gateway import issuer, nats_auth, policy_admin, procs, runtime, supervisor
 from enclave_gateway.broker import Broker
 from enclave_gateway.engine import Engine
+from enclave_gateway.schemas import codec, subjects
+from enclave_gateway.schemas.commands import ChatBody
+from enclave_gateway.schemas.events import Caller, RouteSelected, Reservation
 from enclave_gateway.services import bus
 from enclave_gateway.services.settings import WorkerSettings
 from nats.aio.client import Client
+from nats.js.api import AckPolicy, ConsumerConfig
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
@@ -296,3 +301,45 @@ async def wait_for_event(nc: Client, request_id: str, type_name: str, timeout_s:
 def utc(ts: str) -> datetime:
     """Parse an ISO timestamp as UTC."""
     return datetime.fromisoformat(ts).astimezone(UTC)
+
+
+async def poison_exhausts_max_deliver(admin: Client, client: Client, team: str) -> None:
+    """A handler that always raises on a real event: bounded redelivery, then a terminal
+    RequestFailed, and the caller hears exactly once (on one node, or on the cluster)."""
+    js = admin.jetstream()
+    durable = f"poison-{uuid.uuid4().hex[:8]}"
+    # the event's own subject (an event elsewhere is refused, not failed); no invoker hosts endpoint
+    # "e", so only this test's consumer takes it
+    subject = subjects.route_selected(durable, "e")
+    await js.add_consumer(subjects.STREAM, ConsumerConfig(
+        durable_name=durable, filter_subject=subject, ack_policy=AckPolicy.EXPLICIT, max_deliver=bus.MAX_DELIVER,
+        ack_wait=30))
+    rid = uuid.uuid4().hex
+    inbox = client.new_inbox()
+    sub = await client.subscribe(inbox)
+    event = RouteSelected(event_id=f"{rid}:route", request_id=rid, occurred_at=datetime.now(UTC),
+                          policy_version="test", caller=Caller(subject="s", team=team), requested_model="m",
+                          model_id=durable, endpoint="e", max_tokens=1, chat=ChatBody(model="m", messages=()),
+                          reservation=Reservation(team=team, period="2026-11", micros=0), reply_to=inbox)
+    await js.publish(subject, codec.encode(event))
+    attempts = 0
+
+    async def always_fails(_msg: object) -> None:
+        nonlocal attempts
+        attempts += 1
+        raise RuntimeError("model server on fire")
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(bus.consume(js, durable, always_fails, stop))
+    try:
+        reply = codec.decode_reply((await sub.next_msg(timeout=30)).data)
+        failed = await wait_for_event(admin, rid, "RequestFailed", timeout_s=60)
+        with pytest.raises(nats.errors.TimeoutError):
+            await sub.next_msg(timeout=1.0)  # the later RequestFailed answers nobody a second time
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert reply.error is not None and reply.error.code == "request_failed"
+    assert "model server on fire" in str(failed["detail"])
+    assert attempts == bus.MAX_DELIVER
+    assert failed["stage"] == durable

@@ -16,7 +16,7 @@ from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitReques
 from enclave_gateway.schemas.events import RouteSelected
 from nats.aio.client import Client
 
-from .conftest import stream_events, wait_for_event
+from .conftest import poison_exhausts_max_deliver, stream_events, wait_for_event
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -136,49 +136,7 @@ async def test_a_message_that_keeps_failing_ends_in_request_failed_and_an_error_
                                                                                     stack) -> None:
     """A handler that always raises: bounded redelivery, then a terminal RequestFailed, and the caller
     hears exactly once."""
-    from datetime import UTC, datetime
-
-    from enclave_gateway.schemas.events import Caller, Reservation
-    from enclave_gateway.services import bus
-    from nats.js.api import AckPolicy, ConsumerConfig
-
-    js = admin.jetstream()
-    durable = f"poison-{uuid.uuid4().hex[:8]}"
-    # the event's own subject (an event elsewhere is refused, not failed); no invoker hosts endpoint
-    # "e", so only this test's consumer takes it
-    subject = subjects.route_selected(durable, "e")
-    await js.add_consumer(subjects.STREAM, ConsumerConfig(
-        durable_name=durable, filter_subject=subject, ack_policy=AckPolicy.EXPLICIT, max_deliver=bus.MAX_DELIVER,
-        ack_wait=30))
-    rid = uuid.uuid4().hex
-    inbox = client.new_inbox()
-    sub = await client.subscribe(inbox)
-    event = RouteSelected(event_id=f"{rid}:route", request_id=rid, occurred_at=datetime.now(UTC),
-                          policy_version="test", caller=Caller(subject="s", team="gamma"), requested_model="m",
-                          model_id=durable, endpoint="e", max_tokens=1, chat=ChatBody(model="m", messages=()),
-                          reservation=Reservation(team="gamma", period="2026-11", micros=0), reply_to=inbox)
-    await js.publish(subject, codec.encode(event))
-    attempts = 0
-
-    async def always_fails(_msg: object) -> None:
-        nonlocal attempts
-        attempts += 1
-        raise RuntimeError("model server on fire")
-
-    stop = asyncio.Event()
-    task = asyncio.create_task(bus.consume(js, durable, always_fails, stop))
-    try:
-        reply = codec.decode_reply((await sub.next_msg(timeout=30)).data)
-        failed = await wait_for_event(admin, rid, "RequestFailed", timeout_s=60)
-        with pytest.raises(nats.errors.TimeoutError):
-            await sub.next_msg(timeout=1.0)  # the later RequestFailed answers nobody a second time
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 5)
-    assert reply.error is not None and reply.error.code == "request_failed"
-    assert "model server on fire" in str(failed["detail"])
-    assert attempts == bus.MAX_DELIVER
-    assert failed["stage"] == durable
+    await poison_exhausts_max_deliver(admin, client, "gamma")
 
 
 @pytest.mark.parametrize("case", ["missing", "forged", "expired", "garbage"])

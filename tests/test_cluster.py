@@ -33,7 +33,7 @@ from enclave_gateway.services.settings import WorkerSettings
 from nats.aio.client import Client
 from nats.js.errors import BadRequestError, ServiceUnavailableError
 
-from .conftest import stream_events
+from .conftest import poison_exhausts_max_deliver, stream_events
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,6 +200,19 @@ async def _settled_and_delivered(settings: WorkerSettings, told: set[str]) -> li
                 return events
             await asyncio.sleep(0.5)
     finally:
+        await admin.close()
+
+
+async def test_a_poison_message_exhausts_max_deliver_on_the_cluster_and_the_caller_hears_once(
+        replicas: list[WorkerSettings]) -> None:
+    """The same bounded redelivery on an R3 stream with two replicas of every worker: one terminal
+    RequestFailed, one reply (either edge replica may hold it, neither answers twice)."""
+    admin = await bus.connect(replicas[0], "admin")
+    app = await bus.connect(replicas[0], f"app.{APP}")
+    try:
+        await poison_exhausts_max_deliver(admin, app, "alpha")
+    finally:
+        await app.close()
         await admin.close()
 
 

@@ -99,3 +99,20 @@ async def test_a_record_outlasts_an_outage_longer_than_every_retry_and_is_writte
         await asyncio.wait_for(task, 10)
     assert writes == [1] and deliveries == [1], (writes, deliveries)  # kept in progress: never redelivered
     assert info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def test_a_record_that_can_never_be_written_is_not_retried_in_place() -> None:
+    """Only an outage is waited out: a write refused for itself (too large) goes back to the usual
+    bounded retries at once, so a forged oversized event cannot hold a responder's slot forever."""
+    import nats.errors
+
+    calls = 0
+
+    async def too_large() -> None:
+        nonlocal calls
+        calls += 1
+        raise nats.errors.MaxPayloadError
+
+    with pytest.raises(nats.errors.MaxPayloadError):
+        await asyncio.wait_for(bus.outlasting_outages(too_large, object(), "edge", asyncio.Event()), 5)  # type: ignore[arg-type]
+    assert calls == 1

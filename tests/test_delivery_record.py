@@ -90,7 +90,9 @@ def test_a_batch_callers_reply_is_recorded_delivered_by_the_responder() -> None:
 def test_an_http_callers_reply_is_forwarded_and_recorded_by_the_holding_replica_only() -> None:
     event = _terminal(EDGE_INBOX)
     assert edge.decide(event, edge.initial_state(), PV, NOW) == []
-    assert edge.reply_headers(event) == {edge.TEAM_HEADER: "alpha"}
+    assert isinstance(event, InvocationCompleted)  # its model time travels too: the added time in /metrics
+    assert edge.reply_headers(event) == {edge.TEAM_HEADER: "alpha", edge.MODEL_MS_HEADER: f"{event.latency_ms:.3f}"}
+    assert edge.reply_headers(_terminal(EDGE_INBOX, "InvocationFailed")) == {edge.TEAM_HEADER: "alpha"}
     assert edge.reply_headers(_terminal(APP_INBOX)) is None  # the team travels only between edge replicas
 
 

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 from nats.aio.msg import Msg
+from nats.js.errors import BadRequestError
 
 from ...schemas import codec
 from ...schemas.events import (
@@ -87,12 +88,17 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
                     await store.catch_up_refusals(team)  # refused by a replica that then died before its ack
                 known = isinstance(event, RequestAuthorized) or event.request_id in store.state.open
 
+                tries = 0
+
                 async def decide_and_write() -> None:
+                    nonlocal tries
+                    tries += 1  # a retry reads the ledger again: a write refused for a stale view stays refused
                     await apply(s, store, team, lambda: decider.decide(event, store.state, s.policy, bus.now_utc()),
-                                catch_up_first=not known, cause=(event, msg))
+                                catch_up_first=not known or tries > 1, cause=(event, msg))
 
                 if isinstance(event, InvocationCompleted):  # the model ran and its caller is answered: the
-                    await bus.outlasting_outages(decide_and_write, msg, "budget", stop)  # charge waits out any outage
+                    await bus.outlasting_outages(decide_and_write, msg, "budget", stop,  # charge waits out any outage,
+                                                 also=(BadRequestError,))  # and a refusal a new leader gives a CAS
                 else:  # anything else may give up: the request then fails, uncharged, within its deadline
                     await decide_and_write()
 
