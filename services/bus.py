@@ -339,29 +339,34 @@ async def _process(js: JetStreamContext, stage: str, handle: Handler, msg: Msg) 
             await _safe(msg.nak(delay=BACKOFF_S[min(delivered, len(BACKOFF_S)) - 1]))
 
 
+# A compare-and-set refused: the expected last sequence was not the stream's. A single server says
+# 10071 ("wrong last sequence: N"); a clustered stream's leader says 10164 ("wrong last sequence"),
+# which, unrecognised, made a budget conflict on the cluster look like a failure.
+WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
+
 # The stream did not take a write because it could not (no leader, no quorum, away, temporarily
 # unavailable): never because of the write itself (too large, refused), which retrying cannot mend.
 OUTAGE_ERRORS: tuple[type[Exception], ...] = (
     TimeoutError, NoStreamResponseError, ServiceUnavailableError, nats.errors.NoRespondersError,
-    nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError,
-    nats.errors.OutboundBufferLimitError)
+    nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError, nats.errors.OutboundBufferLimitError)
+# Not a closed connection: nats-py does not reopen it (the server closes one for a protocol
+# violation), so the worker must exit and be restarted rather than wait for it.
 RECORD_RETRY_MAX_S = 2.0  # and so the in-progress signal: well within any ack wait (the shortest is 30 s)
 
 
-async def outlasting_outages(write: Callable[[], Awaitable[None]], msg: Msg, stage: str, stop: asyncio.Event,
-                             also: tuple[type[Exception], ...] = ()) -> None:
+async def outlasting_outages(write: Callable[[], Awaitable[None]], msg: Msg, stage: str, stop: asyncio.Event) -> None:
     """Run `write` until the stream takes it, however long the bus stays unable to: for the record
     of something already true (the model ran and its caller has the answer), where giving up after
     MAX_DELIVER attempts turned a leader election into `RequestFailed`, a released reservation and
     a caller served free. The message is kept in progress meanwhile so it is not redelivered
-    elsewhere; only a stop, or an error that is no outage (nor in `also`), ends it early, to the
+    elsewhere; only a stop, or an error that is no outage ends it early, to the
     usual bounded retries: a write that can never succeed must not hold a consumer's slot forever."""
     delay = BACKOFF_S[0]
     while True:
         try:
             await write()
             return
-        except (*OUTAGE_ERRORS, *also) as exc:
+        except OUTAGE_ERRORS as exc:
             if stop.is_set():
                 raise
             log.warning("%s: the stream did not take the record of %s: %s; retrying", stage, msg.subject,

@@ -17,13 +17,17 @@ sends from a thread, so a slow or absent collector never holds up a model call.
 from __future__ import annotations
 
 import contextvars
+import ipaddress
 import logging
+import threading
 from datetime import datetime
 from urllib.parse import urlsplit
 
 from ..schemas.events import InvocationCompleted, InvocationFailed, RouteSelected
+from . import egress
 
 try:  # the `telemetry` extra: a deployment without spans needs none of it
+    import requests
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -66,7 +70,11 @@ class ModelCallSpans:
     def __init__(self, otlp_traces_url: str, service: str = "enclave-gateway-invoker") -> None:
         self.provider = TracerProvider(resource=Resource.create({"service.name": service}),
                                        id_generator=RequestTraceIds())
-        self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_traces_url, timeout=5)))
+        self.session = requests.Session()
+        self.session.trust_env = False  # no HTTP(S)_PROXY from the environment: spans go where configured, only
+        self.session.max_redirects = 0
+        exporter = OTLPSpanExporter(endpoint=otlp_traces_url, timeout=2, session=self.session)
+        self.provider.add_span_processor(BatchSpanProcessor(exporter))
         self.tracer = self.provider.get_tracer("enclave_gateway")
 
     def record(self, route: RouteSelected, outcome: InvocationCompleted | InvocationFailed, base_url: str,
@@ -84,8 +92,12 @@ class ModelCallSpans:
             span.set_status(Status(StatusCode.ERROR))
         span.end(end_time=end_ns)
 
-    def shutdown(self) -> None:
-        self.provider.shutdown()
+    def shutdown(self, within_s: float = 3.0) -> None:
+        """Send what is batched, for at most `within_s`: a collector that never answers must not
+        keep the invoker past its supervisor's grace (the exporter's thread is a daemon)."""
+        closing = threading.Thread(target=self.provider.shutdown, daemon=True)
+        closing.start()
+        closing.join(within_s)
 
 
 def attributes(route: RouteSelected, outcome: InvocationCompleted | InvocationFailed,
@@ -117,14 +129,32 @@ def attributes(route: RouteSelected, outcome: InvocationCompleted | InvocationFa
     return attrs
 
 
-def start(otlp_traces_url: str | None, egress_refusal: str | None) -> ModelCallSpans | None:
+def start(otlp_traces_url: str | None, allow: egress.Allow | None) -> ModelCallSpans | None:
     """The spans, when the deployment asks for them and (in enclave mode) may reach the collector."""
     if not otlp_traces_url:
         return None
     if not INSTALLED:
         log.error("telemetry: spans are off: install the gateway's `telemetry` extra to send them")
         return None
-    if egress_refusal is not None:
-        log.error("telemetry: spans are off: the collector %s is refused: %s", otlp_traces_url, egress_refusal)
+    refused = None if allow is None else refuse_collector(otlp_traces_url, allow)
+    if refused is not None:
+        log.error("telemetry: spans are off: the collector is refused: %s", refused)
         return None
     return ModelCallSpans(otlp_traces_url)
+
+
+def refuse_collector(url: str, allow: egress.Allow) -> str | None:
+    """Why an enclave may not send spans to `url`, or None. Stricter than a model server's check:
+    the exporter's HTTP client (urllib3) parses URLs its own way and resolves names unguarded, so
+    only an IP literal inside the allowed networks is taken, with no user part or backslash (a
+    review sent spans outside with `http://outside\\@127.0.0.1/`, read as loopback by urlsplit)."""
+    if "@" in url or "\\" in url:
+        return f"{url!r} has a user part or a backslash"
+    refused = egress.refuse_url(url, allow)
+    if refused is not None:
+        return refused
+    try:
+        ipaddress.ip_address(urlsplit(url).hostname or "")
+    except ValueError:
+        return f"{url!r} names a host: in enclave mode the collector is given by its address"
+    return None

@@ -101,18 +101,20 @@ async def test_a_record_outlasts_an_outage_longer_than_every_retry_and_is_writte
     assert info.num_ack_pending == 0 and info.num_pending == 0
 
 
-async def test_a_record_that_can_never_be_written_is_not_retried_in_place() -> None:
+@pytest.mark.parametrize("error", ["MaxPayloadError", "ConnectionClosedError"])
+async def test_a_record_that_can_never_be_written_is_not_retried_in_place(error: str) -> None:
     """Only an outage is waited out: a write refused for itself (too large) goes back to the usual
-    bounded retries at once, so a forged oversized event cannot hold a responder's slot forever."""
+    bounded retries at once, so a forged oversized event cannot hold a responder's slot forever;
+    a closed connection is never reopened by nats-py, so the worker must exit and be restarted."""
     import nats.errors
 
     calls = 0
 
-    async def too_large() -> None:
+    async def cannot() -> None:
         nonlocal calls
         calls += 1
-        raise nats.errors.MaxPayloadError
+        raise getattr(nats.errors, error)
 
-    with pytest.raises(nats.errors.MaxPayloadError):
-        await asyncio.wait_for(bus.outlasting_outages(too_large, object(), "edge", asyncio.Event()), 5)  # type: ignore[arg-type]
+    with pytest.raises(getattr(nats.errors, error)):
+        await asyncio.wait_for(bus.outlasting_outages(cannot, object(), "edge", asyncio.Event()), 5)  # type: ignore[arg-type]
     assert calls == 1

@@ -83,7 +83,12 @@ async def test_metrics_show_spend_against_caps_open_circuits_and_the_time_the_ga
             break
         await asyncio.sleep(0.1)
     assert isinstance(newest, LedgerTotals) and newest.spent_micros > 0
-    after = await _scrape(http_url)
+    spent = ("enclave_gateway_budget_spent_micros", (("team", "gamma"),))
+    for _ in range(40):  # spend and circuits are read from the broker at most every few seconds
+        after = await _scrape(http_url)
+        if after.get(spent) == newest.spent_micros:
+            break
+        await asyncio.sleep(0.25)
     assert after[("enclave_gateway_budget_spent_micros", (("team", "gamma"),))] == newest.spent_micros
     assert after[("enclave_gateway_budget_reserved_micros", (("team", "gamma"),))] == 0
     assert after[("enclave_gateway_budget_cap_micros", (("team", "gamma"),))] == newest.cap_micros

@@ -104,3 +104,25 @@ def test_a_stored_version_is_read_one_version_at_a_time_up_to_the_current() -> N
     event = codec.decode_event((GOLDEN / "RouteSelected" / "v1.json").read_bytes())
     assert type(event).__name__ == "RouteSelected" and event.schema_version == current_version(type(event))
     assert event == upcast_samples()[("RouteSelected", 1)]
+
+
+def test_an_id_or_team_too_long_for_a_subject_or_header_is_a_decode_error() -> None:
+    """A review forged a 400,000-character request id and a 5,000-character team: the stage's next
+    publish broke the server's limits and its connection was closed for good. Such events are now
+    refused as input (MessageRejected), never acted on."""
+    import msgspec as _msgspec
+    from enclave_gateway.schemas import codec as _codec
+
+    from .samples import SAMPLES_BY_NAME as _SAMPLES
+
+    failed = _SAMPLES["RequestFailed"]
+    for forged in (_msgspec.structs.replace(failed, request_id="r" * 400_000),
+                   _msgspec.structs.replace(failed, event_id="e" * 1_000)):
+        with pytest.raises(_codec.DecodeError):
+            _codec.decode_event(_codec.encode(forged))
+    done = _SAMPLES["InvocationCompleted"]
+    held = done.reservation  # type: ignore[attr-defined]
+    forged = _msgspec.structs.replace(done, reservation=_msgspec.structs.replace(held, team="t" * 5000))
+    with pytest.raises(_codec.DecodeError):
+        _codec.decode_event(_codec.encode(forged))
+    assert _codec.decode_event(_codec.encode(done)) == done  # what every stage writes still reads

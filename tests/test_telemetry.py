@@ -12,7 +12,7 @@ import aiohttp
 import msgspec
 import pytest
 from enclave_gateway.schemas.events import InvocationCompleted, InvocationFailed, RouteSelected
-from enclave_gateway.services import telemetry
+from enclave_gateway.services import egress, telemetry
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
@@ -47,7 +47,7 @@ def test_each_attempt_is_one_genai_span_traced_by_its_request_id_with_no_text(co
     route = msgspec.structs.replace(route, request_id=rid, protocol="openai")
     failed = msgspec.structs.replace(failed, request_id=rid, detail="the server quoted: TOP SECRET PROMPT")
     done = msgspec.structs.replace(done, request_id=rid, content="THE SECRET ANSWER")
-    spans = telemetry.start(collector.url, None)
+    spans = telemetry.start(collector.url, egress.parse(["127.0.0.0/8"]))  # as in an enclave, on loopback
     assert spans is not None
     spans.record(route, failed, "http://127.0.0.1:8081", failed.occurred_at)
     spans.record(msgspec.structs.replace(route, attempt=2), done, "http://10.1.2.3:9000",
@@ -75,10 +75,42 @@ def test_each_attempt_is_one_genai_span_traced_by_its_request_id_with_no_text(co
 
 def test_spans_are_off_by_default_and_refused_where_the_enclave_forbids_the_collector(
         collector: Collector, caplog: pytest.LogCaptureFixture) -> None:
+    allow = egress.parse(["127.0.0.0/8", "10.0.0.0/8", "localhost"])
+    port = collector.url.split(":")[2].split("/")[0]
     assert telemetry.start("", None) is None
-    assert telemetry.start(collector.url, "10.9.9.9 is outside [enclave] allow") is None
-    assert "spans are off" in caplog.text and "outside [enclave] allow" in caplog.text
+    for url in (f"http://192.0.2.2:{port}/v1/traces",  # outside the networks
+                f"http://192.0.2.2:{port}\\@127.0.0.1:{port}/v1/traces",  # urlsplit and urllib3 disagree (review)
+                f"http://user@127.0.0.1:{port}/v1/traces",
+                f"http://localhost:{port}/v1/traces"):  # a name the exporter would resolve unguarded
+        caplog.clear()
+        assert telemetry.refuse_collector(url, allow) is not None, url
+        assert telemetry.start(url, allow) is None and "spans are off" in caplog.text, url
+    assert telemetry.refuse_collector(collector.url, allow) is None
     assert collector.spans == []
+
+
+def test_the_exporter_ignores_proxy_settings_and_a_silent_collector_cannot_hold_the_exit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import time
+
+    monkeypatch.setenv("HTTP_PROXY", "http://192.0.2.9:3128")  # outside: spans must not go there
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)  # accepts, never answers
+    try:
+        spans = telemetry.start(f"http://127.0.0.1:{silent.getsockname()[1]}/v1/traces", None)
+        assert spans is not None and spans.session.trust_env is False  # HTTP_PROXY is not read
+        assert spans.session.get_adapter("http://127.0.0.1/").proxy_manager == {}
+        route, done = SAMPLES_BY_NAME["RouteSelected"], SAMPLES_BY_NAME["InvocationCompleted"]
+        assert isinstance(route, RouteSelected) and isinstance(done, InvocationCompleted)
+        for _ in range(2000):
+            spans.record(route, done, "http://127.0.0.1:1", done.occurred_at)
+        started = time.monotonic()
+        spans.shutdown(within_s=2.0)
+        assert time.monotonic() - started < 3.0
+    finally:
+        silent.close()
 
 
 def test_a_request_id_that_is_no_trace_id_gets_a_random_one() -> None:
@@ -104,3 +136,16 @@ async def test_the_invoker_sends_the_span_of_a_real_call_to_the_deployments_coll
     attrs = _attrs(mine[0])
     assert mine[0].name == "chat enclave-tiny" and attrs["enclave_gateway.request_id"] == rid
     assert attrs["enclave_gateway.endpoint"] == "local-llama" and int(attrs["gen_ai.usage.output_tokens"]) >= 1  # type: ignore[call-overload]
+
+
+def test_a_forged_model_time_cannot_poison_the_added_time() -> None:
+    from enclave_gateway.services.edge.metrics import EdgeMetrics
+
+    metrics = EdgeMetrics()
+    metrics.added_time("enclave-tiny", ["enclave-tiny"], 0.5, -1e300)  # an invoker's invented latency
+    metrics.added_time("enclave-tiny", ["enclave-tiny"], 0.5, 1e300)
+    metrics.added_time("enclave-tiny", ["enclave-tiny"], 0.5, float("nan"))
+    text = metrics.exposition().decode()
+    [total] = [line for line in text.splitlines() if line.startswith("enclave_gateway_added_seconds_sum")]
+    [count] = [line for line in text.splitlines() if line.startswith("enclave_gateway_added_seconds_count")]
+    assert float(total.rsplit(" ", 1)[1]) == 0.5 and float(count.rsplit(" ", 1)[1]) == 2.0

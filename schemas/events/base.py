@@ -5,16 +5,24 @@ with care: never edit a released Struct, freeze it as `<Name>V<n>` and add an up
 """
 
 from datetime import datetime
-from typing import TypedDict
+from typing import Annotated, TypedDict
 
-from msgspec import Struct
+from msgspec import Meta, Struct
+
+# Bounds on what becomes a subject token or a header: an id or team name of any length, forged
+# with a service credential, made a stage's next publish exceed the server's control-line or
+# payload limit, and the server closed that stage's connection (a hostile review). Every id and
+# team ever recorded is far shorter (uuid hex, `seq-N`; policy teams are at most 64 characters).
+RequestId = Annotated[str, Meta(max_length=128)]
+EventId = Annotated[str, Meta(max_length=256)]
+TeamName = Annotated[str, Meta(max_length=256)]
 
 
 class Event(Struct, frozen=True, kw_only=True, tag_field="type", gc=False):
     """Base of every event: a past-tense fact with the policy version it was decided under."""
 
-    event_id: str
-    request_id: str
+    event_id: EventId
+    request_id: RequestId
     occurred_at: datetime
     policy_version: str
     schema_version: int = 1
@@ -29,7 +37,7 @@ class Caller(Struct, frozen=True, kw_only=True, gc=False):
     """Who asked, as proven by a verified session token."""
 
     subject: str
-    team: str
+    team: TeamName
     roles: tuple[str, ...] = ()
     token_id: str = ""
     clearance: str | None = None  # the session's label: level, compartments and caveats
@@ -38,7 +46,7 @@ class Caller(Struct, frozen=True, kw_only=True, gc=False):
 class Reservation(Struct, frozen=True, kw_only=True, gc=False):
     """Money held for one request until it is settled or released (integer micro-units)."""
 
-    team: str
+    team: TeamName
     period: str
     micros: int
 

@@ -29,7 +29,6 @@ from . import checkpoints
 from .checkpoints import Cursor
 
 log = logging.getLogger("enclave_gateway.auditor")
-WRONG_LAST_SEQUENCE = 10071
 REMEMBERED_HEADS = 100_000  # chain heads kept to check another replica's checkpoint against ours
 
 
@@ -106,7 +105,7 @@ class Checkpointer:
         try:
             ack = await bus.publish_ack(self.js, cp, headers=headers)
         except APIError as exc:
-            if exc.err_code == WRONG_LAST_SEQUENCE:
+            if exc.err_code in bus.WRONG_LAST_SEQUENCE:
                 log.info("checkpoint at seq %d lost the race; resuming after the winner", cp.seq)
                 return False
             raise

@@ -28,7 +28,6 @@ from .. import bus
 from .decider import BudgetState, evolve
 
 log = logging.getLogger("enclave_gateway.budget")
-WRONG_LAST_SEQUENCE = 10071
 LEDGER_ALL = "gw.evt.ledger.>"
 REFUSALS_ALL = "gw.evt.budget.rejected.>"
 SNAPSHOT_BUCKET = "GW_BUDGET"
@@ -220,7 +219,7 @@ class LedgerStore:
         try:
             ack = await bus.publish_ack(self.js, event, headers=headers)
         except APIError as exc:
-            if exc.err_code == WRONG_LAST_SEQUENCE:
+            if exc.err_code in bus.WRONG_LAST_SEQUENCE:
                 raise LedgerConflict(str(exc)) from exc
             raise
         if ack.duplicate:  # written before under this Nats-Msg-Id: the catch-up folds the stored one

@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable
 
 from nats.aio.msg import Msg
-from nats.js.errors import BadRequestError
 
 from ...schemas import codec
 from ...schemas.events import (
@@ -97,8 +96,7 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
                                 catch_up_first=not known or tries > 1, cause=(event, msg))
 
                 if isinstance(event, InvocationCompleted):  # the model ran and its caller is answered: the
-                    await bus.outlasting_outages(decide_and_write, msg, "budget", stop,  # charge waits out any outage,
-                                                 also=(BadRequestError,))  # and a refusal a new leader gives a CAS
+                    await bus.outlasting_outages(decide_and_write, msg, "budget", stop)  # charge waits out any outage
                 else:  # anything else may give up: the request then fails, uncharged, within its deadline
                     await decide_and_write()
 

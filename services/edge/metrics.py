@@ -11,6 +11,7 @@ cannot grow the series without bound), a team the token verified, our reason cod
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -74,7 +75,8 @@ class EdgeMetrics:
     def added_time(self, model: str, known_models: Iterable[str], waited_s: float, model_s: float) -> None:
         """One completed HTTP answer: what the caller waited beyond the model call itself."""
         named = model if model in set(known_models) else "other"
-        self.added.labels(named).observe(max(0.0, waited_s - model_s))
+        if math.isfinite(model_s):  # an invoker's figure, bounded by what the caller waited
+            self.added.labels(named).observe(waited_s - min(max(model_s, 0.0), waited_s))
 
     def budgets(self, rows: Iterable[tuple[str, int, int, int]]) -> None:
         """Per team of the policy: spent, reserved and cap of its current period."""

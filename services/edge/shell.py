@@ -36,6 +36,7 @@ from .metrics import EdgeMetrics
 log = logging.getLogger("enclave_gateway.edge")
 REPLY_GRACE_S = 1.0
 ANSWERED_MEMORY = 4096  # recent answered request ids: a redelivered duplicate reply is not "undelivered"
+SCRAPE_MEMORY_S = 5.0  # /metrics reads spend and circuits from the broker at most this often
 READY_MEMORY_S = 1.0  # a probe answered from the last look this recent (load balancers poll often)
 # The stream surely did not store the event: the server said no (stream full, no quorum), nobody
 # answered, or the connection is closed. A timeout is not among them: the event may be stored.
@@ -61,6 +62,7 @@ class Edge:
         self.pending: dict[str, asyncio.Future[tuple[SubmitReply, str | None]]] = {}
         self.streams: dict[str, asyncio.Queue[StreamChunk]] = {}  # HTTP callers of `stream: true`
         self.answered: dict[str, None] = {}  # insertion-ordered, the oldest dropped first
+        self.looked_at = -math.inf  # when /metrics last read spend and circuits
         self.model_s: dict[str, float] = {}  # a waiting caller's model call time, until it is counted
         self.ready: tuple[float, dict[str, bool]] = (0.0, {})  # when last looked, and what was seen
         self.metrics = EdgeMetrics()
@@ -212,6 +214,7 @@ class Edge:
             self.pending.pop(request_id, None)
             self.streams.pop(request_id, None)
             if not streamed_out:  # hung up: a reply already here is recorded now, a later one on arrival
+                self.model_s.pop(request_id, None)  # never counted: its model time goes with it
                 if outcome is None and fut.done() and not fut.cancelled():
                     outcome = fut.result()
                 if outcome is not None:
@@ -345,41 +348,46 @@ class Edge:
                 rows.append((name, int(info.num_pending or 0), int(info.num_ack_pending or 0),
                              int(info.num_redelivered or 0)))
             self.metrics.consumers(rows)
-            self.metrics.budgets(await self._budgets())
-            self.metrics.circuits(await self._circuits())
+            if time.monotonic() - self.looked_at >= SCRAPE_MEMORY_S:  # an unauthenticated probe cannot
+                self.looked_at = time.monotonic()  # make the edge ask the broker more than this often
+                budgets, circuits = await asyncio.gather(self._budgets(), self._circuits())
+                self.metrics.budgets(budgets)
+                self.metrics.circuits(circuits)
         self.metrics.supervised(Path(self.settings.data_dir) / "supervisor.json")
         return self.metrics.exposition()
 
     async def _budgets(self) -> list[tuple[str, int, int, int]]:
-        """Each policy team's newest ledger fact (a direct get of the newest only): its totals, or
-        zero spent and reserved when that fact is of an earlier period or there is none."""
+        """Each policy team's newest ledger fact: its totals, or zero spent and reserved when that
+        fact is of an earlier period or there is none."""
+        now, teams = bus.now_utc(), sorted(self.session.policy.bundle.budgets.teams.items())
+        facts = await asyncio.gather(*(self._newest(subjects.ledger_filter(team)) for team, _ in teams))
         rows = []
-        now = bus.now_utc()
-        for team, budget in sorted(self.session.policy.bundle.budgets.teams.items()):
-            spent = reserved = 0
-            try:
-                newest = await self.js.get_last_msg(subjects.STREAM, subjects.ledger_filter(team), direct=True)
-                fact = codec.decode_event(newest.data or b"", newest.subject or "")
-            except (NotFoundError, TimeoutError, nats.errors.Error, codec.DecodeError):
-                fact = None
+        for (team, budget), fact in zip(teams, facts, strict=True):
             if isinstance(fact, LedgerTotals) and fact.period == period_of(budget.period, now):
-                spent, reserved = fact.spent_micros, fact.reserved_micros
-            rows.append((team, spent, reserved, budget.cap_micros))
+                rows.append((team, fact.spent_micros, fact.reserved_micros, budget.cap_micros))
+            else:
+                rows.append((team, 0, 0, budget.cap_micros))
         return rows
 
     async def _circuits(self) -> list[tuple[str, str, bool]]:
-        """Per catalog model, its endpoints and whether the router's newest route for the model (a
-        direct get) passed each over as failing; none routed yet: all closed."""
+        """Per catalog model, its endpoints and whether the router's newest route for the model
+        passed each over as failing; none routed yet: all closed."""
+        models = self.session.policy.bundle.catalog.model
+        routes = await asyncio.gather(*(self._newest(subjects.routes_of(m.id)) for m in models))
         rows = []
-        for model in self.session.policy.bundle.catalog.model:
-            try:
-                newest = await self.js.get_last_msg(subjects.STREAM, subjects.routes_of(model.id), direct=True)
-                route = codec.decode_event(newest.data or b"", newest.subject or "")
-            except (NotFoundError, TimeoutError, nats.errors.Error, codec.DecodeError):
-                route = None
+        for model, route in zip(models, routes, strict=True):
             opened = set(route.circuit_open) if isinstance(route, RouteSelected) else set()
             rows += [(model.id, e, e in opened) for e in catalog.endpoints_of(model)]
         return rows
+
+    async def _newest(self, subject: str) -> AnyEvent | None:
+        """The newest event on `subject` (a direct get of that one message), or None: none, junk,
+        or no answer within a second (a scrape must answer while the broker does not)."""
+        try:
+            newest = await asyncio.wait_for(self.js.get_last_msg(subjects.STREAM, subject, direct=True), 1.0)
+            return codec.decode_event(newest.data or b"", newest.subject or "")
+        except (NotFoundError, TimeoutError, nats.errors.Error, codec.DecodeError):
+            return None
 
     def _answered(self, request_id: str) -> None:
         self.answered[request_id] = None
@@ -428,10 +436,10 @@ class Edge:
             log.error("undecodable reply on %s: %s", msg.subject, exc)
             return
         team = (msg.headers or {}).get(decider.TEAM_HEADER)
-        with contextlib.suppress(ValueError, TypeError):
-            self.model_s[request_id] = float((msg.headers or {}).get(decider.MODEL_MS_HEADER, "")) / 1000
         fut = self.pending.get(request_id)
         if fut is not None and not fut.done():
+            with contextlib.suppress(ValueError, TypeError):  # kept only while its caller waits (`_count` takes it)
+                self.model_s[request_id] = float((msg.headers or {}).get(decider.MODEL_MS_HEADER, "")) / 1000
             fut.set_result((reply, team))
             return
         caller: decider.HolderView = "answered" if request_id in self.answered else "gone"

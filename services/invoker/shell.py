@@ -175,8 +175,7 @@ async def _serve(settings: WorkerSettings, nc: Client, js: JetStreamContext, sto
     for name, why in refused.items():
         log.error("enclave mode: endpoint %s refused: %s", name, why)
     session = aiohttp.ClientSession(connector=egress.connector(allow, limit=256, keepalive_timeout=60))
-    spans = telemetry.start(settings.otlp_traces_url, None if allow is None or not settings.otlp_traces_url
-                            else egress.refuse_url(settings.otlp_traces_url, allow))
+    spans = telemetry.start(settings.otlp_traces_url, allow)
 
     async def handle(msg: Msg) -> None:
         route = codec.decode_as(msg.data, RouteSelected, msg.subject)
@@ -227,4 +226,4 @@ async def _serve(settings: WorkerSettings, nc: Client, js: JetStreamContext, sto
     finally:
         await session.close()
         if spans is not None:
-            await asyncio.to_thread(spans.shutdown)  # what is still batched is sent before the invoker exits
+            spans.shutdown()  # what is still batched is sent, for at most a few seconds
