@@ -278,7 +278,7 @@ async def test_with_quorum_lost_nothing_is_served_or_charged_unrecorded_and_it_r
         deadline = asyncio.get_running_loop().time() + 60
         while True:  # the workers' consumers come back with the quorum
             try:
-                _, code = await _ask(app, token)
+                served, code = await _ask(app, token)
             except TimeoutError:
                 code = "no answer"
             if code is None or asyncio.get_running_loop().time() > deadline:
@@ -288,7 +288,11 @@ async def test_with_quorum_lost_nothing_is_served_or_charged_unrecorded_and_it_r
         await app.close()
     admin = await bus.connect(replicas[0], "admin")
     try:
-        events = await _events(admin)
+        for _ in range(120):  # the settlement follows the reply
+            events = await _events(admin)
+            if any(e["type"] == "BudgetSettled" and e.get("request_id") == served for e in events):
+                break
+            await asyncio.sleep(0.5)
     finally:
         await admin.close()
     ledger = [e for e in events if e.get("team") == "alpha" and "spent_micros" in e]

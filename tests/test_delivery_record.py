@@ -13,8 +13,8 @@ from pathlib import Path
 import aiohttp
 import msgspec
 import pytest
-from enclave_gateway.schemas import subjects
-from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
+from enclave_gateway.schemas import codec, subjects
+from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitReply, SubmitRequest
 from enclave_gateway.schemas.events import (
     BudgetReleased,
     BudgetReserved,
@@ -237,3 +237,39 @@ def test_a_failure_after_settlement_releases_nothing() -> None:
     for fact in budget.decide(done, state, policy, NOW):
         state = budget.evolve(state, fact)
     assert budget.decide(_failed_at_router(reserved), state, policy, NOW) == []
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_batch_submission_waiting_out_an_outage_holds_up_no_other(
+        stack: WorkerSettings, client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """nats-py runs a subscription's callbacks one at a time: a submission whose publish waits out an
+    outage (its deadline and 120 s more) once held up every batch caller behind it (a review)."""
+    from nats.aio.msg import Msg
+
+    async with worker.session(stack, "edge", policy_view.for_worker(stack)) as s:
+        replica = Edge(stack, s)  # driven directly: it subscribes to nothing, so no other traffic reaches it
+        stalled = asyncio.Event()
+
+        async def submit(entry: str, cmd: SubmitRequest, reply_to: str, request_id: str) -> SubmitReply | None:
+            if cmd.chat.messages[0].content == "stalled":
+                stalled.set()
+                await asyncio.Event().wait()  # an outage that does not end within this test
+            return edge.error_reply(request_id, "audit_unavailable", "refused at once")
+
+        monkeypatch.setattr(replica, "submit", submit)
+        token = "not-read-by-this-fake"
+
+        def message(content: str, reply: str) -> Msg:
+            chat = ChatBody(model="enclave-tiny", messages=(ChatMessage(role="user", content=content),))
+            return Msg(_client=s.nc, subject=subjects.submit("tester"), reply=reply,
+                       data=codec.encode(SubmitRequest(token=token, chat=chat)))
+
+        inbox = client.new_inbox()
+        sub = await client.subscribe(inbox)
+        await asyncio.wait_for(replica._on_submit(message("stalled", client.new_inbox())), 5)
+        await asyncio.wait_for(stalled.wait(), 5)
+        await asyncio.wait_for(replica._on_submit(message("quick", inbox)), 5)
+        answer = codec.decode_reply((await sub.next_msg(timeout=10)).data)
+        assert answer.error is not None and answer.error.message == "refused at once"
+        for task in replica.submissions:
+            task.cancel()

@@ -36,6 +36,7 @@ from .metrics import EdgeMetrics
 log = logging.getLogger("enclave_gateway.edge")
 REPLY_GRACE_S = 1.0
 ANSWERED_MEMORY = 4096  # recent answered request ids: a redelivered duplicate reply is not "undelivered"
+MAX_SUBMITTING = 1024  # batch submissions one edge replica puts in the pipeline at once
 SCRAPE_MEMORY_S = 5.0  # /metrics reads spend and circuits from the broker at most this often
 READY_MEMORY_S = 1.0  # a probe answered from the last look this recent (load balancers poll often)
 # The stream surely did not store the event: the server said no (stream full, no quorum), nobody
@@ -63,6 +64,8 @@ class Edge:
         self.streams: dict[str, asyncio.Queue[StreamChunk]] = {}  # HTTP callers of `stream: true`
         self.answered: dict[str, None] = {}  # insertion-ordered, the oldest dropped first
         self.looked_at = -math.inf  # when /metrics last read spend and circuits
+        self.submitting = asyncio.Semaphore(MAX_SUBMITTING)  # batch submissions being put in the pipeline
+        self.submissions: set[asyncio.Task[None]] = set()  # referenced until done (asyncio keeps weak ones)
         self.model_s: dict[str, float] = {}  # a waiting caller's model call time, until it is counted
         self.ready: tuple[float, dict[str, bool]] = (0.0, {})  # when last looked, and what was seen
         self.metrics = EdgeMetrics()
@@ -446,6 +449,20 @@ class Edge:
         await self._record(decider.handed_over(reply, team, caller, bus.now_utc(), self.version))
 
     async def _on_submit(self, msg: Msg) -> None:
+        """Hand each `gw.submit` message to a task of its own: nats-py runs a subscription's callbacks
+        one at a time, so one submission waiting out an outage (up to its deadline and 120 s more)
+        held up every batch caller behind it (a review). At most MAX_SUBMITTING run at once; past
+        that the callback waits, and the subscription's pending limits push back as before."""
+        await self.submitting.acquire()
+        task = asyncio.create_task(self._submit_one(msg))
+        self.submissions.add(task)
+        task.add_done_callback(self._submitted)
+
+    def _submitted(self, task: asyncio.Task[None]) -> None:
+        self.submissions.discard(task)
+        self.submitting.release()
+
+    async def _submit_one(self, msg: Msg) -> None:
         request_id = uuid.uuid4().hex
         try:
             refused = decider.refuse_reply_subject(msg.subject, msg.reply)
