@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 
@@ -243,6 +244,10 @@ class Gateway:
         """Broker, engine, keys, topology, policy, workers; returns once every worker consumes."""
         self._halted.clear()  # a gateway stopped and started again is supervised again
         issuer.ensure_keys(self.data_dir / "keys")
+        if self.certs is not None and (ending := tls.expiry(self.certs, datetime.now(UTC))) is not None:
+            if ending[0] == "expired":  # every handshake would fail, seen by workers only as a lost bus
+                raise procs.StartFailed(ending[1])
+            self.notices.append(ending[1])
         signers = self._signers()
         self.nats_url = self.broker.start()
         if self.engine is not None and self.serve_tiny:

@@ -93,6 +93,25 @@ def make(folder: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1"
     return out
 
 
+RENEW_WITHIN_DAYS = 30
+
+
+def expiry(certs: BusCerts, now: datetime.datetime) -> tuple[str, str] | None:
+    """("expired" | "soon", what to say) when the CA or the broker certificate has run out or runs out
+    within RENEW_WITHIN_DAYS; None while both are good. An expired one makes every TLS handshake
+    fail, which a worker reports only as a lost bus: `gateway up` refuses to start on it instead."""
+    ends = {path.name: x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc
+            for path in (certs.ca_file, certs.cert_file)}
+    name, end = min(ends.items(), key=lambda kv: kv[1])
+    how = (f"delete {certs.ca_file.parent} and run `gateway certs` (or install your PKI's files), "
+           "then restart every node: workers pin the CA at start")
+    if end <= now:
+        return "expired", f"the bus TLS certificate {name} expired on {end:%Y-%m-%d}: {how}"
+    if end - now <= datetime.timedelta(days=RENEW_WITHIN_DAYS):
+        return "soon", f"the bus TLS certificate {name} expires on {end:%Y-%m-%d} ({(end - now).days} days): {how}"
+    return None
+
+
 def server_block(certs: BusCerts, *, verify: bool) -> str:
     """A nats-server `tls { }` block. `handshake_first`: TLS before the server says anything, so a
     client never reads a plaintext INFO from whoever holds the port; `verify`: the peer must show

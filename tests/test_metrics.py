@@ -47,6 +47,11 @@ async def test_metrics_count_what_callers_were_told_by_model_team_and_code(
     missing = dict(entry="http", model="other", outcome="error", code="model_not_found")
     assert _requests(after, **missing) - _requests(before, **missing) == 2
     assert not any("no-such-model" in str(labels) for _, labels in after)
+    async with aiohttp.ClientSession() as s, s.post(f"{http_url}/v1/chat/completions", data=b"{not json",
+                                                    headers={**headers, "Content-Type": "application/json"}) as r:
+        assert r.status == 400  # refused at the entry, before any model or team is known: counted too
+    refused = dict(entry="http", model="other", outcome="error", code="invalid_request")
+    assert _requests(await _scrape(http_url), **refused) - _requests(after, **refused) == 1
     seconds = ("enclave_gateway_request_seconds_count", (("model", "enclave-tiny"), ("outcome", "completed")))
     assert after[seconds] - before.get(seconds, 0.0) == 2
     assert after[("enclave_gateway_bus_connected", ())] == 1

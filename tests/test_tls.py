@@ -86,3 +86,28 @@ def test_gateway_certs_makes_a_ca_and_a_broker_certificate_for_the_named_hosts(t
     assert oct(made.key_file.stat().st_mode & 0o777) == "0o600"
     ca = x509.load_pem_x509_certificate(made.ca_file.read_bytes())
     cert.verify_directly_issued_by(ca)
+
+
+def test_a_bus_certificate_near_or_past_its_end_is_named_and_an_expired_one_refuses_the_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datetime
+
+    from enclave_gateway import procs
+    from enclave_gateway.runtime import Gateway
+
+    certs = tls.make(tmp_path / "tls")
+    now = datetime.datetime.now(datetime.UTC)
+    assert tls.expiry(certs, now) is None  # a year left
+    level, text = tls.expiry(certs, now + datetime.timedelta(days=350)) or ("", "")
+    assert level == "soon" and "ca.pem" in text and "gateway certs" in text
+    level, text = tls.expiry(certs, now + datetime.timedelta(days=366)) or ("", "")
+    assert level == "expired" and "expired on" in text
+    monkeypatch.setattr(tls, "VALID_DAYS", 0)  # valid for the five minutes `make` back-dates: ends about now
+    root = Path(__file__).resolve().parent.parent
+    gw = Gateway(tmp_path / "data", root / "policies", nats_port=-1, http_port=0, endpoints={}, serve_tiny=None,
+                 nats_tls=True)
+    import time
+    time.sleep(0.01)
+    with pytest.raises(procs.StartFailed, match="expired on"):
+        gw.start()
+    assert gw.broker.proc is None  # refused before anything started

@@ -132,6 +132,8 @@ class Edge:
         except Exception as exc:  # unrecorded, the refusal is not what the caller hears (AU-5)
             log.error("refusal %s not recorded: %s", request_id, type(exc).__name__)
             return decider.error_reply(request_id, "audit_unavailable", NOT_RECORDED)
+        # counted too: no model or team is known yet (the body did not parse), so both are `other`/none
+        self.metrics.answered("http" if subject.startswith("http:") else "nats", "", (), None, (), reply)
         await self.deliver(reply, reply_to, team=None)
         return reply
 
