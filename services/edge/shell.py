@@ -19,6 +19,7 @@ from typing import Any, Literal
 import nats.errors
 from aiohttp import web
 from nats.aio.msg import Msg
+from nats.js.api import ConsumerInfo
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from ...schemas import codec, subjects
@@ -319,13 +320,19 @@ class Edge:
 
     async def _pulled(self, durables: list[str]) -> bool:
         for name in durables:
-            try:
-                info = await self.js.consumer_info(subjects.STREAM, name, timeout=1.0)
-            except (NotFoundError, TimeoutError, nats.errors.Error):
-                continue
-            if int(info.num_waiting or 0) > 0:
+            info = await self._durable(name)
+            if info is not None and int(info.num_waiting or 0) > 0:
                 return True
         return False
+
+    async def _durable(self, name: str) -> ConsumerInfo | None:
+        """A durable's info, by name (the edge may read a durable's info, not list them); None when
+        the broker does not answer within a second."""
+        try:
+            info: ConsumerInfo = await self.js.consumer_info(subjects.STREAM, name, timeout=1.0)
+        except (NotFoundError, TimeoutError, nats.errors.Error):
+            return None
+        return info
 
     def _count(self, entry: str, cmd: SubmitRequest, team: str | None, reply: SubmitReply,
                started: float | None) -> None:
@@ -343,16 +350,11 @@ class Edge:
         """GET /metrics: the counters, and the consumers' backlog and restarts as of now."""
         self.metrics.connected.set(1 if self.nc.is_connected else 0)
         if self.nc.is_connected:
-            endpoints = catalog.all_endpoints(self.session.policy.bundle.catalog)
-            rows = []
-            for name in registry.durables(endpoints):  # by name: the edge may read a durable's info, not list them
-                try:
-                    info = await self.js.consumer_info(subjects.STREAM, name, timeout=1.0)
-                except (NotFoundError, TimeoutError, nats.errors.Error):
-                    continue  # the counters still answer
-                rows.append((name, int(info.num_pending or 0), int(info.num_ack_pending or 0),
-                             int(info.num_redelivered or 0)))
-            self.metrics.consumers(rows)
+            names = list(registry.durables(catalog.all_endpoints(self.session.policy.bundle.catalog)))
+            infos = await asyncio.gather(*(self._durable(name) for name in names))
+            self.metrics.consumers([(name, int(info.num_pending or 0), int(info.num_ack_pending or 0),
+                                     int(info.num_redelivered or 0))
+                                    for name, info in zip(names, infos, strict=True) if info is not None])
             if time.monotonic() - self.looked_at >= SCRAPE_MEMORY_S:  # an unauthenticated probe cannot
                 self.looked_at = time.monotonic()  # make the edge ask the broker more than this often
                 budgets, circuits = await asyncio.gather(self._budgets(), self._circuits())
