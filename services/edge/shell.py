@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import nats.errors
 from aiohttp import web
@@ -51,6 +51,15 @@ OUTAGE_WAIT_S = 120.0  # and the most it waits past the deadline for the pipelin
 PUBLISH_TRY_S = 2.0  # one publish's wait for the stream's acknowledgement before it is sent again
 
 
+class Handed(NamedTuple):
+    """A pipeline reply as it reached the replica holding the caller: the caller's team (for the
+    fact this replica records) and the model call's time (for the added time), from its headers."""
+
+    reply: SubmitReply
+    team: str | None
+    model_s: float | None = None
+
+
 class Edge:
     """One edge replica's connections, pending HTTP callers and policy view."""
 
@@ -61,13 +70,12 @@ class Edge:
         self.nc, self.js = session.nc, session.js
         self.replica = uuid.uuid4().hex
         self.state = decider.initial_state()  # the outcomes this replica recorded, for idempotency
-        self.pending: dict[str, asyncio.Future[tuple[SubmitReply, str | None]]] = {}
+        self.pending: dict[str, asyncio.Future[Handed]] = {}
         self.streams: dict[str, asyncio.Queue[StreamChunk]] = {}  # HTTP callers of `stream: true`
         self.answered: dict[str, None] = {}  # insertion-ordered, the oldest dropped first
         self.looked_at = -math.inf  # when /metrics last read spend and circuits
         self.submitting = asyncio.Semaphore(MAX_SUBMITTING)  # batch submissions being put in the pipeline
         self.submissions: set[asyncio.Task[None]] = set()  # referenced until done (asyncio keeps weak ones)
-        self.model_s: dict[str, float] = {}  # a waiting caller's model call time, until it is counted
         self.ready: tuple[float, dict[str, bool]] = (0.0, {})  # when last looked, and what was seen
         self.metrics = EdgeMetrics()
         self.unhealthy_at = -1e9  # loop time the bus last failed a ping (watch_bus)
@@ -150,7 +158,7 @@ class Edge:
         logs.request_id.set(request_id)  # this caller's task: its log lines name the request
         waited_from = asyncio.get_running_loop().time()
         backstop_at = waited_from + self._backstop(cmd)  # from the submission, however long that took
-        fut: asyncio.Future[tuple[SubmitReply, str | None]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Handed] = asyncio.get_running_loop().create_future()
         self.pending[request_id] = fut
         try:
             refused = await self.submit("http", cmd, subjects.edge_reply(self.replica, request_id), request_id)
@@ -159,15 +167,16 @@ class Edge:
                 return refused
             try:
                 left = max(0.0, backstop_at - asyncio.get_running_loop().time())
-                reply, team = await asyncio.wait_for(asyncio.shield(fut), left)
+                reply, team, model_s = await asyncio.wait_for(asyncio.shield(fut), left)
             except TimeoutError:
-                reply, team = await self._after_outage(fut, waited_from) or (decider.timeout_reply(request_id), None)
+                reply, team, model_s = (await self._after_outage(fut, waited_from)
+                                        or Handed(decider.timeout_reply(request_id), None))
             if fut.done():
                 self._answered(request_id)
         finally:  # from here on a reply for this request finds no caller (`_on_reply`)
             self.pending.pop(request_id, None)
         await self._record(decider.handed_over(reply, team, "waiting", bus.now_utc(), self.version))
-        self._count("http", cmd, team, reply, started)
+        self._count("http", cmd, team, reply, started, model_s)
         return reply
 
     async def stream(self, cmd: SubmitRequest) -> AsyncGenerator[StreamChunk | SubmitReply, None]:
@@ -179,10 +188,10 @@ class Edge:
         loop = asyncio.get_running_loop()
         waited_from = loop.time()
         deadline = waited_from + self._backstop(cmd)
-        fut: asyncio.Future[tuple[SubmitReply, str | None]] = loop.create_future()
+        fut: asyncio.Future[Handed] = loop.create_future()
         queue: asyncio.Queue[StreamChunk] = asyncio.Queue()
         self.pending[request_id], self.streams[request_id] = fut, queue
-        outcome: tuple[SubmitReply, str | None] | None = None
+        outcome: Handed | None = None
         streamed_out = False
         getter: asyncio.Future[StreamChunk] | None = None
         try:
@@ -208,7 +217,7 @@ class Edge:
                         yield queue.get_nowait()
                 else:
                     late = await self._after_outage(fut, waited_from)
-                    outcome = late or (decider.timeout_reply(request_id), None)
+                    outcome = late or Handed(decider.timeout_reply(request_id), None)
                     if late is not None:
                         self._answered(request_id)
                         while not queue.empty():
@@ -220,15 +229,14 @@ class Edge:
             self.pending.pop(request_id, None)
             self.streams.pop(request_id, None)
             if not streamed_out:  # hung up: a reply already here is recorded now, a later one on arrival
-                self.model_s.pop(request_id, None)  # never counted: its model time goes with it
                 if outcome is None and fut.done() and not fut.cancelled():
                     outcome = fut.result()
                 if outcome is not None:
-                    await self._record(decider.handed_over(outcome[0], outcome[1], "gone", bus.now_utc(),
+                    await self._record(decider.handed_over(outcome.reply, outcome.team, "gone", bus.now_utc(),
                                                            self.version))
-        await self._record(decider.handed_over(outcome[0], outcome[1], "waiting", bus.now_utc(), self.version))
-        self._count("http", cmd, outcome[1], outcome[0], started)
-        yield outcome[0]
+        await self._record(decider.handed_over(outcome.reply, outcome.team, "waiting", bus.now_utc(), self.version))
+        self._count("http", cmd, outcome.team, outcome.reply, started, outcome.model_s)
+        yield outcome.reply
 
     async def watch_bus(self, stop: asyncio.Event) -> None:
         """Note when JetStream last failed to answer (disconnected, or a broker that hangs without
@@ -262,8 +270,7 @@ class Edge:
         stalled = loop_now - self.watched_at > WATCH_GAP_S
         return stalled or self.unhealthy_at >= started - 1.0 or loop_now - self.unhealthy_at < OUTAGE_SETTLE_S
 
-    async def _after_outage(self, fut: asyncio.Future[tuple[SubmitReply, str | None]], started: float
-                            ) -> tuple[SubmitReply, str | None] | None:
+    async def _after_outage(self, fut: asyncio.Future[Handed], started: float) -> Handed | None:
         """The pipeline's answer after the backstop, when the bus was away during the request.
 
         A stage that decided before the deadline may have had its fact buffered (nats-py, or a
@@ -335,14 +342,13 @@ class Edge:
         return info
 
     def _count(self, entry: str, cmd: SubmitRequest, team: str | None, reply: SubmitReply,
-               started: float | None) -> None:
+               started: float | None, model_s: float | None = None) -> None:
         if reply.error is not None:  # an operator's trail of refusals (the line names the request, never its text)
             log.info("answered %s: %s", entry, reply.error.code)
         bundle = self.session.policy.bundle
         seconds = None if started is None else time.monotonic() - started
         models = [m.id for m in bundle.catalog.model]
         self.metrics.answered(entry, cmd.chat.model, models, team, bundle.budgets.teams, reply, seconds)
-        model_s = self.model_s.pop(reply.request_id, None)
         if seconds is not None and model_s is not None and reply.completion is not None:
             self.metrics.added_time(cmd.chat.model, models, seconds, model_s)
 
@@ -445,9 +451,10 @@ class Edge:
         team = (msg.headers or {}).get(decider.TEAM_HEADER)
         fut = self.pending.get(request_id)
         if fut is not None and not fut.done():
-            with contextlib.suppress(ValueError, TypeError):  # kept only while its caller waits (`_count` takes it)
-                self.model_s[request_id] = float((msg.headers or {}).get(decider.MODEL_MS_HEADER, "")) / 1000
-            fut.set_result((reply, team))
+            model_s = None
+            with contextlib.suppress(ValueError, TypeError):
+                model_s = float((msg.headers or {}).get(decider.MODEL_MS_HEADER, "")) / 1000
+            fut.set_result(Handed(reply, team, model_s))
             return
         caller: decider.HolderView = "answered" if request_id in self.answered else "gone"
         await self._record(decider.handed_over(reply, team, caller, bus.now_utc(), self.version))
