@@ -13,6 +13,8 @@ from . import nats_auth, procs, tls
 from .tls import BusCerts
 
 LISTENING = "Listening for client connections on"
+# a clustered node binds its route port after it says it listens for clients, and dies if it cannot
+ROUTES_LISTENING = "Listening for route connections on"
 
 
 def binary() -> Path:
@@ -101,6 +103,8 @@ class Broker:
         self.proc = procs.spawn([str(binary()), "-c", str(conf)], self.log_path)
         try:
             line = procs.wait_for_line(self.log_path, LISTENING, self.proc, timeout_s)
+            if self.cluster is not None:
+                procs.wait_for_line(self.log_path, ROUTES_LISTENING, self.proc, timeout_s)
         except BaseException:  # a server that never listened is not left running on the store
             procs.stop(self.proc, 2.0)
             self.proc = None

@@ -5,6 +5,7 @@ identities and NKeys, so every worker may connect to any node."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 
 import nats.errors
@@ -28,12 +29,18 @@ class LocalCluster:
         nats_auth.ensure_creds(creds_dir, apps)
         if endpoints:  # their durables are named in every node's auth config before they exist
             nats_auth.record_endpoints(creds_dir, set(endpoints))
-        route_ports = [procs.free_port() for _ in range(size)]
-        self.nodes = [
-            Broker(data_dir / f"n{i + 1}", port=procs.free_port(), creds_dir=creds_dir, certs=self.certs,
+        self.data_dir, self.size = data_dir, size
+        self.nodes = self._placed()
+
+    def _placed(self) -> list[Broker]:
+        """Nodes on ports free right now: they must be chosen before any node starts, since each
+        node names its peers' routes, so another process may take one before its node binds it."""
+        route_ports = [procs.free_port() for _ in range(self.size)]
+        return [
+            Broker(self.data_dir / f"n{i + 1}", port=procs.free_port(), creds_dir=self.creds_dir, certs=self.certs,
                    cluster=ClusterNode(f"n{i + 1}", route_ports[i],
                                        tuple(p for j, p in enumerate(route_ports) if j != i)))
-            for i in range(size)
+            for i in range(self.size)
         ]
 
     @property
@@ -42,11 +49,24 @@ class LocalCluster:
         scheme = "tls" if self.certs is not None else "nats"
         return ",".join(f"{scheme}://{n.host}:{n.port}" for n in self.nodes)
 
-    def start(self) -> str:
-        """Start every node; returns the seed list."""
-        for node in self.nodes:
-            node.start()
-        return self.url
+    def start(self, tries: int = 3) -> str:
+        """Start every node; returns the seed list. A node that could not bind its ports (taken
+        since they were chosen) dies: the whole fresh cluster is then placed anew, its empty stores
+        dropped, at most `tries` times. A lost node would leave the rest a quorum that can never
+        place an R3 stream ('no suitable peers for placement')."""
+        for attempt in range(1, tries + 1):
+            try:
+                for node in self.nodes:
+                    node.start()
+                return self.url
+            except procs.ChildExited:
+                self.stop()
+                if attempt == tries:
+                    raise
+                for node in self.nodes:
+                    shutil.rmtree(node.data_dir / "nats", ignore_errors=True)
+                self.nodes = self._placed()
+        raise AssertionError("unreachable")
 
     def node_named(self, server_name: str) -> Broker:
         """The node a cluster reports by name (a stream's leader)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -302,3 +303,19 @@ async def test_with_quorum_lost_nothing_is_served_or_charged_unrecorded_and_it_r
     assert not any(e["type"] == "BudgetSettled" and e.get("request_id") in {q["request_id"] for q in quorum_lost}
                    for e in events)  # whatever was stored while the quorum was lost ran past its deadline: uncharged
     assert int(ledger[-1]["spent_micros"]) > int(before["spent_micros"])  # type: ignore[call-overload]
+
+
+async def test_a_node_whose_route_port_was_taken_meanwhile_gets_the_cluster_placed_anew(tmp_path: Path) -> None:
+    """The route port is bound after the node says it listens for clients: a node that lost its
+    port to another process died unseen, and the other two never could place an R3 stream."""
+    c = LocalCluster(tmp_path / "data", tmp_path / "creds", use_tls=False)
+    taken = c.nodes[1].cluster.cluster_port if c.nodes[1].cluster else 0
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        try:
+            c.start()
+            assert all(n.proc is not None and n.proc.poll() is None for n in c.nodes)
+            assert taken not in {n.cluster.cluster_port for n in c.nodes if n.cluster is not None}
+        finally:
+            c.stop()
