@@ -5,6 +5,7 @@ schema, who may publish and who consumes, from the registry of identities). `gat
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,19 @@ VERSION = "0.1.0"
 
 
 def _components(types: list[Any]) -> tuple[tuple[dict[str, Any], ...], dict[str, Any]]:
-    return msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
+    found, schemas = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
+    return found, _clean_descriptions(schemas)
+
+
+def _clean_descriptions(node: Any) -> Any:
+    """Docstrings as `inspect.cleandoc` shapes them: msgspec 0.23 stopped doing it and 0.22 did, so
+    the committed documents would depend on which one pip picked."""
+    if isinstance(node, dict):
+        return {k: inspect.cleandoc(v) if k == "description" and isinstance(v, str) else _clean_descriptions(v)
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_clean_descriptions(v) for v in node]
+    return node
 
 
 def _header(name: str, text: str, example: str | None = None) -> dict[str, Any]:

@@ -287,7 +287,8 @@ def test_the_memory_of_closed_requests_is_bounded_by_the_horizon() -> None:
         for d in decider.decide(completed(rid, held, 1, 1), state, policy, at):
             state = decider.evolve(state, d)
     assert "r0" in state.closed and "r2" in state.closed and len(state.closed) == 3  # all within the recent dict
-    old = decider.Closed(generations=((NOW, frozenset({"r0"})), (NOW + timedelta(days=1), frozenset({"r1"}))))
+    old = decider.Closed(generations=((NOW, remembered.Digests.of([remembered.digest("r0")])),
+                                       (NOW + timedelta(days=1), remembered.Digests.of([remembered.digest("r1")]))))
     later = old.add("r2", NOW + timedelta(days=3))  # r0's generation closed more than two days before r2
     assert "r0" not in later and "r1" in later and "r2" in later
 
@@ -302,6 +303,8 @@ def test_closing_many_requests_seals_generations_instead_of_copying_them_all() -
     assert len(closed.recent) == 5 and len(closed) == total
     assert [len(ids) for _, ids in closed.generations] == [remembered.GENERATION * n for n in (32, 4, 1)]
     assert all(f"r{i}" in closed for i in range(total)) and "never" not in closed
+    # sealed, an id costs its 16-byte digest and nothing more
+    assert sum(len(ids.blob) for _, ids in closed.generations) == remembered.DIGEST_BYTES * (total - 5)
     newest = [at for at, _ in closed.generations]
     assert newest == sorted(newest)  # oldest first, each aged out by its newest id
 

@@ -54,7 +54,15 @@ from ..remembered import Remembered, seal
 STAGE = "route"
 RouterInput = BudgetReserved | InvocationFailed
 KEPT_FAILURES = 100  # per endpoint: policy validation caps breaker_failures at 100
-ROUTES_KEPT = timedelta(hours=1)  # longer than any request waits for its next attempt
+ROUTES_KEPT = timedelta(hours=1)  # a route with no deadline (v1): longer than any request waits for its next attempt
+# A route is needed until its request's deadline, and a little after: a failure then ends the request
+# as `timeout`. Later the budget has long ended it (its DEADLINE_GRACE, 5 s), the caller was answered
+# at the deadline, and a failure stored that late is routed nowhere. Kept for an hour, routes held
+# the router's memory growing by ~1.4 KB a request for an hour (the soak).
+ROUTE_GRACE = timedelta(minutes=1)
+# routes are dropped only this far past their keep-until, as seen from the newest route folded, so a
+# replica whose clock is behind another's never misses a route a lookup at its own `now` would find
+DROP_MARGIN = timedelta(minutes=1)
 ROUTES_RECENT = 256
 
 
@@ -64,33 +72,42 @@ class Breaker(Struct, frozen=True, kw_only=True):
     failures: tuple[tuple[datetime, str], ...] = ()
 
 
-class Routes(Struct, frozen=True, kw_only=True):
-    """The newest route of each request in flight, by request id, for ROUTES_KEPT.
+def keep_until(route: RouteSelected) -> datetime:
+    """Until when the route may still be needed: its deadline and ROUTE_GRACE (no deadline: ROUTES_KEPT)."""
+    if route.deadline_at is None:
+        return route.occurred_at + ROUTES_KEPT
+    return route.deadline_at + ROUTE_GRACE
 
-    Adding one must not copy them all (a router folds every route of the last hour): the newest
-    few are a small dict, the rest frozen generations merged like a binary counter (`seal`, as
-    `Remembered` does), each dropped whole once its newest route is older than ROUTES_KEPT.
+
+class Routes(Struct, frozen=True, kw_only=True):
+    """The newest route of each request in flight, by request id, until `keep_until`.
+
+    Adding one must not copy them all (a router folds every route in flight): the newest few are a
+    small dict, the rest frozen generations merged like a binary counter (`seal`, as `Remembered`
+    does), each dropped whole once every route in it is past `keep_until` (and DROP_MARGIN). What a
+    lookup finds depends only on the routes folded and the time asked about, never on when a
+    generation was dropped, so replay finds what the live router found.
     """
 
     recent: dict[str, RouteSelected] = {}
-    generations: tuple[tuple[datetime, dict[str, RouteSelected]], ...] = ()  # oldest first
+    generations: tuple[tuple[datetime, dict[str, RouteSelected]], ...] = ()  # (latest keep-until, routes), oldest first
 
-    def get(self, request_id: str) -> RouteSelected | None:
-        """The newest route of the request, if one is kept."""
+    def get(self, request_id: str, now: datetime) -> RouteSelected | None:
+        """The newest route of the request, if one is kept and still needed at `now`."""
         found = self.recent.get(request_id)
         for _, routes in reversed(self.generations):
             if found is not None:
                 break
             found = routes.get(request_id)
-        return found
+        return found if found is not None and keep_until(found) >= now else None
 
     def add(self, route: RouteSelected) -> "Routes":
-        """These routes plus one."""
-        horizon = route.occurred_at - ROUTES_KEPT
+        """These routes plus one; generations no longer needed are dropped."""
+        horizon = route.occurred_at - DROP_MARGIN
         generations = tuple(g for g in self.generations if g[0] >= horizon)
         if len(self.recent) < ROUTES_RECENT:
             return Routes(recent={**self.recent, route.request_id: route}, generations=generations)
-        sealed = (max(r.occurred_at for r in self.recent.values()), dict(self.recent))
+        sealed = (max(keep_until(r) for r in self.recent.values()), dict(self.recent))
         return Routes(recent={route.request_id: route}, generations=seal(generations, sealed, _newer_wins))
 
 
@@ -200,7 +217,7 @@ def evolve(state: RouterState, event: Event) -> RouterState:
         case InvocationCompleted():
             # learned only from the outcome of a route this router recorded, once: a completion
             # forged for no route (or read again after a reader restart) moves no figure
-            route = state.routes.get(event.request_id)
+            route = state.routes.get(event.request_id, event.occurred_at)
             seen = state.latency.get(event.endpoint)
             if route is None or (route.attempt, route.endpoint) != (event.attempt, event.endpoint) or (
                     seen is not None and event.event_id in seen.recent):
@@ -226,11 +243,14 @@ def _ended(event: RouteUnavailable) -> int:
     return int(tail.removeprefix(f"{STAGE}-")) if tail.startswith(f"{STAGE}-") else 1
 
 
-def unknown_attempt(event: InvocationFailed, state: RouterState) -> bool:
-    """A failure of an attempt this router has no route for (yet, or ever): not to be routed again."""
+def unknown_attempt(event: InvocationFailed, state: RouterState, now: datetime) -> bool:
+    """A failure of an attempt this router has no route for (yet, or ever): not to be routed again.
+    One stored past its deadline and ROUTE_GRACE is not waited for: its request is over."""
     if event.final or attempt_key(event.request_id, event.attempt + 1) in state.routed:
         return False
-    route = state.routes.get(event.request_id)
+    if event.deadline_at is not None and event.deadline_at + ROUTE_GRACE < now:
+        return False
+    route = state.routes.get(event.request_id, now)
     return route is None or (route.attempt, route.endpoint) != (event.attempt, event.endpoint)
 
 
@@ -239,7 +259,7 @@ def decide(event: RouterInput, state: RouterState, policy: PolicyBundle, now: da
     if isinstance(event, InvocationFailed) and (
             event.final or attempt_key(event.request_id, event.attempt + 1) in state.routed):
         return []
-    ask = _ask(event, state)
+    ask = _ask(event, state, now)
     if ask is None or attempt_key(ask.request_id, ask.attempt) in state.routed:
         return []
     env = envelope(ask.request_id, stage(ask.attempt), now, policy.version)
@@ -393,7 +413,7 @@ def _retry(ask: _Ask, state: RouterState, policy: PolicyBundle, now: datetime
     return (None if ask.deadline_at is not None and when >= ask.deadline_at else when), ()
 
 
-def _ask(event: RouterInput, state: RouterState) -> _Ask | None:
+def _ask(event: RouterInput, state: RouterState, now: datetime) -> _Ask | None:
     match event:
         case BudgetReserved():
             held = Reservation(team=event.team, period=event.period, micros=event.amount_micros)
@@ -401,7 +421,7 @@ def _ask(event: RouterInput, state: RouterState) -> _Ask | None:
                         model_id=event.model_id, max_tokens=event.max_tokens, chat=event.chat, reservation=held,
                         reply_to=event.reply_to, attempt=1, tried=(), deadline_at=event.deadline_at)
         case InvocationFailed():
-            route = state.routes.get(event.request_id)
+            route = state.routes.get(event.request_id, now)
             if event.final or route is None or (route.attempt, route.endpoint) != (event.attempt, event.endpoint):
                 return None  # ended with it (v1), or not a route of ours: nothing to route
             return _Ask(request_id=route.request_id, caller=route.caller, requested_model=route.requested_model,

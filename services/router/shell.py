@@ -52,11 +52,12 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
             if not isinstance(cause, BudgetReserved | InvocationFailed):
                 raise codec.DecodeError(f"router does not take {type(cause).__name__}")
             nonlocal state
-            if isinstance(cause, InvocationFailed) and decider.unknown_attempt(cause, state):
+            now = bus.now_utc()
+            if isinstance(cause, InvocationFailed) and decider.unknown_attempt(cause, state, now):
                 raise NotYetRouted(f"no route of request {cause.request_id} attempt {cause.attempt} at "
                                    f"{cause.endpoint!r}")
             seen = msgspec.structs.replace(state, unserved=frozenset(watch.unserved))
-            for event in decider.decide(cause, seen, s.policy, bus.now_utc()):
+            for event in decider.decide(cause, seen, s.policy, now):
                 await bus.publish(s.js, bus.caused(event, cause, msg))
                 state = decider.evolve(state, event)
 
