@@ -191,7 +191,13 @@ class Gateway:
         egress_allow: tuple[str, ...] | None = None,
         nats_tls: bool = False,
         otlp_traces_url: str = "",
+        bus_url: str = "",
+        bus_ca_file: str = "",
+        stream_replicas: int = 1,
     ) -> None:
+        """`bus_url` (a seed list) runs the gateway on a bus of its own (a JetStream cluster that
+        shares `data_dir/creds`, `bus_ca_file` its CA) with the stream at `stream_replicas`; no
+        broker is embedded, started or supervised then."""
         if egress_allow is not None:
             egress.parse(egress_allow)  # a bad entry stops the start, with its name
         self.egress_allow, self.otlp_traces_url = egress_allow, otlp_traces_url
@@ -202,8 +208,9 @@ class Gateway:
         self.nats_port, self.http_port, self.max_body_bytes = nats_port, http_port, max_body_bytes
         self.endpoints, self.serve_tiny = dict(endpoints), serve_tiny
         self.certs = tls.make(self.data_dir / "tls", (nats_host, "localhost", "127.0.0.1")) if nats_tls else None
-        self.broker = Broker(self.data_dir, host=nats_host, port=nats_port, creds_dir=self.data_dir / "creds",
-                             certs=self.certs)
+        self.bus_url, self.bus_ca_file, self.stream_replicas = bus_url, bus_ca_file, stream_replicas
+        self.broker = None if bus_url else Broker(self.data_dir, host=nats_host, port=nats_port,
+                                                  creds_dir=self.data_dir / "creds", certs=self.certs)
         self.engine: Engine | None = Engine(self.data_dir, port=engine_port or None) if serve_tiny else None
         self.notices: list[str] = []  # what `gateway up` must say on start (dev keys in use)
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
@@ -249,7 +256,7 @@ class Gateway:
                 raise procs.StartFailed(ending[1])
             self.notices.append(ending[1])
         signers = self._signers()
-        self.nats_url = self.broker.start()
+        self.nats_url = self.broker.start() if self.broker is not None else self.bus_url
         if self.engine is not None and self.serve_tiny:
             self.endpoints[self.serve_tiny] = self.engine.start()
         port = self.http_port or procs.free_port()
@@ -270,10 +277,15 @@ class Gateway:
             audit_checkpoint_s=self.audit.checkpoint_seconds,
             egress_allow=self.egress_allow,
             otlp_traces_url=self.otlp_traces_url,
-            nats_ca_file=str(self.certs.ca_file) if self.certs is not None else "",
+            nats_ca_file=str(self.certs.ca_file) if self.certs is not None else self.bus_ca_file,
         )
         supervisor.write_settings(self.settings)
-        asyncio.run(setup_topology(self.settings))
+        if self.broker is None:  # a cluster places an R3 stream only once every peer has joined
+            from .cluster import setup_when_placed, wait_for_jetstream
+            asyncio.run(wait_for_jetstream(self.settings))
+            asyncio.run(setup_when_placed(self.settings, self.stream_replicas))
+        else:
+            asyncio.run(setup_topology(self.settings))
         self.policy_version = asyncio.run(bootstrap_policy(self.settings, self.policy_dir))
         self.workers = supervisor.spawn_workers(self.settings)
         self._wait_ready(READY_TIMEOUT_S)
@@ -297,13 +309,12 @@ class Gateway:
         """The broker first, then the engine, then the workers: the order they come back in."""
         sup = Supervisor(self.data_dir / "logs" / "supervisor.log", self.data_dir / "supervisor.json", self.say)
         broker, engine = self.broker, self.engine
-
-        def start_broker() -> subprocess.Popen[bytes]:
-            broker.start()
-            assert broker.proc is not None
-            return broker.proc
-
-        sup.add("nats-server", start_broker, broker.proc)
+        if broker is not None:
+            def start_broker() -> subprocess.Popen[bytes]:
+                broker.start()
+                assert broker.proc is not None
+                return broker.proc
+            sup.add("nats-server", start_broker, broker.proc)
         if engine is not None:
             def start_engine() -> subprocess.Popen[bytes]:
                 engine.start()
@@ -352,7 +363,8 @@ class Gateway:
             procs.stop(proc)
         if self.engine is not None:
             self.engine.stop()
-        self.broker.stop()
+        if self.broker is not None:
+            self.broker.stop()
 
     def wait_for_signal(self) -> None:
         """Supervise the children until SIGINT or SIGTERM: only being told stops the gateway."""

@@ -29,13 +29,13 @@ Kept = TypeVar("Kept", bound=Sized)
 
 
 def seal(generations: tuple[tuple[datetime, Kept], ...], sealed: tuple[datetime, Kept],
-         union: Callable[[Kept, Kept], Kept]) -> tuple[tuple[datetime, Kept], ...]:
+         union: Callable[[Kept, Kept], Kept], limit: int = MERGED) -> tuple[tuple[datetime, Kept], ...]:
     """`generations` (oldest first) plus `sealed`, merged like a binary counter: the newest two while
-    the older is no bigger and the result stays under MERGED. Each entry is copied O(log n) times and
+    the older is no bigger and the result stays under `limit`. Each entry is copied O(log n) times and
     a lookup tries O(log n) generations. A merged generation ages out by its newest entry, so an
     entry may be kept longer than its horizon, never shorter."""
     merged = list(generations)
-    while merged and len(merged[-1][1]) <= len(sealed[1]) and len(merged[-1][1]) + len(sealed[1]) <= MERGED:
+    while merged and len(merged[-1][1]) <= len(sealed[1]) and len(merged[-1][1]) + len(sealed[1]) <= limit:
         older = merged.pop()
         sealed = (max(older[0], sealed[0]), union(older[1], sealed[1]))
     return (*merged, sealed)

@@ -71,7 +71,18 @@ def slow_model() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory, slow_model: str) -> Iterator[Gateway]:
     """`gateway up` in this process: broker and workers as children, supervised by a thread."""
-    policies, data = tmp_path_factory.mktemp("fault-policies"), tmp_path_factory.mktemp("fault-data")
+    policies, data = fault_bundle(tmp_path_factory.mktemp("fault-policies")), tmp_path_factory.mktemp("fault-data")
+    gw = Gateway(data, policies, nats_port=-1, http_port=0, endpoints={"slow": slow_model},
+                 serve_tiny="local-llama", request_timeout_s=30.0, nats_tls=True)  # as [nats] tls = true
+    gw.say = lambda line: None
+    with gw:
+        done = _supervised(gw)
+        yield gw
+        done.set()
+
+
+def fault_bundle(policies: Path) -> Path:
+    """The shipped policy bundle, plus a slow model and a team that may use it."""
     for f in (ROOT / "policies").iterdir():
         shutil.copy(f, policies / f.name)
     with open(policies / "catalog.toml", "a") as fh:
@@ -81,13 +92,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, slow_model: str) -> Iterat
         fh.write(f'\n[teams.{TEAM}]\ncap_micros = 100_000_000\nperiod = "month"\n')
     with open(policies / "access_policy.csv", "a") as fh:
         fh.write(f"p, team:{TEAM}, slow-model\np, team:{TEAM}, enclave-tiny\n")
-    gw = Gateway(data, policies, nats_port=-1, http_port=0, endpoints={"slow": slow_model},
-                 serve_tiny="local-llama", request_timeout_s=30.0, nats_tls=True)  # as [nats] tls = true
-    gw.say = lambda line: None
-    with gw:
-        done = _supervised(gw)
-        yield gw
-        done.set()
+    return policies
 
 
 def _supervised(gw: Gateway) -> threading.Event:
@@ -213,6 +218,11 @@ async def test_readyz_names_a_stage_that_stops_consuming_and_recovers(gateway: G
 
 async def test_kill_9_of_each_worker_mid_request_is_restarted_and_nothing_is_lost_or_charged_twice(
         gateway: Gateway, admin: Client, tmp_path: Path) -> None:
+    await kill_each_worker_in_turn(gateway, admin, tmp_path)
+
+
+async def kill_each_worker_in_turn(gateway: Gateway, admin: Client, tmp_path: Path) -> None:
+    """Kill -9 each worker in turn mid-request, under the supervisor (test_cluster_faults too)."""
     token = issuer.issue(gateway.data_dir / "keys", subject="fault-tester", team=TEAM, ttl_s=3600)
     views: list[CallerView] = []
     for name in WORKERS:
@@ -319,6 +329,11 @@ async def test_a_model_server_that_dies_is_restarted_and_its_callers_told_the_tr
 
 async def test_the_whole_gateway_restarted_during_traffic_answers_or_records_every_request(
         gateway: Gateway, admin: Client, tmp_path: Path) -> None:
+    await restart_the_whole_gateway_during_traffic(gateway, admin, tmp_path)
+
+
+async def restart_the_whole_gateway_during_traffic(gateway: Gateway, admin: Client, tmp_path: Path) -> None:
+    """Stop and start the gateway mid-request, as Ctrl-C and `gateway up` do (test_cluster_faults too)."""
     token = issuer.issue(gateway.data_dir / "keys", subject="fault-tester", team=TEAM, ttl_s=3600)
     asking = asyncio.ensure_future(_ask(gateway, token, 4))
     await asyncio.sleep(0.6)

@@ -437,7 +437,9 @@ def test_routes_in_flight_are_kept_without_copying_them_all_per_route() -> None:
     for i in range(count):
         at = NOW + timedelta(milliseconds=100 * i)  # all within the hour
         routes = routes.add(msgspec.structs.replace(first, request_id=f"r{i}", occurred_at=at))
-    assert len(routes.recent) == 5 and len(routes.generations) == 3  # popcount(37) sealed sets
+    # 37 sealed sets merge as a binary counter, but never past ROUTES_MERGED (16 sets): 16, 16, 4, 1
+    assert len(routes.recent) == 5 and [len(g) for _, g in routes.generations] == [
+        router.ROUTES_RECENT * n for n in (16, 16, 4, 1)]
     assert all(routes.get(f"r{i}", NOW) is not None for i in range(0, count, 97)) and routes.get("nope", NOW) is None
     newer = msgspec.structs.replace(first, request_id="r0", attempt=2, occurred_at=NOW + timedelta(seconds=count // 10))
     assert routes.add(newer).get("r0", NOW) == newer  # the newest route of a request wins

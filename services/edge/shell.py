@@ -538,11 +538,30 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
         site = web.TCPSite(runner, settings.http_host, settings.http_port)
         await site.start()
         log.info("edge listening on http://%s:%d", settings.http_host, settings.http_port)
-        watching = asyncio.create_task(edge.watch_bus(stop))
+        # Told to stop, the replica takes no new caller, but its responder goes on until every caller
+        # it holds has had its answer: the pipeline's word, or a 504 at a deadline the pipeline also
+        # honours. Stopped first, it left callers waiting whose answer it could no longer receive; at
+        # their deadline they heard 504 about requests that were answered and charged (found by the
+        # cluster fault test that restarts the whole gateway during traffic).
+        callers_answered = asyncio.Event()
+        watching = asyncio.create_task(edge.watch_bus(callers_answered))  # the waiting callers rely on it
+
+        async def close_http() -> None:
+            await stop.wait()
+            try:
+                await runner.cleanup()  # stops listening, then waits for the handlers in flight
+            finally:
+                callers_answered.set()
+
+        closing = asyncio.create_task(close_http())
         try:
-            await bus.consume(edge.js, "edge", edge.respond, stop)
+            await bus.consume(edge.js, "edge", edge.respond, callers_answered)
         finally:
-            await runner.cleanup()
+            if not closing.done():  # the responder ended on its own: the replica ends with it
+                closing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await closing
+                await runner.cleanup()
             watching.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watching
