@@ -51,9 +51,11 @@ class LocalCluster:
 
     def start(self, tries: int = 3) -> str:
         """Start every node; returns the seed list. A node that could not bind its ports (taken
-        since they were chosen) dies: the whole fresh cluster is then placed anew, its empty stores
-        dropped, at most `tries` times. A lost node would leave the rest a quorum that can never
-        place an R3 stream ('no suitable peers for placement')."""
+        since they were chosen) dies: a fresh cluster (no store yet) is then placed anew, its new
+        stores dropped, at most `tries` times; one started on existing stores just fails. A lost
+        node would leave the rest a quorum that can never place an R3 stream ('no suitable peers
+        for placement')."""
+        fresh = not any((node.data_dir / "nats").exists() for node in self.nodes)
         for attempt in range(1, tries + 1):
             try:
                 for node in self.nodes:
@@ -61,11 +63,14 @@ class LocalCluster:
                 return self.url
             except procs.ChildExited:
                 self.stop()
-                if attempt == tries:
+                if attempt == tries or not fresh:  # a store with a stream in it is never dropped
                     raise
                 for node in self.nodes:
                     shutil.rmtree(node.data_dir / "nats", ignore_errors=True)
                 self.nodes = self._placed()
+            except BaseException:
+                self.stop()
+                raise
         raise AssertionError("unreachable")
 
     def node_named(self, server_name: str) -> Broker:

@@ -134,7 +134,7 @@ def _fold(got: _Collected, seq: int, subject: str, data: bytes) -> None:
 def _copy_audit(audit_dir: Path, out: Path, until: int, period: str | None) -> None:
     """The audit tables up to the last exported event (the auditor may have written more since)."""
     if audit_dir.exists():
-        shutil.copytree(audit_dir, out / pkg.AUDIT, ignore=shutil.ignore_patterns("*.tmp", "flush.json"))
+        shutil.copytree(audit_dir, out / pkg.AUDIT, ignore=shutil.ignore_patterns("*.tmp", "flush-*"))
     for path in sorted((out / pkg.AUDIT).glob("*/day=*/*.parquet")):
         table = pq.read_table(path)
         kept = table.filter(pc.less_equal(table.column("seq"), until))

@@ -198,6 +198,8 @@ class Gateway:
         """`bus_url` (a seed list) runs the gateway on a bus of its own (a JetStream cluster that
         shares `data_dir/creds`, `bus_ca_file` its CA) with the stream at `stream_replicas`; no
         broker is embedded, started or supervised then."""
+        if bus_url and nats_tls:  # the embedded broker's own CA would be pinned for a bus it did not make
+            raise procs.StartFailed("an external bus takes its CA as bus_ca_file; nats_tls is the embedded broker's")
         if egress_allow is not None:
             egress.parse(egress_allow)  # a bad entry stops the start, with its name
         self.egress_allow, self.otlp_traces_url = egress_allow, otlp_traces_url

@@ -13,6 +13,7 @@ where a set of the ids themselves cost about 120 (the soak saw the router grow b
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Sized
 from datetime import datetime, timedelta
 from typing import TypeVar
@@ -50,6 +51,14 @@ class Digests(Struct, frozen=True):
     """Distinct digests, sorted, concatenated: membership by binary search."""
 
     blob: bytes = b""
+
+    def __post_init__(self) -> None:
+        # a snapshot read back must be whole and sorted, or the search would miss ids (a closed
+        # request reserved again): refused, the budget replays its ledger instead
+        if len(self.blob) % DIGEST_BYTES:
+            raise ValueError(f"digests of {len(self.blob)} bytes, not a multiple of {DIGEST_BYTES}")
+        if any(a >= b for a, b in itertools.pairwise(self)):
+            raise ValueError("digests not sorted and distinct")
 
     @classmethod
     def of(cls, digests: Iterable[bytes]) -> Digests:

@@ -67,7 +67,7 @@ def test_a_crash_between_the_renames_of_a_committed_flush_is_finished_on_resume(
     assert (state.seq, state.head) == (4, rows[-1].chain_hash)
     assert _seqs(tmp_path, "events/day=*/*.parquet") == [1, 2, 3, 4]
     assert _seqs(tmp_path, "violations/day=*/*.parquet") == [2]  # the denial reached the feed too
-    assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / parquet_sink.FLUSH_MANIFEST).exists()
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.glob("flush-*"))
 
 
 def test_a_crash_before_a_flush_commits_leaves_nothing_of_it_and_the_redelivery_writes_it(
@@ -79,14 +79,64 @@ def test_a_crash_before_a_flush_commits_leaves_nothing_of_it_and_the_redelivery_
         parquet_sink.write_rows(tmp_path, rows[1:])
     monkeypatch.undo()
     state = parquet_sink.resume_state(tmp_path)
-    assert state.seq == 1 and not list(tmp_path.rglob("*.tmp"))
-    assert _seqs(tmp_path, "events/day=*/*.parquet") == [1]
+    assert state.seq == 1 and not list(tmp_path.glob("flush-*.json"))
+    assert _seqs(tmp_path, "events/day=*/*.parquet") == [1]  # its staged files are read by no one
     parquet_sink.write_rows(tmp_path, rows[1:])  # the unacked messages come again
     assert _seqs(tmp_path, "events/day=*/*.parquet") == [1, 2, 3, 4]
     assert _seqs(tmp_path, "violations/day=*/*.parquet") == [2]
 
 
-def test_a_manifest_naming_a_file_outside_the_audit_folder_is_refused(tmp_path: Path) -> None:
-    (tmp_path / parquet_sink.FLUSH_MANIFEST).write_text('[["../../x.tmp", "../../x"]]')
-    with pytest.raises(ValueError, match="outside the audit folder"):
+def test_a_manifest_naming_a_file_outside_the_audit_tables_is_refused_before_any_rename(tmp_path: Path) -> None:
+    (tmp_path / "events" / "day=2026-11-25").mkdir(parents=True)
+    kept = tmp_path / "events" / "day=2026-11-25" / "seq-000000000001-000000000001.parquet"
+    kept.write_bytes(b"committed rows")
+    (tmp_path / "events" / "day=2026-11-25" / "seq-000000000001-000000000001.tmp").write_bytes(b"other")
+    (tmp_path / "flush-x.json").write_text('[["events/day=2026-11-25/seq-000000000001-000000000001.tmp", '
+                                           '"events/day=2026-11-25/seq-000000000001-000000000001.parquet"], '
+                                           '["../../x.tmp", "../../x.parquet"]]')
+    with pytest.raises(ValueError, match="outside the audit tables"):
         parquet_sink.resume_state(tmp_path)
+    assert kept.read_bytes() == b"committed rows"  # checked whole before the first rename
+
+
+def test_a_garbage_manifest_stops_the_auditor_with_one_line_saying_what_to_do(tmp_path: Path) -> None:
+    (tmp_path / "flush-x.json").write_text("{not json")
+    with pytest.raises(ValueError, match="never acked: remove it"):
+        parquet_sink.resume_state(tmp_path)
+
+
+def test_a_committed_flush_that_lost_a_file_is_undone_whole_and_written_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A power cut can leave a committed manifest naming a staged file that is gone: finished, the
+    flush would leave a hole the resume skips for good. Nothing of it was acked, so it is undone."""
+    rows = _rows()
+    parquet_sink.write_rows(tmp_path, rows[:1])
+    _crash_on_rename(monkeypatch, 2)  # committed, then the crash before the first rename
+    with pytest.raises(SystemExit):
+        parquet_sink.write_rows(tmp_path, rows[1:])
+    monkeypatch.undo()
+    next(tmp_path.glob("events/day=*/seq-000000000003-000000000004.tmp")).unlink()  # lost with the power
+    state = parquet_sink.resume_state(tmp_path)
+    assert state.seq == 1 and _seqs(tmp_path, "events/day=*/*.parquet") == [1]
+    assert _seqs(tmp_path, "violations/day=*/*.parquet") == []
+    parquet_sink.write_rows(tmp_path, rows[1:])  # the unacked messages come again
+    assert _seqs(tmp_path, "events/day=*/*.parquet") == [1, 2, 3, 4]
+
+
+def test_a_second_auditor_starting_mid_flush_leaves_the_first_ones_files_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a hostile review: a starting replica's recovery deleted every staged file, and the
+    flush of the other went on to ack rows it never wrote."""
+    rows, real, started = _rows(), os.replace, []
+
+    def another_starts_then_commit(src: object, dst: object) -> None:
+        if not started:  # once, just before the first writer's commit
+            started.append(True)
+            monkeypatch.setattr(parquet_sink.os, "replace", real)
+            parquet_sink.resume_state(tmp_path)
+        real(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(parquet_sink.os, "replace", another_starts_then_commit)
+    written = parquet_sink.write_rows(tmp_path, rows)
+    assert all(p.exists() for p in written)
+    assert _seqs(tmp_path, "events/day=*/*.parquet") == [1, 2, 3, 4]

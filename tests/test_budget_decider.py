@@ -363,3 +363,19 @@ def test_a_negative_token_count_never_credits_the_ledger() -> None:
     held = Reservation(team="t", period="2026-11", micros=reserved.amount_micros)  # type: ignore[attr-defined]
     [settled], _ = run([completed("neg", held, 10, -1_000_000)], state, policy)
     assert isinstance(settled, BudgetSettled) and settled.charged_micros == 0 and settled.spent_micros >= 0
+
+
+def test_a_snapshot_of_digests_cut_short_or_out_of_order_is_refused_so_the_ledger_is_replayed() -> None:
+    """Found by a hostile review: an unsorted blob silently forgot ids (a closed request reserved
+    again); a blob of a length no digest has was taken as is."""
+    closed = decider.Closed()
+    for i in range(remembered.GENERATION + 1):
+        closed = closed.add(f"r{i}", NOW)
+    blob = closed.generations[0][1].blob
+    good = msgspec.json.encode(closed)
+    assert msgspec.json.decode(good, type=decider.Closed) == closed
+    for bad in (blob[:-1], blob[16:32] + blob[:16] + blob[32:]):
+        forged = good.replace(msgspec.json.encode(blob)[1:-1], msgspec.json.encode(bad)[1:-1])
+        assert forged != good
+        with pytest.raises(msgspec.ValidationError):
+            msgspec.json.decode(forged, type=decider.Closed)

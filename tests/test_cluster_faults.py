@@ -1,8 +1,9 @@
 """The process fault tests of test_faults.py, on the 3-node local cluster (issue 11, "each fault
-test passes, on one node and on the 3-node local cluster"): every worker a process under the
-supervisor, as `gateway up` runs them, on an R3 stream over three TLS nats-servers routed on
-loopback. The nodes are the cluster's, not the gateway's: it neither starts nor restarts them (a
-node killed during traffic is test_cluster.py's, with two replicas of every worker)."""
+test passes, on one node and on the 3-node local cluster"): every worker and the model server a
+process under the supervisor, as `gateway up` runs them, on an R3 stream over three TLS
+nats-servers routed on loopback. The nodes are the cluster's, not the gateway's: it neither
+starts nor restarts them (a node killed during traffic is test_cluster.py's, with two replicas
+of every worker; the broker frozen or full is one node's, in test_faults.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from .test_faults import (
     _supervised,
     fault_bundle,
     kill_each_worker_in_turn,
+    kill_the_model_server,
+    let_the_budget_fall_behind,
     restart_the_whole_gateway_during_traffic,
     slow_model,
 )
@@ -32,13 +35,13 @@ __all__ = ["slow_model"]  # the module fixture, shared
 def gateway(tmp_path_factory: pytest.TempPathFactory, slow_model: str) -> Iterator[Gateway]:
     policies = fault_bundle(tmp_path_factory.mktemp("cluster-fault-policies"))
     data = tmp_path_factory.mktemp("cluster-fault-data")
-    cluster = LocalCluster(data / "bus", data / "creds", endpoints=("slow",))
+    cluster = LocalCluster(data / "bus", data / "creds", endpoints=("slow", "local-llama"))
     cluster.start()
     try:
         assert cluster.certs is not None
-        gw = Gateway(data, policies, nats_port=-1, http_port=0, endpoints={"slow": slow_model}, serve_tiny=None,
-                     request_timeout_s=30.0, bus_url=cluster.url, bus_ca_file=str(cluster.certs.ca_file),
-                     stream_replicas=3)
+        gw = Gateway(data, policies, nats_port=-1, http_port=0, endpoints={"slow": slow_model},
+                     serve_tiny="local-llama", request_timeout_s=30.0, bus_url=cluster.url,
+                     bus_ca_file=str(cluster.certs.ca_file), stream_replicas=3)
         gw.say = lambda line: None
         with gw:
             done = _supervised(gw)
@@ -69,3 +72,13 @@ async def test_kill_9_of_each_worker_mid_request_on_the_cluster_is_restarted_and
 async def test_the_whole_gateway_restarted_during_traffic_on_the_cluster_records_every_request(
         gateway: Gateway, admin: Client, tmp_path: Path) -> None:
     await restart_the_whole_gateway_during_traffic(gateway, admin, tmp_path)
+
+
+async def test_a_model_server_that_dies_on_the_cluster_is_restarted_and_its_callers_told_the_truth(
+        gateway: Gateway, admin: Client) -> None:
+    await kill_the_model_server(gateway, admin)
+
+
+async def test_a_stage_that_falls_behind_on_the_cluster_catches_up_and_nothing_is_lost_or_charged_twice(
+        gateway: Gateway, admin: Client) -> None:
+    await let_the_budget_fall_behind(gateway, admin)

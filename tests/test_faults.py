@@ -302,6 +302,11 @@ async def test_a_full_stream_refuses_requests_with_503_and_nothing_runs_or_is_ch
 
 async def test_a_model_server_that_dies_is_restarted_and_its_callers_told_the_truth(
         gateway: Gateway, admin: Client) -> None:
+    await kill_the_model_server(gateway, admin)
+
+
+async def kill_the_model_server(gateway: Gateway, admin: Client) -> None:
+    """Kill -9 the supervised llama.cpp server between requests (test_cluster_faults too)."""
     token = issuer.issue(gateway.data_dir / "keys", subject="fault-tester", team=TEAM, ttl_s=3600)
     assert gateway.engine is not None and gateway.engine.proc is not None
     engine = gateway.engine.proc
@@ -430,8 +435,12 @@ async def test_an_edge_that_stood_still_across_the_deadline_never_makes_a_504_th
 
 async def test_a_stage_that_falls_behind_catches_up_and_nothing_is_lost_or_charged_twice(
         gateway: Gateway, admin: Client) -> None:
+    await let_the_budget_fall_behind(gateway, admin)
+
+
+async def let_the_budget_fall_behind(gateway: Gateway, admin: Client) -> None:
     """A slow consumer: the budget frozen while requests pile up (they wait, or end at their
-    deadline uncharged), then let go: its backlog is worked off in order."""
+    deadline uncharged), then let go: its backlog is worked off in order (test_cluster_faults too)."""
     token = issuer.issue(gateway.data_dir / "keys", subject="fault-tester", team=TEAM, ttl_s=3600)
     budget = gateway.workers["budget"]
     os.kill(budget.pid, signal.SIGSTOP)

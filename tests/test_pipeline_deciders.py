@@ -19,6 +19,7 @@ from enclave_gateway.schemas.events import (
     RequestSubmitted,
     RouteSelected,
     RouteUnavailable,
+    envelope,
 )
 from enclave_gateway.schemas.policy import Catalog, ModelEntry, PolicyBundle
 from enclave_gateway.services import catalog
@@ -738,3 +739,38 @@ def test_a_servers_refusal_of_the_request_itself_ends_it_where_the_catalog_says_
         policy.catalog, routing=msgspec.structs.replace(policy.catalog.routing, end_on_refusal=False)))
     [onward] = router.decide(_fail(first, "http_400"), state, before, NOW)
     assert isinstance(onward, RouteSelected) and onward.endpoint == "node-b"
+
+
+def test_replay_decides_a_late_timeout_end_on_the_recorded_route_whatever_its_age() -> None:
+    """Found by a hostile review: routers before keep-until held routes an hour, so a killed
+    invoker's route failing minutes past its deadline was ended as `timeout`; replay decides on the
+    recorded route (`as_recorded`), which no time filter may hide, or old packages stop verifying."""
+    policy = _two_endpoints("node-a", "node-b")
+    reserved = SAMPLES_BY_NAME["BudgetReserved"]
+    assert isinstance(reserved, BudgetReserved)
+    [first] = router.decide(reserved, router.initial_state(), policy, NOW)
+    assert isinstance(first, RouteSelected) and first.deadline_at is not None
+    late = first.deadline_at + router.ROUTE_GRACE + timedelta(minutes=3)
+    failed = msgspec.structs.replace(_fail(first, "timeout"), occurred_at=late)
+    recorded = RouteUnavailable(**envelope(first.request_id, "route-2", late, policy.version), caller=first.caller,
+                                requested_model=first.requested_model, reason="timeout", detail="x",
+                                reservation=first.reservation, reply_to=first.reply_to)
+    [again] = router.decide(failed, router.as_recorded(recorded, policy, first), policy, late)
+    assert isinstance(again, RouteUnavailable) and again.reason == "timeout"
+    assert router.decide(failed, router.evolve(router.initial_state(), first), policy, late) == []  # live: over
+
+
+def test_a_route_dated_ahead_of_the_folding_router_drops_nothing_it_still_needs() -> None:
+    """Found by a hostile review: one route from a replica whose clock ran ahead (or a forged date)
+    dropped every generation, and the failures of routes in flight waited for routes now gone."""
+    reserved = SAMPLES_BY_NAME["BudgetReserved"]
+    first = router.decide(reserved, router.initial_state(), BUNDLE, NOW)[0]
+    assert isinstance(first, RouteSelected)
+    routes = router.Routes()
+    for i in range(router.ROUTES_RECENT * 2):
+        routes = routes.add(msgspec.structs.replace(first, request_id=f"r{i}", deadline_at=NOW + timedelta(minutes=2)),
+                            NOW)
+    assert routes.generations
+    ahead = msgspec.structs.replace(first, request_id="ahead", occurred_at=NOW + timedelta(days=1))
+    assert routes.add(ahead, NOW).get("r0", NOW) is not None  # folded on this router's clock
+    assert routes.add(ahead).get("r0", NOW) is None  # what the route's own date alone would have done

@@ -13,8 +13,11 @@ rows on disk and others not, and the resume, which trusts the newest row, never 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import uuid
 from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .decider import AuditorState, AuditRow
+
+log = logging.getLogger("enclave_gateway.auditor")
 
 SCHEMA = pa.schema(
     [
@@ -97,23 +102,29 @@ def violations_glob(audit_dir: Path) -> str:
     return str(audit_dir / "violations" / "day=*" / "*.parquet")
 
 
-FLUSH_MANIFEST = "flush.json"  # in the audit dir while a committed flush's files are being renamed
+MANIFESTS = "flush-*.json"  # in the audit dir while a committed flush's files are being renamed
+TABLES = ("events", "violations")
 
 
 def write_rows(audit_dir: Path, rows: list[AuditRow]) -> list[Path]:
     """Write rows into one events file per day, and denials into the violations table too; all of
-    them, or (after a crash, once `recover` has run) none."""
+    them, or (after a crash, once `recover` has run) none. Returns only once every file is in place."""
     denials = [r for r in rows if r.type == "RequestDenied"]
     staged = _stage(audit_dir / "events", rows, SCHEMA) + _stage(audit_dir / "violations", denials, VIOLATION_SCHEMA)
-    manifest = audit_dir / FLUSH_MANIFEST
-    pending = manifest.with_suffix(".tmp")
-    pending.write_text(json.dumps([[str(tmp.relative_to(audit_dir)), str(path.relative_to(audit_dir))]
-                                   for tmp, path in staged]))
+    for folder in {p for tmp, _ in staged for p in (tmp.parent, tmp.parent.parent)} | {audit_dir}:
+        _fsync(folder)  # each staged file, and a new day's folder, is found after a power loss
+    # one name per flush: two writers on one folder never commit each other's list
+    name = f"flush-{rows[0].seq:012d}-{rows[-1].seq:012d}-{uuid.uuid4().hex}"
+    pending, manifest = audit_dir / f"{name}.pending", audit_dir / f"{name}.json"
+    pending.write_text(json.dumps([[str(t.relative_to(audit_dir)), str(f.relative_to(audit_dir))] for t, f in staged]))
     _fsync(pending)
     os.replace(pending, manifest)  # the commit point
     _fsync(audit_dir)
-    _finish(manifest)
-    return [path for _, path in staged]
+    _finish(manifest, _entries(manifest))
+    missing = [str(f) for _, f in staged if not f.exists()]
+    if missing:  # never acked: its messages come again
+        raise OSError(f"audit files missing after their flush: {missing}")
+    return [f for _, f in staged]
 
 
 def _stage(root: Path, rows: list[AuditRow], schema: pa.Schema) -> list[tuple[Path, Path]]:
@@ -135,32 +146,51 @@ def _stage(root: Path, rows: list[AuditRow], schema: pa.Schema) -> list[tuple[Pa
     return staged
 
 
-def _finish(manifest: Path) -> None:
-    """Every rename a committed flush names (those done already are skipped), then the manifest goes."""
-    for tmp_name, path_name in json.loads(manifest.read_text()):
-        tmp, path = manifest.parent / tmp_name, manifest.parent / path_name
-        if not (_inside(tmp, manifest.parent) and _inside(path, manifest.parent)):
-            raise ValueError(f"{manifest} names a file outside the audit folder: {tmp_name!r} -> {path_name!r}")
-        if tmp.exists():
-            os.replace(tmp, path)
-            _fsync(path.parent)  # the rename itself must survive a crash before the auditor acks (issue 9)
-    manifest.unlink()
+def _entries(manifest: Path) -> list[tuple[Path, Path]]:
+    """The renames a manifest names, every one checked before any is done: a temporary file and its
+    final name, in one day folder of one table, inside the audit folder."""
+    audit_dir = manifest.parent
+    try:
+        pairs = msgspec.json.decode(manifest.read_bytes(), type=list[tuple[str, str]])
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"{manifest} is not a flush manifest ({exc}); its flush was never acked: "
+                         "remove it and the files it names, and the auditor writes them again") from exc
+    entries = []
+    for tmp_name, final_name in pairs:
+        tmp, final = audit_dir / tmp_name, audit_dir / final_name
+        parts = Path(final_name).parts
+        if (len(parts) != 3 or parts[0] not in TABLES or not parts[1].startswith("day=")
+                or final.suffix != ".parquet" or tmp != final.with_suffix(".tmp")
+                or not final.resolve().is_relative_to(audit_dir.resolve())):
+            raise ValueError(f"{manifest} names a file outside the audit tables: {tmp_name!r} -> {final_name!r}")
+        entries.append((tmp, final))
+    return entries
+
+
+def _finish(manifest: Path, entries: list[tuple[Path, Path]]) -> None:
+    """Every rename a committed flush names, then the manifest goes. A file with neither name (lost
+    in a power cut, or removed) means its rows are not on disk: the whole flush is undone instead,
+    which is safe since nothing of it was acked (the ack follows the manifest's removal)."""
+    if any(not tmp.exists() and not final.exists() for tmp, final in entries):
+        log.warning("audit flush %s lost a file: undone, its messages come again", manifest.name)
+        for tmp, final in entries:
+            tmp.unlink(missing_ok=True)
+            final.unlink(missing_ok=True)
+    else:
+        for tmp, final in entries:
+            with contextlib.suppress(FileNotFoundError):  # renamed already (before a crash, or by its writer)
+                os.replace(tmp, final)
+    for folder in {final.parent for _, final in entries}:
+        _fsync(folder)  # the renames must survive a crash before the auditor acks (issue 9)
+    manifest.unlink(missing_ok=True)
     _fsync(manifest.parent)
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return path.resolve().is_relative_to(folder.resolve())
-
-
 def recover(audit_dir: Path) -> None:
-    """After a crash: finish the committed flush, drop the files of one never committed."""
-    manifest = audit_dir / FLUSH_MANIFEST
-    if manifest.exists():
-        _finish(manifest)
-    manifest.with_suffix(".tmp").unlink(missing_ok=True)
-    for table in ("events", "violations"):
-        for stray in (audit_dir / table).glob("day=*/*.tmp"):
-            stray.unlink()
+    """After a crash: finish each committed flush (or undo one that lost a file). A flush never
+    committed left only temporary files, which no reader globs; its messages come again."""
+    for manifest in sorted(audit_dir.glob(MANIFESTS)):
+        _finish(manifest, _entries(manifest))
 
 
 def _fsync(path: Path) -> None:

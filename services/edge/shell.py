@@ -19,6 +19,7 @@ from typing import Any, Literal, NamedTuple
 import nats.errors
 from aiohttp import web
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerInfo
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
@@ -66,7 +67,9 @@ class Edge:
     def __init__(self, settings: WorkerSettings, session: worker.Session[AuthzPolicy],
                  stop: asyncio.Event | None = None) -> None:
         self.settings, self.session = settings, session
-        self.stop = stop or asyncio.Event()  # set when the replica shuts down
+        # set once the replica has answered every caller it held and its responder stops
+        self.stop = stop or asyncio.Event()
+        self.taking: Subscription | None = None
         self.nc, self.js = session.nc, session.js
         self.replica = uuid.uuid4().hex
         self.state = decider.initial_state()  # the outcomes this replica recorded, for idempotency
@@ -84,7 +87,14 @@ class Edge:
     async def start(self) -> None:
         """Listen for replies and subscribe to every `gw.submit.<app>` (queue group `edge`)."""
         await self.listen()
-        await self.nc.subscribe(subjects.submit("*"), queue="edge", cb=self._on_submit)
+        self.taking = await self.nc.subscribe(subjects.submit("*"), queue="edge", cb=self._on_submit)
+
+    async def stop_taking(self) -> None:
+        """Take no more batch submissions (the queue group's other replicas do); HTTP is the runner's."""
+        if self.taking is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self.taking.unsubscribe()
+            self.taking = None
 
     async def listen(self) -> None:
         """Subscribe to this replica's HTTP callers' inbox, and to where their streamed tokens go."""
@@ -173,6 +183,11 @@ class Edge:
                                         or Handed(decider.timeout_reply(request_id), None))
             if fut.done():
                 self._answered(request_id)
+        except asyncio.CancelledError:  # cut off (the replica's end): a reply already here reached nobody
+            if fut.done() and not fut.cancelled():
+                gone = fut.result()
+                await self._record(decider.handed_over(gone.reply, gone.team, "gone", bus.now_utc(), self.version))
+            raise
         finally:  # from here on a reply for this request finds no caller (`_on_reply`)
             self.pending.pop(request_id, None)
         await self._record(decider.handed_over(reply, team, "waiting", bus.now_utc(), self.version))
@@ -531,25 +546,29 @@ class Edge:
 async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
     """Serve HTTP, `gw.submit` and the responder until `stop` is set."""
     async with worker.session(settings, "edge", policy_view.for_worker(settings)) as s:
-        edge = Edge(settings, s, stop)
+        # Told to stop, the replica takes no new caller, but its responder goes on until every caller
+        # it holds has had its answer: the pipeline's word, or a 504 at a deadline the pipeline also
+        # honours. Stopped first, it left callers waiting whose answer it could no longer receive; at
+        # their deadline they heard 504 about requests that were answered and charged (found by the
+        # cluster fault test that restarts the whole gateway during traffic). Until then it also
+        # records deliveries through outages, as ever: a record given up is a reply sent twice.
+        callers_answered = asyncio.Event()
+        edge = Edge(settings, s, callers_answered)
         await edge.start()
         runner = web.AppRunner(http_app.build(edge), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, settings.http_host, settings.http_port)
         await site.start()
         log.info("edge listening on http://%s:%d", settings.http_host, settings.http_port)
-        # Told to stop, the replica takes no new caller, but its responder goes on until every caller
-        # it holds has had its answer: the pipeline's word, or a 504 at a deadline the pipeline also
-        # honours. Stopped first, it left callers waiting whose answer it could no longer receive; at
-        # their deadline they heard 504 about requests that were answered and charged (found by the
-        # cluster fault test that restarts the whole gateway during traffic).
-        callers_answered = asyncio.Event()
         watching = asyncio.create_task(edge.watch_bus(callers_answered))  # the waiting callers rely on it
 
         async def close_http() -> None:
             await stop.wait()
             try:
+                await edge.stop_taking()
                 await runner.cleanup()  # stops listening, then waits for the handlers in flight
+            except Exception as exc:  # the responder must stop all the same
+                log.error("edge: closing HTTP failed: %s", type(exc).__name__)
             finally:
                 callers_answered.set()
 

@@ -88,13 +88,18 @@ class Routes(Struct, frozen=True, kw_only=True):
 
     Adding one must not copy them all (a router folds every route in flight): the newest few are a
     small dict, the rest frozen generations merged like a binary counter (`seal`, as `Remembered`
-    does), each dropped whole once every route in it is past `keep_until` (and DROP_MARGIN). What a
-    lookup finds depends only on the routes folded and the time asked about, never on when a
-    generation was dropped, so replay finds what the live router found.
+    does), each dropped whole once every route in it is past `keep_until` (and DROP_MARGIN, on the
+    folding router's clock). A decision looks up at the router's own time, never earlier than any
+    fold before it, so what it finds depends on the routes folded and that time, not on when a
+    generation was dropped, and replay finds what the live router found. Completions look up at
+    their own time: what a router learns of latency is best effort, and replay checks it as a range.
     """
 
     recent: dict[str, RouteSelected] = {}
     generations: tuple[tuple[datetime, dict[str, RouteSelected]], ...] = ()  # (latest keep-until, routes), oldest first
+    # False in what replay decides on (`as_recorded`): a recorded decision was made on a route the
+    # router then held, and routers before this one held routes an hour, past any keep-until
+    expire: bool = True
 
     def get(self, request_id: str, now: datetime) -> RouteSelected | None:
         """The newest route of the request, if one is kept and still needed at `now`."""
@@ -103,17 +108,22 @@ class Routes(Struct, frozen=True, kw_only=True):
             if found is not None:
                 break
             found = routes.get(request_id)
-        return found if found is not None and keep_until(found) >= now else None
+        if found is None or (self.expire and keep_until(found) < now):
+            return None
+        return found
 
-    def add(self, route: RouteSelected) -> "Routes":
-        """These routes plus one; generations no longer needed are dropped."""
-        horizon = route.occurred_at - DROP_MARGIN
+    def add(self, route: RouteSelected, now: datetime | None = None) -> "Routes":
+        """These routes plus one; generations no longer needed are dropped. `now` is the folding
+        router's clock: a route dated ahead of it (another replica's clock, or a forged date) must
+        not drop what a lookup at this router's own time would still find."""
+        horizon = (route.occurred_at if now is None else min(route.occurred_at, now)) - DROP_MARGIN
         generations = tuple(g for g in self.generations if g[0] >= horizon)
         if len(self.recent) < ROUTES_RECENT:
-            return Routes(recent={**self.recent, route.request_id: route}, generations=generations)
+            return Routes(recent={**self.recent, route.request_id: route}, generations=generations,
+                          expire=self.expire)
         sealed = (max(keep_until(r) for r in self.recent.values()), dict(self.recent))
         return Routes(recent={route.request_id: route},
-                      generations=seal(generations, sealed, _newer_wins, ROUTES_MERGED))
+                      generations=seal(generations, sealed, _newer_wins, ROUTES_MERGED), expire=self.expire)
 
 
 def _newer_wins(older: dict[str, RouteSelected], newer: dict[str, RouteSelected]) -> dict[str, RouteSelected]:
@@ -169,7 +179,7 @@ def as_recorded(route: RouteSelected | RouteUnavailable, policy: PolicyBundle,
     observed = route.observed_ms if isinstance(route, RouteSelected) else ()
     unserved = frozenset(s.endpoint for s in route.skipped if s.reason == "no_invoker") if isinstance(
         route, RouteSelected) else frozenset()
-    return RouterState(routes=Routes() if previous is None else Routes().add(previous),
+    return RouterState(routes=Routes(expire=False) if previous is None else Routes(expire=False).add(previous),
                        breakers={e: failing for e in route.circuit_open},
                        latency={e: Observed(ms=ms) for e, ms in observed}, unserved=unserved)
 
@@ -206,15 +216,15 @@ def stage(attempt: int) -> str:
     return STAGE if attempt == 1 else f"{STAGE}-{attempt}"
 
 
-def evolve(state: RouterState, event: Event) -> RouterState:
+def evolve(state: RouterState, event: Event, now: datetime | None = None) -> RouterState:
     """A route remembers its attempt (and, while in flight, itself); a failed attempt counts against
-    its endpoint's breaker."""
+    its endpoint's breaker. `now`: the folding router's clock (see `Routes.add`)."""
     match event:
         case RouteSelected():
             if attempt_key(event.request_id, event.attempt) in state.routed:
                 return state  # read again (its own decision, then from the stream): folded once
             routed = state.routed.add(attempt_key(event.request_id, event.attempt), event.occurred_at)
-            return msgspec.structs.replace(state, routed=routed, routes=state.routes.add(event))
+            return msgspec.structs.replace(state, routed=routed, routes=state.routes.add(event, now))
         case RouteUnavailable():
             # the request ended: its next attempt's key is taken, so no failure is routed on again
             routed = state.routed.add(attempt_key(event.request_id, _ended(event)), event.occurred_at)

@@ -59,7 +59,7 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
             seen = msgspec.structs.replace(state, unserved=frozenset(watch.unserved))
             for event in decider.decide(cause, seen, s.policy, now):
                 await bus.publish(s.js, bus.caused(event, cause, msg))
-                state = decider.evolve(state, event)
+                state = decider.evolve(state, event, bus.now_utc())
 
         def fold(msg: Msg) -> None:
             nonlocal state
@@ -69,7 +69,7 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
                 return  # junk moves nothing
             if isinstance(event, RouteSelected | RouteUnavailable) or (
                     isinstance(event, InvocationFailed | InvocationCompleted) and _believed(event, s.policy)):
-                state = decider.evolve(state, event)
+                state = decider.evolve(state, event, bus.now_utc())
 
         since = bus.now_utc() - decider.ROUTES_KEPT
         watch = InvokerWatch()
