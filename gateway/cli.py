@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import audit_sql, issuer
+from . import audit_sql, issuer, supervision
 from .services import registry
 from .services.settings import WorkerSettings
 
@@ -46,7 +46,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await SERVICES[args.name](settings, stop)
+        beating = asyncio.create_task(supervision.beat(args.beat_fd)) if args.beat_fd is not None else None
+        try:
+            await SERVICES[args.name](settings, stop)
+        finally:
+            if beating is not None:
+                beating.cancel()
         if not stop.is_set():  # a worker that stopped working must not look alive to the supervisor
             logging.getLogger("enclave_gateway.worker").error("%s ended before it was told to stop", args.name)
             raise SystemExit(1)
@@ -403,6 +408,8 @@ def parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run one service (used by `gateway up`)")
     w.add_argument("name", choices=[i.name for i in registry.SERVICES])
     w.add_argument("--settings", required=True)
+    w.add_argument("--beat-fd", type=int, help="a pipe to write a byte into every second while the event loop "
+                                               "runs (the supervisor's sign of life)")
     w.set_defaults(func=cmd_worker)
     tok = sub.add_parser("token", help="session tokens").add_subparsers(dest="token_cmd", required=True)
     ti = tok.add_parser("issue", help="issue a dev token signed by the data dir's key")

@@ -29,7 +29,8 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def spawn(argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def spawn(argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None,
+          pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
     """Start a child whose output goes to `log_path` and that gets SIGTERM if we die."""
     log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
     # 0640: a worker's log may name callers and endpoints; no one outside the gateway's group reads it
@@ -37,7 +38,8 @@ def spawn(argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None
     os.chmod(log_path, 0o640)  # one made before by an older version (0644) is narrowed too
     log: IO[bytes] = os.fdopen(fd, "ab")
     return subprocess.Popen(
-        list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, env=env
+        list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+        env=env, pass_fds=tuple(pass_fds),
     )
 
 

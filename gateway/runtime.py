@@ -35,7 +35,7 @@ from .services.policy import PolicyError, bundle_from_files, load_bundle
 from .services.policy.feed import latest_valid
 from .services.policy.signing import load_public, signing_time
 from .services.settings import WorkerSettings
-from .supervision import Supervisor
+from .supervision import Beats, Supervisor
 
 log = logging.getLogger("enclave_gateway.runtime")
 READY_TIMEOUT_S = 90.0
@@ -216,6 +216,7 @@ class Gateway:
         self.engine: Engine | None = Engine(self.data_dir, port=engine_port or None) if serve_tiny else None
         self.notices: list[str] = []  # what `gateway up` must say on start (dev keys in use)
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        self.beats = Beats()  # each worker's sign of life, read by the supervisor
         self.nats_url = self.http_url = self.policy_version = ""
         self._halted, self._ticking = threading.Event(), threading.Lock()
         self.say: Callable[[str], None] = lambda line: log.warning("%s", line)  # `gateway up` prints them
@@ -289,7 +290,7 @@ class Gateway:
         else:
             asyncio.run(setup_topology(self.settings))
         self.policy_version = asyncio.run(bootstrap_policy(self.settings, self.policy_dir))
-        self.workers = supervisor.spawn_workers(self.settings)
+        self.workers = supervisor.spawn_workers(self.settings, beats=self.beats)
         self._wait_ready(READY_TIMEOUT_S)
         self.supervisor = self._supervise_children()
 
@@ -309,7 +310,8 @@ class Gateway:
 
     def _supervise_children(self) -> Supervisor:
         """The broker first, then the engine, then the workers: the order they come back in."""
-        sup = Supervisor(self.data_dir / "logs" / "supervisor.log", self.data_dir / "supervisor.json", self.say)
+        sup = Supervisor(self.data_dir / "logs" / "supervisor.log", self.data_dir / "supervisor.json", self.say,
+                         self.beats)
         broker, engine = self.broker, self.engine
         if broker is not None:
             def start_broker() -> subprocess.Popen[bytes]:
@@ -324,11 +326,11 @@ class Gateway:
                 return engine.proc
             sup.add(engine.name, start_engine, engine.proc)
         for name, proc in self.workers.items():
-            sup.add(name, functools.partial(self._respawn, name), proc)
+            sup.add(name, functools.partial(self._respawn, name), proc, beating=True)
         return sup
 
     def _respawn(self, name: str) -> subprocess.Popen[bytes]:
-        self.workers[name] = supervisor.spawn_worker(self.settings, name)
+        self.workers[name] = supervisor.spawn_worker(self.settings, name, beat_fd=self.beats.open(name))
         return self.workers[name]
 
     def supervise(self, done: threading.Event, every_s: float = 0.5) -> None:
@@ -363,6 +365,7 @@ class Gateway:
                 proc.terminate()
         for proc in self.workers.values():
             procs.stop(proc)
+        self.beats.close_all()
         if self.engine is not None:
             self.engine.stop()
         if self.broker is not None:

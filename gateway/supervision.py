@@ -9,6 +9,7 @@ gateway instead turned one crash into an outage whose in-flight requests ran aft
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -21,6 +22,65 @@ from pathlib import Path
 FIRST_DELAY_S = 0.5
 MAX_DELAY_S = 30.0
 STABLE_S = 60.0  # a child that ran this long starts its backoff over: it crashed anew, not again
+# A worker alive but hung (stopped, or its event loop blocked) answers nothing and is never seen
+# dead. Its loop writes a byte into a pipe every BEAT_S; one silent for HUNG_S is killed and
+# restarted. A worker busy with a long model call still beats: only a loop that stopped running
+# is silent. A pipe, not a file: no disk, no wall clock and no file system's clock to be wrong
+# (a review found each of them could kill healthy workers), and it closes when the worker dies.
+BEAT_S = 1.0
+HUNG_S = 30.0
+START_GRACE_S = 60.0  # imports, connecting and reading its state come before the first turn counts
+REAP_WARN_S = 10.0  # a killed worker still not gone (stuck in the kernel) is said, once
+
+
+async def beat(fd: int) -> None:
+    """Write a byte into the supervisor's pipe every BEAT_S while this event loop runs."""
+    os.set_blocking(fd, False)  # never block the loop: a full pipe means the supervisor reads later
+    while True:
+        try:
+            os.write(fd, b".")
+        except BlockingIOError:
+            pass
+        except OSError:  # no supervisor reads it any more
+            return
+        await asyncio.sleep(BEAT_S)
+
+
+class Beats:
+    """Each worker's sign-of-life pipe: the read end kept here, when it was last heard (monotonic)."""
+
+    def __init__(self) -> None:
+        self.readers: dict[str, int] = {}
+        self.heard: dict[str, float] = {}
+
+    def open(self, name: str) -> int:
+        """A new pipe for a worker about to start (its predecessor's is closed); the write end, for it."""
+        self.close(name)
+        read, write = os.pipe()
+        os.set_blocking(read, False)
+        self.readers[name], self.heard[name] = read, time.monotonic()
+        return write
+
+    def silent_for(self, name: str, now: float) -> float | None:
+        """Seconds since the worker last wrote, as of `now` (None: it has no pipe)."""
+        read = self.readers.get(name)
+        if read is None:
+            return None
+        try:
+            while os.read(read, 4096):  # b"": the worker closed it (exited); its death is seen by poll
+                self.heard[name] = now
+        except BlockingIOError:
+            pass
+        return max(0.0, now - self.heard[name])
+
+    def close(self, name: str) -> None:
+        read = self.readers.pop(name, None)
+        if read is not None:
+            os.close(read)
+
+    def close_all(self) -> None:
+        for name in list(self.readers):
+            self.close(name)
 
 
 def next_delay(delay_s: float, ran_s: float) -> float:
@@ -44,26 +104,34 @@ class Child:
     restarts: int = 0
     last_exit: int | None = None
     last_restart: str | None = None
+    beating: bool = False  # a worker with a sign-of-life pipe (the broker and model servers: seen by exit only)
+    hung_s: float = HUNG_S
+    hung_kills: int = 0
+    killed_at: float | None = None  # killed as hung, not yet reaped
 
 
 class Supervisor:
     """Polled by `gateway up` (tick); children are restarted in the order they were added, so a
     dead broker comes back before the workers that reconnect to it."""
 
-    def __init__(self, log_path: Path, counts_path: Path, say: Callable[[str], None]) -> None:
+    def __init__(self, log_path: Path, counts_path: Path, say: Callable[[str], None],
+                 beats: Beats | None = None) -> None:
         self.log_path, self.counts_path, self.say = log_path, counts_path, say
         self.children: dict[str, Child] = {}
+        self.beats = beats
 
     def add(self, name: str, start: Callable[[], subprocess.Popen[bytes]],
-            proc: subprocess.Popen[bytes] | None) -> None:
-        """Supervise `proc`; `start` makes its replacement."""
-        self.children[name] = Child(name, start, proc)
+            proc: subprocess.Popen[bytes] | None, beating: bool = False) -> None:
+        """Supervise `proc`; `start` makes its replacement; `beating`: it writes into its pipe in `beats`."""
+        self.children[name] = Child(name, start, proc, beating=beating)
 
     def tick(self, now: float | None = None) -> None:
         """Notice what died and start what is due; never raises (a failed start is retried later)."""
         now = time.monotonic() if now is None else now
         for child in self.children.values():
             code = child.proc.poll() if child.proc is not None else child.last_exit
+            if code is None and child.proc is not None and child.due is None:
+                code = self._kill_if_hung(child, now)
             if code is None:
                 continue
             if child.due is None:  # just seen dead: how long this instance ran decides the wait
@@ -82,17 +150,36 @@ class Supervisor:
                 child.due = now + child.delay_s
                 self._note(f"{child.name} did not start ({exc}); next try in {child.delay_s:g} s")
                 continue
-            child.started, child.due = time.monotonic(), None
+            child.started, child.due, child.killed_at = time.monotonic(), None, None
             self._note(f"{child.name} restarted (restart {child.restarts})")
         try:
             self._write_counts()
         except OSError as exc:  # a full disk must not stop the gateway: the counts are for metrics
             self.say(f"could not write {self.counts_path}: {exc}")
 
+    def _kill_if_hung(self, child: Child, now: float) -> int | None:
+        """Kill a worker silent for its `hung_s` (past START_GRACE_S): its exit code if already reaped."""
+        assert child.proc is not None
+        if child.killed_at is not None:  # killed already: reaped by a later poll, said if it lingers
+            if now - child.killed_at >= REAP_WARN_S:
+                self._note(f"{child.name} was killed {now - child.killed_at:.0f} s ago and has not exited")
+                child.killed_at = now
+            return None
+        if not child.beating or self.beats is None or now - child.started < START_GRACE_S:
+            return None
+        silent = self.beats.silent_for(child.name, now)
+        if silent is None or silent < child.hung_s:
+            return None
+        child.proc.kill()  # SIGKILL reaches a stopped process too; never waited for here
+        child.killed_at = now
+        child.hung_kills += 1
+        self._note(f"{child.name} hung: no sign of life for {silent:.0f} s; killed")
+        return child.proc.poll()
+
     def counts(self) -> dict[str, dict[str, object]]:
-        """Per child: restarts, the last exit code and when it was last restarted."""
+        """Per child: restarts, the last exit code, when it was last restarted and hung kills."""
         return {c.name: {"restarts": c.restarts, "last_exit": c.last_exit, "last_restart": c.last_restart,
-                         "running": c.proc is not None and c.proc.poll() is None}
+                         "running": c.proc is not None and c.proc.poll() is None, "hung_kills": c.hung_kills}
                 for c in self.children.values()}
 
     def _note(self, line: str) -> None:

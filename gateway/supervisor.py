@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Coroutine
@@ -19,6 +20,7 @@ from .services.edge import shell as edge
 from .services.invoker import shell as invoker
 from .services.router import shell as router
 from .services.settings import WorkerSettings
+from .supervision import Beats
 
 Runner = Callable[[WorkerSettings, asyncio.Event], Coroutine[None, None, None]]
 _RUNNERS: dict[str, Runner] = {
@@ -50,19 +52,30 @@ def read_settings(data_dir: Path) -> WorkerSettings:
     return msgspec.json.decode(settings_path(data_dir).read_bytes(), type=WorkerSettings)
 
 
-def spawn_worker(settings: WorkerSettings, name: str, log_name: str | None = None) -> subprocess.Popen[bytes]:
-    """One `gateway worker NAME` process (replicas of a service share its durable consumer)."""
+def spawn_worker(settings: WorkerSettings, name: str, log_name: str | None = None,
+                 beat_fd: int | None = None) -> subprocess.Popen[bytes]:
+    """One `gateway worker NAME` process (replicas of a service share its durable consumer);
+    `beat_fd`, the write end of its sign-of-life pipe (`supervision.Beats`), is handed over and
+    closed here."""
     path = settings_path(Path(settings.data_dir))
     if not path.exists():
         write_settings(settings)
     log = Path(settings.data_dir) / "logs" / f"{log_name or name}.log"
-    return procs.spawn([sys.executable, "-m", "enclave_gateway.cli", "worker", name, "--settings", str(path)], log)
+    argv = [sys.executable, "-m", "enclave_gateway.cli", "worker", name, "--settings", str(path)]
+    if beat_fd is None:
+        return procs.spawn(argv, log)
+    try:
+        return procs.spawn([*argv, "--beat-fd", str(beat_fd)], log, pass_fds=(beat_fd,))
+    finally:
+        os.close(beat_fd)  # the child holds it now: its exit closes the pipe
 
 
-def spawn_workers(settings: WorkerSettings, names: list[str] | None = None) -> dict[str, subprocess.Popen[bytes]]:
+def spawn_workers(settings: WorkerSettings, names: list[str] | None = None,
+                  beats: Beats | None = None) -> dict[str, subprocess.Popen[bytes]]:
     """One `gateway worker NAME` process per service."""
     write_settings(settings)
-    return {name: spawn_worker(settings, name) for name in (names or list(SERVICES))}
+    return {name: spawn_worker(settings, name, beat_fd=beats.open(name) if beats else None)
+            for name in (names or list(SERVICES))}
 
 
 async def run_all(settings: WorkerSettings, stop: asyncio.Event, names: list[str] | None = None) -> None:

@@ -473,3 +473,28 @@ async def test_every_worker_logs_json_lines_that_name_the_requests(gateway: Gate
             assert entry["service"] == worker
             named += "request_id" in entry
     assert named > 0  # the retries and refusals of the faults above name their request
+
+
+async def test_a_worker_alive_but_hung_is_killed_and_restarted_and_serves_again(gateway: Gateway) -> None:
+    """A stopped worker is never seen dead; its silence is (issue 11 item 1). Judged sooner here,
+    for this worker only (its replacement still has its start grace)."""
+    token = issuer.issue(gateway.data_dir / "keys", subject="fault-tester", team=TEAM, ttl_s=3600)
+    child = gateway.supervisor.children["authz"]
+    victim = gateway.workers["authz"]
+    child.hung_s = 3.0
+    try:
+        os.kill(victim.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 30
+        while gateway.workers["authz"].pid == victim.pid and time.monotonic() < deadline:
+            await asyncio.sleep(0.3)
+        assert victim.poll() == -9 and gateway.workers["authz"].pid != victim.pid
+    finally:
+        child.hung_s = supervision.HUNG_S
+        if victim.poll() is None:
+            os.kill(victim.pid, signal.SIGCONT)
+    await _ready(gateway)
+    counts = json.loads((gateway.data_dir / "supervisor.json").read_text())
+    assert counts["authz"]["hung_kills"] >= 1, counts
+    assert (await _ask(gateway, token, 1))[0][0] == 200
+    async with aiohttp.ClientSession() as http, http.get(f"{gateway.http_url}/metrics") as r:
+        assert 'enclave_gateway_process_hung_kills{process="authz"} 1.0' in await r.text()

@@ -51,14 +51,19 @@ class Checkpointer:
         """Continue after the valid checkpoint that vouches for the furthest position."""
         best: AuditCheckpoint | None = None
         self.subject_seq = 0
+        found: list[AuditCheckpoint] = []
         for data, subject, seq in await bus.stored_on(self.js, subjects.audit_checkpoint(), "auditor"):
             self.subject_seq = max(self.subject_seq, seq)  # junk on the subject still moves the CAS
             try:
-                cp = codec.decode_as(data, AuditCheckpoint, subject)
+                found.append(codec.decode_as(data, AuditCheckpoint, subject))
             except codec.DecodeError:
                 continue
-            if self.valid(cp) and (best is None or cp.seq > best.seq):
+        # furthest first, checked until one is valid: verifying every signature ever stored held
+        # the event loop for minutes on a long-lived stream (and the supervisor takes that for a hang)
+        for cp in sorted(found, key=lambda c: c.seq, reverse=True):
+            if self.valid(cp):
                 best = cp
+                break
         if best is not None and best.seq in self.heads and self.heads[best.seq] != best.head:
             log.critical("checkpoint at seq %d has head %s, this replica computed %s: the chain was forked",
                          best.seq, best.head, self.heads[best.seq])

@@ -57,6 +57,9 @@ class EdgeMetrics:
                               ["process"], registry=self.registry)
         self.running = Gauge("enclave_gateway_process_running", "1 while the supervised process runs",
                              ["process"], registry=self.registry)
+        self.hung_kills = Gauge("enclave_gateway_process_hung_kills",
+                                "Workers killed by the supervisor for giving no sign of life (then restarted)",
+                                ["process"], registry=self.registry)
 
     def answered(self, entry: str, model: str, known_models: Iterable[str], team: str | None,
                  known_teams: Iterable[str], reply: SubmitReply, seconds: float | None = None) -> None:
@@ -106,6 +109,7 @@ class EdgeMetrics:
         for process, row in counts.items():
             self.restarts.labels(process).set(int(row.get("restarts", 0)))
             self.running.labels(process).set(1 if row.get("running") else 0)
+            self.hung_kills.labels(process).set(int(row.get("hung_kills", 0)))
 
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes."""
