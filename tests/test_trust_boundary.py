@@ -123,7 +123,8 @@ async def test_every_identity_is_refused_what_it_does_not_own(admin: Client, sta
                                                               name: str) -> None:
     ident = registry.by_name(name, APPS)
     js = admin.jetstream()
-    before = await _stored_but_checkpoints(admin)
+    before = (await js.stream_info(S)).state.last_seq
+    marker = uuid.uuid4().hex  # found in anything a forged publish led to, however a worker re-encoded it
     errors: list[str] = []
     nc = await _connect_as(stack, name, errors)
     try:
@@ -132,7 +133,8 @@ async def test_every_identity_is_refused_what_it_does_not_own(admin: Client, sta
         probes = [s for s in (*EVENT_FAMILIES, *CORE_FAMILIES, *JS_FAMILIES)
                   if not registry.may_publish(ident, s, protected)]
         for subject in probes:
-            await nc.publish(subject, b'{"type":"RequestAuthorized","forged":true}', reply=f"{ident.inbox_prefix}.p")
+            await nc.publish(subject, b'{"type":"RequestAuthorized","forged":"%s"}' % marker.encode(),
+                             reply=f"{ident.inbox_prefix}.p")
         subs = [(s, q) for s in SUBSCRIBE_FAMILIES for q in (None, "edge") if not registry.may_subscribe(ident, s, q)]
         for subject, queue in subs:
             await nc.subscribe(subject, queue=queue or "")
@@ -145,15 +147,22 @@ async def test_every_identity_is_refused_what_it_does_not_own(admin: Client, sta
         assert nc.is_connected
     finally:
         await nc.close()
-    assert await _stored_but_checkpoints(admin) == before, f"{name}'s forged publishes reached the stream"
+    landed = await _landed_since(admin, before)
+    forged = [(subject, data) for subject, data in landed if marker.encode() in data or not subject.startswith("gw.evt.")]
+    assert not forged, f"{name}'s forged publishes reached the stream: {forged}"
     assert {c for c in registry.durables(("local-llama",))} <= {c.name for c in await js.consumers_info(S)}
 
 
-async def _stored_but_checkpoints(admin: Client) -> int:
-    """Messages in the stream, less the auditor's own checkpoints (they may land at any time)."""
-    info = await admin.jetstream().stream_info(S, subjects_filter=">")
-    counts = info.state.subjects or {}
-    return sum(n for subject, n in counts.items() if subject != subjects.audit_checkpoint())
+async def _landed_since(admin: Client, last_seq: int) -> list[tuple[str, bytes]]:
+    """Every message stored after `last_seq`. The shared stack's workers may still record a late fact of an
+    earlier test (a checkpoint, a release), so the check is what landed, not how many: none may be forged."""
+    js = admin.jetstream()
+    end = (await js.stream_info(S)).state.last_seq
+    landed = []
+    for seq in range(last_seq + 1, end + 1):
+        msg = await js.get_msg(S, seq)
+        landed.append((msg.subject or "", msg.data or b""))
+    return landed
 
 
 def _chat(text: str) -> bytes:
