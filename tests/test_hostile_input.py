@@ -158,3 +158,81 @@ async def test_answers_carry_the_fields_openais_schema_requires(http_url: str, t
     import json
 
     assert chunks and all("logprobs" in c for body in chunks for c in json.loads(body)["choices"])
+
+
+async def _raw(http_url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Bytes sent as they are: the HTTP client libraries refuse to write what a hostile caller would."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    url = urlsplit(http_url)
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        head, _, body = (await asyncio.wait_for(reader.read(-1), 10)).partition(b"\r\n\r\n")
+    finally:
+        writer.close()
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize("request_bytes, why", [
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Pad: " + SECRET_TEXT.encode() * 400 + b"\r\n\r\n",
+     "over the limit"),  # 11 KB in one header: aiohttp's parser refuses it before any route sees it
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + b"".join(
+        b"X-H%d: %s\r\n" % (i, SECRET_TEXT.encode()) for i in range(200)) + b"\r\n", "over the limit"),
+    (b"POST /v1/chat/" + SECRET_TEXT.encode() + b"\x00 HTTP/1.1\r\nHost: x\r\n\r\n", "not valid http"),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-" + SECRET_TEXT.encode() + b" Bad: 1\r\n\r\n",
+     "not valid http"),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + SECRET_TEXT.encode() + b"\r\n\r\n", "not valid http"),
+])
+async def test_bytes_the_http_parser_refuses_get_an_openai_shaped_400_and_a_record(
+        admin: Client, http_url: str, request_bytes: bytes, why: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Oversized headers and bytes that are not HTTP were answered by aiohttp's parser in text/plain,
+    before any route or middleware ran, left no record, and logged a traceback quoting the bytes."""
+    import json
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+
+    status, headers, body = await _raw(http_url, request_bytes)
+    assert status == 400 and headers.get("content-type", "").startswith("application/json"), (status, headers, body)
+    error = json.loads(body)["error"]
+    assert error["code"] == "invalid_request" and error["type"] == "invalid_request_error", error
+    assert why in error["message"].lower() and SECRET_TEXT not in body.decode("latin-1")
+    request_id = headers.get("x-request-id")
+    assert request_id, headers
+    records = [b for _, b in await stream_events(admin, request_id, subject=subjects.message_rejected(),
+                                                 timeout_s=0.3)]
+    assert len(records) == 1 and records[0]["subject"] == "http:unparsed", records
+    assert SECRET_TEXT not in str(records[0])
+    assert "HTTP 400" in caplog.text and SECRET_TEXT not in caplog.text
+
+
+async def test_a_parser_refusal_that_cannot_be_recorded_is_a_503_not_a_400() -> None:
+    """AU-5 on the parser's path: the refusal is recorded before it is sent, and one that could not be
+    stored is told as such (the edge's `reject` answers audit_unavailable then)."""
+    from aiohttp import web
+    from aiohttp.http_exceptions import LineTooLong
+    from enclave_gateway.services.edge import decider, unparsed
+
+    recorded: list[tuple[str, str]] = []
+
+    async def broker_down(code: str, detail: str) -> object:
+        recorded.append((code, detail))
+        return decider.error_reply("r-1", "audit_unavailable", "the audit stream could not record it")
+
+    runner = unparsed.OpenAIShapedRunner(web.Application(), broker_down, access_log=None)  # type: ignore[arg-type]
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        status, headers, body = await _raw(f"http://127.0.0.1:{port}",
+                                           b"GET / HTTP/1.1\r\nX-Pad: " + b"a" * 9000 + b"\r\n\r\n")
+    finally:
+        await runner.cleanup()
+    assert recorded == [("invalid_request", unparsed.detail(LineTooLong("header", 8190)))]
+    assert status == 503 and b'"audit_unavailable"' in body and headers["x-request-id"] == "r-1"

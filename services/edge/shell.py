@@ -12,7 +12,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -32,7 +32,7 @@ from ..authz.decider import AuthzPolicy, visible_models
 from ..authz.tokens import TokenDefect
 from ..budget.decider import period_of
 from ..settings import WorkerSettings
-from . import decider, http_app
+from . import decider, http_app, unparsed
 from .metrics import EdgeMetrics
 
 log = logging.getLogger("enclave_gateway.edge")
@@ -555,7 +555,10 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
         callers_answered = asyncio.Event()
         edge = Edge(settings, s, callers_answered)
         await edge.start()
-        runner = web.AppRunner(http_app.build(edge), access_log=None)
+        def refused(code: str, detail: str) -> Awaitable[SubmitReply]:  # bytes aiohttp's parser refused
+            return edge.reject(uuid.uuid4().hex, unparsed.SUBJECT, code, detail, None)
+
+        runner = unparsed.OpenAIShapedRunner(http_app.build(edge), refused, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, settings.http_host, settings.http_port)
         await site.start()
