@@ -56,6 +56,29 @@ async def test_snapshot_plus_tail_equals_a_full_replay(admin: Client, client: Cl
         await nc.close()
 
 
+async def test_a_snapshot_claims_only_what_its_replica_read_of_every_teams_ledger(
+        admin: Client, client: Client, token_for, stack) -> None:
+    """A replica catches up one team at a time. One that had read team alpha's newest fact but not
+    gamma's older one (another replica wrote it) used to snapshot alpha's sequence as if it had read
+    everything below it; a rebuild from that snapshot then never folded gamma's fact."""
+    nc = await bus.connect(stack, "budget")
+    try:
+        js = nc.jetstream()
+        mine = LedgerStore(js)
+        await mine.rebuild()
+        await _request(client, admin, token_for("gamma"))  # written by the running worker: unread here
+        await _request(client, admin, token_for("alpha"))
+        await mine.catch_up("alpha")  # alpha's newest fact is read, gamma's older one is not
+        await mine.save_snapshot()
+        resumed, full = LedgerStore(js), _NoSnapshot(js)
+        await resumed.rebuild()
+        await full.rebuild()
+        assert resumed.state.ledgers == full.state.ledgers and resumed.last_seq == full.last_seq
+        assert resumed.state.open == full.state.open and resumed.seq == full.seq
+    finally:
+        await nc.close()
+
+
 async def test_catch_up_folds_writes_made_by_another_replica(admin: Client, client: Client, token_for, stack) -> None:
     nc = await bus.connect(stack, "budget")
     try:

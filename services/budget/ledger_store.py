@@ -77,6 +77,11 @@ class Snapshot(msgspec.Struct, kw_only=True):
     state: BudgetState
     refusals_through: int = 0  # the highest refusal sequence folded (older snapshots: none)
     refused_seq: dict[str, int] = {}
+    # Written by a replica that had read the whole ledger through `seq`. An older snapshot's `seq` was
+    # only the highest sequence it had folded, and a replica catching up one team at a time may have
+    # folded another team's later fact without the facts other replicas wrote before it (found
+    # when two budget processes served several teams): such a snapshot is not used.
+    complete: bool = False
 
 
 class LedgerStore:
@@ -85,8 +90,8 @@ class LedgerStore:
     def __init__(self, js: JetStreamContext) -> None:
         self.js = js
         self.state = BudgetState()
-        self.last_seq: dict[str, int] = {}
-        self.seq = 0  # highest ledger stream sequence folded (for snapshots)
+        self.last_seq: dict[str, int] = {}  # per team: its ledger is folded through this sequence
+        self.seq = 0  # the whole ledger is folded through this sequence (what a snapshot may claim)
         # Refusals live outside the ledger (they never conflict with writes) but close their request
         # all the same, so they are folded too: at rebuild, and on a redelivered authorization.
         self.refused_seq: dict[str, int] = {}
@@ -97,8 +102,12 @@ class LedgerStore:
         # sequence advances even for bytes that are not a ledger fact published there (junk a
         # hostile credential made the server store); only a real one changes the money.
         team = subject.rsplit(".", 1)[-1]  # team names are subject tokens (policy/bundle.py)
-        self.last_seq[team] = max(self.last_seq.get(team, 0), seq)
-        self.seq = max(self.seq, seq)
+        if seq <= self.last_seq.get(team, 0):
+            # folded already: a team's ledger is always folded as a prefix (each catch-up reads on from
+            # the team's mark), so a fact at or below it is one the whole-ledger read meets again. Folded
+            # twice, an older fact's totals would overwrite newer ones while a decision is pending.
+            return
+        self.last_seq[team] = seq
         self._apply(seq, subject, data, LedgerEvent, "a ledger fact")
 
     def fold_refusal(self, seq: int, subject: str, data: bytes) -> None:
@@ -128,11 +137,16 @@ class LedgerStore:
     async def rebuild(self) -> int:
         """Snapshot, then every later ledger event and refusal; returns the number of events read."""
         await self._load_snapshot()
-        count = 0
-        for filter_subject, after, fold in ((LEDGER_ALL, self.seq, self._fold),
-                                            (REFUSALS_ALL, self.refusals_through, self.fold_refusal)):
-            newest = await self._newest(filter_subject)
-            count += await self._tail(filter_subject, after + 1, newest, fold)
+        count = await self.catch_up_all()
+        newest = await self._newest(REFUSALS_ALL)
+        return count + await self._tail(REFUSALS_ALL, self.refusals_through + 1, newest, self.fold_refusal)
+
+    async def catch_up_all(self) -> int:
+        """Fold every ledger fact of every team not yet folded, in stream order; then the whole ledger
+        is folded through its newest sequence, which a snapshot may claim. Returns the facts read."""
+        newest = await self._newest(LEDGER_ALL)
+        count = await self._tail(LEDGER_ALL, self.seq + 1, newest) if newest > self.seq else 0
+        self.seq = max(self.seq, newest)
         return count
 
     async def _newest(self, filter_subject: str) -> int:
@@ -174,15 +188,21 @@ class LedgerStore:
         except Exception as exc:  # no bucket, no snapshot, or a bad one: a full replay is still correct
             log.info("no usable budget snapshot (%r): replaying the ledger", exc)
             return
+        if not snap.complete:
+            log.info("budget snapshot at seq %d predates whole-ledger marks: replaying the ledger", snap.seq)
+            return
         self.state, self.last_seq, self.seq = snap.state, dict(snap.last_seq), snap.seq
         self.refused_seq, self.refusals_through = dict(snap.refused_seq), snap.refusals_through
         log.info("budget snapshot at seq %d loaded", snap.seq)
 
     async def save_snapshot(self) -> int:
-        """Store the projection; any replica may, a newer one simply has less to replay."""
+        """Store the projection; any replica may, a newer one simply has less to replay. It claims the
+        whole ledger through `seq` only: facts of some teams folded beyond it are read again at a
+        rebuild and skipped by their team's mark."""
         store = await self.js.object_store(SNAPSHOT_BUCKET)
         data = msgspec.json.encode(Snapshot(seq=self.seq, last_seq=self.last_seq, state=self.state,
-                                           refusals_through=self.refusals_through, refused_seq=self.refused_seq))
+                                           refusals_through=self.refusals_through, refused_seq=self.refused_seq,
+                                           complete=True))
         await store.put(SNAPSHOT_KEY, data)  # chunked: the projection may outgrow one message
         return self.seq
 
