@@ -310,6 +310,15 @@ def cmd_report_spend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report_refusals(args: argparse.Namespace) -> int:
+    """Refusals by team, code and rule: denials, spend caps and rate limits."""
+    from .reports import refusals
+
+    cols, rows = refusals(Path(args.data_dir) / "audit", args.since)
+    console.print(_table(cols, rows, title="Refusals by team, code and the rule or limit that refused"))
+    return 0
+
+
 def cmd_identities(args: argparse.Namespace) -> int:
     """Print the registry of identities: who may publish and subscribe what (docs/security.md)."""
     print(registry.markdown_table(), end="")
@@ -506,6 +515,10 @@ def parser() -> argparse.ArgumentParser:
     rs.add_argument("--plot", help="also draw a PNG bar chart here, e.g. spend.png")
     rs.add_argument("--data-dir", default="var")
     rs.set_defaults(func=cmd_report_spend)
+    rr = rep.add_parser("refusals", help="refusals by team, code and rule (denials, spend caps, rate limits)")
+    rr.add_argument("--since", help="ISO date or timestamp (UTC)")
+    rr.add_argument("--data-dir", default="var")
+    rr.set_defaults(func=cmd_report_refusals)
     st = sub.add_parser("status", help="stream and consumer state")
     st.add_argument("--data-dir", default="var")
     st.set_defaults(func=cmd_status)

@@ -60,8 +60,11 @@ def openapi() -> dict[str, Any]:
                                                "schema": {"type": "string"}}}
     statuses = sorted({str(s) for s in HTTP_STATUS.values()})
     codes = {s: ", ".join(sorted(c for c, v in HTTP_STATUS.items() if str(v) == s)) for s in statuses}
-    errors = {s: {"description": f"refused or failed (code: {codes[s]})", "headers": request_id,
-                  "content": error_json} for s in statuses}
+    retry_after = {"Retry-After": {"description": "seconds until the rate limit's minute ends",
+                                   "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
+    errors = {s: {"description": f"refused or failed (code: {codes[s]})",
+                  "headers": {**request_id, **(retry_after if s == "429" else {})}, "content": error_json}
+              for s in statuses}
     chat = {
         "operationId": "createChatCompletion",
         "summary": "OpenAI-compatible chat completion, decided under policy and recorded",

@@ -146,6 +146,10 @@ def _outcome(body: dict[str, object]) -> str:
         figures = ""
         if err.get("remaining_micros") is not None:
             figures = f" requested {err['requested_micros']}µ, remaining {err['remaining_micros']}µ"
+        if err.get("retry_after_s") is not None:
+            figures += f" Retry-After: {err['retry_after_s']} s"
+        if err.get("rule") == "content-marking":  # the marking and where it stands, never the text around it
+            figures += f": {err.get('message')}"
         return f"[red]{err.get('code')}[/]{rule}{figures}"
     choices, usage = body.get("choices"), body.get("usage")
     if isinstance(choices, list) and isinstance(usage, dict):  # OpenAI chat.completion (HTTP)
@@ -176,11 +180,15 @@ def _plan(keys: Path) -> tuple[list[Step], str]:
         keys, subject="carol", team="alpha", clearance="SECRET", compartments=("SI",), caveats=("NOFORN",)
     )
     bob = issuer.issue(keys, subject="bob", team="bravo")
+    burst = issuer.issue(keys, subject="rate-demo", team="alpha")
     expired = issuer.issue(keys, subject="eve", team="alpha", ttl_s=60, now=int(time.time()) - 3600)
     forged = issuer.issue(Path(tempfile.mkdtemp()) / "k", subject="mallory", team="alpha")
     plan: list[Step] = [
         ("carol@alpha S//SI", carol, "enclave-tiny", "Summarise the intercept.", ("SECRET//SI", "SECRET//SI")),
         ("carol@alpha S//SI", carol, "enclave-tiny", "Post it to the open wiki.", ("SECRET//SI", "UNCLASSIFIED")),
+        # declared UNCLASSIFIED, but the pasted paragraph says what it is: the guard raises the label
+        ("carol@alpha declares U", carol, "enclave-tiny", "Tidy this up:\n(S//NF) The convoy leaves at dawn.",
+         ("UNCLASSIFIED", "UNCLASSIFIED")),
         ("alice@alpha", alice, "enclave-tiny", "Summarise the logistics report.", None),
         ("alice@alpha", alice, "tiny", "Alias: same model by its short name.", None),
         ("alice@alpha", alice, "enclave-tiny-v0", "A renamed model, swapped by the catalog.", None),
@@ -190,7 +198,10 @@ def _plan(keys: Path) -> tuple[list[Step], str]:
         ("eve (expired)", expired, "enclave-tiny", "Expired token.", None),
         ("nobody", "", "enclave-tiny", "No token at all.", None),
         ("alice@alpha", alice, "gpt-9", "Unknown model.", None),
-    ] + [("bob@bravo", bob, "enclave-tiny", f"Bravo request {i}: until the cap.", None) for i in range(6)]
+    ] + [("bob@bravo", bob, "enclave-tiny", f"Bravo request {i}: until the cap.", None) for i in range(6)] + [
+        # admission.toml allows the application rate-demo 2 requests a minute: a third is refused
+        # (five, so that one is refused even when the burst straddles a minute's end)
+        ("rate-demo@alpha", burst, "enclave-tiny", f"Burst request {i}.", None) for i in range(5)]
     return plan, alice
 
 

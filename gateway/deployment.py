@@ -41,7 +41,7 @@ def shipped_bundle() -> dict[str, bytes]:
     trust, and `gateway up` signs an unsigned bundle with the deployment's own dev signer.
     """
     folder = files("enclave_gateway") / POLICY_DIR
-    return {name: folder.joinpath(name).read_bytes() for name in FILES}
+    return {name: folder.joinpath(name).read_bytes() for name in FILES if folder.joinpath(name).is_file()}
 
 
 def _template(name: str) -> Traversable:

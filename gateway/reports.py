@@ -30,6 +30,20 @@ def spend(audit_dir: Path, by: By, since: str | None = None) -> tuple[list[str],
     return audit_sql.query(audit_dir, sql)
 
 
+def refusals(audit_dir: Path, since: str | None = None) -> tuple[list[str], list[tuple[object, ...]]]:
+    """Every refusal by team, code and the rule or limit that refused: authz denials, budget caps,
+    rate limits (issue 12: every refusal is an event, and counted here)."""
+    where = "type IN ('RequestDenied', 'BudgetRejected')"
+    if since:
+        where += f" AND occurred_at >= TIMESTAMPTZ '{datetime.fromisoformat(since).isoformat()}'"
+    sql = (
+        "SELECT coalesce(team, '(unknown)') AS team, reason, "
+        "coalesce(rule, CASE WHEN type = 'BudgetRejected' THEN 'team-spend-cap' END) AS rule, "
+        f"count(*) AS refusals FROM events WHERE {where} GROUP BY 1, 2, 3 ORDER BY 1, 4 DESC"
+    )
+    return audit_sql.query(audit_dir, sql)
+
+
 def audited_spend_by_period(audit_dir: Path) -> dict[tuple[str, str], int]:
     """Sum of charges per (team, budget period) in the Parquet audit."""
     _, rows = audit_sql.query(

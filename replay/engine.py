@@ -342,8 +342,11 @@ def _check_budget(seq: int, event: AnyEvent, inputs: dict[tuple[str, str], AnyEv
                       RequestFailed):
         _mismatch(result, seq, event, f"no {' or '.join(names)} it could have been decided from", "")
         return
+    # the rate counters' readings are observations the decision recorded (as routing's latencies):
+    # replay decides from them, and `rates` checks them against each other
+    observed = event.rates if isinstance(event, BudgetReserved | BudgetRejected) else ()
     _compare(seq, event, result, source, policies, lambda: budget.decide(
-        source, state, policies.bundle(event.policy_version), event.occurred_at))
+        source, state, policies.bundle(event.policy_version), event.occurred_at, observed))
 
 
 def _check_expiry(seq: int, event: BudgetReleased, state: budget.BudgetState, policies: _Policies,

@@ -83,6 +83,7 @@ class ErrorBody(Struct, frozen=True, kw_only=True, gc=False):
     rule: str | None = None
     remaining_micros: int | None = None
     requested_micros: int | None = None
+    retry_after_s: int | None = None  # rate_limited: when the limit's minute ends (HTTP Retry-After)
 
 
 class SubmitReply(Struct, frozen=True, kw_only=True, gc=False):

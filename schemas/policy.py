@@ -98,6 +98,30 @@ class Budgets(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     reservation_ttl_s: int = 900
 
 
+class RateLimit(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Requests and tokens (prompt plus most output, settled on actual usage) per UTC minute."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+
+
+class ContentMarkingGuard(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What authz does with classification markings found in the prompt's text (issue 12 item 2):
+    `enforce` raises the request's input label to their high-water mark, `report` only records them."""
+
+    mode: Literal["enforce", "report", "off"] = "enforce"
+
+
+class Admission(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`admission.toml`: rate limits by team, by application (the session token's subject) and by
+    model (catalog id, across teams), and the content-marking guard."""
+
+    content_marking: ContentMarkingGuard = ContentMarkingGuard()
+    team: dict[str, RateLimit] = {}
+    application: dict[str, RateLimit] = {}
+    model: dict[str, RateLimit] = {}
+
+
 class PolicyBundle(Struct, frozen=True, kw_only=True):
     """Everything a decision depends on, with the version that names it."""
 
@@ -107,3 +131,6 @@ class PolicyBundle(Struct, frozen=True, kw_only=True):
     access_model: str
     access_policy: str
     issuers_jwks: str = '{"keys": []}'
+    # None: a bundle without admission.toml (every bundle recorded before issue 12): no rate limits
+    # and no content-marking guard, so its decisions replay as they were made
+    admission: Admission | None = None

@@ -33,6 +33,7 @@ ReasonCode = Literal[
     "authorization_stale",  # an authorization older than the budget's memory of closed requests
     "strategy_not_allowed",  # a routing strategy the catalog does not let requests for the model ask for
     "context_length_exceeded",  # the model server says the prompt and max_tokens do not fit its context
+    "rate_limited",  # a rate limit of the team, the application or the model is reached this minute (429)
     "audit_unavailable",  # the stream cannot record the request now (broker down, stream full, no quorum):
     # it was not recorded, so it is neither run nor charged (AU-5: nothing is served unrecorded)
 ]
@@ -60,6 +61,7 @@ HTTP_STATUS: dict[str, int] = {
     "model_not_found": 404,
     "model_forbidden": 403,
     "budget_exceeded": 402,
+    "rate_limited": 429,
     "budget_not_configured": 403,
     "route_unavailable": 503,
     "audit_unavailable": 503,
@@ -89,6 +91,7 @@ ERROR_TYPE: dict[int, str] = {
     404: "not_found_error",
     409: "conflict_error",
     413: "invalid_request_error",
+    429: "rate_limit_error",
     500: "server_error",
     502: "server_error",
     503: "server_error",

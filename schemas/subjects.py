@@ -4,6 +4,7 @@ Built only here so that a rename is one diff (STYLE §2). Partitions (team, mode
 safe subject tokens; events always carry the exact names.
 """
 
+import hashlib
 import re
 from typing import assert_never
 
@@ -33,6 +34,10 @@ from .events import (
 
 STREAM = "GW_EVENTS"
 ALL_EVENTS = "gw.evt.>"
+# Rate-limit counters (JetStream counters, ADR-49): derived data, never the audit trail; each
+# request's counts are recorded in its BudgetReserved or BudgetRejected on GW_EVENTS.
+RATES_STREAM = "GW_RATES"
+ALL_RATES = "gw.rate.>"
 SUBMIT = "gw.submit"  # prefix: each application submits on its own `gw.submit.<app>`
 APP_INBOXES = "_INBOX_app"  # batch callers' inboxes, one prefix per application
 EDGE_INBOXES = "_INBOX_edge"  # HTTP callers' inboxes, one prefix per edge replica
@@ -118,6 +123,13 @@ def ledger(fact: str, team: str) -> str:
 def ledger_filter(team: str) -> str:
     """Every ledger fact of one team: the filter of the expected-last-sequence check."""
     return f"gw.evt.ledger.*.{token(team)}"
+
+
+def rate_counter(window: str, scope: str, key: str, kind: str) -> str:
+    """The counter of one rate limit in one UTC minute (`window` as `2026-11-29T13:27`). A key is
+    made subject-safe and suffixed with a digest of itself, so two keys never share a counter."""
+    digest = hashlib.blake2b(key.encode(), digest_size=4).hexdigest()
+    return f"gw.rate.{window.replace(':', '').replace('-', '')}.{scope}.{token(key)}-{digest}.{kind}"
 
 
 def budget_rejected(team: str) -> str:

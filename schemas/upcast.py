@@ -12,18 +12,20 @@ import msgspec
 
 from .events import (
     CURRENT_EVENT_TYPES,
+    BudgetRejected,
     BudgetReserved,
     Event,
     InvocationCompleted,
     InvocationFailed,
     RequestAuthorized,
+    RequestDenied,
     RequestSubmitted,
     RouteSelected,
     RouteUnavailable,
 )
-from .events.budget import BudgetReservedV1
+from .events.budget import BudgetRejectedV1, BudgetReservedV1, BudgetReservedV2
 from .events.invocation import InvocationCompletedV1, InvocationFailedV1
-from .events.request import RequestAuthorizedV1, RequestSubmittedV1
+from .events.request import RequestAuthorizedV1, RequestAuthorizedV2, RequestDeniedV1, RequestSubmittedV1
 from .events.route import RouteSelectedV1, RouteSelectedV2, RouteUnavailableV1
 
 Upcaster = Callable[[Event], Event]
@@ -63,8 +65,14 @@ READERS: dict[tuple[str, int], tuple[type[Event], Upcaster | None]] = {
     ("InvocationCompleted", 1): (InvocationCompletedV1, carried(InvocationCompleted)),
     ("RouteUnavailable", 1): (RouteUnavailableV1, carried(RouteUnavailable)),
     ("RequestSubmitted", 1): (RequestSubmittedV1, carried(RequestSubmitted)),
-    ("RequestAuthorized", 1): (RequestAuthorizedV1, carried(RequestAuthorized)),
-    ("BudgetReserved", 1): (BudgetReservedV1, carried(BudgetReserved)),
+    ("RequestAuthorized", 1): (RequestAuthorizedV1, carried(RequestAuthorizedV2)),
+    # v2 authorizations and v1 denials were decided before markings in the prompt were read
+    ("RequestAuthorized", 2): (RequestAuthorizedV2, carried(RequestAuthorized)),
+    ("RequestDenied", 1): (RequestDeniedV1, carried(RequestDenied)),
+    ("BudgetReserved", 1): (BudgetReservedV1, carried(BudgetReservedV2)),
+    # v2 reservations and v1 refusals were decided before rate limits: counted against none
+    ("BudgetReserved", 2): (BudgetReservedV2, carried(BudgetReserved)),
+    ("BudgetRejected", 1): (BudgetRejectedV1, carried(BudgetRejected)),
 }
 
 

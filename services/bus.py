@@ -142,6 +142,18 @@ async def close(nc: Client) -> None:
             log.debug("closing the connection: %r", exc)
 
 
+RATE_COUNTERS_KEPT_S = 300.0  # a minute's counter is read for that minute only
+
+
+async def js_ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    """Create the stream, or bring an existing one to `config`."""
+    try:
+        await js.stream_info(str(config.name))
+        await js.update_stream(config)
+    except NotFoundError:
+        await js.add_stream(config)
+
+
 async def ensure_topology(js: JetStreamContext, replicas: int = 1, endpoints: Iterable[str] = ()) -> None:
     """Create or update the stream GW_EVENTS (R`replicas`), every service's durable consumer and
     the durable of each endpoint's invokers."""
@@ -158,14 +170,24 @@ async def ensure_topology(js: JetStreamContext, replicas: int = 1, endpoints: It
         # limit refuses new writes when full, and the edge then answers 503 (AU-5)
         discard=DiscardPolicy.NEW,
     )
-    try:
-        await js.stream_info(subjects.STREAM)
-        await js.update_stream(config)
-    except NotFoundError:
-        await js.add_stream(config)
+    await js_ensure_stream(js, config)
     for name, spec in CONSUMERS.items():
         await js.add_consumer(subjects.STREAM, consumer_config(name, spec))
     await ensure_endpoints(js, endpoints)
+    await js_ensure_stream(js, StreamConfig(
+        # Rate-limit counters (issue 12, services/budget/rates.py): JetStream counters, one subject per
+        # limit and minute; derived data, never the audit trail (each request's counts are recorded
+        # in its budget decision). Only the newest value of a counter is kept, and only a few minutes.
+        name=subjects.RATES_STREAM,
+        num_replicas=replicas,
+        subjects=[subjects.ALL_RATES],
+        storage=StorageType.FILE,
+        allow_msg_counter=True,
+        allow_direct=True,
+        max_msgs_per_subject=1,
+        max_age=RATE_COUNTERS_KEPT_S,
+        discard=DiscardPolicy.OLD,
+    ))
     # Budget projection snapshots: derived data, never the audit trail (services/budget/ledger_store.py).
     await js.create_object_store("GW_BUDGET", config=ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas))
 

@@ -153,11 +153,12 @@ SERVICES: tuple[Identity, ...] = (
                 "gw.evt.budget.ticked.>",
             )
         ),
-        "reserves, settles and releases money on each team's ledger (compare-and-set)",
+        "reserves, settles and releases money on each team's ledger (compare-and-set), and counts rate limits",
         publish=(
             "gw.evt.ledger.*.*",
             "gw.evt.budget.rejected.*",
             "gw.evt.budget.ticked.*",
+            subjects.ALL_RATES,  # rate-limit counters (GW_RATES): add and give back, read in the acknowledgement
             last_of("gw.evt.ledger.>"),  # the newest ledger fact of a team: its catch-up read
             last_of("gw.evt.budget.rejected.>"),  # and its newest refusal (a refused request is closed)
             # the projection's rebuild and a long catch-up: its own ephemeral consumers, filtered

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage
+from enclave_gateway.schemas.events.budget import RateCount
+from enclave_gateway.schemas.events.request import ContentMarking
 from enclave_gateway.schemas.events.route import Skipped
 from enclave_gateway.schemas.events import (
     AnyEvent,
@@ -40,6 +42,11 @@ CHAT = ChatBody(model="tiny", messages=(ChatMessage(role="user", content="hello"
 CALLER = Caller(subject="alice", team="alpha", roles=("analyst",), token_id="jti-1")
 HELD = Reservation(team="alpha", period="2026-11", micros=272)
 DEADLINE = T + timedelta(days=30)  # later than any test's clock
+COUNTED = RateCount(scope="team", key="alpha", kind="requests", window="2026-11-25T09:30", counted=1, observed=3,
+                    limit=10)
+OVER = RateCount(scope="application", key="alice", kind="tokens", window="2026-11-25T09:30", counted=40,
+                 observed=1040, limit=1000)
+MARKED = ContentMarking(label="SECRET//NOFORN", found="(S//NF) at message 1, character 0", enforced=True)
 TOTALS = {"team": "alpha", "period": "2026-11", "spent_micros": 100, "reserved_micros": 272, "cap_micros": 5000}
 
 
@@ -54,9 +61,9 @@ def samples() -> list[AnyEvent]:
         RequestSubmitted(**env("submit"), entry="http", token="a.b.c", chat=CHAT, reply_to="_INBOX.x",
                          deadline_at=DEADLINE),
         RequestAuthorized(**env("authz"), caller=CALLER, model_id="enclave-tiny", chat=CHAT, reply_to="_INBOX.x",
-                          deadline_at=DEADLINE),
+                          deadline_at=DEADLINE, content_marking=MARKED),
         RequestDenied(**env("authz"), reason="model_forbidden", rule="team-model-access", detail="no",
-                      caller=CALLER, model="analyst-large", reply_to="_INBOX.x"),
+                      caller=CALLER, model="analyst-large", reply_to="_INBOX.x", content_marking=MARKED),
         RequestFailed(**env("failed-at-router"), stage="router", reason="request_failed", detail="gave up",
                       reply_to="_INBOX.x", reservation=HELD),
         MessageRejected(**env("reject"), subject="gw.submit", stream_seq=7, stage="edge", reason="invalid_request",
@@ -65,14 +72,14 @@ def samples() -> list[AnyEvent]:
         ResponseUndelivered(**env("undelivered"), outcome="error", code="invocation_failed", team="alpha",
                             reason="caller_gone"),
         BudgetReserved(**env("reserve"), **TOTALS, caller=CALLER, model_id="enclave-tiny", amount_micros=272,
-                       max_tokens=8, chat=CHAT, reply_to="_INBOX.x", deadline_at=DEADLINE),
+                       max_tokens=8, chat=CHAT, reply_to="_INBOX.x", deadline_at=DEADLINE, rates=(COUNTED,)),
         BudgetSettled(**env("settle"), **TOTALS, model_id="enclave-tiny", reserved_amount_micros=272,
                       charged_micros=100, prompt_tokens=20, completion_tokens=8),
         BudgetReleased(**env("release"), **TOTALS, amount_micros=272, reason="InvocationFailed"),
         BudgetThresholdCrossed(**envelope("alpha/2026-11/50", "threshold", T, PV), **TOTALS, threshold_pct=50),
         BudgetRejected(**env("reserve"), caller=CALLER, model_id="enclave-tiny", period="2026-11",
-                       requested_micros=272, remaining_micros=10, cap_micros=5000, reason="budget_exceeded",
-                       reply_to="_INBOX.x"),
+                       requested_micros=272, remaining_micros=10, cap_micros=5000, reason="rate_limited",
+                       reply_to="_INBOX.x", rates=(COUNTED, OVER), retry_after_s=27),
         RouteSelected(**env("route-2"), caller=CALLER, requested_model="tiny", model_id="enclave-tiny",
                       endpoint="local-llama", substituted_from="tiny", max_tokens=8, chat=CHAT, reservation=HELD,
                       reply_to="_INBOX.x", attempt=2, tried=("gpu-node-1",), circuit_open=("gpu-node-3",),
@@ -111,6 +118,16 @@ def upcast_samples() -> dict[tuple[str, int], AnyEvent]:
                                                   reply_to="_INBOX.x"),
         ("RequestAuthorized", 1): RequestAuthorized(**env("authz"), caller=CALLER, model_id="enclave-tiny", chat=CHAT,
                                                     reply_to="_INBOX.x"),
+        ("RequestAuthorized", 2): RequestAuthorized(**env("authz"), caller=CALLER, model_id="enclave-tiny", chat=CHAT,
+                                                    reply_to="_INBOX.x", deadline_at=DEADLINE),
+        ("BudgetReserved", 2): BudgetReserved(**env("reserve"), **TOTALS, caller=CALLER, model_id="enclave-tiny",
+                                              amount_micros=272, max_tokens=8, chat=CHAT, reply_to="_INBOX.x",
+                                              deadline_at=DEADLINE),
+        ("BudgetRejected", 1): BudgetRejected(**env("reserve"), caller=CALLER, model_id="enclave-tiny",
+                                              period="2026-11", requested_micros=272, remaining_micros=10,
+                                              cap_micros=5000, reason="budget_exceeded", reply_to="_INBOX.x"),
+        ("RequestDenied", 1): RequestDenied(**env("authz"), reason="model_forbidden", rule="team-model-access",
+                                            detail="no", caller=CALLER, model="analyst-large", reply_to="_INBOX.x"),
         ("BudgetReserved", 1): BudgetReserved(**env("reserve"), **TOTALS, caller=CALLER, model_id="enclave-tiny",
                                               amount_micros=272, max_tokens=8, chat=CHAT, reply_to="_INBOX.x"),
         ("RouteSelected", 1): RouteSelected(**env("route"), caller=CALLER, requested_model="tiny",

@@ -39,7 +39,16 @@ period = "month"
 [teams.crash]
 cap_micros = 1_000_000
 period = "month"
+
+[teams.ratelimited]
+cap_micros = 1_000_000_000
+period = "month"
+
+[teams.tokens]
+cap_micros = 1_000_000_000
+period = "month"
 """
+RPM = 100  # team ratelimited's requests per minute
 SLOW_MODEL = """
 [[model]]
 id = "blackhole-tiny"
@@ -69,9 +78,26 @@ def race_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     with open(policies / "catalog.toml", "a") as fh:
         fh.write(SLOW_MODEL)
     with open(policies / "access_policy.csv", "a") as fh:
-        fh.write("p, team:race, enclave-tiny\np, team:crash, slow-tiny\np, team:crash, blackhole-tiny\n")
+        fh.write("p, team:race, enclave-tiny\np, team:crash, slow-tiny\np, team:crash, blackhole-tiny\n"
+                 "p, team:ratelimited, enclave-tiny\np, team:tokens, enclave-tiny\n")
+    with open(policies / "admission.toml", "a") as fh:
+        fh.write(f"\n[team.ratelimited]\nrequests_per_minute = {RPM}\n"
+                 f"\n[team.tokens]\ntokens_per_minute = {2 * _token_bound(policies) - 1}\n")
     issuer.ensure_keys(data / "keys")
     return data, policies
+
+
+def _token_bound(policies: Path) -> int:
+    """What one request of `_submit` counts against a token limit until it is settled."""
+    from enclave_gateway.services.budget import decider
+    from enclave_gateway.services.policy import load_bundle
+
+    bundle = load_bundle(policies)
+    model = next(m for m in bundle.catalog.model if m.id == "enclave-tiny")
+    chat = msgspec.json.decode(_submit("t"), type=SubmitRequest).chat
+    from enclave_gateway.services import catalog
+
+    return catalog.prompt_tokens_bound(chat, model) + decider.effective_max_tokens(model, chat)
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +251,117 @@ async def test_a_thousand_concurrent_requests_never_overshoot_with_two_replicas(
     finally:
         await app.close()
         await admin.close()
+
+
+async def _early_in_a_minute(seconds: int = 40) -> None:
+    """Wait for the next UTC minute when fewer than `seconds` of this one are left: a test whose
+    requests must share one rate-limit window."""
+    second = time.gmtime().tm_sec
+    if second > 60 - seconds:
+        await asyncio.sleep(60.5 - second)
+
+
+async def test_a_thousand_requests_racing_a_rate_limit_on_two_replicas_admit_no_more_than_it(
+        race: RaceGateway) -> None:
+    """Issue 12: 1,000 concurrent requests of a team limited to RPM requests a minute, decided by two
+    budget replicas racing: each minute admits at most RPM, each admitted request read a distinct
+    count, and every other request is refused `rate_limited` with a Retry-After."""
+    from .conftest import stream_events
+
+    assert len(race.budgets) == 2 and all(p.poll() is None for p in race.budgets)
+    app, admin = await bus.connect(race.settings, "app.race"), await bus.connect(race.settings, "admin")
+    try:
+        await _until_two_pullers(admin)
+        await _early_in_a_minute()
+        token = issuer.issue(Path(race.settings.data_dir) / "keys", subject="rater", team="ratelimited", ttl_s=3600)
+        payload = _submit(token)
+        replies = await asyncio.gather(*(app.request(subjects.submit("race"), payload, timeout=120) for _ in range(1000)))
+        decoded = [codec.decode_reply(m.data) for m in replies]
+        completed = [r for r in decoded if r.completion is not None]
+        refused = [r for r in decoded if r.error is not None]
+        assert len(completed) + len(refused) == 1000 and completed and refused
+        assert {r.error.code for r in refused if r.error} == {"rate_limited"}
+        assert all(r.error and r.error.retry_after_s and 1 <= r.error.retry_after_s <= 60 for r in refused)
+
+        reserved = [e for e in await _settled_down(admin, "ratelimited") if e["type"] == "BudgetReserved"]
+        rejected = [b for _, b in await stream_events(admin, subject=subjects.budget_rejected("ratelimited"))]
+        assert len(reserved) == len(completed) and len(rejected) == len(refused)
+        by_minute: dict[str, list[int]] = {}
+        attempts: dict[str, int] = {}
+        for e in reserved:
+            [count] = e["rates"]  # type: ignore[misc]
+            by_minute.setdefault(count["window"], []).append(count["observed"])
+            attempts[count["window"]] = attempts.get(count["window"], 0) + 1
+        for e in rejected:
+            assert e["reason"] == "rate_limited" and e["rates"][-1]["observed"] > RPM  # type: ignore[index]
+            window = e["rates"][-1]["window"]  # type: ignore[index]
+            attempts[window] = attempts.get(window, 0) + 1
+        for window, observed in by_minute.items():
+            assert len(observed) <= RPM, f"{len(observed)} admitted in the minute from {window}"
+            assert len(set(observed)) == len(observed) and max(observed) <= RPM  # one count each, none over
+            if attempts[window] > RPM:  # refusals never took the last slot from an admissible request
+                assert sorted(observed) == list(range(1, RPM + 1)), window
+    finally:
+        await app.close()
+        await admin.close()
+
+
+async def test_a_token_limit_counts_the_bound_and_settles_on_actual_usage(race: RaceGateway) -> None:
+    """Issue 12: a tokens-per-minute limit of twice one request's bound, less one. The first request
+    counts its bound; its settlement gives back what the model did not use, which is what lets the
+    second in. Requests go on until one is refused: each read exactly the tokens used before it plus
+    its own bound. The refusal is HTTP 429 with Retry-After in OpenAI's error shape."""
+    admin = await bus.connect(race.settings, "admin")
+    app = await bus.connect(race.settings, "app.race")
+    bound = _token_bound(Path(race.settings.policy_dir))
+    limit = 2 * bound - 1
+    try:
+        await _early_in_a_minute()
+        token = issuer.issue(Path(race.settings.data_dir) / "keys", subject="counter", team="tokens", ttl_s=3600)
+        used = 0
+        for attempt in range(12):
+            reply = codec.decode_reply((await app.request(subjects.submit("race"), _submit(token), timeout=60)).data)
+            if reply.error is not None:
+                assert reply.error.code == "rate_limited" and attempt >= 2, reply.error  # the 2nd needed the give-back
+                rejected = await wait_for_event(admin, reply.request_id, "BudgetRejected")
+                [count] = rejected["rates"]  # type: ignore[misc]
+                assert count["observed"] == used + bound > limit and count["kind"] == "tokens"
+                break
+            reserved = await wait_for_event(admin, reply.request_id, "BudgetReserved")
+            [count] = reserved["rates"]  # type: ignore[misc]
+            assert count["counted"] == bound and count["observed"] == used + bound <= limit
+            settled = await wait_for_event(admin, reply.request_id, "BudgetSettled")
+            used += int(settled["prompt_tokens"]) + int(settled["completion_tokens"])  # type: ignore[call-overload]
+            assert used < bound * (attempt + 1)  # the model used less than the bound
+            await _counter_reads(admin, subjects.rate_counter(count["window"], "team", "tokens", "tokens"), used)
+        else:
+            raise AssertionError("the token limit never refused")
+        async with aiohttp.ClientSession() as http, http.post(
+                f"http://127.0.0.1:{race.settings.http_port}/v1/chat/completions",
+                headers={"Authorization": f"Bearer {token}"},
+                json={"model": "enclave-tiny", "messages": [{"role": "user", "content": "race"}], "max_tokens": 4}
+        ) as resp:
+            body = await resp.json()
+        assert resp.status == 429 and body["error"]["code"] == "rate_limited", body
+        assert body["error"]["type"] == "rate_limit_error" and "tokens per minute" in body["error"]["message"]
+        assert 1 <= int(resp.headers["Retry-After"]) <= 60
+        await _counter_reads(admin, subjects.rate_counter(count["window"], "team", "tokens", "tokens"), used)
+    finally:
+        await app.close()
+        await admin.close()
+
+
+async def _counter_reads(admin: Client, subject: str, value: int, timeout_s: float = 10.0) -> None:
+    """Wait until a rate counter holds `value` (a give-back lands just after its settlement)."""
+    js, seen = admin.jetstream(), None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        msg = await js.get_last_msg(subjects.RATES_STREAM, subject, direct=True)
+        seen = int(msgspec.json.decode(msg.data or b"{}")["val"])
+        if seen == value:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{subject} reads {seen}, not {value}")
 
 
 async def _until_two_pullers(admin: Client) -> None:

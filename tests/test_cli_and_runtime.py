@@ -106,16 +106,21 @@ def test_the_demo_shows_completed_denied_write_down_and_over_budget(tmp_path: Pa
                    "remaining", "model_forbidden", "token_expired", "token_unknown_key", "model_not_found",
                    "Violations (", "budget alert: team bravo", "Fallbacks",
                    "local-llama-2", "Streaming (stream: true)", "48 chunks, first after",
-                   "48 completion tokens"):  # issue 10: a streamed answer, token by token, with its usage
+                   "48 completion tokens",  # issue 10: a streamed answer, token by token, with its usage
+                   # issue 12: a marking in the prompt refuses by its rule, named with where it stands
+                   "(rule content-marking)", "(S//NF) at message 1, character 14",
+                   "rate_limited (rule rate-limit-application)", "Retry-After:"):
         assert needle in text, needle
     # issue 11 item 7: logs are 0640 and never hold a prompt
     logs = list((tmp_path / "d" / "logs").iterdir())
     assert logs and all(f.stat().st_mode & 0o777 == 0o640 for f in logs), [(f.name, oct(f.stat().st_mode)) for f in logs]
-    assert not [f.name for f in logs if "Summarise the intercept" in f.read_text(errors="replace")]
+    assert not [f.name for f in logs if "Summarise the intercept" in f.read_text(errors="replace")
+                or "The convoy leaves" in f.read_text(errors="replace")]
     status = subprocess.run([sys.executable, "-m", "enclave_gateway.cli", "sql",
                              "SELECT 'denied=' || count(*) AS n FROM events WHERE type = 'RequestDenied'", "--data-dir",
                              str(tmp_path / "d")], capture_output=True, text=True, timeout=60)
-    assert status.returncode == 0 and "denied=6" in status.stdout  # write-down, team, 3 tokens, unknown model
+    # write-down, content marking, team, 3 tokens, unknown model
+    assert status.returncode == 0 and "denied=7" in status.stdout
 
     # issue 9's assessor path after the demo has stopped: replay, export, verify offline
     def gateway(*argv: str) -> subprocess.CompletedProcess[str]:

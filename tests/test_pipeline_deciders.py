@@ -135,7 +135,7 @@ def test_edge_takes_max_completion_tokens_and_ignores_unknown_fields() -> None:
 
 @pytest.mark.parametrize("name, code, status", [
     ("RequestDenied", "model_forbidden", 403),
-    ("BudgetRejected", "budget_exceeded", 402),
+    ("BudgetRejected", "rate_limited", 429),  # the sample is a rate refusal (issue 12)
     ("RouteUnavailable", "route_unavailable", 503),
     ("InvocationFailed", "invocation_failed", 502),
     ("RequestFailed", "request_failed", 500),
@@ -147,7 +147,10 @@ def test_every_terminal_refusal_becomes_an_openai_error(name: str, code: str, st
     got_status, body = openai_shapes.openai_error(reply.error)
     assert got_status == status and body.error.code == code
     if isinstance(event, BudgetRejected):
-        assert (body.error.remaining_micros, body.error.requested_micros) == (10, 272)
+        assert body.error.retry_after_s == 27 and body.error.rule == "rate-limit-application"
+        money = edge.reply_for(msgspec.structs.replace(event, reason="budget_exceeded", rates=(), retry_after_s=None))
+        assert money.error is not None and openai_shapes.openai_error(money.error)[0] == 402
+        assert (money.error.remaining_micros, money.error.requested_micros) == (10, 272)
     if isinstance(event, RequestDenied):
         assert body.error.rule == "team-model-access"
 

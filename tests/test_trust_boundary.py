@@ -40,6 +40,7 @@ CORE_FAMILIES = (
     "gw.submit", *(subjects.submit(a) for a in APPS), "_INBOX_app.tester.x", "_INBOX_app.other.x",
     "_INBOX_edge.x", "_INBOX_authz.x", "_INBOX.x", "anything.else",
     "_CHUNK_app.tester.x", "_CHUNK_app.other.x", "_CHUNK_edge.x.y",  # streamed tokens: invokers' alone
+    "gw.rate.20261129T1200.team.gamma-00000000.requests",  # a rate counter: the budget's alone (a give-back frees a slot)
 )
 JS_FAMILIES = (
     f"{API}.INFO", f"{API}.STREAM.NAMES", f"{API}.STREAM.LIST", f"{API}.STREAM.CREATE.EVIL",
@@ -59,6 +60,9 @@ JS_FAMILIES = (
             f"{API}.CONSUMER.INFO.{S}.{d}", f"{API}.CONSUMER.MSG.NEXT.{S}.{d}", f"$JS.ACK.{S}.{d}.1.1.1.1.0",
         )
     ),
+    # purged or deleted, the rate counters would let every limit start over
+    f"{API}.STREAM.PURGE.{subjects.RATES_STREAM}", f"{API}.STREAM.DELETE.{subjects.RATES_STREAM}",
+    f"{API}.STREAM.UPDATE.{subjects.RATES_STREAM}", f"{API}.STREAM.MSG.DELETE.{subjects.RATES_STREAM}",
     f"$O.{registry.BUDGET_BUCKET}.C.x", "$KV.any.key", f"{API}.STREAM.DELETE.OBJ_{registry.BUDGET_BUCKET}",
     # a consumer on the snapshot bucket could push its bytes at any subject (hostile review F2)
     f"{API}.CONSUMER.CREATE.OBJ_{registry.BUDGET_BUCKET}", f"{API}.CONSUMER.CREATE.OBJ_{registry.BUDGET_BUCKET}.x.y",
@@ -67,7 +71,7 @@ SUBSCRIBE_FAMILIES = (
     ">", "gw.evt.>", "gw.evt.request.submitted", "gw.evt.request.denied.>", "gw.evt.policy.activated",
     "gw.evt.ledger.>", "_INBOX.>", "_INBOX_app.>", "_INBOX_app.tester.>", "_INBOX_app.other.>", "_INBOX_edge.>",
     "_INBOX_authz.>", "_INBOX_budget.>", "gw.submit.>", "gw.submit.tester", "$JS.EVENT.>", "$JS.API.>",
-    "_CHUNK_app.>", "_CHUNK_app.tester.>", "_CHUNK_app.other.>", "_CHUNK_edge.>",
+    "_CHUNK_app.>", "_CHUNK_app.tester.>", "_CHUNK_app.other.>", "_CHUNK_edge.>", "gw.rate.>",
 )
 # Whatever the registry says, no runtime role may ever do these (a too-generous registry fails here).
 NEVER = (
@@ -77,6 +81,7 @@ NEVER = (
     *(f"{API}.CONSUMER.CREATE.{S}.{d}.gw.evt.ledger.>" for d in registry.durables()),
     *(f"{API}.CONSUMER.CREATE.{S}.{d}.gw.evt.policy.activated" for d in registry.durables(("local-llama",))),
     f"{API}.CONSUMER.CREATE.OBJ_{registry.BUDGET_BUCKET}",
+    f"{API}.STREAM.PURGE.{subjects.RATES_STREAM}", f"{API}.STREAM.DELETE.{subjects.RATES_STREAM}",
 )
 READS_TOKENS = {"authz", "auditor", "admin"}  # who may read a RequestSubmitted and so a bearer token
 

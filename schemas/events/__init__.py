@@ -10,10 +10,12 @@ from .budget import (
     BudgetSettled,
     BudgetThresholdCrossed,
     LedgerTotals,
+    RateCount,
 )
 from .invocation import InvocationCompleted, InvocationFailed
 from .policy import PolicyActivated
 from .request import (
+    ContentMarking,
     MessageRejected,
     RequestAuthorized,
     RequestDenied,
@@ -81,6 +83,7 @@ __all__ = [
     "BudgetSettled",
     "BudgetThresholdCrossed",
     "Caller",
+    "ContentMarking",
     "EndpointObserved",
     "Envelope",
     "Event",
@@ -89,6 +92,7 @@ __all__ = [
     "LedgerTotals",
     "MessageRejected",
     "PolicyActivated",
+    "RateCount",
     "RequestAuthorized",
     "RequestDenied",
     "RequestFailed",

@@ -5,9 +5,25 @@ and a replica catches up with one direct get.
 """
 
 from datetime import datetime
+from typing import Literal
+
+from msgspec import Struct
 
 from ..commands import ChatBody
 from .base import Caller, Event, Reservation
+
+
+class RateCount(Struct, frozen=True, kw_only=True, gc=False):
+    """One rate limit a request was counted against (issue 12 item 1): the JetStream counter of its
+    scope, key, kind and UTC minute, and what that counter read once the request was added."""
+
+    scope: Literal["team", "application", "model"]
+    key: str  # the team, the session token's subject, or the catalog model id
+    kind: Literal["requests", "tokens"]
+    window: str  # the UTC minute counted in, e.g. 2026-11-29T13:27
+    counted: int  # what this request added: 1, or the prompt bound plus its most output tokens
+    observed: int  # the counter with it added; over `limit` refuses the request
+    limit: int
 
 
 class LedgerTotals(Event, frozen=True, kw_only=True):
@@ -31,8 +47,8 @@ class BudgetReservedV1(LedgerTotals, frozen=True, kw_only=True, tag="BudgetReser
     reply_to: str
 
 
-class BudgetReserved(LedgerTotals, frozen=True, kw_only=True, tag="BudgetReserved"):
-    """The worst-case cost of a request is held against the team's cap (v2: with its deadline)."""
+class BudgetReservedV2(LedgerTotals, frozen=True, kw_only=True, tag="BudgetReserved", forbid_unknown_fields=True):
+    """Version 2, stored before rate limits: read, upcast, never written."""
 
     schema_version: int = 2
     caller: Caller
@@ -42,6 +58,21 @@ class BudgetReserved(LedgerTotals, frozen=True, kw_only=True, tag="BudgetReserve
     chat: ChatBody
     reply_to: str
     deadline_at: datetime | None = None
+
+
+class BudgetReserved(LedgerTotals, frozen=True, kw_only=True, tag="BudgetReserved"):
+    """The worst-case cost of a request is held against the team's cap (v2: with its deadline; v3:
+    with the rate limits it was counted against)."""
+
+    schema_version: int = 3
+    caller: Caller
+    model_id: str
+    amount_micros: int
+    max_tokens: int
+    chat: ChatBody
+    reply_to: str
+    deadline_at: datetime | None = None
+    rates: tuple[RateCount, ...] = ()
 
 
 class BudgetSettled(LedgerTotals, frozen=True, kw_only=True, tag="BudgetSettled"):
@@ -67,8 +98,8 @@ class BudgetThresholdCrossed(LedgerTotals, frozen=True, kw_only=True, tag="Budge
     threshold_pct: int
 
 
-class BudgetRejected(Event, frozen=True, kw_only=True, tag="BudgetRejected"):
-    """The worst case did not fit under the cap; nothing was reserved."""
+class BudgetRejectedV1(Event, frozen=True, kw_only=True, tag="BudgetRejected", forbid_unknown_fields=True):
+    """Version 1, stored before rate limits: read, upcast, never written."""
 
     caller: Caller
     model_id: str
@@ -78,6 +109,25 @@ class BudgetRejected(Event, frozen=True, kw_only=True, tag="BudgetRejected"):
     cap_micros: int
     reason: str
     reply_to: str
+
+
+class BudgetRejected(Event, frozen=True, kw_only=True, tag="BudgetRejected"):
+    """Nothing was reserved: the worst case did not fit under the cap (`budget_exceeded`), or a rate
+    limit was reached (`rate_limited`, v2: `rates` ends with the count over its limit, and
+    `retry_after_s` says when its minute ends). `rates` lists every count taken for the request;
+    the budget gives them back once it is refused."""
+
+    schema_version: int = 2
+    caller: Caller
+    model_id: str
+    period: str
+    requested_micros: int
+    remaining_micros: int
+    cap_micros: int
+    reason: str
+    reply_to: str
+    rates: tuple[RateCount, ...] = ()
+    retry_after_s: int | None = None
 
 
 class BudgetClockTicked(Event, frozen=True, kw_only=True, tag="BudgetClockTicked"):
@@ -98,5 +148,6 @@ __all__ = [
     "BudgetSettled",
     "BudgetThresholdCrossed",
     "LedgerTotals",
+    "RateCount",
     "Reservation",
 ]

@@ -3,8 +3,18 @@
 from datetime import datetime
 from typing import Literal
 
+from msgspec import Struct
+
 from ..commands import ChatBody
 from .base import Caller, Event, Reservation
+
+
+class ContentMarking(Struct, frozen=True, kw_only=True, gc=False):
+    """Classification markings authz found in the prompt's own text (issue 12 item 2)."""
+
+    label: str  # their high-water mark
+    found: str  # each marking, rebuilt from what was recognised, and where it starts; never the text around it
+    enforced: bool  # the input label was raised to `label` (mode enforce), or they were only recorded (report)
 
 
 class RequestSubmittedV1(Event, frozen=True, kw_only=True, tag="RequestSubmitted", forbid_unknown_fields=True):
@@ -49,21 +59,36 @@ class RequestAuthorizedV1(Event, frozen=True, kw_only=True, tag="RequestAuthoriz
     output_label: str | None = None
 
 
-class RequestAuthorized(Event, frozen=True, kw_only=True, tag="RequestAuthorized"):
-    """Authz let the caller use the resolved model (v2: with the request's deadline)."""
+class RequestAuthorizedV2(Event, frozen=True, kw_only=True, tag="RequestAuthorized", forbid_unknown_fields=True):
+    """Version 2, stored before authz read markings in the prompt: read, upcast, never written."""
 
     schema_version: int = 2
     caller: Caller
     model_id: str
     chat: ChatBody
     reply_to: str
-    input_label: str | None = None  # the labels the decision used, after defaults
+    input_label: str | None = None
     output_label: str | None = None
     deadline_at: datetime | None = None
 
 
-class RequestDenied(Event, frozen=True, kw_only=True, tag="RequestDenied"):
-    """Authz refused the request; `rule` names the rule that fired."""
+class RequestAuthorized(Event, frozen=True, kw_only=True, tag="RequestAuthorized"):
+    """Authz let the caller use the resolved model (v2: with the request's deadline; v3: with the
+    classification markings found in the prompt, when there were any)."""
+
+    schema_version: int = 3
+    caller: Caller
+    model_id: str
+    chat: ChatBody
+    reply_to: str
+    input_label: str | None = None  # the labels the decision used, after defaults (and markings, enforced)
+    output_label: str | None = None
+    deadline_at: datetime | None = None
+    content_marking: ContentMarking | None = None
+
+
+class RequestDeniedV1(Event, frozen=True, kw_only=True, tag="RequestDenied", forbid_unknown_fields=True):
+    """Version 1, stored before authz read markings in the prompt: read, upcast, never written."""
 
     reason: str
     rule: str
@@ -73,6 +98,22 @@ class RequestDenied(Event, frozen=True, kw_only=True, tag="RequestDenied"):
     reply_to: str
     input_label: str | None = None
     output_label: str | None = None
+
+
+class RequestDenied(Event, frozen=True, kw_only=True, tag="RequestDenied"):
+    """Authz refused the request; `rule` names the rule that fired (`content-marking` when a marking
+    found in the prompt raised the input label so that a lattice rule refused it; v2: with them)."""
+
+    schema_version: int = 2
+    reason: str
+    rule: str
+    detail: str
+    caller: Caller | None = None
+    model: str
+    reply_to: str
+    input_label: str | None = None
+    output_label: str | None = None
+    content_marking: ContentMarking | None = None
 
 
 class RequestFailed(Event, frozen=True, kw_only=True, tag="RequestFailed"):

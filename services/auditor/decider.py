@@ -207,6 +207,10 @@ def _fill(row: AuditRow, e: AnyEvent, digest_key: bytes | None) -> None:
         case RequestAuthorized():
             row.team, row.caller, row.model, row.model_id = e.caller.team, e.caller.subject, e.chat.model, e.model_id
             row.input_label, row.output_label, row.clearance = e.input_label, e.output_label, e.caller.clearance
+            if e.content_marking is not None:  # queryable beside the denials: rule = 'content-marking'
+                row.rule = "content-marking"
+                row.detail = f"{'raised to' if e.content_marking.enforced else 'reported, not enforced:'} " \
+                             f"{e.content_marking.label} by {e.content_marking.found}"
         case RequestDenied():
             row.team = e.caller.team if e.caller else None
             row.caller = e.caller.subject if e.caller else None
@@ -257,6 +261,11 @@ def _fill(row: AuditRow, e: AnyEvent, digest_key: bytes | None) -> None:
                 e.remaining_micros,
                 e.cap_micros,
             )
+            if e.reason == "rate_limited" and e.rates:  # which limit, queryable: rule = 'rate-limit-<scope>'
+                over = e.rates[-1]
+                row.rule = f"rate-limit-{over.scope}"
+                row.detail = (f"{over.limit} {over.kind} per minute for {over.scope} {over.key[:128]!r}: "
+                              f"{over.observed} in the minute from {over.window} UTC")
         case RouteSelected():
             row.team, row.model, row.model_id, row.endpoint = e.caller.team, e.requested_model, e.model_id, e.endpoint
             notes = ([f"substituted {e.substituted_from}"] if e.substituted_from else []) + (

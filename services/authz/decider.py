@@ -23,14 +23,17 @@ from ...schemas.events import (
     RequestSubmitted,
     envelope,
 )
-from ...schemas.labels import UNCLASSIFIED, Label, LabelError, format_label, parse_label
-from ...schemas.policy import PolicyBundle
+from ...schemas.events.request import ContentMarking
+from ...schemas.labels import UNCLASSIFIED, Label, LabelError, dominates, format_label, join, parse_label
+from ...schemas.policy import Admission, PolicyBundle
 from .. import catalog
 from ..remembered import Remembered
+from . import markings
 from .access import TEAM_MODEL_ACCESS, AccessRules
 from .tokens import KeyRing, TokenCache, TokenDefect, verify
 
 STAGE = "authz"
+CONTENT_MARKING = "content-marking"  # the rule a denial names when a marking in the prompt raised the label
 REASONS = {
     TEAM_MODEL_ACCESS: "model_forbidden",
     "clearance-dominates-input": "clearance_insufficient",
@@ -118,10 +121,23 @@ def decide(cmd: RequestSubmitted, state: AuthzState, policy: AuthzPolicy, now: d
         return deny("model_not_found", "catalog", f"model {cmd.chat.model!r} is not in the catalog", caller, labels)
     model = resolved.model
     principals = (f"team:{caller.team}", *(f"role:{r}" for r in caller.roles))
-    rule = policy.rules.first_denial(principals, claims.clearance, model.id, parse_label(model.accreditation), *labels)
+    accreditation = parse_label(model.accreditation)
+    rule = policy.rules.first_denial(principals, claims.clearance, model.id, accreditation, *labels)
     if rule is not None:
         detail = _explain(rule, caller, model.id, model.accreditation, labels)
         return deny(REASONS.get(rule, "policy_denied"), rule, detail, caller, labels)
+    marked = content_marking(cmd, labels[0], policy.bundle.admission)
+    if marked is not None and marked.enforced:
+        raised = (parse_label(marked.label), labels[1])
+        rule = policy.rules.first_denial(principals, claims.clearance, model.id, accreditation, *raised)
+        if rule is not None:  # the declared labels passed: the marking in the text is what refuses
+            detail = (f"the prompt carries {marked.found}, which raises the input label to {marked.label}: "
+                      + _explain(rule, caller, model.id, model.accreditation, raised))
+            return [RequestDenied(**env, reason=REASONS.get(rule, "policy_denied"), rule=CONTENT_MARKING,
+                                  detail=detail, caller=caller, model=cmd.chat.model, reply_to=cmd.reply_to,
+                                  input_label=marked.label, output_label=format_label(labels[1]),
+                                  content_marking=marked)]
+        labels = raised
     return [
         RequestAuthorized(
             **env,
@@ -132,8 +148,24 @@ def decide(cmd: RequestSubmitted, state: AuthzState, policy: AuthzPolicy, now: d
             input_label=format_label(labels[0]),
             output_label=format_label(labels[1]),
             deadline_at=cmd.deadline_at,
+            content_marking=marked,
         )
     ]
+
+
+def content_marking(cmd: RequestSubmitted, declared: Label, admission: Admission | None) -> ContentMarking | None:
+    """The markings in the prompt that are above the declared input label, per the bundle's guard
+    (none: no guard in the bundle, the guard off, nothing found, or nothing above the declared label)."""
+    mode = admission.content_marking.mode if admission is not None else "off"
+    if mode == "off":
+        return None
+    found = markings.scan([m.content for m in cmd.chat.messages])
+    top = markings.high_water(found)
+    if top is None or dominates(declared, top):
+        return None
+    above = [f for f in found if not dominates(declared, f.label)]
+    return ContentMarking(label=format_label(join(declared, top)), found=markings.describe(above),
+                          enforced=mode == "enforce")
 
 
 def visible_models(token: str, policy: AuthzPolicy, now: datetime) -> list[str] | TokenDefect:

@@ -27,6 +27,7 @@ from ...schemas.events import (
     InvocationCompleted,
     InvocationFailed,
     LedgerTotals,
+    RateCount,
     RequestAuthorized,
     RequestFailed,
     Reservation,
@@ -37,6 +38,7 @@ from ...schemas.policy import ModelEntry, PolicyBundle
 from .. import catalog
 from ..remembered import HORIZON
 from ..remembered import Remembered as Closed
+from . import rates as rate_rules
 
 BudgetInput = (
     RequestAuthorized | InvocationCompleted | InvocationFailed | RouteUnavailable | RequestFailed | BudgetClockTicked
@@ -76,6 +78,8 @@ class BudgetState(Struct, frozen=True, kw_only=True):
     # closed (a redelivery after the duplicate window, or a copy a credential made the server
     # store) reserves nothing. Kept for CLOSED_HORIZON; an authorization older than that is stale.
     closed: Closed = Closed()
+    # the rate counts each open request took (issue 12): what is given back once it has settled
+    rates: dict[str, tuple[RateCount, ...]] = {}
 
 
 def initial_state() -> BudgetState:
@@ -117,6 +121,7 @@ def evolve(state: BudgetState, event: Event) -> BudgetState:
                 open_={**state.open, event.request_id: held},
                 opened_at={**state.opened_at, event.request_id: event.occurred_at},
                 due=due,
+                rates={**state.rates, event.request_id: event.rates} if event.rates else state.rates,
             )
         case BudgetSettled() | BudgetReleased():
             rid = event.request_id
@@ -127,6 +132,7 @@ def evolve(state: BudgetState, event: Event) -> BudgetState:
                 opened_at={k: v for k, v in state.opened_at.items() if k != rid},
                 closed=state.closed.add(rid, event.occurred_at),
                 due={k: v for k, v in state.due.items() if k != rid} if rid in state.due else state.due,
+                rates={k: v for k, v in state.rates.items() if k != rid} if rid in state.rates else state.rates,
             )
         case BudgetRejected():
             # a refusal closes the request too: its caller was told no, so a redelivery after the
@@ -147,6 +153,7 @@ def _with(
     opened_at: dict[str, datetime],
     closed: Closed | None = None,
     due: dict[str, Due] | None = None,
+    rates: dict[str, tuple[RateCount, ...]] | None = None,
 ) -> BudgetState:
     totals = Totals(spent=event.spent_micros, reserved=event.reserved_micros)
     return BudgetState(
@@ -156,18 +163,22 @@ def _with(
         alerted=state.alerted,
         closed=state.closed if closed is None else closed,
         due=state.due if due is None else due,
+        rates=state.rates if rates is None else rates,
     )
 
 
-def decide(event: BudgetInput, state: BudgetState, policy: PolicyBundle, now: datetime) -> list[AnyEvent]:
+def decide(event: BudgetInput, state: BudgetState, policy: PolicyBundle, now: datetime,
+           rates: tuple[RateCount, ...] = ()) -> list[AnyEvent]:
     """The ledger facts an event calls for, then any threshold it made the team cross.
 
     Redeliveries decide nothing new (idempotent); a threshold not yet announced is announced
     even then, so a decision interrupted between its two writes completes on the retry.
+    `rates`: what the rate counters read once a RequestAuthorized was added to them (the shell
+    counts, `rates.to_count` says where); recorded with the decision, so replay decides from them.
     """
     match event:
         case RequestAuthorized():
-            primary = _reserve(event, state, policy, now)
+            primary = _reserve(event, state, policy, now, rates)
         case InvocationCompleted():
             primary = _settle(event, state, policy, now)
         case InvocationFailed() if not event.final:
@@ -260,7 +271,17 @@ def expiring_teams(state: BudgetState, policy: PolicyBundle, now: datetime) -> s
     return late | {state.open[rid].team for rid, at in state.opened_at.items() if at <= ttl}
 
 
-def _reserve(event: RequestAuthorized, state: BudgetState, policy: PolicyBundle, now: datetime) -> list[AnyEvent]:
+def token_bound(event: RequestAuthorized, policy: PolicyBundle) -> int:
+    """The tokens a request may use at most, as its reservation prices them: the prompt's bound
+    plus its output bound (what rate limits count)."""
+    model = catalog.find(policy.catalog, event.model_id)
+    if model is None:
+        return 0
+    return catalog.prompt_tokens_bound(event.chat, model) + effective_max_tokens(model, event.chat)
+
+
+def _reserve(event: RequestAuthorized, state: BudgetState, policy: PolicyBundle, now: datetime,
+             rates: tuple[RateCount, ...] = ()) -> list[AnyEvent]:
     if event.request_id in state.open or event.request_id in state.closed:
         return []  # reserved before: this is a redelivery or a copy, never a second charge
     env = envelope(event.request_id, "reserve", now, policy.version)
@@ -276,7 +297,8 @@ def _reserve(event: RequestAuthorized, state: BudgetState, policy: PolicyBundle,
     max_tokens = effective_max_tokens(model, event.chat)
     amount = catalog.cost_micros(model, catalog.prompt_tokens_bound(event.chat, model), max_tokens)
     remaining = budget.cap_micros - totals.spent - totals.reserved
-    if amount > remaining:
+    over_rate = rate_rules.refusal(rates)
+    if over_rate is not None or amount > remaining:
         return [
             BudgetRejected(
                 **env,
@@ -286,8 +308,12 @@ def _reserve(event: RequestAuthorized, state: BudgetState, policy: PolicyBundle,
                 requested_micros=amount,
                 remaining_micros=remaining,
                 cap_micros=budget.cap_micros,
-                reason="budget_exceeded",
+                reason="rate_limited" if over_rate is not None else "budget_exceeded",
                 reply_to=event.reply_to,
+                rates=rates,
+                # a request whose own count is over the limit fits no minute: retrying will not help
+                retry_after_s=rate_rules.retry_after_s(now)
+                if over_rate is not None and over_rate.counted <= over_rate.limit else None,
             )
         ]
     return [
@@ -305,6 +331,7 @@ def _reserve(event: RequestAuthorized, state: BudgetState, policy: PolicyBundle,
             chat=event.chat,
             reply_to=event.reply_to,
             deadline_at=event.deadline_at,
+            rates=rates,
         )
     ]
 

@@ -13,8 +13,12 @@ from ...schemas.events import (
     AnyEvent,
     BudgetClockTicked,
     BudgetRejected,
+    BudgetReleased,
+    BudgetReserved,
+    BudgetSettled,
     InvocationCompleted,
     InvocationFailed,
+    RateCount,
     RequestAuthorized,
     RequestFailed,
     RouteUnavailable,
@@ -22,7 +26,7 @@ from ...schemas.events import (
 from ...schemas.policy import PolicyBundle
 from .. import bus, worker
 from ..settings import WorkerSettings
-from . import decider
+from . import counters, decider, rates
 from .ledger_store import LedgerConflict, LedgerEvent, LedgerStore
 
 SNAPSHOT_EVERY_S = 10.0
@@ -37,8 +41,9 @@ async def apply(
     decide: Callable[[], list[AnyEvent]],
     catch_up_first: bool = True,
     cause: tuple[AnyEvent, Msg] | None = None,
-) -> None:
-    """Decide and write; on a conflict with another replica, catch up the team and do it again.
+) -> list[AnyEvent]:
+    """Decide and write, and return what was written; on a conflict with another replica, catch up
+    the team and do it again.
 
     A stale view can only make a write conflict, never make it wrong, so a decision that writes
     may skip the first catch-up (`catch_up_first=False`); one that might decide nothing on a stale
@@ -47,6 +52,7 @@ async def apply(
     for attempt in range(MAX_CONFLICTS):
         if catch_up_first or attempt:
             await store.catch_up(team)
+        written: list[AnyEvent] = []
         try:
             for decided in decide():
                 out = bus.caused(decided, *cause) if cause else decided
@@ -57,7 +63,8 @@ async def apply(
                     store.note_refusal(out)
                 else:
                     await bus.publish(s.js, out)
-            return
+                written.append(out)
+            return written
         except LedgerConflict:
             continue
     raise RuntimeError(f"ledger of team {team!r} kept moving: {MAX_CONFLICTS} conflicts")
@@ -86,14 +93,21 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
                 if isinstance(event, RequestAuthorized) and msg.metadata.num_delivered > 1:
                     await store.catch_up_refusals(team)  # refused by a replica that then died before its ack
                 known = isinstance(event, RequestAuthorized) or event.request_id in store.state.open
+                taken = await _count(s, store, event)
+                counted: list[dict[str, tuple[RateCount, ...]]] = [{}]  # open requests' counts, as decided on
+
+                def decide_now() -> list[AnyEvent]:
+                    counted[0] = store.state.rates  # never changed in place: evolve makes a new one
+                    return decider.decide(event, store.state, s.policy, bus.now_utc(), taken)
 
                 tries = 0
 
                 async def decide_and_write() -> None:
                     nonlocal tries
                     tries += 1  # a retry reads the ledger again: a write refused for a stale view stays refused
-                    await apply(s, store, team, lambda: decider.decide(event, store.state, s.policy, bus.now_utc()),
-                                catch_up_first=not known or tries > 1, cause=(event, msg))
+                    written = await apply(s, store, team, decide_now, catch_up_first=not known or tries > 1,
+                                          cause=(event, msg))
+                    await counters.give(s.js, _given_back(taken, counted[0], written))
 
                 if isinstance(event, InvocationCompleted):  # the model ran and its caller is answered: the
                     await bus.outlasting_outages(decide_and_write, msg, "budget", stop)  # charge waits out any outage
@@ -105,6 +119,34 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
             await bus.consume(s.js, "budget", handle, stop, sequential=True)
         finally:
             housekeeping.cancel()
+
+
+async def _count(s: worker.Session[PolicyBundle], store: LedgerStore, event: AnyEvent) -> tuple[RateCount, ...]:
+    """A new request's rate counts, taken before its reservation is decided (none for anything else,
+    or for a request already reserved or closed: a redelivery is never counted twice)."""
+    if not isinstance(event, RequestAuthorized) or event.request_id in store.state.open or \
+            event.request_id in store.state.closed:
+        return ()
+    todo = rates.to_count(event, s.policy, bus.now_utc(), decider.token_bound(event, s.policy))
+    return await counters.take(s.js, todo) if todo else ()
+
+
+def _given_back(taken: tuple[RateCount, ...], counted: dict[str, tuple[RateCount, ...]],
+                written: list[AnyEvent]) -> list[tuple[str, int]]:
+    """What the decision just written gives back: everything a request not reserved took (refused,
+    or reserved before by another replica), the tokens a settled request did not use, and all the
+    tokens of a released one."""
+    now = bus.now_utc()
+    deltas = []
+    if taken and not any(isinstance(e, BudgetReserved) for e in written):
+        deltas += rates.give_back_refused(taken, now)
+    for e in written:
+        if isinstance(e, BudgetSettled):
+            used = e.prompt_tokens + e.completion_tokens
+            deltas += rates.give_back(counted.get(e.request_id, ()), used, now)
+        elif isinstance(e, BudgetReleased):
+            deltas += rates.give_back(counted.get(e.request_id, ()), None, now)
+    return deltas
 
 
 async def _housekeeping(
@@ -123,7 +165,8 @@ async def _housekeeping(
             bundle, now = s.policy, bus.now_utc()
             for team in sorted(decider.expiring_teams(store.state, bundle, now)):
                 await bus.publish(s.js, decider.tick(team, now, bundle))  # decided when consumed, like any input
-            await store.catch_up_all_refusals()  # a snapshot says refusals are folded through a sequence
+            await store.catch_up_all()  # a snapshot says the whole ledger is folded through a sequence
+            await store.catch_up_all_refusals()  # and the refusals
             if (store.seq, store.refusals_through) != snapshotted and time.monotonic() - saved_at >= SNAPSHOT_EVERY_S:
                 snapshotted, saved_at = (await store.save_snapshot(), store.refusals_through), time.monotonic()
         except Exception as exc:  # housekeeping retries on the next tick; serving goes on

@@ -292,6 +292,16 @@ def reply_for(event: Terminal) -> SubmitReply:
             )
         case RequestDenied():
             return _error(rid, event.reason, event.detail, rule=event.rule)
+        case BudgetRejected() if event.reason == "rate_limited" and event.rates:
+            over = event.rates[-1]
+            limit = f"rate limit of {over.scope} {over.key!r}: {over.limit} {over.kind} per minute"
+            when = (f"this request alone counts {over.counted}: ask for fewer max_tokens"
+                    if event.retry_after_s is None else
+                    f"this request would make {over.observed} in the minute from {over.window} UTC; "
+                    f"retry after {event.retry_after_s} s")
+            return SubmitReply(request_id=rid, error=ErrorBody(
+                code=event.reason, rule=f"rate-limit-{over.scope}", retry_after_s=event.retry_after_s,
+                message=f"{limit} reached ({when})"))
         case BudgetRejected():
             msg = (
                 f"team {event.caller.team!r} budget for {event.period or 'this period'}: requested "

@@ -90,8 +90,10 @@ def bearer(request: web.Request) -> str:
 
 def _error(err: ErrorBody, request_id: str | None = None) -> web.Response:
     status, body = openai_shapes.openai_error(err)
-    return web.Response(status=status, body=_json.encode(body), content_type="application/json",
-                        headers=_id_header(request_id))
+    headers = _id_header(request_id)
+    if err.retry_after_s is not None:  # rate_limited: when the limit's minute ends
+        headers["Retry-After"] = str(err.retry_after_s)
+    return web.Response(status=status, body=_json.encode(body), content_type="application/json", headers=headers)
 
 
 def _id_header(request_id: str | None) -> dict[str, str]:

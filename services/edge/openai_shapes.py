@@ -21,6 +21,7 @@ class OpenAIError(Struct, frozen=True, kw_only=True):
     rule: str | None = None
     remaining_micros: int | None = None
     requested_micros: int | None = None
+    retry_after_s: int | None = None  # rate_limited: as the Retry-After header says
 
 
 class OpenAIErrorEnvelope(Struct, frozen=True):
@@ -40,6 +41,7 @@ def openai_error(err: ErrorBody) -> tuple[int, OpenAIErrorEnvelope]:
             rule=err.rule,
             remaining_micros=err.remaining_micros,
             requested_micros=err.requested_micros,
+            retry_after_s=err.retry_after_s,
         )
     )
 

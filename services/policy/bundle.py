@@ -17,10 +17,14 @@ import msgspec
 
 from ...schemas import subjects
 from ...schemas.labels import LabelError, parse_label
-from ...schemas.policy import Budgets, Catalog, ModelEntry, PolicyBundle
+from ...schemas.policy import Admission, Budgets, Catalog, ModelEntry, PolicyBundle
 from ..catalog import all_endpoints
 
-FILES = ("catalog.toml", "budgets.toml", "access_model.conf", "access_policy.csv", "issuers.jwks.json")
+REQUIRED = ("catalog.toml", "budgets.toml", "access_model.conf", "access_policy.csv", "issuers.jwks.json")
+# Files a bundle may hold or not. One that is absent changes nothing of the digest, so bundles
+# recorded before a file existed keep their version and their signatures.
+OPTIONAL = ("admission.toml",)
+FILES = REQUIRED + OPTIONAL  # every file a bundle may hold
 # A team name becomes a subject token (its ledger, its authorizations): only these characters
 # keep the mapping one-to-one, so two teams can never share a ledger (`a.b` and `a_b` would).
 TEAM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -34,7 +38,7 @@ class PolicyError(ValueError):
 def digest(files: dict[str, str]) -> str:
     """sha256 over the bundle's files in a fixed order, names included."""
     h = hashlib.sha256()
-    for name in FILES:
+    for name in (*REQUIRED, *(n for n in OPTIONAL if n in files)):
         h.update(name.encode() + b"\0" + files.get(name, "").encode() + b"\0")
     return h.hexdigest()
 
@@ -46,19 +50,20 @@ def version_of(files: dict[str, str]) -> str:
 
 def read_files(folder: Path) -> dict[str, str]:
     """The bundle's files as text; raises PolicyError when one is missing."""
-    missing = [n for n in FILES if not (folder / n).is_file()]
+    missing = [n for n in REQUIRED if not (folder / n).is_file()]
     if missing:
         raise PolicyError(f"policy bundle {folder} lacks {', '.join(missing)}")
-    return {name: (folder / name).read_text() for name in FILES}
+    return {name: (folder / name).read_text() for name in FILES if (folder / name).is_file()}
 
 
 def bundle_from_files(files: dict[str, str]) -> PolicyBundle:
     """Parse a bundle and check its structure; raises PolicyError naming the file and the reason."""
-    missing = [n for n in FILES if n not in files]
+    missing = [n for n in REQUIRED if n not in files]
     extra = sorted(set(files) - set(FILES))
     if missing or extra:
-        raise PolicyError(f"policy bundle must hold exactly {', '.join(FILES)} (missing {missing}, extra {extra})")
-    with_nul = [n for n in FILES if "\0" in files[n]]
+        raise PolicyError(f"policy bundle must hold {', '.join(REQUIRED)}, and may hold {', '.join(OPTIONAL)} "
+                          f"(missing {missing}, extra {extra})")
+    with_nul = [n for n in files if "\0" in files[n]]
     if with_nul:  # the digest separates files with NUL: text holding one could shift bytes between files
         raise PolicyError(f"{', '.join(with_nul)}: a policy file may not contain a NUL character")
     try:
@@ -69,6 +74,12 @@ def bundle_from_files(files: dict[str, str]) -> PolicyBundle:
         budgets = msgspec.convert(tomllib.loads(files["budgets.toml"]), Budgets)
     except (tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
         raise PolicyError(f"budgets.toml: {exc}") from exc
+    admission = None
+    if "admission.toml" in files:
+        try:
+            admission = msgspec.convert(tomllib.loads(files["admission.toml"]), Admission)
+        except (tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
+            raise PolicyError(f"admission.toml: {exc}") from exc
     bundle = PolicyBundle(
         version=version_of(files),
         catalog=catalog,
@@ -76,6 +87,7 @@ def bundle_from_files(files: dict[str, str]) -> PolicyBundle:
         access_model=files["access_model.conf"],
         access_policy=files["access_policy.csv"],
         issuers_jwks=files["issuers.jwks.json"],
+        admission=admission,
     )
     _check_catalog(bundle.catalog)
     if not 0 < bundle.budgets.reservation_ttl_s <= 86_400:
@@ -83,7 +95,31 @@ def bundle_from_files(files: dict[str, str]) -> PolicyBundle:
         raise PolicyError("budgets.toml: reservation_ttl_s must be between 1 and 86400 seconds")
     check_team_names(list(bundle.budgets.teams), "budgets.toml")
     check_team_names(_TEAM_IN_POLICY.findall(bundle.access_policy), "access_policy.csv")
+    if admission is not None:
+        _check_admission(admission, bundle)
     return bundle
+
+
+_APPLICATION = re.compile(r"^[A-Za-z0-9_.@:-]{1,128}$")
+
+
+def _check_admission(admission: Admission, bundle: PolicyBundle) -> None:
+    """Limits name teams with a budget, catalog models and plausible token subjects, and are positive."""
+    unknown_teams = sorted(set(admission.team) - set(bundle.budgets.teams))
+    if unknown_teams:
+        raise PolicyError(f"admission.toml: [team] names teams with no budget: {', '.join(unknown_teams)}")
+    unknown_models = sorted(set(admission.model) - {m.id for m in bundle.catalog.model})
+    if unknown_models:
+        raise PolicyError(f"admission.toml: [model] names no catalog model id: {', '.join(unknown_models)}")
+    odd = sorted(a for a in admission.application if not _APPLICATION.match(a))
+    if odd:
+        raise PolicyError(f"admission.toml: [application] names must be a token subject "
+                          f"(letters, digits, _.@:-, at most 128): {odd[0]!r}")
+    for scope in ("team", "application", "model"):
+        for key, limit in getattr(admission, scope).items():
+            for value in (limit.requests_per_minute, limit.tokens_per_minute):
+                if value is not None and not 1 <= value <= 10**9:
+                    raise PolicyError(f"admission.toml: [{scope}.{key}] limits must be 1 to 10^9 per minute")
 
 
 _ENDPOINT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")

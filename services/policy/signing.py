@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ...schemas.events import PolicyActivated
 from .. import keys
 from ..keys import SignerKey
-from .bundle import FILES, PolicyError, digest
+from .bundle import FILES, OPTIONAL, REQUIRED, PolicyError, digest
 
 SIGNATURE_FILE = "bundle.sig"  # beside the bundle's files; not part of the digest
 _DOMAIN = b"enclave-gateway/policy-bundle/v1\n"
@@ -91,8 +91,9 @@ def verify(files: dict[str, str], sha256: str, kid: str | None, signature: str |
     if not signature or not kid or not signed_at:
         raise PolicyError("unsigned policy bundle")
     when = signing_time(signed_at)
-    if set(files) != set(FILES):
-        raise PolicyError(f"a signed bundle holds exactly {', '.join(FILES)}; this one holds {sorted(files)}")
+    if not set(REQUIRED) <= set(files) <= set(FILES):
+        raise PolicyError(f"a signed bundle holds {', '.join(REQUIRED)} and may hold {', '.join(OPTIONAL)}; "
+                          f"this one holds {sorted(files)}")
     actual = digest(files)
     if actual != sha256:
         raise PolicyError(f"content digest {actual[:16]}… does not match the claimed {sha256[:16]}…")
