@@ -301,6 +301,13 @@ async def test_a_thousand_requests_racing_a_rate_limit_on_two_replicas_admit_no_
             assert len(set(observed)) == len(observed) and max(observed) <= RPM  # one count each, none over
             if attempts[window] > RPM:  # refusals never took the last slot from an admissible request
                 assert sorted(observed) == list(range(1, RPM + 1)), window
+
+        from enclave_gateway import cli, reports
+
+        await runtime.wait_audited(admin)  # every refusal is an event, and counted in the report
+        _, rows = reports.refusals(Path(race.settings.data_dir) / "audit")
+        assert ("ratelimited", "rate_limited", "rate-limit-team", len(refused)) in rows, rows
+        assert await asyncio.to_thread(cli.main, ["report", "refusals", "--data-dir", race.settings.data_dir]) == 0
     finally:
         await app.close()
         await admin.close()
