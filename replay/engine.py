@@ -36,6 +36,7 @@ from ..schemas.events import (
     InvocationCompleted,
     InvocationFailed,
     PolicyActivated,
+    RateCount,
     RequestAuthorized,
     RequestDenied,
     RequestFailed,
@@ -48,6 +49,7 @@ from ..services.authz import decider as authz
 from ..services.authz.decider import AuthzPolicy
 from ..services.authz.policy_view import compile_view
 from ..services.budget import decider as budget
+from ..services.budget import rates
 from ..services.policy import PolicyError, bundle_from_files, verify_activation
 from ..services.router import decider as router
 
@@ -100,6 +102,9 @@ class _Policies:
         # route: a moving average a route ranked by must lie between them
         self.latencies: dict[str, tuple[float, float]] = {}
         self.watched: dict[tuple[str, str], bool] = {}  # (endpoint, router replica) -> served, its latest view
+        # every admitted request's reading of each requests counter (by counter): what they all claim
+        # must be possible together (`_impossible_readings`)
+        self.readings: dict[str, list[tuple[int, int, BudgetReserved]]] = {}
 
     def observe(self, done: InvocationCompleted) -> None:
         route = self.routes.get(done.causation_id or "")
@@ -221,6 +226,7 @@ def _replay(decoded: list[tuple[int, AnyEvent | None]], extra_jwks: list[str] | 
                 policies.watched[(event.endpoint, event.replica)] = event.served
         if progress is not None and n % 1000 == 0:
             progress(n)
+    _impossible_readings(policies, result)
     return result
 
 
@@ -343,10 +349,55 @@ def _check_budget(seq: int, event: AnyEvent, inputs: dict[tuple[str, str], AnyEv
         _mismatch(result, seq, event, f"no {' or '.join(names)} it could have been decided from", "")
         return
     # the rate counters' readings are observations the decision recorded (as routing's latencies):
-    # replay decides from them, and `rates` checks them against each other
+    # replay decides from them, once they are the counts the policy calls for, and checks what they
+    # read against each other once the stream is read (`_impossible_readings`)
     observed = event.rates if isinstance(event, BudgetReserved | BudgetRejected) else ()
+    if isinstance(event, BudgetReserved | BudgetRejected) and isinstance(source, RequestAuthorized):
+        wrong = _rate_claims(event, source, policies)
+        if wrong:
+            _mismatch(result, seq, event, wrong, "")
+            return
+        if isinstance(event, BudgetReserved):
+            for count in event.rates:
+                if count.kind == "requests":
+                    policies.readings.setdefault(rates.subject(count), []).append((count.observed, seq, event))
     _compare(seq, event, result, source, policies, lambda: budget.decide(
         source, state, policies.bundle(event.policy_version), event.occurred_at, observed))
+
+
+def _rate_claims(event: BudgetReserved | BudgetRejected, source: RequestAuthorized, policies: _Policies) -> str:
+    """Why the rate counts a decision records are not those its policy calls for ('' when they are):
+    every limit that names the request, in order, each of its minute, amount and limit, up to and
+    including the first over its limit (where counting stops)."""
+    try:
+        bundle = policies.bundle(event.policy_version)
+    except PolicyError:
+        return ""  # said by the decision's own comparison
+    want = rates.to_count(source, bundle, event.occurred_at, budget.token_bound(source, bundle))
+    got = event.rates
+
+    def shape(c: RateCount) -> tuple[str, str, str, str, int, int]:
+        return c.scope, c.key, c.kind, c.window, c.counted, c.limit
+
+    if [shape(c) for c in got] != [shape(c) for c in want[:len(got)]]:
+        return (f"its rate counts {[shape(c) for c in got]} are not the ones its policy calls for "
+                f"{[shape(c) for c in want]}")
+    if len(got) < len(want) and not (got and rates.over(got[-1])):
+        return f"it records {len(got)} of the {len(want)} rate counts its policy calls for, and none refused it"
+    return ""
+
+
+def _impossible_readings(policies: _Policies, result: Result) -> None:
+    """Admitted requests' readings of one requests counter that cannot all be true. An admitted count
+    is never given back, so the admitted requests reading at most r are at most r: sorted, the i-th
+    reading is at least i. Two admitted requests that both read 1 is a forged record."""
+    for subject, readings in policies.readings.items():
+        for i, (observed, seq, event) in enumerate(sorted(readings, key=lambda r: (r[0], r[1])), 1):
+            if observed < i:
+                _mismatch(result, seq, event, f"it read {observed} on {subject}, where {i} admitted requests "
+                                              f"read {observed} or less: counts that cannot all be true", "",
+                          counted=True)
+                break
 
 
 def _check_expiry(seq: int, event: BudgetReleased, state: budget.BudgetState, policies: _Policies,

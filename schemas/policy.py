@@ -110,6 +110,9 @@ class ContentMarkingGuard(Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     `enforce` raises the request's input label to their high-water mark, `report` only records them."""
 
     mode: Literal["enforce", "report", "off"] = "enforce"
+    # Which recognizer (services/authz/markings.py RULES). What it recognises changes only by a new
+    # version beside the old, so a request is re-decided by the recognizer its policy named.
+    rules: Literal[1] = 1
 
 
 class Admission(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

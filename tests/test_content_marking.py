@@ -49,7 +49,25 @@ TABLE = [
     ("full-width-letters", ["（Ｓ//ＮＦ） " + SECRET_TEXT], "SECRET//NOFORN"),
     ("invisible-character-inside", ["S\u200bECRET//NOFORN " + SECRET_TEXT], "SECRET//NOFORN"),
     ("cyrillic-look-alikes", ["(\u0405//NF) " + SECRET_TEXT, "T\u041eP \u0405\u0415CRET//TK"], "TOP SECRET//NOFORN/TK"),
+    # a hostile review's evasions: line endings, spacing, dashes, slashes and invisible characters of
+    # other scripts, abbreviations in running text, a marking split over three messages
+    ("crlf-banner", ["TOP SECRET\r\nThe plan."], "TOP SECRET"),
+    ("cr-banner", ["SECRET\r"], "SECRET"),
+    ("line-separator", ["TOP SECRET\u2028The plan."], "TOP SECRET"),
+    ("two-spaces", ["TOP  SECRET\nx"], "TOP SECRET"),
+    ("two-spaces-with-controls", ["TOP  SECRET//SI//NOFORN"], "TOP SECRET//NOFORN/SI"),
+    ("tab", ["TOP\tSECRET//SI"], "TOP SECRET//SI"),
+    ("en-dash", ["TOP\u2013SECRET//SI"], "TOP SECRET//SI"),
+    ("variation-selector", ["SEC\ufe0fRET//NOFORN"], "SECRET//NOFORN"),
+    ("hangul-filler", ["SEC\u3164RET//NOFORN"], "SECRET//NOFORN"),
+    ("division-slashes", ["SECRET\u2215\u2215NOFORN"], "SECRET//NOFORN"),
+    ("abbreviated-in-prose", ["see TS//SCI material"], "TOP SECRET"),
+    ("abbreviated-dissem-in-prose", ["the s//nf annex"], "SECRET//NOFORN"),
+    ("split-over-three-messages", ["hello (S", "//", "NF) the rest"], "SECRET//NOFORN"),
+    ("split-after-a-long-message", ["x" * 500 + " (TS//SI", "//NF) y"], "TOP SECRET//NOFORN/SI"),
     # unmarked: ordinary prose that only looks like a marking
+    ("url", ["see https://example.org/a//b and C:\\path"], None),
+    ("unknown-after-abbreviation", ["s//x and c//hello"], None),
     ("word-secret-in-prose", ["the secret to good bread is time"], None),
     ("lone-lower-case-banner", ["secret"], None),
     ("copyright-sign", ["Copyright (C) 2026 Example Corp"], None),
@@ -67,6 +85,22 @@ def test_the_guard_finds_what_a_marked_text_says(case: str, messages: list[str],
     top = markings.high_water(found)
     assert (format_label(top) if top else None) == expected, (case, found)
     assert SECRET_TEXT not in markings.describe(found)  # where it stands, never the text around it
+
+
+def test_a_marking_never_read_to_its_end_costs_no_more_than_its_length() -> None:
+    """A nested pattern took seconds on 74 characters of `(S//SI/SI/...` without its `)` and doubled
+    with each `/SI` (a hostile review). Linear now: this completes at once where it took hours."""
+    for n in (40, 400):
+        text = "(S//" + "/".join(["SI-X"] * n) + " x"
+        assert markings.high_water(markings.scan([text * 3])) is not None  # read as SECRET//SI, no portion
+
+
+def test_a_position_is_that_of_the_callers_own_text() -> None:
+    """Normalising changes lengths (invisible characters removed, ligatures split): a position is
+    mapped back, so it points at the marking in what the caller sent."""
+    for text in ("\u200b" * 7 + "x SECRET//NOFORN", "\ufb01le \ufb01le SECRET//NOFORN", "ab\r\nSECRET//NOFORN"):
+        [found] = markings.scan([text])
+        assert text[found.offset:].replace("\u200b", "").startswith("SECRET"), (text, found)
 
 
 @pytest.fixture(scope="module")

@@ -93,8 +93,8 @@ def test_what_is_given_back() -> None:
     requests = _counted(3, 5)
     subject = subjects.rate_counter("2026-11-25T12:00", "team", "t", "tokens")
     assert rates.give_back((requests, tokens), 120, NOW) == [(subject, -180)]  # settled: the unused tokens
-    assert rates.give_back((requests, tokens), None, NOW) == [(subject, -300)]  # failed: all its tokens
     assert rates.give_back((requests, tokens), 999, NOW) == []  # used more than its bound: nothing to give
+    assert rates.give_back((requests, tokens), -50, NOW) == [(subject, -300)]  # a negative usage gives no more
     assert rates.give_back((tokens,), 0, NOW + timedelta(minutes=1)) == []  # its minute is over: left alone
     refused = rates.give_back_refused((requests, tokens), NOW)
     assert refused == [(subjects.rate_counter("2026-11-25T12:00", "team", "t", "requests"), -1), (subject, -300)]

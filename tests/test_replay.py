@@ -171,3 +171,44 @@ async def test_a_dev_token_verifies_from_the_stream_alone(window: tuple[int, lis
     assert alone.ok and alone.decisions > 0
     distrusting = replay(stored, [], first=first, trusted={})
     assert any(m.decision == "RequestAuthorized" for m in distrusting.mismatches)
+
+
+async def test_replay_names_a_reservation_whose_rate_readings_were_forged(admin: Client, client: Client,
+                                                                          stack: WorkerSettings, token_for) -> None:
+    """Issue 12, from a hostile review: a reservation's rate readings are observations replay decides
+    from, so they are checked. Three requests of the shipped rate-demo application (2 a minute): two
+    admitted, one refused; honest replay reproduces them. A reservation rewritten with no counts,
+    with its limit raised, or reading what the first one read, is named."""
+    import time
+
+    from enclave_gateway.schemas.events import BudgetReserved
+
+    if time.time() % 60 > 45:  # the three must share a minute
+        await asyncio.sleep(61 - time.time() % 60)
+    first = (await admin.jetstream().stream_info(subjects.STREAM)).state.last_seq + 1
+    token = token_for("gamma", subject="rate-demo")
+    codes = []
+    for i in range(3):
+        chat = ChatBody(model="enclave-tiny", messages=(ChatMessage(role="user", content=f"burst {i}"),), max_tokens=4)
+        msg = await client.request(subjects.submit(APP), codec.encode(SubmitRequest(token=token, chat=chat)), timeout=60)
+        reply = codec.decode_reply(msg.data)
+        codes.append(reply.error.code if reply.error else "ok")
+    assert codes == ["ok", "ok", "rate_limited"], codes
+    await wait_audited(admin, 60)
+    stored = [(seq, subject, data) for data, subject, seq in
+              await bus.stored_on(admin.jetstream(), subjects.ALL_EVENTS, "test")]
+    assert replay(stored, dev_jwks(stack), first=first).ok
+    at, honest = next((s, e) for s, subj, d in stored if s >= first and subj.startswith("gw.evt.ledger.")
+                      and isinstance(e := codec.decode_event(d, subj), BudgetReserved) and e.rates
+                      and e.rates[0].observed == 2)
+    forged = {
+        "no counts": msgspec.structs.replace(honest, rates=()),
+        "limit raised": msgspec.structs.replace(
+            honest, rates=tuple(msgspec.structs.replace(c, limit=10**9) for c in honest.rates)),
+        "same reading as the first": msgspec.structs.replace(
+            honest, rates=tuple(msgspec.structs.replace(c, observed=1) for c in honest.rates)),
+    }
+    for name, event in forged.items():
+        swapped = [(s, subj, codec.encode(event)) if s == at else (s, subj, d) for s, subj, d in stored]
+        result = replay(swapped, dev_jwks(stack), first=first)
+        assert not result.ok and any(m.request_id == honest.request_id for m in result.mismatches), name

@@ -13,12 +13,13 @@ Recognised (upper or lower case unless said):
 - a level alone in parentheses, in upper case, opening a line (after indentation, a bullet, a
   number, a quote or comment marker): `(TS)`, `(S)`, `(C)`, `(CUI)`. Elsewhere `(C)` is a copyright
   sign and `(s)` a plural;
-- a level written out with controls, anywhere: `SECRET//NOFORN`, `TOP SECRET//SI/TK//NOFORN`, `CUI//SP-PRVCY`;
+- a level written out with controls, anywhere: `SECRET//NOFORN`, `TOP SECRET//SI/TK//NOFORN`,
+  `CUI//SP-PRVCY`; abbreviated (`TS//SCI`, `S//NF`) when a control we know follows;
 - a banner line: a line that is only a level written out in upper case, optionally after
   `CLASSIFICATION:`: `SECRET`, `TOP SECRET`, `CONFIDENTIAL`, `CUI`;
-- any of these split across two consecutive messages, and written with full-width letters, with
-  invisible characters inside, or with Cyrillic or Greek look-alike letters (text is NFKC-normalised,
-  format characters are removed and look-alikes read as the Latin letter first).
+- any of these split across messages, written with full-width letters, dashes or slashes of other
+  scripts, Cyrillic or Greek look-alike letters, or invisible characters inside, and with any line
+  ending (text is normalised first; positions are those of the caller's own text).
 
 What a marking adds to the label:
 - its level;
@@ -29,6 +30,13 @@ What a marking adds to the label:
 Releasability markings (`REL TO`, `RELIDO`, `DISPLAY ONLY`) widen release, so they add no control.
 FOUO, LES, SBU, LIMDIS and CUI categories mark controlled unclassified information: at least CUI.
 Other controls are ignored.
+
+Every pattern here is linear: a regex only finds where a marking may start, and its controls are
+read by a tokenizer that never backtracks and stops after `CONTROLS_READ` characters (a nested
+pattern took seconds on a 74-character prompt, found by a hostile review).
+
+`RULES` names this recognizer. A change of what is recognised is a new version beside this one,
+chosen by `admission.toml [content_marking] rules`, so replay re-decides old requests as decided.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from msgspec import Struct
 
 from ...schemas.labels import Label, format_label, join
 
+RULES = 1
 _LEVEL = {"TOP SECRET": 4, "TS": 4, "SECRET": 3, "S": 3, "CONFIDENTIAL": 2, "C": 2, "CUI": 1, "UNCLASSIFIED": 0,
           "U": 0}
 _SHORT = {4: "TS", 3: "S", 2: "C", 1: "CUI", 0: "U"}
@@ -49,31 +58,44 @@ _DISSEM = {"NF": "NOFORN", "NOFORN": "NOFORN", "OC": "ORCON", "ORCON": "ORCON", 
            "PR": "PROPIN", "PROPIN": "PROPIN", "FISA": "FISA"}
 _CONTROLLED_UNCLASSIFIED = ("FOUO", "LES", "SBU", "LIMDIS")
 _CUI_CATEGORY = ("SP-", "CUI")  # CUI//SP-PRVCY, CUI//PRVCY: specified and basic categories
+_KNOWN = {*_SCI, *_DISSEM, *_CONTROLLED_UNCLASSIFIED, "SCI", "REL", "RELIDO"}  # what an abbreviated form needs
+CONTROLS_READ = 160  # characters of controls read after `//`; CAPCO's longest real markings are far shorter
+SPAN = 96  # characters each side of a message boundary kept when markings split across messages are sought
 
-_WORDS = r"TOP[ _-]?SECRET|SECRET|CONFIDENTIAL|UNCLASSIFIED|CUI"
-# an SCI control with its sub-compartments (`SI-G ABCD`): upper-case words, none of them a level, so
-# `SECRET//SI and TOP SECRET//TK` stays two markings
-_SCI_TOKEN = (r"(?:SI|TK|HCS|KDK|RSV|BUR)\b(?:-[A-Z0-9]+)?"
-              r"(?-i:(?: (?!(?:TOP|SECRET|CONFIDENTIAL|UNCLASSIFIED|CUI)\b)[A-Z0-9]{1,6}\b)*)")
-_TOKEN = rf"(?:REL\s+TO\s+[A-Z]{{3,4}}(?:\s*,\s*[A-Z]{{3,4}})*|{_SCI_TOKEN}|[A-Z0-9][A-Z0-9-]*)"
-_CONTROLS = rf"{_TOKEN}(?:\s*//?\s*{_TOKEN})*"
-# (S//NF): the parentheses bound it, so any case is believed
-_PORTION = re.compile(rf"(?<![A-Za-z0-9])\(\s*(?P<level>{_WORDS}|TS|S|C|U)\s*//\s*(?P<controls>{_CONTROLS})\s*\)",
-                      re.IGNORECASE)
-# (S) opening a line, upper case only
+_WORDS = r"TOP[ \t_-]*SECRET|SECRET|CONFIDENTIAL|UNCLASSIFIED|CUI"
+# where a marking may start; its controls are read by `_controls`
+_PORTION_HEAD = re.compile(rf"(?<![A-Za-z0-9])\([ \t]*(?P<level>{_WORDS}|TS|S|C|U)[ \t]*//", re.IGNORECASE)
 _PORTION_ALONE = re.compile(r"^[ \t>*#/|\"'`-]*(?:\d{1,3}[.)][ \t]+)?(?P<whole>\((?P<level>TS|S|C|CUI)\))(?=\s|$)",
                             re.MULTILINE)
-# SECRET//NOFORN in running text
-_WRITTEN = re.compile(rf"(?<![A-Za-z0-9/])(?P<level>{_WORDS})\s*//\s*(?P<controls>{_CONTROLS})", re.IGNORECASE)
-# a line that is only SECRET
+_WRITTEN_HEAD = re.compile(rf"(?<![A-Za-z0-9/])(?P<level>{_WORDS}|TS|S|C|U)[ \t]*//", re.IGNORECASE)
 _BANNER = re.compile(r"^[ \t>*#/|=\"'`-]*(?:(?i:CLASSIFICATION)[ \t]*:[ \t]*)?"
-                     r"(?P<level>TOP[ _-]?SECRET|SECRET|CONFIDENTIAL|CUI)[ \t>*#/|=\"'`-]*$", re.MULTILINE)
-SPAN = 96  # characters of each side of a message boundary searched for a marking split across it
+                     r"(?P<level>TOP[ \t_-]*SECRET|SECRET|CONFIDENTIAL|CUI)[ \t>*#/|=\"'`-]*$", re.MULTILINE)
+# one control: `REL TO USA, FVEY`, an SCI system with upper-case sub-compartments (`SI-G ABCD`), or a word
+_REL_TO = re.compile(r"REL[ \t]+TO[ \t]+[A-Z]{3,4}(?:[ \t]*,[ \t]*[A-Z]{3,4}){0,12}", re.IGNORECASE)
+_SCI_TOKEN = re.compile(r"(?:SI|TK|HCS|KDK|RSV|BUR)\b(?:-[A-Z0-9]{1,8})?(?-i:(?: (?!TOP\b|SECRET\b|CONFIDENTIAL\b|"
+                        r"UNCLASSIFIED\b|CUI\b)[A-Z0-9]{1,6}\b){0,4})", re.IGNORECASE)
+_WORD = re.compile(r"[A-Z0-9][A-Z0-9-]{0,31}", re.IGNORECASE)
+_SEPARATOR = re.compile(r"[ \t]*//?[ \t]*")
+_CLOSE = re.compile(r"[ \t]*\)")
+
+# Cyrillic and Greek letters drawn like the Latin ones a marking is written with: `SЕCRET` with a
+# Cyrillic Е reads as SECRET to a person, so it does to the guard
+_LOOKALIKES = str.maketrans(
+    "АВСЕНІЈКМОРЅТХУаскеорѕхіјуΑΒΕΖΗΙΚΜΝΟΡΤΥΧοκν" "\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63"
+    "\u2044\u2215\u29f8\u2571" "\u2028\u2029\u0085\r\u000b\u000c",
+    "ABCEHIJKMOPSTXYackeopsxijyABEZHIKMNOPTYXokv" "---------" "////" "\n\n\n\n\n\n")
+# Default-ignorable code points (Unicode's DerivedCoreProperties): drawn as nothing, so `SEC\ufe0fRET`
+# reads as SECRET to a person; removed before scanning
+_IGNORABLE = re.compile("[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
+                        "\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+                        "\U000e0000-\U000e0fff]")
+_NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
 
 
 class Found(Struct, frozen=True):
     """One marking: what it means, how it reads (rebuilt from what was recognised, never the
-    caller's own characters), and where it starts: message index and character offset."""
+    caller's own characters), and where it starts in the caller's own text: message index and
+    character offset."""
 
     label: Label
     marking: str
@@ -82,15 +104,33 @@ class Found(Struct, frozen=True):
 
 
 def _level_of(word: str) -> int:
-    return _LEVEL[re.sub(r"[ _-]+", " ", word.upper()).replace("TOPSECRET", "TOP SECRET")]
+    return _LEVEL[re.sub(r"[ \t_-]+", " ", word.upper()).replace("TOPSECRET", "TOP SECRET")]
 
 
-def _meaning(level: int, controls: str) -> tuple[Label, str]:
-    """The label a marking stands for, and the marking rebuilt from what it recognised."""
+def _controls(text: str, start: int) -> tuple[int, list[str]]:
+    """The controls written from `start` (after a `//`): where they end, and each one. Reads one
+    token at a time, each a bounded pattern tried once, so the cost is linear in what it reads."""
+    end, pos, tokens = min(len(text), start + CONTROLS_READ), start, []
+    while pos < end:
+        while pos < end and text[pos] in " \t":
+            pos += 1
+        m = _REL_TO.match(text, pos, end) or _SCI_TOKEN.match(text, pos, end) or _WORD.match(text, pos, end)
+        if m is None:
+            break
+        tokens.append(re.sub(r"\s+", " ", m.group().upper()))
+        pos = m.end()
+        sep = _SEPARATOR.match(text, pos, end)
+        if sep is None or sep.end() == pos or not (_WORD.match(text, sep.end(), end)):
+            break
+        pos = sep.end()
+    return pos, tokens
+
+
+def _meaning(level: int, controls: list[str]) -> tuple[Label, str]:
+    """The label a marking stands for, and its controls rebuilt from what was recognised."""
     kept: set[str] = set()
     shown: list[str] = []
-    for raw in re.split(r"\s*/+\s*", controls.upper()) if controls else ():
-        token = re.sub(r"\s+", " ", raw.strip())
+    for token in controls:
         system = token.split("-", 1)[0].split(" ", 1)[0]
         if token in _DISSEM:
             kept.add(_DISSEM[token])
@@ -102,38 +142,34 @@ def _meaning(level: int, controls: str) -> tuple[Label, str]:
             level = max(level, 1)
             if token in _CONTROLLED_UNCLASSIFIED:  # a CUI category's own name is the caller's text: not shown
                 shown.append(token)
+        elif token == "SCI":  # some SCI, none named: the level counts
+            shown.append(token)
     return Label(level=level, controls=frozenset(kept)), "//".join(shown)
 
 
-# Cyrillic and Greek letters drawn like the Latin ones a marking is written with: `SЕCRET` with a
-# Cyrillic Е reads as SECRET to a person, so it does to the guard (one character for one: offsets hold)
-_LOOKALIKES = str.maketrans(
-    "АВСЕНІЈКМОРЅТХУаскеорѕхіјуΑΒΕΖΗΙΚΜΝΟΡΤΥΧοκν",
-    "ABCEHIJKMOPSTXYackeopsxijyABEZHIKMNOPTYXokv")
-
-
-def _normalised(text: str) -> str:
-    if text.isascii():
-        return text
-    text = unicodedata.normalize("NFKC", text)
-    return "".join(c for c in text if unicodedata.category(c) != "Cf").translate(_LOOKALIKES)
-
-
 def _in_text(text: str) -> list[tuple[int, int, Label, str]]:
-    """(start, end, label, marking) of every marking in one text, none inside another."""
+    """(start, end, label, marking) of every marking in one normalised text, none inside another."""
     hits: list[tuple[int, int, Label, str]] = []
-    for m in _PORTION.finditer(text):
+    for m in _PORTION_HEAD.finditer(text):
+        end, controls = _controls(text, m.end())
+        close = _CLOSE.match(text, end)
+        if close is None:  # `(S//` never closed: not a portion marking (the written form may still be)
+            continue
         level = _level_of(m["level"])
-        label, controls = _meaning(level, m["controls"])
-        hits.append((m.start(), m.end(), label, f"({_SHORT[level]}//{controls})" if controls else f"({_SHORT[level]})"))
+        label, shown = _meaning(level, controls)
+        hits.append((m.start(), close.end(), label, f"({_SHORT[level]}//{shown})" if shown else f"({_SHORT[level]})"))
     for m in _PORTION_ALONE.finditer(text):
         level = _level_of(m["level"])
         hits.append((m.start("whole"), m.end("whole"), Label(level=level), f"({_SHORT[level]})"))
-    for m in _WRITTEN.finditer(text):
+    for m in _WRITTEN_HEAD.finditer(text):
+        end, controls = _controls(text, m.end())
+        abbreviated = m["level"].upper() in ("TS", "S", "C", "U")
+        if not controls or (abbreviated and not any(c.split("-")[0].split(" ")[0] in _KNOWN for c in controls)):
+            continue  # `S//` before a word we do not know is a path or a URL, not a marking
         level = _level_of(m["level"])
-        label, controls = _meaning(level, m["controls"])
-        hits.append((m.start(), m.end(), label, f"{format_label(Label(level=level))}//{controls}" if controls
-                     else format_label(Label(level=level))))
+        label, shown = _meaning(level, controls)
+        head = format_label(Label(level=level))
+        hits.append((m.start(), end, label, f"{head}//{shown}" if shown else head))
     for m in _BANNER.finditer(text):
         level = _level_of(m["level"])
         hits.append((m.start("level"), m.end("level"), Label(level=level), format_label(Label(level=level))))
@@ -145,16 +181,59 @@ def _in_text(text: str) -> list[tuple[int, int, Label, str]]:
     return kept
 
 
+def normalised(text: str) -> tuple[str, list[int] | None]:
+    """The text as the guard reads it, and for each of its characters the offset in `text` it came
+    from (None: the same offsets, for text that needed no change of length)."""
+    text = text.translate(_LOOKALIKES)
+    if text.isascii():
+        return text, None
+    out: list[str] = []
+    origin: list[int] = []
+    pos = 0
+    for run in _NON_ASCII_RUN.finditer(text):
+        out.append(text[pos:run.start()])
+        origin.extend(range(pos, run.start()))
+        pos = run.end()
+        if unicodedata.is_normalized("NFKC", run.group()) and not _IGNORABLE.search(run.group()):
+            out.append(run.group())  # most text of other scripts: nothing to change, char by char or not
+            origin.extend(range(run.start(), run.end()))
+            continue
+        for i in range(run.start(), run.end()):
+            if _IGNORABLE.match(text, i):
+                continue
+            piece = unicodedata.normalize("NFKC", text[i]).translate(_LOOKALIKES)
+            out.append(piece)
+            origin.extend([i] * len(piece))
+    out.append(text[pos:])
+    origin.extend(range(pos, len(text)))
+    return "".join(out), origin
+
+
 def scan(texts: Sequence[str]) -> list[Found]:
-    """Every marking in the messages, in order; one split across two messages counts once, at its start."""
-    texts = [_normalised(t) for t in texts]
-    found = [Found(label, marking, i, start)
-             for i, text in enumerate(texts) for start, _, label, marking in _in_text(text)]
-    for i in range(len(texts) - 1):
-        tail, head = texts[i][-SPAN:], texts[i + 1][:SPAN]
-        for start, end, label, marking in _in_text(tail + head):
-            if start < len(tail) < end:  # across the boundary: neither message holds it whole
-                found.append(Found(label, marking, i, len(texts[i]) - len(tail) + start))
+    """Every marking in the messages, in order, each at its start in the caller's own text; one split
+    across messages counts once, where it starts."""
+    read = [normalised(t) for t in texts]
+
+    def place(i: int, at: int) -> int:
+        origin = read[i][1]
+        return at if origin is None else origin[min(at, len(origin) - 1)] if origin else 0
+
+    found = [Found(label, marking, i, place(i, start))
+             for i, (text, _) in enumerate(read) for start, _, label, marking in _in_text(text)]
+    # split across messages: the messages' edges read as one text, each position mapped back to its message
+    edges: list[str] = []
+    owner: list[tuple[int, int]] = []  # (message, offset in its normalised text) of each character of `edges`
+    for i, (text, _) in enumerate(read):
+        cut = text if len(text) <= 2 * SPAN else text[:SPAN] + "\n" + text[-SPAN:]
+        offsets = (range(len(text)) if len(text) <= 2 * SPAN
+                   else [*range(SPAN), SPAN, *range(len(text) - SPAN, len(text))])
+        edges.append(cut)
+        owner.extend((i, o) for o in offsets)
+    joined = "".join(edges)
+    for start, end, label, marking in _in_text(joined):
+        first, last = owner[start][0], owner[end - 1][0]
+        if first != last:  # across a boundary: no single message holds it whole
+            found.append(Found(label, marking, first, place(first, owner[start][1])))
     return sorted(found, key=lambda f: (f.message, f.offset))
 
 

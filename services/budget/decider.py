@@ -286,12 +286,12 @@ def _reserve(event: RequestAuthorized, state: BudgetState, policy: PolicyBundle,
         return []  # reserved before: this is a redelivery or a copy, never a second charge
     env = envelope(event.request_id, "reserve", now, policy.version)
     if event.occurred_at < now - CLOSED_HORIZON:  # too old to know whether it was reserved before
-        return [_rejected(event, env, "authorization_stale")]
+        return [_rejected(event, env, "authorization_stale", rates)]
     team = event.caller.team
     budget = policy.budgets.teams.get(team)
     model = catalog.find(policy.catalog, event.model_id)
     if budget is None or model is None:
-        return [_rejected(event, env, "budget_not_configured")]
+        return [_rejected(event, env, "budget_not_configured", rates)]
     period = period_of(budget.period, now)
     totals = state.ledgers.get(ledger_key(team, period), Totals())
     max_tokens = effective_max_tokens(model, event.chat)
@@ -336,7 +336,8 @@ def _reserve(event: RequestAuthorized, state: BudgetState, policy: PolicyBundle,
     ]
 
 
-def _rejected(event: RequestAuthorized, env: Envelope, reason: str) -> BudgetRejected:
+def _rejected(event: RequestAuthorized, env: Envelope, reason: str, rates: tuple[RateCount, ...] = ()
+              ) -> BudgetRejected:
     return BudgetRejected(
         **env,
         caller=event.caller,
@@ -347,6 +348,7 @@ def _rejected(event: RequestAuthorized, env: Envelope, reason: str) -> BudgetRej
         cap_micros=0,
         reason=reason,
         reply_to=event.reply_to,
+        rates=rates,  # taken all the same, and given back
     )
 
 

@@ -11,7 +11,8 @@ Counts are taken in a fixed order (team, application, model; requests, then toke
 the first over its limit. A refused request gives back what it took, so a race may refuse a
 request another one's give-back would have made room for (never admit one too many). Tokens are
 the prompt's bound plus the most the answer may use, as the budget reserves money; once the answer
-is settled, what it did not use is given back, and all of it when the request fails. Windows are
+is settled, what it did not use is given back (a request that fails keeps its count: the model
+server may have worked on it). Windows are
 fixed UTC minutes: a burst may straddle a minute's end, as with any fixed-window limiter.
 """
 
@@ -84,18 +85,16 @@ def subject(count: RateCount) -> str:
     return subjects.rate_counter(count.window, count.scope, count.key, count.kind)
 
 
-def give_back(rates: tuple[RateCount, ...], used_tokens: int | None, now: datetime) -> list[tuple[str, int]]:
-    """(counter, negative delta) to send once a request is over: the tokens it did not use
-    (`used_tokens` None: it used none, it failed or was refused). Requests stay counted once
-    admitted; a refused request gives back everything. Counters of a minute that has ended are
-    left alone: nothing reads them any more."""
+def give_back(rates: tuple[RateCount, ...], used_tokens: int, now: datetime) -> list[tuple[str, int]]:
+    """(counter, negative delta) to send once a request is settled: the tokens it did not use.
+    Requests stay counted once admitted, and a request that failed or was abandoned keeps its
+    tokens counted: a model server may have worked on it, whatever reached the caller. Counters of
+    a minute that has ended are left alone: nothing reads them any more."""
     current = window_of(now)
     out = []
     for count in rates:
-        if count.window != current:
-            continue
-        if count.kind == "tokens":
-            unused = count.counted - min(count.counted, used_tokens or 0)
+        if count.window == current and count.kind == "tokens":
+            unused = count.counted - min(count.counted, max(0, used_tokens))
             if unused:
                 out.append((subject(count), -unused))
     return out

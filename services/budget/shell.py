@@ -5,6 +5,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from datetime import datetime
 
 from nats.aio.msg import Msg
 
@@ -13,7 +14,6 @@ from ...schemas.events import (
     AnyEvent,
     BudgetClockTicked,
     BudgetRejected,
-    BudgetReleased,
     BudgetReserved,
     BudgetSettled,
     InvocationCompleted,
@@ -92,13 +92,16 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
             if team is not None:
                 if isinstance(event, RequestAuthorized) and msg.metadata.num_delivered > 1:
                     await store.catch_up_refusals(team)  # refused by a replica that then died before its ack
+                    await store.catch_up(team)  # or reserved by one: counted again, it would only be given back
                 known = isinstance(event, RequestAuthorized) or event.request_id in store.state.open
-                taken = await _count(s, store, event)
+                # a request is counted and decided at one time, so its counts' minute is its decision's
+                at = bus.now_utc() if isinstance(event, RequestAuthorized) else None
+                taken = await _count(s, store, event, at)
                 counted: list[dict[str, tuple[RateCount, ...]]] = [{}]  # open requests' counts, as decided on
 
                 def decide_now() -> list[AnyEvent]:
                     counted[0] = store.state.rates  # never changed in place: evolve makes a new one
-                    return decider.decide(event, store.state, s.policy, bus.now_utc(), taken)
+                    return decider.decide(event, store.state, s.policy, at or bus.now_utc(), taken)
 
                 tries = 0
 
@@ -121,31 +124,28 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
             housekeeping.cancel()
 
 
-async def _count(s: worker.Session[PolicyBundle], store: LedgerStore, event: AnyEvent) -> tuple[RateCount, ...]:
-    """A new request's rate counts, taken before its reservation is decided (none for anything else,
-    or for a request already reserved or closed: a redelivery is never counted twice)."""
-    if not isinstance(event, RequestAuthorized) or event.request_id in store.state.open or \
+async def _count(s: worker.Session[PolicyBundle], store: LedgerStore, event: AnyEvent,
+                 at: datetime | None) -> tuple[RateCount, ...]:
+    """A new request's rate counts at `at`, taken before its reservation is decided (none for anything
+    else, or for a request already reserved or closed: a redelivery is never counted twice)."""
+    if not isinstance(event, RequestAuthorized) or at is None or event.request_id in store.state.open or \
             event.request_id in store.state.closed:
         return ()
-    todo = rates.to_count(event, s.policy, bus.now_utc(), decider.token_bound(event, s.policy))
+    todo = rates.to_count(event, s.policy, at, decider.token_bound(event, s.policy))
     return await counters.take(s.js, todo) if todo else ()
 
 
 def _given_back(taken: tuple[RateCount, ...], counted: dict[str, tuple[RateCount, ...]],
                 written: list[AnyEvent]) -> list[tuple[str, int]]:
     """What the decision just written gives back: everything a request not reserved took (refused,
-    or reserved before by another replica), the tokens a settled request did not use, and all the
-    tokens of a released one."""
+    or reserved before by another replica), and the tokens a settled request did not use."""
     now = bus.now_utc()
     deltas = []
     if taken and not any(isinstance(e, BudgetReserved) for e in written):
         deltas += rates.give_back_refused(taken, now)
     for e in written:
         if isinstance(e, BudgetSettled):
-            used = e.prompt_tokens + e.completion_tokens
-            deltas += rates.give_back(counted.get(e.request_id, ()), used, now)
-        elif isinstance(e, BudgetReleased):
-            deltas += rates.give_back(counted.get(e.request_id, ()), None, now)
+            deltas += rates.give_back(counted.get(e.request_id, ()), e.prompt_tokens + e.completion_tokens, now)
     return deltas
 
 

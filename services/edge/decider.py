@@ -295,10 +295,10 @@ def reply_for(event: Terminal) -> SubmitReply:
         case BudgetRejected() if event.reason == "rate_limited" and event.rates:
             over = event.rates[-1]
             limit = f"rate limit of {over.scope} {over.key!r}: {over.limit} {over.kind} per minute"
+            # never what the counter read: a team's or a model's count is other callers' traffic (the
+            # audit keeps it; a caller reading it each minute would learn what others send)
             when = (f"this request alone counts {over.counted}: ask for fewer max_tokens"
-                    if event.retry_after_s is None else
-                    f"this request would make {over.observed} in the minute from {over.window} UTC; "
-                    f"retry after {event.retry_after_s} s")
+                    if event.retry_after_s is None else f"retry after {event.retry_after_s} s")
             return SubmitReply(request_id=rid, error=ErrorBody(
                 code=event.reason, rule=f"rate-limit-{over.scope}", retry_after_s=event.retry_after_s,
                 message=f"{limit} reached ({when})"))
