@@ -24,11 +24,11 @@ def connect(audit_dir: Path) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def query(audit_dir: Path, sql: str) -> tuple[list[str], list[tuple[object, ...]]]:
-    """Column names and rows of one query."""
+def query(audit_dir: Path, sql: str, params: list[object] | None = None) -> tuple[list[str], list[tuple[object, ...]]]:
+    """Column names and rows of one query (`params` bound to its `?`s: never pasted into the SQL)."""
     con = connect(audit_dir)
     try:
-        rel = con.execute(sql)
+        rel = con.execute(sql, params or [])
         cols = [d[0] for d in rel.description or []]
         return cols, rel.fetchall()
     finally:

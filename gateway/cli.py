@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import msgspec
@@ -277,7 +278,7 @@ def cmd_violations(args: argparse.Namespace) -> int:
 
     if args.follow:
         return follow(Path(args.data_dir))
-    cols, rows = list_violations(Path(args.data_dir) / "audit", since=args.since, rule=args.rule)
+    cols, rows = list_violations(Path(args.data_dir) / "audit", since=args.since, rule=args.rule, team=args.team)
     if args.json:
         for row in rows:
             print(json.dumps(dict(zip(cols, row, strict=True)), default=str))
@@ -307,6 +308,73 @@ def cmd_report_spend(args: argparse.Namespace) -> int:
         )
         return 1
     console.print(f"[green]reconciled[/]: audited spend equals the {source} for every team and period")
+    return 0
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    """Serve the read-only web console over a data dir (a running gateway's, or a stopped one's)."""
+    from . import config
+    from .console import app as console_app
+    from .runtime import reachable_settings
+
+    cfg = config.load(Path(args.config)).console
+    data_dir = Path(args.data_dir or config.load(Path(args.config)).data_dir)
+    from .supervisor import settings_path
+
+    if not settings_path(data_dir).exists():
+        console.print(f"[red]no gateway data in {data_dir}[/] (run `gateway up` or `gateway demo --data-dir D` first)")
+        return 1
+    host, port = args.host or cfg.host, cfg.port if args.port is None else args.port
+    stored = settings_path(data_dir).read_bytes()
+    with reachable_settings(data_dir) as settings, _auditing(data_dir, settings, stored):
+        async def serve() -> None:
+            async with console_app.serving(settings, host, port, cfg.roles) as url:
+                if args.screenshots:
+                    from .console import screenshots
+
+                    token = issuer.issue(data_dir / "keys", subject="console-screenshots", team="console",
+                                         roles=("assessor",), ttl_s=600)
+                    shots = await asyncio.to_thread(screenshots.take, url, token, Path(args.screenshots),
+                                                    args.request)
+                    console.print(f"wrote {len(shots)} screenshots to {args.screenshots}")
+                    return
+                console.print(f"console on {url} (bus {settings.nats_url}); roles {', '.join(cfg.roles)}; "
+                              "Ctrl-C to stop", highlight=False)
+                await asyncio.Event().wait()
+
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve())
+    return 0
+
+
+@contextlib.contextmanager
+def _auditing(data_dir: Path, settings: WorkerSettings, stored: bytes) -> Iterator[None]:
+    """With the gateway stopped, the console's broker has no auditor: one runs beside it, so the
+    console's own page views reach the Parquet audit and an evidence export covers every message."""
+    from . import supervisor
+
+    if msgspec.json.decode(stored, type=WorkerSettings).nats_url == settings.nats_url:
+        yield  # the running gateway's auditor does it
+        return
+    supervisor.write_settings(settings)
+    auditor = supervisor.spawn_worker(settings, "auditor", "console-auditor")
+    try:
+        yield
+    finally:
+        auditor.terminate()  # the auditor flushes what it holds on SIGTERM
+        auditor.wait(30)
+        supervisor.settings_path(data_dir).write_bytes(stored)  # as the gateway left them
+
+
+def cmd_report_request(args: argparse.Namespace) -> int:
+    """One request's timeline from the Parquet audit."""
+    from .reports import timeline
+
+    cols, rows = timeline(Path(args.data_dir) / "audit", args.request_id)
+    if not rows:
+        console.print(f"[red]no audited event of request {args.request_id!r}[/]")
+        return 1
+    console.print(_table(cols, rows, title=f"Request {args.request_id}"))
     return 0
 
 
@@ -393,7 +461,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
             console.print(f"[red]no running gateway at {args.data_dir}:[/] {exc!r} (or replay an evidence package: "
                           "--package DIR)")
             return 1
-    return replay_cli.run(console, stored, jwks, trusted, args.from_seq, args.to_seq, args.show)
+    return replay_cli.run(console, stored, jwks, trusted, args.from_seq, args.to_seq, args.show,
+                          None if args.package else Path(args.data_dir))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -504,6 +573,7 @@ def parser() -> argparse.ArgumentParser:
     vi = sub.add_parser("violations", help="denials with the rule that fired")
     vi.add_argument("--since", help="ISO date or timestamp, e.g. 2026-11-25 or 2026-11-25T09:00")
     vi.add_argument("--rule", help="only this rule id, e.g. no-write-down")
+    vi.add_argument("--team", help="only this team")
     vi.add_argument("--follow", action="store_true", help="stream new denials live (the SOC feed)")
     vi.add_argument("--json", action="store_true", help="one JSON object per line, every column")
     vi.add_argument("--data-dir", default="var")
@@ -515,10 +585,22 @@ def parser() -> argparse.ArgumentParser:
     rs.add_argument("--plot", help="also draw a PNG bar chart here, e.g. spend.png")
     rs.add_argument("--data-dir", default="var")
     rs.set_defaults(func=cmd_report_spend)
+    rq = rep.add_parser("request", help="one request's timeline: every event of its life, digests, never text")
+    rq.add_argument("request_id")
+    rq.add_argument("--data-dir", default="var")
+    rq.set_defaults(func=cmd_report_request)
     rr = rep.add_parser("refusals", help="refusals by team, code and rule (denials, spend caps, rate limits)")
     rr.add_argument("--since", help="ISO date or timestamp (UTC)")
     rr.add_argument("--data-dir", default="var")
     rr.set_defaults(func=cmd_report_refusals)
+    cs = sub.add_parser("console", help="the read-only web console (spend, violations, timelines, register, evidence)")
+    cs.add_argument("--config", default="gateway.toml")
+    cs.add_argument("--data-dir", help="the gateway's data dir (default: the config's)")
+    cs.add_argument("--host", help="default: [console] host, 127.0.0.1")
+    cs.add_argument("--port", type=int, help="default: [console] port, 8090; 0: any free port")
+    cs.add_argument("--screenshots", metavar="DIR", help="write a PNG of each page into DIR and exit (Playwright)")
+    cs.add_argument("--request", help="with --screenshots: the request whose timeline to photograph")
+    cs.set_defaults(func=cmd_console)
     st = sub.add_parser("status", help="stream and consumer state")
     st.add_argument("--data-dir", default="var")
     st.set_defaults(func=cmd_status)

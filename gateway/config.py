@@ -72,6 +72,15 @@ class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     otlp_traces_url: str = ""
 
 
+class ConsoleConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`gateway console`: the read-only web console (issue 13), on loopback unless told otherwise;
+    a session token with one of `roles` opens it."""
+
+    host: str = "127.0.0.1"
+    port: int = 8090
+    roles: list[str] = msgspec.field(default_factory=lambda: ["analyst", "assessor", "soc"])
+
+
 class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The whole file; every key has a default so an empty file is valid."""
 
@@ -85,6 +94,7 @@ class GatewayConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
     enclave: EnclaveConfig = msgspec.field(default_factory=EnclaveConfig)
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
+    console: ConsoleConfig = msgspec.field(default_factory=ConsoleConfig)
     endpoints: dict[str, str] = {}
 
 

@@ -169,8 +169,16 @@ def _write_tables(out: Path, period: str | None) -> None:
 
 
 def _write_register(settings: WorkerSettings, out: Path, got: _Collected) -> dict[str, Any]:
-    policies = msgspec.to_builtins(pkg.policy_history(got.activations))
-    active = latest_valid(got.activations, settings.policy_signers)
+    register = register_of(settings, got.activations)
+    (out / pkg.REGISTER).write_bytes(msgspec.json.format(msgspec.json.encode(register)))
+    return register
+
+
+def register_of(settings: WorkerSettings, activations: list[tuple[bytes, str, int]]) -> dict[str, Any]:
+    """The register: the system, its keys, every policy activated and the catalog in force (the
+    evidence package's register.json, and the console's register page)."""
+    policies = msgspec.to_builtins(pkg.policy_history(activations))
+    active = latest_valid(activations, settings.policy_signers)
     catalog = []
     if active is not None:
         catalog = pkg.catalog_entries(bundle_from_files(active.files))
@@ -185,7 +193,6 @@ def _write_register(settings: WorkerSettings, out: Path, got: _Collected) -> dic
         # the dev issuer's public keys when the deployment trusts it: replay verifies tokens with them
         "dev_token_issuer": msgspec.json.decode(jwks[0]) if (jwks := dev_jwks(settings)) else None,
     }
-    (out / pkg.REGISTER).write_bytes(msgspec.json.format(msgspec.json.encode(register)))
     return register
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
 import pyarrow.parquet as pq
 from rich.console import Console
 from rich.progress import Progress
@@ -48,13 +50,52 @@ def from_package(root: Path) -> tuple[list[Stored], list[str], dict[str, str]]:
 
 
 def run(console: Console, stored: list[Stored], jwks: list[str], trusted: dict[str, str], first: int,
-        last: int | None, show: int) -> int:
-    """Replay with a progress bar, print the result and the first mismatches; the exit code."""
+        last: int | None, show: int, data_dir: Path | None = None) -> int:
+    """Replay with a progress bar, print the result and the first mismatches; the exit code. With
+    `data_dir`, the outcome is kept there too (the console's evidence page shows the last one)."""
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("re-deciding", total=len(stored))
         result = replay(stored, jwks, first, last, lambda n: progress.update(task, completed=n), trusted)
     report(console, result, show)
+    if data_dir is not None:
+        save_last(data_dir, result, stored)
     return 0 if result.ok else 1
+
+
+LAST = Path("replay") / "last.json"
+
+
+class LastReplay(msgspec.Struct, kw_only=True):
+    """The outcome of the last replay of a data dir's stream."""
+
+    at: str
+    messages: int
+    first_seq: int
+    last_seq: int
+    decisions: int
+    reproduced: int
+    mismatches: int
+    ok: bool
+
+
+def save_last(data_dir: Path, result: Result, stored: list[Stored]) -> LastReplay:
+    """Keep a replay's outcome in the data dir."""
+    last = LastReplay(at=datetime.now(UTC).isoformat(timespec="seconds"), messages=len(stored),
+                      first_seq=stored[0][0] if stored else 0, last_seq=stored[-1][0] if stored else 0,
+                      decisions=result.decisions, reproduced=result.reproduced,
+                      mismatches=len(result.mismatches), ok=result.ok)
+    path = data_dir / LAST
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(msgspec.json.encode(last))
+    return last
+
+
+def load_last(data_dir: Path) -> LastReplay | None:
+    """The last replay's outcome, if one was kept."""
+    try:
+        return msgspec.json.decode((data_dir / LAST).read_bytes(), type=LastReplay)
+    except (FileNotFoundError, msgspec.DecodeError):
+        return None
 
 
 def report(console: Console, result: Result, show: int) -> None:

@@ -11,6 +11,7 @@ from typing import Literal
 from . import audit_sql
 from .services import bus
 from .services.budget.ledger_store import LedgerStore
+from .services.settings import WorkerSettings
 from .supervisor import read_settings
 
 By = Literal["team", "model", "day"]
@@ -44,6 +45,20 @@ def refusals(audit_dir: Path, since: str | None = None) -> tuple[list[str], list
     return audit_sql.query(audit_dir, sql)
 
 
+TIMELINE = ("seq", "occurred_at", "type", "policy_version", "team", "caller", "model_id", "endpoint", "rule",
+            "reason", "amount_micros", "charged_micros", "prompt_tokens", "completion_tokens", "latency_ms", "outcome",
+            "input_label", "output_label", "prompt_hmac", "completion_hmac")
+
+
+def timeline(audit_dir: Path, request_id: str) -> tuple[list[str], list[tuple[object, ...]]]:
+    """Every audited event of one request, in stream order: its decisions, the policy version each
+    was made under, its route and its charge; keyed digests of the prompt and answer, never text."""
+    if not any((audit_dir / "events").glob("day=*/*.parquet")):
+        return list(TIMELINE), []
+    return audit_sql.query(audit_dir, f"SELECT {', '.join(TIMELINE)} FROM events WHERE request_id = ? ORDER BY seq",
+                           [request_id])
+
+
 def audited_spend_by_period(audit_dir: Path) -> dict[tuple[str, str], int]:
     """Sum of charges per (team, budget period) in the Parquet audit."""
     _, rows = audit_sql.query(
@@ -63,9 +78,10 @@ def recorded_ledger_state(audit_dir: Path) -> dict[tuple[str, str], int]:
     return {(str(t), str(p)): int(str(s)) for t, p, s in rows}
 
 
-async def live_ledger_state(data_dir: Path) -> dict[tuple[str, str], int]:
-    """Spent per (team, period) from the budget projection rebuilt off the running stream."""
-    settings = read_settings(data_dir)
+async def live_ledger_state(data_dir: Path, settings: WorkerSettings | None = None) -> dict[tuple[str, str], int]:
+    """Spent per (team, period) from the budget projection rebuilt off the running stream (the data
+    dir's gateway, or the bus `settings` reach)."""
+    settings = settings or read_settings(data_dir)
     nc = await bus.connect(settings, "admin", keep_trying=False)
     try:
         store = LedgerStore(nc.jetstream())

@@ -19,9 +19,9 @@ LIVE_SUBJECT = "gw.evt.request.denied.>"  # what a SOC tool subscribes to (user 
 
 
 def list_violations(
-    audit_dir: Path, since: str | None = None, rule: str | None = None
+    audit_dir: Path, since: str | None = None, rule: str | None = None, team: str | None = None
 ) -> tuple[list[str], list[tuple[object, ...]]]:
-    """Denials, oldest first, optionally from `since` (ISO date/time, UTC) and for one rule."""
+    """Denials, oldest first, optionally from `since` (ISO date/time, UTC), for one rule, one team."""
     cols = [
         "occurred_at",
         "caller",
@@ -44,6 +44,9 @@ def list_violations(
     if rule:
         where.append("rule = ?")
         params.append(rule)
+    if team:
+        where.append("team = ?")
+        params.append(team)
     con = duckdb.connect()
     try:
         con.execute("SET TimeZone = 'UTC'")

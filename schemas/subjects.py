@@ -17,6 +17,7 @@ from .events import (
     BudgetReserved,
     BudgetSettled,
     BudgetThresholdCrossed,
+    ConsoleViewed,
     EndpointObserved,
     InvocationCompleted,
     InvocationFailed,
@@ -192,6 +193,11 @@ def policy_activated() -> str:
     return "gw.evt.policy.activated"
 
 
+def console_viewed() -> str:
+    """A page the web console was asked for (issue 13)."""
+    return "gw.evt.console.viewed"
+
+
 def audit_checkpoint() -> str:
     """The auditor's signed checkpoints: one chain, guarded by compare-and-set on this subject."""
     return "gw.evt.audit.checkpoint"
@@ -225,6 +231,7 @@ EVENT_SUBJECTS: dict[str, str] = {
     "InvocationFailed": "gw.evt.invocation.failed.*",
     "PolicyActivated": "gw.evt.policy.activated",
     "AuditCheckpoint": "gw.evt.audit.checkpoint",
+    "ConsoleViewed": "gw.evt.console.viewed",
 }
 
 
@@ -272,5 +279,7 @@ def for_event(event: AnyEvent) -> str:
             return budget_ticked(event.team)
         case EndpointObserved():
             return endpoint_observed(event.endpoint)
+        case ConsoleViewed():
+            return console_viewed()
         case _:
             assert_never(event)

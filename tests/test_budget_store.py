@@ -9,12 +9,20 @@ import pytest
 from enclave_gateway.schemas import codec, subjects
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
 from enclave_gateway.services import bus
+from enclave_gateway.services.budget import ledger_store
 from enclave_gateway.services.budget.ledger_store import LedgerStore
 from nats.aio.client import Client
 
 from .conftest import wait_for_event
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+@pytest.fixture
+def own_snapshot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test's stores keep their snapshot under a key of their own: the running budget worker
+    snapshots every few seconds, and its snapshot would replace the one under test (a CI run)."""
+    monkeypatch.setattr(ledger_store, "SNAPSHOT_KEY", f"projection-test-{uuid.uuid4().hex}")
 
 
 class _NoSnapshot(LedgerStore):
@@ -31,7 +39,8 @@ async def _request(client: Client, admin: Client, token: str) -> None:
     await wait_for_event(admin, reply.request_id, "BudgetSettled")
 
 
-async def test_snapshot_plus_tail_equals_a_full_replay(admin: Client, client: Client, token_for, stack) -> None:
+async def test_snapshot_plus_tail_equals_a_full_replay(admin: Client, client: Client, token_for, stack,
+                                                       own_snapshot: None) -> None:
     nc = await bus.connect(stack, "budget")
     try:
         js = nc.jetstream()
@@ -57,7 +66,7 @@ async def test_snapshot_plus_tail_equals_a_full_replay(admin: Client, client: Cl
 
 
 async def test_a_snapshot_claims_only_what_its_replica_read_of_every_teams_ledger(
-        admin: Client, client: Client, token_for, stack) -> None:
+        admin: Client, client: Client, token_for, stack, own_snapshot: None) -> None:
     """A replica catches up one team at a time. One that had read team alpha's newest fact but not
     gamma's older one (another replica wrote it) used to snapshot alpha's sequence as if it had read
     everything below it; a rebuild from that snapshot then never folded gamma's fact."""

@@ -34,7 +34,7 @@ EVENT_FAMILIES = (
     "gw.evt.response.undelivered", "gw.evt.ledger.reserved.gamma", "gw.evt.ledger.settled.gamma",
     "gw.evt.ledger.released.gamma", "gw.evt.ledger.threshold.gamma", "gw.evt.budget.rejected.gamma",
     "gw.evt.route.selected.enclave-tiny", "gw.evt.route.selected.enclave-tiny.local-llama", "gw.evt.route.unavailable.x", "gw.evt.invocation.completed.x",
-    "gw.evt.invocation.failed.x", "gw.evt.policy.activated", "gw.evt.audit.checkpoint",
+    "gw.evt.invocation.failed.x", "gw.evt.policy.activated", "gw.evt.audit.checkpoint", "gw.evt.console.viewed",
 )
 CORE_FAMILIES = (
     "gw.submit", *(subjects.submit(a) for a in APPS), "_INBOX_app.tester.x", "_INBOX_app.other.x",

@@ -1,6 +1,6 @@
 """Every event type of the contract, and the union the codec decodes."""
 
-from .audit import AuditCheckpoint
+from .audit import AuditCheckpoint, ConsoleViewed
 from .base import Caller, Envelope, Event, Reservation, envelope
 from .budget import (
     BudgetClockTicked,
@@ -47,6 +47,7 @@ AnyEvent = (
     | AuditCheckpoint
     | BudgetClockTicked
     | EndpointObserved
+    | ConsoleViewed
 )
 
 CURRENT_EVENT_TYPES: tuple[type[Event], ...] = (
@@ -70,6 +71,7 @@ CURRENT_EVENT_TYPES: tuple[type[Event], ...] = (
     AuditCheckpoint,
     BudgetClockTicked,
     EndpointObserved,
+    ConsoleViewed,
 )
 
 __all__ = [
@@ -83,6 +85,7 @@ __all__ = [
     "BudgetSettled",
     "BudgetThresholdCrossed",
     "Caller",
+    "ConsoleViewed",
     "ContentMarking",
     "EndpointObserved",
     "Envelope",

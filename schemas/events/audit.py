@@ -20,3 +20,20 @@ class AuditCheckpoint(Event, frozen=True, kw_only=True, tag="AuditCheckpoint"):
     count: int  # stored messages folded since the previous checkpoint
     signer: str
     signature: str
+
+
+class ConsoleViewed(Event, frozen=True, kw_only=True, tag="ConsoleViewed"):
+    """Someone asked the web console for a page (issue 13): every view is a fact, refused ones too.
+
+    `viewer` is the session token's subject (None: no valid session), with its team and roles;
+    `page` names the page and `target` what it was asked about (a request id, a filter), bounded
+    and never anything a prompt said; `status` is the HTTP status answered (403: the role does not
+    allow the console).
+    """
+
+    viewer: str | None = None
+    team: str | None = None
+    roles: tuple[str, ...] = ()
+    page: str
+    target: str | None = None
+    status: int

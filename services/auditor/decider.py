@@ -23,6 +23,7 @@ from ...schemas.events import (
     BudgetReserved,
     BudgetSettled,
     BudgetThresholdCrossed,
+    ConsoleViewed,
     Event,
     InvocationCompleted,
     InvocationFailed,
@@ -288,3 +289,6 @@ def _fill(row: AuditRow, e: AnyEvent, digest_key: bytes | None) -> None:
             row.caller, row.detail = e.activated_by, f"{e.version} git {e.git_commit or '-'} sha256 {e.sha256}"
         case AuditCheckpoint():
             row.caller, row.detail = e.signer, f"seq {e.seq} head {e.head} after seq {e.previous_seq}"
+        case ConsoleViewed():  # who looked at what in the web console: rule = 'console'
+            row.caller, row.team, row.rule, row.outcome = e.viewer, e.team, "console", str(e.status)
+            row.detail = f"{e.page}{' ' + e.target if e.target else ''}"[:500]
