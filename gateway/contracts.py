@@ -77,7 +77,10 @@ def openapi() -> dict[str, Any]:
         ],
         "requestBody": {"required": True, "content": {"application/json": {"schema": request}}},
         "responses": {
-            "200": {"description": "the answer; server-sent chunks when `stream` is true", "headers": request_id,
+            "200": {"description": "the answer; server-sent chunks when `stream` is true",
+                    "headers": {**request_id, http_app.OVERHEAD_HEADER: {
+                        "description": "milliseconds the gateway added: the wait less the model call (not streamed)",
+                        "schema": {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?$"}}},
                     "content": {"application/json": {"schema": completion},
                                 "text/event-stream": {"schema": SSE_EVENT, "x-chunk-schema": chunk}}},
             **errors,

@@ -79,8 +79,12 @@ async def test_metrics_show_spend_against_caps_open_circuits_and_the_time_the_ga
     headers = {"Authorization": f"Bearer {token_for('gamma')}"}
     async with aiohttp.ClientSession() as s:
         body = {"model": "enclave-tiny", "messages": [{"role": "user", "content": "what did it cost"}], "max_tokens": 2}
+        sent = asyncio.get_running_loop().time()
         async with s.post(f"{http_url}/v1/chat/completions", json=body, headers=headers) as r:
             assert r.status == 200
+            overhead_ms = float(r.headers["x-gw-overhead-ms"])  # issue 14 item 3: the figure on every answer
+        waited_ms = (asyncio.get_running_loop().time() - sent) * 1000
+    assert 0 < overhead_ms < waited_ms
     js = admin.jetstream()
     for _ in range(50):  # the settlement follows the reply
         newest = codec.decode_event((await js.get_last_msg(subjects.STREAM, subjects.ledger_filter("gamma"))).data)
@@ -102,6 +106,7 @@ async def test_metrics_show_spend_against_caps_open_circuits_and_the_time_the_ga
     added_sum = ("enclave_gateway_added_seconds_sum", (("model", "enclave-tiny"),))
     waited_sum = ("enclave_gateway_request_seconds_sum", (("model", "enclave-tiny"), ("outcome", "completed")))
     assert 0 < after[added_sum] - before.get(added_sum, 0.0) < after[waited_sum] - before.get(waited_sum, 0.0)
+    assert after[added_sum] - before.get(added_sum, 0.0) == pytest.approx(overhead_ms / 1000, abs=2e-6)  # one figure
     route = codec.decode_event((await js.get_last_msg(subjects.STREAM, subjects.routes_of("enclave-tiny"))).data)
     assert isinstance(route, RouteSelected)
     circuits = {dict(lbls)["endpoint"]: v for (name, lbls), v in after.items()

@@ -29,6 +29,7 @@ OUTPUT_LABEL = "X-Output-Classification"
 TIMEOUT_HEADER = "X-Request-Timeout"
 STRATEGY_HEADER = "X-Routing-Strategy"  # ordered | weighted | cheapest | latency, where the catalog allows
 REQUEST_ID_HEADER = "X-Request-Id"
+OVERHEAD_HEADER = "x-gw-overhead-ms"  # the caller's wait less the model call, in milliseconds
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
@@ -149,13 +150,15 @@ async def chat_completions(edge: Edge, request: web.Request) -> web.StreamRespon
     )
     if req.stream:
         return await _stream(edge, request, cmd)
-    reply = await edge.call(cmd)
+    reply, added_ms = await edge.call_timed(cmd)
     if reply.error is not None:
         return _error(reply.error, reply.request_id)
     assert reply.completion is not None
     body_out = openai_shapes.openai_completion(reply.request_id, reply.completion, int(time.time()))
-    return web.Response(body=_json.encode(body_out), content_type="application/json",
-                        headers=_id_header(reply.request_id))
+    headers = _id_header(reply.request_id)
+    if added_ms is not None:  # what the gateway added, checkable in production (also in /metrics)
+        headers[OVERHEAD_HEADER] = f"{added_ms:.3f}"
+    return web.Response(body=_json.encode(body_out), content_type="application/json", headers=headers)
 
 
 async def _stream(edge: Edge, request: web.Request, cmd: SubmitRequest) -> web.StreamResponse:

@@ -75,11 +75,15 @@ class EdgeMetrics:
         if seconds is not None:
             self.seconds.labels(named, outcome).observe(seconds)
 
-    def added_time(self, model: str, known_models: Iterable[str], waited_s: float, model_s: float) -> None:
-        """One completed HTTP answer: what the caller waited beyond the model call itself."""
+    def added_time(self, model: str, known_models: Iterable[str], waited_s: float, model_s: float) -> float | None:
+        """One completed HTTP answer: what the caller waited beyond the model call itself (returned too,
+        for the answer's `x-gw-overhead-ms`; None when the invoker's figure is not a number)."""
         named = model if model in set(known_models) else "other"
-        if math.isfinite(model_s):  # an invoker's figure, bounded by what the caller waited
-            self.added.labels(named).observe(waited_s - min(max(model_s, 0.0), waited_s))
+        if not math.isfinite(model_s):
+            return None
+        added = waited_s - min(max(model_s, 0.0), waited_s)  # an invoker's figure, bounded by the wait
+        self.added.labels(named).observe(added)
+        return added
 
     def budgets(self, rows: Iterable[tuple[str, int, int, int]]) -> None:
         """Per team of the policy: spent, reserved and cap of its current period."""

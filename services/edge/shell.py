@@ -52,6 +52,13 @@ OUTAGE_WAIT_S = 120.0  # and the most it waits past the deadline for the pipelin
 PUBLISH_TRY_S = 2.0  # one publish's wait for the stream's acknowledgement before it is sent again
 
 
+class Called(NamedTuple):
+    """What an HTTP caller gets, and the milliseconds the gateway added to it (None: no model answered)."""
+
+    reply: SubmitReply
+    added_ms: float | None = None
+
+
 class Handed(NamedTuple):
     """A pipeline reply as it reached the replica holding the caller: the caller's team (for the
     fact this replica records) and the model call's time (for the added time), from its headers."""
@@ -164,6 +171,10 @@ class Edge:
 
     async def call(self, cmd: SubmitRequest) -> SubmitReply:
         """The HTTP path: submit, wait on this replica's inbox, and record what the caller gets."""
+        return (await self.call_timed(cmd)).reply
+
+    async def call_timed(self, cmd: SubmitRequest) -> Called:
+        """`call`, with the time the gateway added to an answer (the caller's wait less the model call)."""
         request_id, started = uuid.uuid4().hex, time.monotonic()
         logs.request_id.set(request_id)  # this caller's task: its log lines name the request
         waited_from = asyncio.get_running_loop().time()
@@ -174,7 +185,7 @@ class Edge:
             refused = await self.submit("http", cmd, subjects.edge_reply(self.replica, request_id), request_id)
             if refused is not None and not fut.done():  # done: it was stored after all, and answered
                 self._count("http", cmd, None, refused, started)
-                return refused
+                return Called(refused)
             try:
                 left = max(0.0, backstop_at - asyncio.get_running_loop().time())
                 reply, team, model_s = await asyncio.wait_for(asyncio.shield(fut), left)
@@ -191,8 +202,8 @@ class Edge:
         finally:  # from here on a reply for this request finds no caller (`_on_reply`)
             self.pending.pop(request_id, None)
         await self._record(decider.handed_over(reply, team, "waiting", bus.now_utc(), self.version))
-        self._count("http", cmd, team, reply, started, model_s)
-        return reply
+        added = self._count("http", cmd, team, reply, started, model_s)
+        return Called(reply, None if added is None else added * 1000)
 
     async def stream(self, cmd: SubmitRequest) -> AsyncGenerator[StreamChunk | SubmitReply, None]:
         """The HTTP path of `stream: true`: the answer's chunks as the model produces them, then the
@@ -357,7 +368,8 @@ class Edge:
         return info
 
     def _count(self, entry: str, cmd: SubmitRequest, team: str | None, reply: SubmitReply,
-               started: float | None, model_s: float | None = None) -> None:
+               started: float | None, model_s: float | None = None) -> float | None:
+        """Count an answer; returns the seconds the gateway added to it (None: no model answered)."""
         if reply.error is not None:  # an operator's trail of refusals (the line names the request, never its text)
             log.info("answered %s: %s", entry, reply.error.code)
         bundle = self.session.policy.bundle
@@ -365,7 +377,8 @@ class Edge:
         models = [m.id for m in bundle.catalog.model]
         self.metrics.answered(entry, cmd.chat.model, models, team, bundle.budgets.teams, reply, seconds)
         if seconds is not None and model_s is not None and reply.completion is not None:
-            self.metrics.added_time(cmd.chat.model, models, seconds, model_s)
+            return self.metrics.added_time(cmd.chat.model, models, seconds, model_s)
+        return None
 
     async def scrape(self) -> bytes:
         """GET /metrics: the counters, and the consumers' backlog and restarts as of now."""
