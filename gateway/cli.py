@@ -10,7 +10,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
@@ -315,7 +315,7 @@ def cmd_console(args: argparse.Namespace) -> int:
     """Serve the read-only web console over a data dir (a running gateway's, or a stopped one's)."""
     from . import config
     from .console import app as console_app
-    from .runtime import reachable_settings
+    from .runtime import auditing, reachable_settings
 
     cfg = config.load(Path(args.config)).console
     data_dir = Path(args.data_dir or config.load(Path(args.config)).data_dir)
@@ -326,7 +326,7 @@ def cmd_console(args: argparse.Namespace) -> int:
         return 1
     host, port = args.host or cfg.host, cfg.port if args.port is None else args.port
     stored = settings_path(data_dir).read_bytes()
-    with reachable_settings(data_dir) as settings, _auditing(data_dir, settings, stored):
+    with reachable_settings(data_dir) as settings, auditing(data_dir, settings, stored):
         async def serve() -> None:
             async with console_app.serving(settings, host, port, cfg.roles) as url:
                 if args.screenshots:
@@ -340,30 +340,14 @@ def cmd_console(args: argparse.Namespace) -> int:
                     return
                 console.print(f"console on {url} (bus {settings.nats_url}); roles {', '.join(cfg.roles)}; "
                               "Ctrl-C to stop", highlight=False)
-                await asyncio.Event().wait()
+                stop = asyncio.Event()  # SIGTERM as Ctrl-C: the broker and auditor it started are stopped
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+                await stop.wait()
 
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve())
     return 0
-
-
-@contextlib.contextmanager
-def _auditing(data_dir: Path, settings: WorkerSettings, stored: bytes) -> Iterator[None]:
-    """With the gateway stopped, the console's broker has no auditor: one runs beside it, so the
-    console's own page views reach the Parquet audit and an evidence export covers every message."""
-    from . import supervisor
-
-    if msgspec.json.decode(stored, type=WorkerSettings).nats_url == settings.nats_url:
-        yield  # the running gateway's auditor does it
-        return
-    supervisor.write_settings(settings)
-    auditor = supervisor.spawn_worker(settings, "auditor", "console-auditor")
-    try:
-        yield
-    finally:
-        auditor.terminate()  # the auditor flushes what it holds on SIGTERM
-        auditor.wait(30)
-        supervisor.settings_path(data_dir).write_bytes(stored)  # as the gateway left them
 
 
 def cmd_report_request(args: argparse.Namespace) -> int:
@@ -396,10 +380,14 @@ def cmd_identities(args: argparse.Namespace) -> int:
 def cmd_evidence_export(args: argparse.Namespace) -> int:
     """Write the evidence package of the running gateway."""
     from .evidence import export
-    from .runtime import reachable_settings
+    from .runtime import auditing, reachable_settings
+    from .supervisor import settings_path
 
     try:
-        with reachable_settings(Path(args.data_dir)) as settings:
+        stored = settings_path(Path(args.data_dir)).read_bytes()
+        # over a stopped gateway, an auditor runs beside the broker: the stream's last messages (an
+        # auditor's own last checkpoint) reach the audit tables the package must cover
+        with reachable_settings(Path(args.data_dir)) as settings, auditing(Path(args.data_dir), settings, stored):
             manifest = asyncio.run(export(settings, Path(args.dir), args.period))
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         console.print(f"[red]{exc}[/]")

@@ -22,6 +22,7 @@ from .runtime import Gateway
 from .schemas import codec, subjects
 from .schemas.commands import ChatBody, ChatMessage, SubmitRequest
 from .services import bus, egress
+from .services.policy import FILES
 from .services.settings import WorkerSettings
 from .violations import list_violations, violations_table
 
@@ -46,10 +47,24 @@ FALLBACK_SQL = """SELECT f.request_id, f.endpoint, f.reason,
 FROM events f WHERE f.type = 'InvocationFailed' ORDER BY f.seq"""
 
 
-def _policy_dir() -> Path:
-    """The repository's bundle when run from a checkout, else the bundle beside the package."""
+# The demo's burst client: a third request within a minute is refused. A limit of the demo's own,
+# added to its copy of the bundle: the shipped bundle sets none (limits are each deployment's).
+DEMO_RATE_LIMIT = '\n[application."rate-demo"]\nrequests_per_minute = 2\n'
+
+
+def _policy_dir(data_dir: Path) -> Path:
+    """The repository's bundle when run from a checkout, else the bundle beside the package, copied
+    into the data dir with the demo's rate limit added."""
     local = Path.cwd() / "policies"
-    return local if (local / "catalog.toml").exists() else POLICIES
+    shipped = local if (local / "catalog.toml").exists() else POLICIES
+    folder = data_dir / "demo-policies"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in FILES:
+        if (shipped / name).is_file():
+            (folder / name).write_text((shipped / name).read_text())
+    with open(folder / "admission.toml", "a") as fh:
+        fh.write(DEMO_RATE_LIMIT)
+    return folder
 
 
 def http_chat(
@@ -249,7 +264,7 @@ def run_demo(data_dir: Path | None, enclave: bool = False) -> int:
     with console.status("starting nats-server, two llama.cpp servers and six workers..."):
         try:
             # a checkpoint every few seconds: the demo is short, and an assessor looks for one (console, evidence)
-            gw = Gateway(data_dir, _policy_dir(), nats_port=-1, http_port=0,
+            gw = Gateway(data_dir, _policy_dir(data_dir), nats_port=-1, http_port=0,
                          audit=config.AuditConfig(checkpoint_events=1000, checkpoint_seconds=3.0),
                          endpoints={"local-llama-2": second.start()}, serve_tiny="local-llama",
                          egress_allow=egress.LOOPBACK if enclave else None)

@@ -9,6 +9,7 @@ import functools
 import logging
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -146,10 +147,18 @@ async def activate(settings: WorkerSettings, folder: Path, by: str) -> PolicyAct
     nc = await bus.connect(settings, "admin", keep_trying=False)
     try:
         await bus.ensure_endpoints(nc.jetstream(), named)  # before any route to one
+        if _limits_rates(folder):  # before any request is counted
+            await bus.ensure_rate_counters(nc.jetstream())
         await bus.publish(nc.jetstream(), event)
     finally:
         await nc.close()
     return event
+
+
+def _limits_rates(folder: Path) -> bool:
+    """Whether the bundle sets any rate limit (its admission.toml)."""
+    admission = load_bundle(folder).admission
+    return admission is not None and bool(admission.team or admission.application or admission.model)
 
 
 async def bootstrap_policy(settings: WorkerSettings, folder: Path) -> str:
@@ -402,6 +411,28 @@ async def wait_audited(nc: Client, timeout_s: float = 30.0) -> int:
             return int(info.state.last_seq)
         await asyncio.sleep(0.2)
     raise TimeoutError("the auditor did not catch up with the stream")
+
+
+@contextlib.contextmanager
+def auditing(data_dir: Path, settings: WorkerSettings, stored: bytes) -> Iterator[None]:
+    """With the gateway stopped (`settings` reach a broker started for the occasion), an auditor runs
+    beside it: the console's own page views reach the Parquet audit, and an evidence export covers
+    every message, the last checkpoint a stopping auditor published included. `stored` is the data
+    dir's runtime.json as the gateway left it, never rewritten."""
+
+    if msgspec.json.decode(stored, type=WorkerSettings).nats_url == settings.nats_url:
+        yield  # the running gateway's auditor does it
+        return
+    path = data_dir / "occasional-runtime.json"  # the gateway's own runtime.json is left as it was
+    path.write_bytes(msgspec.json.encode(settings))
+    auditor = procs.spawn([sys.executable, "-m", "enclave_gateway.cli", "worker", "auditor", "--settings", str(path)],
+                          data_dir / "logs" / "occasional-auditor.log")
+    try:
+        yield
+    finally:
+        auditor.terminate()  # the auditor flushes what it holds on SIGTERM
+        auditor.wait(30)
+        path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -40,7 +40,8 @@ def list_violations(
     where, params = ["true"], []
     if since:
         where.append("occurred_at >= ?::TIMESTAMPTZ")
-        params.append(datetime.fromisoformat(since).isoformat() + ("" if "+" in since or "Z" in since else "+00:00"))
+        when = datetime.fromisoformat(since)  # a time without an offset is UTC; any offset is honoured
+        params.append((when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC).isoformat())
     if rule:
         where.append("rule = ?")
         params.append(rule)

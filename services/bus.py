@@ -154,6 +154,26 @@ async def js_ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         await js.add_stream(config)
 
 
+async def ensure_rate_counters(js: JetStreamContext) -> None:
+    """The stream of rate-limit counters (issue 12, services/budget/rates.py), as replicated as the
+    audit stream: JetStream counters, one subject per limit and minute; derived data, never the
+    audit trail (each request's counts are recorded in its budget decision). Only the newest value
+    of a counter is kept, and only a few minutes. Made when a policy with rate limits is activated:
+    a deployment without limits runs no such stream (one consensus group less on every node)."""
+    replicas = (await js.stream_info(subjects.STREAM)).config.num_replicas or 1
+    await js_ensure_stream(js, StreamConfig(
+        name=subjects.RATES_STREAM,
+        num_replicas=replicas,
+        subjects=[subjects.ALL_RATES],
+        storage=StorageType.FILE,
+        allow_msg_counter=True,
+        allow_direct=True,
+        max_msgs_per_subject=1,
+        max_age=RATE_COUNTERS_KEPT_S,
+        discard=DiscardPolicy.OLD,
+    ))
+
+
 async def ensure_topology(js: JetStreamContext, replicas: int = 1, endpoints: Iterable[str] = ()) -> None:
     """Create or update the stream GW_EVENTS (R`replicas`), every service's durable consumer and
     the durable of each endpoint's invokers."""
@@ -174,20 +194,6 @@ async def ensure_topology(js: JetStreamContext, replicas: int = 1, endpoints: It
     for name, spec in CONSUMERS.items():
         await js.add_consumer(subjects.STREAM, consumer_config(name, spec))
     await ensure_endpoints(js, endpoints)
-    await js_ensure_stream(js, StreamConfig(
-        # Rate-limit counters (issue 12, services/budget/rates.py): JetStream counters, one subject per
-        # limit and minute; derived data, never the audit trail (each request's counts are recorded
-        # in its budget decision). Only the newest value of a counter is kept, and only a few minutes.
-        name=subjects.RATES_STREAM,
-        num_replicas=replicas,
-        subjects=[subjects.ALL_RATES],
-        storage=StorageType.FILE,
-        allow_msg_counter=True,
-        allow_direct=True,
-        max_msgs_per_subject=1,
-        max_age=RATE_COUNTERS_KEPT_S,
-        discard=DiscardPolicy.OLD,
-    ))
     # Budget projection snapshots: derived data, never the audit trail (services/budget/ledger_store.py).
     await js.create_object_store("GW_BUDGET", config=ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas))
 

@@ -48,6 +48,8 @@ period = "month"
 """
 
 
+from enclave_gateway.demo import DEMO_RATE_LIMIT  # noqa: E402
+
 DOWN = f"http://127.0.0.1:{procs.free_port()}"  # nothing listens there
 # A second llama.cpp server that test_routing starts, kills during traffic and starts again.
 DUO_PORT = procs.free_port()
@@ -84,6 +86,8 @@ def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copy(f, folder / f.name)
     with open(folder / "budgets.toml", "a") as fh:
         fh.write(TEST_TEAMS)
+    with open(folder / "admission.toml", "a") as fh:  # the demo's burst client, 2 a minute (test_replay)
+        fh.write(DEMO_RATE_LIMIT)
     with open(folder / "access_policy.csv", "a") as fh:
         fh.write("p, team:gamma, enclave-tiny\np, team:gamma, analyst-large\np, team:tight, enclave-tiny\n"
                  "p, team:gamma, enclave-tiny-ha\np, team:gamma, enclave-tiny-duo\np, team:gamma, enclave-tiny-hang\n"

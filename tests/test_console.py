@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -94,9 +95,9 @@ def _page(browser: Browser, served: Served, role: str | None = "assessor", js: b
     offline = Offline()
     context.route("**/*", offline)
     page = context.new_page()
-    if role:
+    if role:  # a viewer of its own per page: a viewer may hold only a few live feeds open
         page.goto(f"{served.url}/login")
-        page.fill("#token", served.token(role))
+        page.fill("#token", served.token(role, subject=f"ann-{uuid.uuid4().hex[:8]}"))
         page.click("button[type=submit]")
     return page, offline
 
@@ -146,7 +147,7 @@ def test_violations_show_what_the_feed_says_filter_and_follow_live(browser: Brow
                            rule="no-write-down", detail="<b>x</b>", model="<script>alert(1)</script>",
                            reply_to="_INBOX.x")
     _on_bus(served, lambda js: js.publish(subjects.for_event(denied), codec.encode(denied)))
-    page.wait_for_function(f"document.querySelectorAll('#violation-rows tr').length > {before}")
+    _until_more_rows(page, before)
     first = _rows(page, "#violation-rows")[0]
     assert first[-1] == "live-1" and first[5] == "<script>alert(1)</script>"  # shown as text, never run
     assert offline.outside == []
@@ -209,9 +210,65 @@ def test_a_session_without_a_console_role_gets_403_and_every_view_is_recorded(br
         return read()  # type: ignore[return-value]
 
     recorded = _on_bus(served, views)
-    assert {(v["page"], v["status"]) for v in recorded} >= {("spend", 401), ("login", 403), ("spend", 403),
+    assert {(v["page"], v["status"]) for v in recorded} >= {("login", 403), ("spend", 403),
                                                             ("evidence-export", 403), ("spend", 200)}
     assert any(v["viewer"] == "dev" and v["status"] == 403 for v in recorded)
+
+
+def test_a_hostile_review_of_the_console(browser: Browser, served: Served) -> None:
+    """What a review broke: the cookie was the API token (sent to every local port), requests with no
+    session grew the audit trail, another site's name reached it (DNS rebinding), `next` led off
+    site, a carriage return in a model name hid a denial from the live feed, and a negative UTC
+    offset in a filter failed."""
+    import urllib.error
+    import urllib.request
+
+    page, _ = _page(browser, served)
+    [cookie] = page.context.cookies()
+    token = served.token("assessor")
+    assert cookie["name"] == "gw_console" and "." not in cookie["value"] and cookie["httpOnly"]  # no JWT in it
+
+    def count_views(js: object) -> object:
+        async def read() -> int:
+            return len(await bus.stored_on(js, subjects.console_viewed(), "admin"))  # type: ignore[arg-type]
+        return read()
+
+    before = _on_bus(served, count_views)
+    for _ in range(20):  # no session: sent to sign in, shown nothing, recorded nothing
+        with urllib.request.urlopen(f"{served.url}/violations?{'x' * 150}") as r:
+            assert r.url.startswith(f"{served.url}/login")
+    assert _on_bus(served, count_views) == before
+
+    request = urllib.request.Request(f"{served.url}/spend", headers={"Host": f"rebound.example:{served.url.rsplit(':', 1)[1]}",
+                                                                     "Authorization": f"Bearer {token}"})
+    try:
+        urllib.request.urlopen(request)
+        raise AssertionError("another host name was answered")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 421
+
+    fresh, _ = _page(browser, served, role=None)
+    fresh.goto(f"{served.url}/login?next=/%09/evil.example/phish")
+    fresh.fill("#token", token)
+    fresh.click("button[type=submit]")
+    fresh.wait_for_load_state()
+    assert fresh.url == f"{served.url}/"
+
+    page.goto(f"{served.url}/violations?since=2020-01-01T00:00-05:00")
+    assert int(page.inner_text("#count")) > 0
+    page.goto(f"{served.url}/violations")
+    page.wait_for_selector("#live:not([hidden])")
+    before_rows = len(_rows(page, "#violation-rows"))
+    hidden = RequestDenied(**envelope("live-cr", "authz", datetime.now(UTC), "sha256:test"), reason="write_down",
+                           rule="no-write-down", detail="d", model="gpt\revent: nothing-to-see", reply_to="_INBOX.x")
+    _on_bus(served, lambda js: js.publish(subjects.for_event(hidden), codec.encode(hidden)))
+    _until_more_rows(page, before_rows)
+    assert _rows(page, "#violation-rows")[0][-1] == "live-cr"
+
+    page.click("header form button")  # sign out: the session id opens nothing any more
+    stale = page.request.get(f"{served.url}/spend", headers={"Cookie": f"gw_console={cookie['value']}"},
+                             max_redirects=0)
+    assert stale.status == 303 and "/login" in stale.headers["location"]
 
 
 def test_pages_work_without_javascript_and_fit_1280_by_800(browser: Browser, served: Served) -> None:
@@ -225,6 +282,14 @@ def test_pages_work_without_javascript_and_fit_1280_by_800(browser: Browser, ser
         wide.goto(f"{served.url}{path}")
         assert wide.evaluate("document.documentElement.scrollWidth") <= 1280, path
     assert offline.outside == []
+
+
+def _until_more_rows(page: Page, before: int, timeout_s: float = 20.0) -> None:
+    """Wait for the live feed to add a row (polled from here: the page's CSP forbids evaluated strings)."""
+    deadline = time.monotonic() + timeout_s
+    while len(_rows(page, "#violation-rows")) <= before:
+        assert time.monotonic() < deadline, "no row arrived on the live feed"
+        page.wait_for_timeout(100)
 
 
 def _on_bus(served: Served, work: object) -> object:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -51,6 +52,13 @@ log = logging.getLogger("enclave_gateway.console")
 COOKIE = "gw_console"
 POLICY_FRESH_S = 15.0  # how long a compiled policy serves before the stream is asked for a newer one
 REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+NEXT = re.compile(r"^/(?!/)[A-Za-z0-9/_?=&.%-]{0,200}$")  # a path of ours: no scheme, host, space or control
+SESSIONS = 10_000
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; style-src 'self'; script-src 'self'; "
+                                           "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; "
+                                           "base-uri 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin", "Cache-Control": "no-store"}
+LIVE_PER_VIEWER, LIVE_IN_ALL = 4, 64
 TEAM = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 RULE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 ASSESSOR = "assessor"  # the role that may replay and export from the console
@@ -71,6 +79,12 @@ class Console:
         self.data_dir = Path(settings.data_dir)
         self.audit_dir = self.data_dir / "audit"
         self.roles = frozenset(roles)
+        # sign-ins: a random id (the cookie) to the session token it proved. The cookie is never the
+        # token itself: browsers send a host's cookies to its every port, and a token is an API key.
+        self.sessions: dict[str, str] = {}
+        self.hosts: set[str] = set()  # the Host headers this console answers (DNS rebinding: refused)
+        self.live: dict[str, int] = {}  # open live feeds per viewer
+        self.heavy = asyncio.Lock()  # one replay or export at a time: each reads the whole stream
         self._policy: AuthzPolicy | None = None
         self._policy_at = 0.0
         self.templates = jinja2.Environment(
@@ -92,11 +106,19 @@ class Console:
 
     async def viewer(self, request: web.Request) -> Viewer | str:
         """Who asks, or why nobody: the session's verified claims, or the reason it is refused."""
-        token = request.cookies.get(COOKIE, "")
+        token = self.sessions.get(request.cookies.get(COOKIE, ""), "")
         auth = request.headers.get("Authorization", "")
         if auth[:7].lower() == "bearer ":
             token = auth[7:].strip()
         return await self.session(token)
+
+    def sign_in(self, token: str) -> str:
+        """A new session id for a verified token (the oldest sessions go past SESSIONS)."""
+        while len(self.sessions) >= SESSIONS:
+            self.sessions.pop(next(iter(self.sessions)))
+        sid = secrets.token_urlsafe(32)
+        self.sessions[sid] = token
+        return sid
 
     async def session(self, token: str) -> Viewer | str:
         """The viewer a session token proves, or why it proves none."""
@@ -121,18 +143,17 @@ class Console:
 
     def render(self, name: str, status: int = 200, **context: Any) -> web.Response:
         html = self.templates.get_template(name).render(**context)
-        return web.Response(status=status, text=html, content_type="text/html",
-                            headers={"Content-Security-Policy": "default-src 'self'; style-src 'self'; "
-                                                                "script-src 'self'; img-src 'self' data:; "
-                                                                "frame-ancestors 'none'; form-action 'self'",
-                                     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",
-                                     "Cache-Control": "no-store"})
+        return web.Response(status=status, text=html, content_type="text/html", headers=PAGE_HEADERS)
 
 
-def page(name: str, target: Callable[[web.Request], str | None] = lambda r: None, role: str | None = None
+def page(name: str, target: Callable[[web.Request], str | None] = lambda r: None, role: str | None = None,
+         streamed: bool = False
          ) -> Callable[[Callable[[Console, web.Request, Viewer], Awaitable[web.StreamResponse]]], Handler]:
-    """A page behind a session whose roles allow the console (and `role`, when given); every view
-    is recorded first, refused ones too."""
+    """A page behind a session whose roles allow the console (and `role`, when given). Every view by
+    a session is recorded, refused ones too, with the status it is answered (a failure as 500),
+    before anything is sent; a `streamed` page is recorded as it opens. A request with no valid
+    session is sent to sign in and is shown nothing, so it is no view (a web page could otherwise
+    grow the audit trail at will, a review found)."""
 
     def wrap(body: Callable[[Console, web.Request, Viewer], Awaitable[web.StreamResponse]]) -> Handler:
         async def handler(request: web.Request) -> web.StreamResponse:
@@ -140,7 +161,6 @@ def page(name: str, target: Callable[[web.Request], str | None] = lambda r: None
             who = await con.viewer(request)
             asked = target(request)
             if isinstance(who, str):
-                await con.record(name, 401, None, asked)
                 if request.method == "GET" and "Authorization" not in request.headers:
                     raise web.HTTPSeeOther(f"/login?next={request.path}")
                 return con.render("refused.html", 401, why=f"no valid session ({who})", viewer=None)
@@ -153,8 +173,19 @@ def page(name: str, target: Callable[[web.Request], str | None] = lambda r: None
             if request.method == "POST" and not _same_origin(request):
                 await con.record(name, 403, who, "cross-origin POST")
                 return con.render("refused.html", 403, viewer=who, why="a form posted from another origin")
-            await con.record(name, 200, who, asked)
-            return await body(con, request, who)
+            if streamed:
+                await con.record(name, 200, who, asked)
+                return await body(con, request, who)
+            try:
+                response = await body(con, request, who)
+            except web.HTTPException as exc:
+                await con.record(name, exc.status, who, asked)
+                raise
+            except Exception:
+                await con.record(name, 500, who, asked)
+                raise
+            await con.record(name, response.status, who, asked)
+            return response
 
         return handler
 
@@ -189,11 +220,20 @@ async def login(request: web.Request) -> web.StreamResponse:
                           error=f"{who.subject}'s roles ({', '.join(who.roles) or 'none'}) do not open the console")
     await con.record("login", 200, who)
     response = web.Response(status=303, headers={"Location": nxt})
-    response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/")
+    response.set_cookie(COOKIE, con.sign_in(token), httponly=True, samesite="Strict", path="/",
+                        secure=request.secure)
     return response
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
+    """Sign out: the session id is forgotten here, so the cookie opens nothing any more."""
+    con: Console = request.app["console"]
+    if not _same_origin(request):
+        return con.render("refused.html", 403, viewer=None, why="a sign-out posted from another origin")
+    token = con.sessions.pop(request.cookies.get(COOKIE, ""), None)
+    if token is not None:
+        who = await con.session(token)
+        await con.record("logout", 200, who if isinstance(who, Viewer) else None)
     response = web.Response(status=303, headers={"Location": "/login"})
     response.del_cookie(COOKIE, path="/")
     return response
@@ -201,7 +241,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
 
 def _next(value: str | None) -> str:
     """Where to go after signing in: a path of ours, never another site."""
-    return value if value and value.startswith("/") and not value.startswith("//") and "\\" not in value else "/"
+    return value if value and NEXT.match(value) else "/"
 
 
 @page("home")
@@ -252,12 +292,17 @@ async def violations(con: Console, request: web.Request, who: Viewer) -> web.Str
     return con.render("violations.html", viewer=who, cols=cols, rows=rows, filters=f, rules=rules)
 
 
-@page("violations-live", target=lambda r: r.query_string[:200] or None)
+@page("violations-live", target=lambda r: r.query_string[:200] or None, streamed=True)
 async def violations_live(con: Console, request: web.Request, who: Viewer) -> web.StreamResponse:
-    """Server-sent events: each new denial as it is stored (the subject the SOC feed follows)."""
+    """Server-sent events: each new denial as it is stored (the subject the SOC feed follows). The
+    session is checked again at every heartbeat: a feed ends with its session."""
     f = _filters(request)
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
+    if con.live.get(who.subject, 0) >= LIVE_PER_VIEWER or sum(con.live.values()) >= LIVE_IN_ALL:
+        return web.Response(status=429, text="too many live feeds open", headers={"Retry-After": "15"})
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                           "Content-Security-Policy": "default-src 'none'"})
     await response.prepare(request)
+    con.live[who.subject] = con.live.get(who.subject, 0) + 1
     queue: asyncio.Queue[Msg] = asyncio.Queue(maxsize=1000)
 
     async def got(msg: Msg) -> None:
@@ -271,6 +316,8 @@ async def violations_live(con: Console, request: web.Request, who: Viewer) -> we
             try:
                 msg = await asyncio.wait_for(queue.get(), 15)
             except TimeoutError:
+                if not isinstance(await con.viewer(request), Viewer):  # signed out, expired, keys changed
+                    break
                 await response.write(b": still here\n\n")
                 continue
             try:
@@ -285,10 +332,12 @@ async def violations_live(con: Console, request: web.Request, who: Viewer) -> we
                                  "clearance": e.caller.clearance if e.caller else None, "input_label": e.input_label,
                                  "output_label": e.output_label, "policy_version": e.policy_version,
                                  "request_id": e.request_id})
-            await response.write(b"data: " + html.replace("\n", " ").encode() + b"\n\n")
+            # one line: a carriage return in a caller's model name would end the event early (a review)
+            await response.write(b"data: " + re.sub(r"[\r\n\u2028\u2029\x85]", " ", html).encode() + b"\n\n")
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
+        con.live[who.subject] -= 1
         await sub.unsubscribe()
     return response
 
@@ -340,11 +389,14 @@ async def evidence(con: Console, request: web.Request, who: Viewer) -> web.Strea
 @page("evidence-replay", role=ASSESSOR)
 async def evidence_replay(con: Console, request: web.Request, who: Viewer) -> web.StreamResponse:
     """Re-decide every recorded decision now, and keep the outcome (what `gateway replay` does)."""
-    stored = [(seq, subject, data) for data, subject, seq in
-              await bus.stored_on(con.js, subjects.ALL_EVENTS, "admin")]
-    result = await asyncio.to_thread(replay, stored, dev_jwks(con.settings), 0, None, None,
-                                     con.settings.policy_signers)
-    last = replay_cli.save_last(con.data_dir, result, stored)
+    if con.heavy.locked():
+        raise web.HTTPConflict(text="a replay or an export is running: try again when it is done")
+    async with con.heavy:
+        stored = [(seq, subject, data) for data, subject, seq in
+                  await bus.stored_on(con.js, subjects.ALL_EVENTS, "admin")]
+        result = await asyncio.to_thread(replay, stored, dev_jwks(con.settings), 0, None, None,
+                                         con.settings.policy_signers)
+        last = replay_cli.save_last(con.data_dir, result, stored)
     message = (f"replayed {last.decisions} decisions: {last.reproduced} reproduced, {last.mismatches} mismatches")
     return con.render("evidence.html", viewer=who, message=message, **await _evidence_context(con))
 
@@ -352,14 +404,27 @@ async def evidence_replay(con: Console, request: web.Request, who: Viewer) -> we
 @page("evidence-export", role=ASSESSOR)
 async def evidence_export(con: Console, request: web.Request, who: Viewer) -> web.StreamResponse:
     """Write the evidence package into the data dir (what `gateway evidence export` does)."""
-    out = con.data_dir / "evidence" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    manifest = await export_evidence(con.settings, out)
+    if con.heavy.locked():
+        raise web.HTTPConflict(text="a replay or an export is running: try again when it is done")
+    out = con.data_dir / "evidence" / f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
+    async with con.heavy:
+        manifest = await export_evidence(con.settings, out)
     message = f"exported {manifest.events} events (seq {manifest.first_seq}..{manifest.last_seq}) to {out}"
     return con.render("evidence.html", viewer=who, message=message, **await _evidence_context(con))
 
 
+@web.middleware
+async def _our_host(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Only the Host this console was started on: a page elsewhere that points its own name at
+    127.0.0.1 (DNS rebinding) reaches nothing here."""
+    con: Console = request.app["console"]
+    if con.hosts and request.host not in con.hosts:
+        return web.Response(status=421, text="this console answers only its own address")
+    return await handler(request)
+
+
 def build(con: Console) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[_our_host])
     app["console"] = con
     app.router.add_get("/login", login_form)
     app.router.add_post("/login", login)
@@ -393,12 +458,15 @@ def _asset(name: str, kind: str) -> Handler:
 async def serving(settings: WorkerSettings, host: str, port: int, roles: list[str]) -> AsyncIterator[str]:
     """The console on host:port, recording on the settings' bus; yields its address."""
     nc = await bus.connect(settings, "admin", keep_trying=False)
-    runner = web.AppRunner(build(Console(settings, nc, roles)), access_log=None)
+    con = Console(settings, nc, roles)
+    # live feeds never end by themselves: stopping waits for them a moment, then cuts them off
+    runner = web.AppRunner(build(con), access_log=None, shutdown_timeout=2.0)
     try:
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         await site.start()
         bound = runner.addresses[0][1] if runner.addresses else port
+        con.hosts = {f"{host}:{bound}", *({f"localhost:{bound}"} if host == "127.0.0.1" else ())}
         yield f"http://{host}:{bound}"
     finally:
         await runner.cleanup()
