@@ -86,6 +86,7 @@ async def counted(url: str, n: int, rpm: int) -> dict[str, float]:
     pol = policy(rpm)
     ncs = [await nats.connect(url) for _ in range(2)]
     await bus.ensure_topology(ncs[0].jetstream())
+    await bus.ensure_rate_counters(ncs[0].jetstream())  # made when a bundle with limits is activated
     queue = list(range(n))
     admitted = [0, 0]
 
