@@ -315,7 +315,7 @@ def cmd_console(args: argparse.Namespace) -> int:
     """Serve the read-only web console over a data dir (a running gateway's, or a stopped one's)."""
     from . import config
     from .console import app as console_app
-    from .runtime import auditing, reachable_settings
+    from .runtime import reachable_settings
 
     cfg = config.load(Path(args.config)).console
     data_dir = Path(args.data_dir or config.load(Path(args.config)).data_dir)
@@ -325,8 +325,7 @@ def cmd_console(args: argparse.Namespace) -> int:
         console.print(f"[red]no gateway data in {data_dir}[/] (run `gateway up` or `gateway demo --data-dir D` first)")
         return 1
     host, port = args.host or cfg.host, cfg.port if args.port is None else args.port
-    stored = settings_path(data_dir).read_bytes()
-    with reachable_settings(data_dir) as settings, auditing(data_dir, settings, stored):
+    with reachable_settings(data_dir, audited=True) as settings:
         async def serve() -> None:
             async with console_app.serving(settings, host, port, cfg.roles) as url:
                 if args.screenshots:
@@ -380,14 +379,10 @@ def cmd_identities(args: argparse.Namespace) -> int:
 def cmd_evidence_export(args: argparse.Namespace) -> int:
     """Write the evidence package of the running gateway."""
     from .evidence import export
-    from .runtime import auditing, reachable_settings
-    from .supervisor import settings_path
+    from .runtime import reachable_settings
 
     try:
-        stored = settings_path(Path(args.data_dir)).read_bytes()
-        # over a stopped gateway, an auditor runs beside the broker: the stream's last messages (an
-        # auditor's own last checkpoint) reach the audit tables the package must cover
-        with reachable_settings(Path(args.data_dir)) as settings, auditing(Path(args.data_dir), settings, stored):
+        with reachable_settings(Path(args.data_dir), audited=True) as settings:
             manifest = asyncio.run(export(settings, Path(args.dir), args.period))
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         console.print(f"[red]{exc}[/]")

@@ -414,32 +414,14 @@ async def wait_audited(nc: Client, timeout_s: float = 30.0) -> int:
 
 
 @contextlib.contextmanager
-def auditing(data_dir: Path, settings: WorkerSettings, stored: bytes) -> Iterator[None]:
-    """With the gateway stopped (`settings` reach a broker started for the occasion), an auditor runs
-    beside it: the console's own page views reach the Parquet audit, and an evidence export covers
-    every message, the last checkpoint a stopping auditor published included. `stored` is the data
-    dir's runtime.json as the gateway left it, never rewritten."""
-
-    if msgspec.json.decode(stored, type=WorkerSettings).nats_url == settings.nats_url:
-        yield  # the running gateway's auditor does it
-        return
-    path = data_dir / "occasional-runtime.json"  # the gateway's own runtime.json is left as it was
-    path.write_bytes(msgspec.json.encode(settings))
-    auditor = procs.spawn([sys.executable, "-m", "enclave_gateway.cli", "worker", "auditor", "--settings", str(path)],
-                          data_dir / "logs" / "occasional-auditor.log")
-    try:
-        yield
-    finally:
-        auditor.terminate()  # the auditor flushes what it holds on SIGTERM
-        auditor.wait(30)
-        path.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def reachable_settings(data_dir: Path) -> Iterator[WorkerSettings]:
+def reachable_settings(data_dir: Path, audited: bool = False) -> Iterator[WorkerSettings]:
     """Settings that reach the data dir's stream: the running gateway's, or, when none runs, an
     embedded broker started on the stored data for the duration (`gateway replay` or `evidence
-    export` after `gateway demo --data-dir D` has stopped); no worker is started."""
+    export` after `gateway demo --data-dir D` has stopped).
+
+    `audited`: such a broker gets an auditor beside it, so what is stored meanwhile (the console's
+    page views) and the last checkpoint a stopping auditor published reach the audit tables an
+    evidence package must cover. The data dir's runtime.json is never rewritten."""
     settings = supervisor.read_settings(data_dir)
 
     async def alive() -> bool:
@@ -456,9 +438,20 @@ def reachable_settings(data_dir: Path) -> Iterator[WorkerSettings]:
     certs = tls.paths(data_dir.resolve() / "tls") if settings.nats_ca_file else None
     broker = Broker(data_dir.resolve(), creds_dir=data_dir.resolve() / "creds", certs=certs)
     url = broker.start()
+    occasional = msgspec.structs.replace(settings, nats_url=url)
+    path = data_dir / "occasional-runtime.json"
+    auditor = None
     try:
-        yield msgspec.structs.replace(settings, nats_url=url)
+        if audited:
+            path.write_bytes(msgspec.json.encode(occasional))
+            auditor = procs.spawn([sys.executable, "-m", "enclave_gateway.cli", "worker", "auditor", "--settings",
+                                   str(path)], data_dir / "logs" / "occasional-auditor.log")
+        yield occasional
     finally:
+        if auditor is not None:
+            auditor.terminate()  # the auditor flushes what it holds on SIGTERM
+            auditor.wait(30)
+        path.unlink(missing_ok=True)
         broker.stop()
 
 

@@ -143,7 +143,7 @@ async def test_a_reply_after_the_deadline_is_recorded_undelivered_and_nothing_ru
     async with worker.session(hasty, "edge", policy_view.for_worker(hasty)) as s:
         replica = Edge(hasty, s)  # a second edge replica; it takes no gw.submit traffic, only its callers' replies
         await replica.listen()
-        reply = await replica.call(SubmitRequest(token=token_for("gamma"), chat=chat))
+        reply = (await replica.call(SubmitRequest(token=token_for("gamma"), chat=chat))).reply
         assert reply.error is not None and reply.error.code == "timeout"
         rid = reply.request_id
         ended = await wait_for_event(admin, rid, "RouteUnavailable", timeout_s=60)

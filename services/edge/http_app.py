@@ -150,7 +150,7 @@ async def chat_completions(edge: Edge, request: web.Request) -> web.StreamRespon
     )
     if req.stream:
         return await _stream(edge, request, cmd)
-    reply, added_ms = await edge.call_timed(cmd)
+    reply, added_ms = await edge.call(cmd)
     if reply.error is not None:
         return _error(reply.error, reply.request_id)
     assert reply.completion is not None

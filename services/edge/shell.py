@@ -169,12 +169,9 @@ class Edge:
             await self.nc.publish(reply_to, codec.encode(reply))
         await bus.publish(self.js, decider.delivered(reply, team, bus.now_utc(), self.version))
 
-    async def call(self, cmd: SubmitRequest) -> SubmitReply:
-        """The HTTP path: submit, wait on this replica's inbox, and record what the caller gets."""
-        return (await self.call_timed(cmd)).reply
-
-    async def call_timed(self, cmd: SubmitRequest) -> Called:
-        """`call`, with the time the gateway added to an answer (the caller's wait less the model call)."""
+    async def call(self, cmd: SubmitRequest) -> Called:
+        """The HTTP path: submit, wait on this replica's inbox, and record what the caller gets; with
+        the time the gateway added to an answer (the caller's wait less the model call)."""
         request_id, started = uuid.uuid4().hex, time.monotonic()
         logs.request_id.set(request_id)  # this caller's task: its log lines name the request
         waited_from = asyncio.get_running_loop().time()
