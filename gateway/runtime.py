@@ -310,8 +310,9 @@ class Gateway:
         while time.monotonic() < deadline:
             for name, proc in self.workers.items():
                 if proc.poll() is not None:
+                    log_file = self.data_dir / "logs" / (name + ".log")
                     raise procs.ChildExited(f"worker {name} exited with {proc.returncode} while starting; "
-                                       f"see {self.data_dir / 'logs' / (name + '.log')}")
+                                            f"its last log line: {_last_line(log_file)}; see {log_file}")
             if readiness(self.http_url)[0]:
                 return
             time.sleep(0.2)
@@ -482,3 +483,12 @@ async def status_rows(data_dir: Path) -> tuple[list[str], list[tuple[object, ...
         return ["consumer", "delivered seq / messages", "pending", "unacked", "redelivered / bytes"], rows
     finally:
         await nc.close()
+
+
+def _last_line(log_file: Path) -> str:
+    """The last line a child logged (why it ended, usually), for the error that reports its end."""
+    try:
+        lines = log_file.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return lines[-1][:500] if lines else "(empty)"

@@ -11,7 +11,10 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import sys
+import threading
 from datetime import UTC, datetime
+from types import TracebackType
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -63,3 +66,17 @@ def configure(service: str, level: int = logging.INFO) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.captureWarnings(True)  # a library's warning is a line like any other, not raw stderr
+    sys.excepthook = _uncaught
+    threading.excepthook = _uncaught_in_thread
+
+
+def _uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    """The exception that ends the process, as one more JSON line: a raw traceback would break the
+    log's format and could quote a prompt in an exception's message."""
+    logging.getLogger("enclave_gateway.uncaught").critical("the process ended on an uncaught exception",
+                                                          exc_info=(kind, exc, tb))
+
+
+def _uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_value is not None:
+        _uncaught(args.exc_type, args.exc_value, args.exc_traceback)

@@ -30,3 +30,20 @@ def test_a_line_is_one_json_object_naming_the_request_and_an_exception_only_by_t
 def test_the_request_id_is_read_from_an_events_message_id() -> None:
     assert logs.request_of_msg_id("0123abcd:route-2") == "0123abcd"
     assert logs.request_of_msg_id("seq-17") is None and logs.request_of_msg_id(None) is None
+
+
+def test_an_exception_that_ends_the_process_is_one_more_json_line_without_its_message() -> None:
+    """A worker that dies on an uncaught exception (in its loop or a thread) must not print a raw
+    traceback: the log stays JSON lines, and the exception's text (a prompt, maybe) stays out."""
+    import subprocess
+    import sys
+
+    script = ("import threading; from enclave_gateway.services import logs; logs.configure('router'); "
+              "t = threading.Thread(target=lambda: 1 / 0); t.start(); t.join(); "
+              "raise RuntimeError('the prompt was: launch codes')")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [(e["level"], e["exc_type"]) for e in lines] == [("CRITICAL", "ZeroDivisionError"),
+                                                           ("CRITICAL", "RuntimeError")]
+    assert "launch codes" not in done.stderr and all(e["service"] == "router" for e in lines)

@@ -199,3 +199,22 @@ async def test_a_pinned_second_signer_is_followed_only_where_it_is_pinned(
     assert rotated.version == event.version
     assert await _forbidden(client, admin, token) == version
     await runtime.activate(stack, Path(stack.policy_dir), "test-restore")
+
+
+async def test_a_replica_whose_first_read_of_the_policy_was_stale_still_starts(
+        stack: WorkerSettings, admin: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a replicated stream a direct get may be answered by a follower that has not stored the
+    newest activation yet, and that activation was published before the replica subscribed: the
+    replica must read again rather than wait for an activation that will never come live."""
+    from enclave_gateway.services.policy import feed as feed_module
+    reads: list[int] = []
+
+    async def stale_once(js: object, subject: str, reader: str) -> list[tuple[bytes, str, int]]:
+        reads.append(1)
+        return [] if len(reads) == 1 else await bus.stored_on(admin.jetstream(), subject, reader)
+
+    monkeypatch.setattr(feed_module, "stored_on", stale_once)
+    feed = PolicyFeed(admin, admin.jetstream(), "stale-replica", whole_bundle, stack.policy_signers)
+    await feed.start(timeout_s=10.0)
+    active = await runtime.active_policy(stack)
+    assert active is not None and feed.version == active.version and len(reads) >= 2

@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Generic, TypeVar
 
 import msgspec
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -29,6 +30,7 @@ from .signing import TrustedSigners, signing_time, verify_activation
 
 log = logging.getLogger("enclave_gateway.policy")
 V = TypeVar("V")
+HISTORY_AGAIN_S = 1.0
 
 
 def verified_bundle(event: PolicyActivated, trusted: TrustedSigners) -> tuple[datetime, PolicyBundle]:
@@ -85,12 +87,26 @@ class PolicyFeed(Generic[V]):
         return self._current
 
     async def start(self, timeout_s: float = 60.0) -> None:
-        """Subscribe first (no activation can slip between), then read every stored activation."""
+        """Subscribe first (no activation can slip between), then read every stored activation.
+
+        Until one is active the history is read again each second: on a replicated stream the
+        direct get that finds the newest activation may be answered by a follower that has not
+        stored it yet (the server documents direct gets as possibly stale), and the activation it
+        missed was published before the subscription, so only a later read brings it.
+        """
         await self.nc.subscribe(subjects.policy_activated(), cb=self._on_msg)
         await self._read_history()
         if self._current is None:
             log.warning("%s: no valid signed policy is active yet; waiting for `gateway policy activate`", self.stage)
-        await asyncio.wait_for(self._ready.wait(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            while not self._ready.is_set():
+                try:
+                    await asyncio.wait_for(self._ready.wait(), HISTORY_AGAIN_S)
+                except TimeoutError:
+                    try:
+                        await self._read_history()
+                    except (nats.errors.Error, TimeoutError) as exc:  # the bus is away: the next second tries again
+                        log.debug("%s: reading the stored activations failed: %r", self.stage, exc)
 
     async def _read_history(self) -> None:
         for data, subject, _ in await stored_on(self.js, subjects.policy_activated(), self.stage):
