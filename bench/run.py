@@ -1,9 +1,17 @@
-"""Gateway overhead, in one run: the NATS path and the HTTP edge against a fixed-answer backend,
-beside the bare 5-hop JetStream pipeline (the floor) and the backend called directly.
+"""Gateway overhead, in one run, against the floors and LiteLLM (issue 14, DESIGN §8).
 
-Prints each figure, the ratios, and ends with one line of JSON holding them all. DESIGN §8's
-targets are compared in a later issue; figures only drift between machines, ratios less so.
-Usage: .venv/bin/python bench/run.py [--requests N] [--concurrency C]
+Every system answers the same request from the same fixed-answer backend:
+- the backend alone;
+- LiteLLM's proxy in front of it (its own venv, offline; bench/tools.py);
+- the HTTP floor: a bare aiohttp front over the same 5 JetStream hops plus the upstream call;
+- the gateway's HTTP edge, full logic on;
+- the gateway's NATS path, full logic on;
+- the bare 5-hop JetStream pipeline (the floor).
+The HTTP systems are driven by one load generator (bench/loadgen.py), the NATS ones by NATS requests.
+It prints req/s, p50 and p99 at one caller and at `--concurrency` callers, the ratios against DESIGN
+§8's targets, saves py-spy profiles of every gateway process under load, and ends with one line of
+JSON. Figures drift between machines and moments; ratios taken in one run much less.
+Usage: .venv/bin/python bench/run.py [--requests N] [--concurrency C] [--no-litellm] [--no-profiles]
 """
 
 from __future__ import annotations
@@ -12,13 +20,13 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -28,38 +36,29 @@ from enclave_gateway.runtime import Gateway
 from enclave_gateway.schemas import codec, subjects
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
 from enclave_gateway.services import bus
-from enclave_gateway.services.credentials import load_creds
+from enclave_gateway.services.credentials import Creds, load_creds
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import loadgen
+import tools
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 HOPS = 5
 BODY = {"model": "enclave-tiny", "messages": [{"role": "user", "content": "benchmark"}], "max_tokens": 3}
+TARGETS = {  # DESIGN §8 and issue 14: (ratio, at least or at most, the bound)
+    "nats_rps_vs_floor": (">=", 0.5),
+    "nats_added_p50_ms": ("<=", 3.0),
+    "http_rps_vs_http_floor": (">=", 0.67),
+    "http_rps_vs_litellm": (">=", 10.0),
+    "http_added_p50_minus_litellm_ms": ("<", 0.0),
+}
+PROFILE_S = 8
 
 
 async def measure(call: Callable[[], Awaitable[None]], requests: int, concurrency: int) -> dict[str, float]:
-    """Latency at 1 in flight (p50/p99 ms) and throughput at `concurrency` in flight (req/s)."""
-    for _ in range(50):
-        await call()
-    lat = []
-    for _ in range(min(500, requests)):
-        t0 = time.perf_counter()
-        await call()
-        lat.append((time.perf_counter() - t0) * 1000)
-    lat.sort()
-    left = requests
-
-    async def worker() -> None:
-        nonlocal left
-        while left > 0:
-            left -= 1
-            await call()
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    rps = requests / (time.perf_counter() - t0)
-    return {"rps": round(rps, 1), "p50_ms": round(statistics.median(lat), 3),
-            "p99_ms": round(lat[int(len(lat) * 0.99) - 1], 3)}
+    return await loadgen.measure(call, requests, concurrency)
 
 
 def policy_dir(tmp: Path) -> Path:
@@ -73,94 +72,213 @@ def policy_dir(tmp: Path) -> Path:
     return folder
 
 
-async def floor(gw: Gateway, requests: int, concurrency: int, data: Path) -> dict[str, float]:
-    """The bare pipeline: 5 worker processes, one JetStream hop each, reply on the client's inbox.
-
-    It runs on the gateway's own broker as the admin user (no permission checks), so both pay the
-    same server; the gateway's users are permission-checked, which is part of what is measured.
-    """
+@contextlib.asynccontextmanager
+async def bare_pipeline(gw: Gateway, data: Path, stream: str, backend: str | None = None
+                        ) -> AsyncIterator[tuple[nats.NATS, Creds]]:
+    """5 worker processes, one JetStream hop each, on the gateway's own broker as the admin user
+    (no permission checks: both pay the same server, and the gateway's checks are part of what is
+    measured). With `backend`, the last hop calls it before replying (the HTTP floor)."""
     admin = load_creds(gw.settings.creds_dir, "admin")
     assert admin is not None
     nc = await nats.connect(gw.nats_url, nkeys_seed=admin.seed_file, inbox_prefix=admin.inbox_prefix)
     js = nc.jetstream()
-    await js.add_stream(StreamConfig(name="FLOOR", subjects=["floor.>"], storage=StorageType.FILE))
+    prefix = stream.lower()
+    await js.add_stream(StreamConfig(name=stream, subjects=[f"{prefix}.>"], storage=StorageType.FILE))
     for i in range(HOPS):
-        await js.add_consumer("FLOOR", ConsumerConfig(durable_name=f"hop{i}", filter_subject=f"floor.{i}",
-                                                      ack_policy=AckPolicy.EXPLICIT, max_ack_pending=10_000))
+        await js.add_consumer(stream, ConsumerConfig(durable_name=f"{prefix}{i}", filter_subject=f"{prefix}.{i}",
+                                                     ack_policy=AckPolicy.EXPLICIT, max_ack_pending=10_000))
     workers = [procs.spawn([sys.executable, str(HERE / "floor_worker.py"), gw.nats_url, str(i), str(HOPS),
-                            admin.seed_file],
-                           data / "logs" / f"floor{i}.log") for i in range(HOPS)]
-    for i, w in enumerate(workers):
-        procs.wait_for_line(data / "logs" / f"floor{i}.log", "ready", w, 30)
-    payload = codec.encode(SubmitRequest(token="x", chat=ChatBody(model="m", messages=(
-        ChatMessage(role="user", content="benchmark"),))))
-
-    async def call() -> None:
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox, max_msgs=1)
-        await js.publish("floor.0", payload, headers={"reply": inbox, "id": uuid.uuid4().hex})
-        await sub.next_msg(timeout=30)
-
+                            admin.seed_file, stream, *([backend] if backend else [])],
+                           data / "logs" / f"{prefix}{i}.log") for i in range(HOPS)]
     try:
-        return await measure(call, requests, concurrency)
+        for i, w in enumerate(workers):
+            procs.wait_for_line(data / "logs" / f"{prefix}{i}.log", "ready", w, 30)
+        yield nc, admin
     finally:
         for w in workers:
             procs.stop(w)
+        await js.delete_stream(stream)
         await nc.close()
 
 
+async def floor(gw: Gateway, requests: int, concurrency: int, data: Path) -> dict[str, float]:
+    """The bare pipeline driven over NATS: publish to the first hop, wait on an inbox."""
+    payload = codec.encode(SubmitRequest(token="x", chat=ChatBody(model="m", messages=(
+        ChatMessage(role="user", content="benchmark"),))))
+    async with bare_pipeline(gw, data, "FLOOR") as (nc, _):
+        js = nc.jetstream()
+
+        async def call() -> None:
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox, max_msgs=1)
+            await js.publish("floor.0", payload, headers={"reply": inbox, "id": uuid.uuid4().hex})
+            await sub.next_msg(timeout=30)
+
+        return await measure(call, requests, concurrency)
+
+
+async def http_floor(gw: Gateway, backend: str, http: aiohttp.ClientSession, requests: int, concurrency: int,
+                     data: Path) -> dict[str, float]:
+    """The HTTP floor: aiohttp front, the same 5 hops, the last calling the backend."""
+    async with bare_pipeline(gw, data, "FLOORH", backend) as (_, admin):
+        port = procs.free_port()
+        front = procs.spawn([sys.executable, str(HERE / "http_floor.py"), gw.nats_url, admin.seed_file, "FLOORH",
+                             str(port)], data / "logs" / "http-floor.log")
+        try:
+            procs.wait_for_line(data / "logs" / "http-floor.log", "ready", front, 30)
+            return await measure(_poster(http, f"http://127.0.0.1:{port}"), requests, concurrency)
+        finally:
+            procs.stop(front)
+
+
+def _poster(http: aiohttp.ClientSession, base: str, headers: dict[str, str] | None = None,
+            body: dict[str, object] | None = None) -> Callable[[], Awaitable[None]]:
+    """One chat request to `base`, answered 200 (the load generator's call for every HTTP system)."""
+    async def call() -> None:
+        async with http.post(f"{base}/v1/chat/completions", json=body or BODY, headers=headers) as r:
+            if r.status != 200:
+                raise RuntimeError(f"{base} answered {r.status}: {(await r.text())[:300]}")
+            await r.read()
+    return call
+
+
 async def scenarios(gw: Gateway, backend: str, token: str, requests: int, concurrency: int,
-                    data: Path) -> dict[str, dict[str, float]]:
+                    data: Path, with_litellm: bool) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
-        async def direct() -> None:
-            async with http.post(f"{backend}/v1/chat/completions", json=BODY) as r:
-                await r.read()
-
-        async def edge() -> None:
-            async with http.post(f"{gw.http_url}/v1/chat/completions", json=BODY,
-                                 headers={"Authorization": f"Bearer {token}"}) as r:
-                assert r.status == 200, await r.text()
-                await r.read()
-
-        results["backend_direct"] = await measure(direct, requests, concurrency)
-        results["gateway_http"] = await measure(edge, requests, concurrency)
-    nc = await bus.connect(gw.settings, "app.bench")
-    submit = codec.encode(SubmitRequest(token=token, chat=ChatBody(
-        model="enclave-tiny", messages=(ChatMessage(role="user", content="benchmark"),), max_tokens=3)))
-
-    async def via_nats() -> None:
-        msg = await nc.request(subjects.submit("bench"), submit, timeout=30)
-        assert codec.decode_reply(msg.data).completion is not None
-
-    results["gateway_nats"] = await measure(via_nats, requests, concurrency)
-    await nc.close()
+        print("backend alone ...", flush=True)
+        results["backend_direct"] = await measure(_poster(http, backend), requests, concurrency)
+        if with_litellm:
+            print("LiteLLM proxy ...", flush=True)
+            with tools.litellm_proxy(backend, procs.free_port(), data / "logs") as litellm:
+                results["litellm"] = await measure(
+                    _poster(http, litellm, {"Authorization": "Bearer none"}), requests, concurrency)
+        print("HTTP floor ...", flush=True)
+        results["http_floor"] = await http_floor(gw, backend, http, requests, concurrency, data)
+        print("gateway, HTTP edge ...", flush=True)
+        results["gateway_http"] = await measure(
+            _poster(http, gw.http_url, {"Authorization": f"Bearer {token}"}), requests, concurrency)
+    print("gateway, NATS path ...", flush=True)
+    results["gateway_nats"] = await measure(nats_caller(await bus.connect(gw.settings, "app.bench"), token),
+                                            requests, concurrency)
+    print("bare 5-hop floor ...", flush=True)
     results["floor_5hop"] = await floor(gw, requests, concurrency, data)
     return results
 
 
+def nats_caller(nc: nats.NATS, token: str, content: str = "benchmark") -> Callable[[], Awaitable[None]]:
+    """One request on the gateway's NATS entry, answered with a completion."""
+    submit = codec.encode(SubmitRequest(token=token, chat=ChatBody(
+        model="enclave-tiny", messages=(ChatMessage(role="user", content=content),), max_tokens=3)))
+
+    async def call() -> None:
+        msg = await nc.request(subjects.submit("bench"), submit, timeout=60)
+        reply = codec.decode_reply(msg.data)
+        if reply.completion is None:
+            raise RuntimeError(f"the gateway refused: {reply.error}")
+    return call
+
+
+def ratios_of(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    r = results
+    base = r["backend_direct"]["p50_ms"]
+    out = {
+        "nats_rps_vs_floor": r["gateway_nats"]["rps"] / r["floor_5hop"]["rps"],
+        "nats_added_p50_ms": r["gateway_nats"]["p50_ms"] - base,
+        "http_rps_vs_http_floor": r["gateway_http"]["rps"] / r["http_floor"]["rps"],
+        "http_added_p50_ms": r["gateway_http"]["p50_ms"] - base,
+    }
+    if "litellm" in r:
+        out["http_rps_vs_litellm"] = r["gateway_http"]["rps"] / r["litellm"]["rps"]
+        out["litellm_added_p50_ms"] = r["litellm"]["p50_ms"] - base
+        out["http_added_p50_minus_litellm_ms"] = out["http_added_p50_ms"] - out["litellm_added_p50_ms"]
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def verdicts(ratios: dict[str, float]) -> dict[str, bool]:
+    return {k: (ratios[k] >= bound if op == ">=" else ratios[k] <= bound if op == "<=" else ratios[k] < bound)
+            for k, (op, bound) in TARGETS.items() if k in ratios}
+
+
+async def profiled(gw: Gateway, token: str, concurrency: int, out: Path) -> dict[str, list[tuple[str, float]]]:
+    """py-spy on every gateway process and the broker for PROFILE_S seconds under `concurrency`
+    HTTP callers; the collapsed stacks are kept in `out`, the hottest functions returned."""
+    pids = {name: p.pid for name, p in gw.workers.items()}
+    if gw.broker is not None and gw.broker.proc is not None:
+        pids["nats-server"] = gw.broker.proc.pid
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
+        call = _poster(http, gw.http_url, {"Authorization": f"Bearer {token}"})
+        spies = tools.profile({k: v for k, v in pids.items() if k != "nats-server"}, PROFILE_S, out)
+        done = await loadgen.sustain(call, PROFILE_S + 1, concurrency)
+    for spy in spies.values():
+        spy.wait(30)
+    print(f"profiles of {len(spies)} processes under {concurrency} callers ({done} requests) in {out}")
+    return {name: tools.hottest(out / f"{name}.txt") for name in pids if (out / f"{name}.txt").exists()}
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds a process has used (user + system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def cpu_per_request(gw: Gateway, token: str, concurrency: int, requests: int) -> dict[str, float]:
+    """CPU milliseconds each gateway process (and the broker) spends per request, over `requests`
+    HTTP requests at `concurrency` callers: on a machine whose cores are all busy, throughput is
+    the cores divided by this sum."""
+    pids = {name: p.pid for name, p in gw.workers.items()}
+    if gw.broker is not None and gw.broker.proc is not None:
+        pids["nats-server"] = gw.broker.proc.pid
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
+        call = _poster(http, gw.http_url, {"Authorization": f"Bearer {token}"})
+        before = {k: cpu_s(v) for k, v in pids.items()}
+        left = requests
+
+        async def caller() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await call()
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        await asyncio.sleep(1.0)  # the auditor and settlements finish what the answers left behind
+        used = {k: round((cpu_s(v) - before[k]) * 1000 / requests, 3) for k, v in pids.items()}
+    return {**used, "total": round(sum(used.values()), 3)}
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--no-litellm", action="store_true", help="skip LiteLLM (no package registry reachable)")
+    ap.add_argument("--no-profiles", action="store_true", help="skip the py-spy profiles")
+    ap.add_argument("--profiles", default=str(HERE / "profiles"), help="where the profiles go")
     args = ap.parse_args()
+    hot: dict[str, list[tuple[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp_name, fixed_gateway(Path(tmp_name)) as (gw, backend):
         tmp = Path(tmp_name)
         token = issuer.issue(tmp / "data" / "keys", subject="bench", team="bench", ttl_s=7200)
-        results = asyncio.run(scenarios(gw, backend, token, args.requests, args.concurrency, tmp))
-    base = results["backend_direct"]["p50_ms"]
-    ratios = {
-        "nats_rps_vs_floor": round(results["gateway_nats"]["rps"] / results["floor_5hop"]["rps"], 3),
-        "http_rps_vs_floor": round(results["gateway_http"]["rps"] / results["floor_5hop"]["rps"], 3),
-        "nats_added_p50_ms": round(results["gateway_nats"]["p50_ms"] - base, 3),
-        "http_added_p50_ms": round(results["gateway_http"]["p50_ms"] - base, 3),
-    }
+        results = asyncio.run(scenarios(gw, backend, token, args.requests, args.concurrency, tmp,
+                                        not args.no_litellm))
+        cpu = asyncio.run(cpu_per_request(gw, token, 32, args.requests))
+        if not args.no_profiles:
+            hot = asyncio.run(profiled(gw, token, 32, Path(args.profiles)))
+    ratios = ratios_of(results)
+    met = verdicts(ratios)
+    print(f"\n{'system':16s} {'req/s':>9s}   {'p50 / p99 at 1 caller':>22s}   p50 / p99 at {args.concurrency} callers")
     for name, r in results.items():
-        print(f"{name:16s} {r['rps']:9.1f} req/s   p50 {r['p50_ms']:7.3f} ms   p99 {r['p99_ms']:7.3f} ms")
+        print(f"{name:16s} {r['rps']:9.1f}   {r['p50_ms']:9.2f} / {r['p99_ms']:7.2f} ms   "
+              f"{r['p50_ms_loaded']:9.2f} / {r['p99_ms_loaded']:7.2f} ms")
+    print()
     for name, v in ratios.items():
-        print(f"{name:20s} {v}")
+        target = TARGETS.get(name)
+        verdict = "" if target is None else f"   target {target[0]} {target[1]}: {'met' if met[name] else 'NOT met'}"
+        print(f"{name:32s} {v:9.3f}{verdict}")
+    print("\nCPU ms per request: " + ", ".join(f"{k} {v}" for k, v in cpu.items()))
+    for name, top in hot.items():
+        print(f"{name:10s} " + ", ".join(f"{f} {share:.0%}" for f, share in top[:4]))
     print(json.dumps({"requests": args.requests, "concurrency": args.concurrency, "results": results,
-                      "ratios": ratios}))
+                      "ratios": ratios, "targets_met": met, "cpu_ms_per_request": cpu, "hottest": hot,
+                      "at": time.strftime("%Y-%m-%dT%H:%M:%S")}))
     return 0
 
 
