@@ -13,6 +13,7 @@ import sys
 
 import aiohttp
 import nats
+from enclave_gateway.services import loop  # the loop the gateway's workers run on: uvloop
 
 
 async def main(url: str, hop: int, hops: int, seed: str, stream: str, backend: str | None) -> None:
@@ -46,5 +47,5 @@ async def main(url: str, hop: int, hops: int, seed: str, stream: str, backend: s
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5],
-                     sys.argv[6] if len(sys.argv) > 6 else None))
+    loop.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5],
+                    sys.argv[6] if len(sys.argv) > 6 else None))

@@ -11,6 +11,7 @@ import uuid
 
 import nats
 from aiohttp import web
+from enclave_gateway.services import loop  # the loop the gateway's workers run on: uvloop
 
 
 async def serve(url: str, seed: str, stream: str, port: int) -> None:
@@ -36,4 +37,4 @@ async def serve(url: str, seed: str, stream: str, port: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    loop.run(serve(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))

@@ -150,9 +150,9 @@ async def scenarios(gw: Gateway, backend: str, token: str, requests: int, concur
         results["backend_direct"] = await measure(_poster(http, backend), requests, concurrency)
         if with_litellm:
             print("LiteLLM proxy ...", flush=True)
-            with tools.litellm_proxy(backend, procs.free_port(), data / "logs") as litellm:
+            with tools.litellm_proxy(backend, procs.free_port(), data / "logs") as (litellm, key):
                 results["litellm"] = await measure(
-                    _poster(http, litellm, {"Authorization": "Bearer none"}), requests, concurrency)
+                    _poster(http, litellm, {"Authorization": f"Bearer {key}"}), requests, concurrency)
         print("HTTP floor ...", flush=True)
         results["http_floor"] = await http_floor(gw, backend, http, requests, concurrency, data)
         print("gateway, HTTP edge ...", flush=True)

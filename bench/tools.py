@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -40,15 +41,17 @@ def tool_venv(name: str, requirement: str, command: str) -> Path:
 
 
 @contextlib.contextmanager
-def litellm_proxy(backend: str, port: int, logs: Path) -> Iterator[str]:
-    """LiteLLM's proxy, one worker, in front of `backend` as model `enclave-tiny`: its base URL."""
+def litellm_proxy(backend: str, port: int, logs: Path) -> Iterator[tuple[str, str]]:
+    """LiteLLM's proxy, one worker, in front of `backend` as model `enclave-tiny`: its base URL and
+    its master key (it refuses to start without one; callers present it, as ours present a token)."""
     exe = tool_venv("litellm", LITELLM, "litellm")
     logs.mkdir(parents=True, exist_ok=True)
     config = logs / "litellm.yaml"
     config.write_text("model_list:\n  - model_name: enclave-tiny\n    litellm_params:\n"
                       f"      model: openai/enclave-tiny\n      api_base: {backend}/v1\n      api_key: none\n"
                       "litellm_settings:\n  telemetry: false\n")
-    env = {**os.environ, **LITELLM_OFFLINE}
+    key = "sk-bench-" + secrets.token_hex(16)
+    env = {**os.environ, **LITELLM_OFFLINE, "LITELLM_MASTER_KEY": key}
     with open(logs / "litellm.log", "wb") as out:
         proc = subprocess.Popen([str(exe), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -65,7 +68,7 @@ def litellm_proxy(backend: str, port: int, logs: Path) -> Iterator[str]:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"litellm not ready after 120 s; see {logs / 'litellm.log'}") from None
                 time.sleep(0.5)
-        yield url
+        yield url, key
     finally:
         proc.terminate()
         try:

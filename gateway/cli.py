@@ -37,12 +37,14 @@ def _table(cols: Sequence[str], rows: Sequence[Sequence[object]], title: str | N
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run one service until SIGTERM/SIGINT."""
     from .services import logs
+    from .services import loop as event_loop
     from .supervisor import SERVICES
 
     logs.configure(args.name)  # JSON lines carrying request_id (services/logs.py)
     settings = msgspec.json.decode(Path(args.settings).read_bytes(), type=WorkerSettings)
 
     async def main() -> None:
+        logging.getLogger("enclave_gateway.worker").info("%s runs on the %s event loop", args.name, event_loop.name())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -57,7 +59,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             logging.getLogger("enclave_gateway.worker").error("%s ended before it was told to stop", args.name)
             raise SystemExit(1)
 
-    asyncio.run(main())
+    event_loop.run(main())
     return 0
 
 

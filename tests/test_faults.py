@@ -498,3 +498,11 @@ async def test_a_worker_alive_but_hung_is_killed_and_restarted_and_serves_again(
     assert (await _ask(gateway, token, 1))[0][0] == 200
     async with aiohttp.ClientSession() as http, http.get(f"{gateway.http_url}/metrics") as r:
         assert 'enclave_gateway_process_hung_kills{process="authz"} 1.0' in await r.text()
+
+
+def test_every_worker_process_runs_on_uvloop(gateway: Gateway) -> None:
+    """Each start of each worker (restarts by the fault tests included) said which loop it ran on."""
+    for worker in WORKERS:
+        lines = (gateway.data_dir / "logs" / f"{worker}.log").read_text().splitlines()
+        said = [json.loads(line)["msg"] for line in lines if "event loop" in line]
+        assert said and all(m == f"{worker} runs on the uvloop event loop" for m in said), (worker, said)
