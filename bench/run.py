@@ -6,11 +6,14 @@ Every system answers the same request from the same fixed-answer backend:
 - the HTTP floor: a bare aiohttp front over the same 5 JetStream hops plus the upstream call;
 - the gateway's HTTP edge, full logic on;
 - the gateway's NATS path, full logic on;
-- the bare 5-hop JetStream pipeline (the floor).
-The HTTP systems are driven by one load generator (bench/loadgen.py), the NATS ones by NATS requests.
-It prints req/s, p50 and p99 at one caller and at `--concurrency` callers, the ratios against DESIGN
-§8's targets, saves py-spy profiles of every gateway process under load, and ends with one line of
-JSON. Figures drift between machines and moments; ratios taken in one run much less.
+- the bare 5-hop JetStream pipeline (the floor);
+- the same bare pipeline with the gateway's message pattern (7 hops and the readers the auditor and
+  the router add, no logic): what the gateway's shape costs before any of its work.
+It also counts the stream messages and deliveries per gateway request and the CPU each process
+spends per request. The HTTP systems are driven by one load generator (bench/loadgen.py), the
+NATS ones by NATS requests. It prints req/s, p50 and p99 at one caller and at `--concurrency`
+callers, the ratios against DESIGN §8's targets, saves py-spy profiles of every gateway process
+under load, and ends with one line of JSON. Figures drift between machines and moments; ratios taken in one run much less.
 Usage: .venv/bin/python bench/run.py [--requests N] [--concurrency C] [--no-litellm] [--no-profiles]
 """
 
@@ -46,6 +49,9 @@ import tools
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 HOPS = 5
+# the gateway stores 7 events per request and hands out about 22 (bench prints the count): 7 hops,
+# each read by its stage, plus the auditor's two readers of everything and the router's of two
+GATEWAY_HOPS = 7
 BODY = {"model": "enclave-tiny", "messages": [{"role": "user", "content": "benchmark"}], "max_tokens": 3}
 TARGETS = {  # DESIGN §8 and issue 14: (ratio, at least or at most, the bound)
     "nats_rps_vs_floor": (">=", 0.5),
@@ -73,27 +79,33 @@ def policy_dir(tmp: Path) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def bare_pipeline(gw: Gateway, data: Path, stream: str, backend: str | None = None
-                        ) -> AsyncIterator[tuple[nats.NATS, Creds]]:
-    """5 worker processes, one JetStream hop each, on the gateway's own broker as the admin user
-    (no permission checks: both pay the same server, and the gateway's checks are part of what is
-    measured). With `backend`, the last hop calls it before replying (the HTTP floor)."""
+async def bare_pipeline(gw: Gateway, data: Path, stream: str, backend: str | None = None, hops: int = HOPS,
+                        tapped: bool = False) -> AsyncIterator[tuple[nats.NATS, Creds, list[int]]]:
+    """`hops` worker processes, one JetStream hop each, on the gateway's own broker as the admin
+    user (no permission checks: both pay the same server, and the gateway's checks are part of what
+    is measured). With `backend`, the last hop calls it before replying (the HTTP floor); `tapped`
+    adds the readers of the gateway's message pattern (bench/floor_tap.py)."""
     admin = load_creds(gw.settings.creds_dir, "admin")
     assert admin is not None
     nc = await nats.connect(gw.nats_url, nkeys_seed=admin.seed_file, inbox_prefix=admin.inbox_prefix)
     js = nc.jetstream()
     prefix = stream.lower()
     await js.add_stream(StreamConfig(name=stream, subjects=[f"{prefix}.>"], storage=StorageType.FILE))
-    for i in range(HOPS):
+    for i in range(hops):
         await js.add_consumer(stream, ConsumerConfig(durable_name=f"{prefix}{i}", filter_subject=f"{prefix}.{i}",
                                                      ack_policy=AckPolicy.EXPLICIT, max_ack_pending=10_000))
-    workers = [procs.spawn([sys.executable, str(HERE / "floor_worker.py"), gw.nats_url, str(i), str(HOPS),
+    workers = [procs.spawn([sys.executable, str(HERE / "floor_worker.py"), gw.nats_url, str(i), str(hops),
                             admin.seed_file, stream, *([backend] if backend else [])],
-                           data / "logs" / f"{prefix}{i}.log") for i in range(HOPS)]
+                           data / "logs" / f"{prefix}{i}.log") for i in range(hops)]
+    if tapped:
+        await js.add_consumer(stream, ConsumerConfig(durable_name=f"{prefix}tap", filter_subject=f"{prefix}.>",
+                                                     ack_policy=AckPolicy.EXPLICIT, max_ack_pending=10_000))
+        workers.append(procs.spawn([sys.executable, str(HERE / "floor_tap.py"), gw.nats_url, admin.seed_file, stream],
+                                   data / "logs" / f"{prefix}{hops}.log"))
     try:
         for i, w in enumerate(workers):
             procs.wait_for_line(data / "logs" / f"{prefix}{i}.log", "ready", w, 30)
-        yield nc, admin
+        yield nc, admin, [w.pid for w in workers]
     finally:
         for w in workers:
             procs.stop(w)
@@ -101,26 +113,33 @@ async def bare_pipeline(gw: Gateway, data: Path, stream: str, backend: str | Non
         await nc.close()
 
 
-async def floor(gw: Gateway, requests: int, concurrency: int, data: Path) -> dict[str, float]:
+async def floor(gw: Gateway, requests: int, concurrency: int, data: Path, stream: str = "FLOOR", hops: int = HOPS,
+                tapped: bool = False) -> dict[str, float]:
     """The bare pipeline driven over NATS: publish to the first hop, wait on an inbox."""
     payload = codec.encode(SubmitRequest(token="x", chat=ChatBody(model="m", messages=(
         ChatMessage(role="user", content="benchmark"),))))
-    async with bare_pipeline(gw, data, "FLOOR") as (nc, _):
+    async with bare_pipeline(gw, data, stream, hops=hops, tapped=tapped) as (nc, _, pids):
         js = nc.jetstream()
+        if gw.broker is not None and gw.broker.proc is not None:
+            pids.append(gw.broker.proc.pid)
+        before = sum(cpu_s(pid) for pid in pids)
 
         async def call() -> None:
             inbox = nc.new_inbox()
             sub = await nc.subscribe(inbox, max_msgs=1)
-            await js.publish("floor.0", payload, headers={"reply": inbox, "id": uuid.uuid4().hex})
+            await js.publish(f"{stream.lower()}.0", payload, headers={"reply": inbox, "id": uuid.uuid4().hex})
             await sub.next_msg(timeout=30)
 
-        return await measure(call, requests, concurrency)
+        result = await measure(call, requests, concurrency)
+        calls = loadgen.WARM_UP + min(500, requests) + requests
+        result["cpu_ms_per_request"] = round((sum(cpu_s(pid) for pid in pids) - before) * 1000 / calls, 3)
+        return result
 
 
 async def http_floor(gw: Gateway, backend: str, http: aiohttp.ClientSession, requests: int, concurrency: int,
                      data: Path) -> dict[str, float]:
     """The HTTP floor: aiohttp front, the same 5 hops, the last calling the backend."""
-    async with bare_pipeline(gw, data, "FLOORH", backend) as (_, admin):
+    async with bare_pipeline(gw, data, "FLOORH", backend) as (_, admin, _pids):
         port = procs.free_port()
         front = procs.spawn([sys.executable, str(HERE / "http_floor.py"), gw.nats_url, admin.seed_file, "FLOORH",
                              str(port)], data / "logs" / "http-floor.log")
@@ -163,6 +182,8 @@ async def scenarios(gw: Gateway, backend: str, token: str, requests: int, concur
                                             requests, concurrency)
     print("bare 5-hop floor ...", flush=True)
     results["floor_5hop"] = await floor(gw, requests, concurrency, data)
+    print("the floor with the gateway's message pattern ...", flush=True)
+    results["floor_gateway_shaped"] = await floor(gw, requests, concurrency, data, "SHAPED", GATEWAY_HOPS, True)
     return results
 
 
@@ -184,6 +205,8 @@ def ratios_of(results: dict[str, dict[str, float]]) -> dict[str, float]:
     base = r["backend_direct"]["p50_ms"]
     out = {
         "nats_rps_vs_floor": r["gateway_nats"]["rps"] / r["floor_5hop"]["rps"],
+        "nats_rps_vs_gateway_shaped_floor": r["gateway_nats"]["rps"] / r["floor_gateway_shaped"]["rps"],
+        "gateway_shaped_floor_vs_floor": r["floor_gateway_shaped"]["rps"] / r["floor_5hop"]["rps"],
         "nats_added_p50_ms": r["gateway_nats"]["p50_ms"] - base,
         "http_rps_vs_http_floor": r["gateway_http"]["rps"] / r["http_floor"]["rps"],
         "http_added_p50_ms": r["gateway_http"]["p50_ms"] - base,
@@ -231,6 +254,10 @@ async def cpu_per_request(gw: Gateway, token: str, concurrency: int, requests: i
         pids["nats-server"] = gw.broker.proc.pid
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
         call = _poster(http, gw.http_url, {"Authorization": f"Bearer {token}"})
+        admin = load_creds(gw.settings.creds_dir, "admin")
+        assert admin is not None
+        nc = await nats.connect(gw.nats_url, nkeys_seed=admin.seed_file, inbox_prefix=admin.inbox_prefix)
+        stored, delivered = await _stream_counts(nc)
         before = {k: cpu_s(v) for k, v in pids.items()}
         left = requests
 
@@ -242,7 +269,25 @@ async def cpu_per_request(gw: Gateway, token: str, concurrency: int, requests: i
         await asyncio.gather(*(caller() for _ in range(concurrency)))
         await asyncio.sleep(1.0)  # the auditor and settlements finish what the answers left behind
         used = {k: round((cpu_s(v) - before[k]) * 1000 / requests, 3) for k, v in pids.items()}
-    return {**used, "total": round(sum(used.values()), 3)}
+        stored_after, delivered_after = await _stream_counts(nc)
+        await nc.close()
+    handed = {k: round((v - delivered.get(k, 0)) / requests, 2) for k, v in delivered_after.items()}
+    print("deliveries per request by consumer: " + ", ".join(f"{k} {v}" for k, v in sorted(handed.items()) if v))
+    return {**used, "total": round(sum(used.values()), 3),
+            "stream_messages_per_request": round((stored_after - stored) / requests, 2),
+            "deliveries_per_request": round(sum(handed.values()), 2)}
+
+
+async def _stream_counts(nc: nats.NATS) -> tuple[int, dict[str, int]]:
+    """Messages stored in the gateway's stream, and per consumer the messages it has been handed
+    (ordered readers, which have no durable name, are summed as `readers`)."""
+    jsm = nc.jsm()
+    info = await jsm.stream_info(subjects.STREAM)
+    handed: dict[str, int] = {}
+    for c in await jsm.consumers_info(subjects.STREAM):
+        name = c.config.durable_name or "readers"
+        handed[name] = handed.get(name, 0) + (int(c.delivered.consumer_seq or 0) if c.delivered else 0)
+    return int(info.state.messages), handed
 
 
 def main() -> int:
@@ -273,7 +318,10 @@ def main() -> int:
         target = TARGETS.get(name)
         verdict = "" if target is None else f"   target {target[0]} {target[1]}: {'met' if met[name] else 'NOT met'}"
         print(f"{name:32s} {v:9.3f}{verdict}")
-    print("\nCPU ms per request: " + ", ".join(f"{k} {v}" for k, v in cpu.items()))
+    floors = results["floor_5hop"]["cpu_ms_per_request"], results["floor_gateway_shaped"]["cpu_ms_per_request"]
+    print(f"\nCPU ms per request of the floors (workers and broker): 5 hops {floors[0]}, "
+          f"the gateway's message pattern {floors[1]}")
+    print("CPU ms per request: " + ", ".join(f"{k} {v}" for k, v in cpu.items()))
     for name, top in hot.items():
         print(f"{name:10s} " + ", ".join(f"{f} {share:.0%}" for f, share in top[:4]))
     print(json.dumps({"requests": args.requests, "concurrency": args.concurrency, "results": results,

@@ -107,10 +107,9 @@ def plot(replicas: dict[int, dict[str, float]], sizes: dict[int, dict[str, objec
           xticks=list(replicas), ylim=(0, None), title="Replicas on 2 cores")
     served = {k: v for k, v in sizes.items() if "rps" in v}
     b.plot(list(served), [float(v["rps"]) for v in served.values()], marker="o")  # type: ignore[arg-type]
-    for kib, v in sizes.items():
-        if "refused" in v:
-            b.annotate(f"{kib} KiB: refused ({v['refused']})", (kib, 0), textcoords="offset points",
-                       xytext=(-90, 12), fontsize=8)
+    refused = [f"{kib} KiB: refused ({v['refused']})" for kib, v in sizes.items() if "refused" in v]
+    if refused:
+        b.text(0.97, 0.95, "\n".join(refused), transform=b.transAxes, ha="right", va="top", fontsize=9)
     b.set(xscale="log", xlabel="prompt size, KiB", ylabel="req/s, HTTP edge", ylim=(0, None),
           title="Prompt size")
     fig.tight_layout()

@@ -81,21 +81,33 @@ def profile(pids: dict[str, int], seconds: float, out: Path) -> dict[str, subpro
     """Start py-spy on each process for `seconds` (collapsed stacks, `<name>.txt` in `out`)."""
     exe = tool_venv("py-spy", PY_SPY, "py-spy")
     out.mkdir(parents=True, exist_ok=True)
+    # --native: the workers' loop is uvloop, C code a Python-only profile shows as one opaque frame
     return {name: subprocess.Popen([str(exe), "record", "--pid", str(pid), "--duration", str(int(seconds)),
-                                    "--rate", "200", "--format", "raw", "--output", str(out / f"{name}.txt"),
-                                    "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                    "--rate", "100", "--native", "--format", "raw",
+                                    "--output", str(out / f"{name}.txt")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for name, pid in pids.items()}
 
 
+IDLE = ("epoll_pwait", "epoll_wait", "select (selectors.py")  # a loop waiting for I/O, not working
+
+
 def hottest(collapsed: Path, top: int = 6) -> list[tuple[str, float]]:
-    """The functions a process spent its samples in (self time), as (function, share of samples)."""
+    """Where a process spent its working samples (self time; samples of the loop waiting for I/O
+    left out, their share reported as `(waiting)`), as (function, share of working samples)."""
     own: dict[str, int] = {}
-    total = 0
+    busy = idle = 0
     for line in collapsed.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         leaf = stack.rsplit(";", 1)[-1]
+        if leaf.startswith(IDLE):
+            idle += int(count)
+            continue
         own[leaf] = own.get(leaf, 0) + int(count)
-        total += int(count)
-    return [(f, round(n / total, 3)) for f, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]] if total else []
+        busy += int(count)
+    if not busy:
+        return []
+    ranked = [(f, round(n / busy, 3)) for f, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]]
+    return [("(waiting)", round(idle / (idle + busy), 3)), *ranked]

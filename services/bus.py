@@ -46,6 +46,7 @@ from .settings import WorkerSettings
 
 log = logging.getLogger("enclave_gateway.bus")
 
+SHORT_READ_IDLE_S = 1.0  # a finished read's consumer is gone a second after it (see own_reader)
 MAX_DELIVER = 5
 OUTAGE_SAY_EVERY_S = 30.0
 BACKOFF_S = (0.2, 1.0, 3.0, 6.0)
@@ -221,17 +222,19 @@ async def ensure_endpoints(js: JetStreamContext, endpoints: Iterable[str]) -> No
 
 
 async def own_reader(js: JetStreamContext, subject: str, reader: str, start: int,
-                     start_time: datetime | None = None) -> JetStreamContext.PushSubscription:
+                     start_time: datetime | None = None, idle_s: float = 5.0) -> JetStreamContext.PushSubscription:
     """An ordered consumer of the reader's own over `subject`, from stream sequence `start`.
 
     Named and filtered to exactly that subject, which is what the registry grants (the bare create
     form would let a credential create or update any consumer). nats-py never deletes it and no
-    runtime role may: the server drops it once idle.
+    runtime role may: the server drops it once it has had no subscriber for `idle_s`. Until then
+    it counts against the stream's consumer limit (1,000 by default since nats-server 2.15), so a
+    short read asks for a short `idle_s`.
     """
-    config = (ConsumerConfig(name=f"{reader}_{uuid.uuid4().hex}", inactive_threshold=5.0,
+    config = (ConsumerConfig(name=f"{reader}_{uuid.uuid4().hex}", inactive_threshold=idle_s,
                              deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=start_time)
               if start_time is not None else
-              ConsumerConfig(name=f"{reader}_{uuid.uuid4().hex}", inactive_threshold=5.0,
+              ConsumerConfig(name=f"{reader}_{uuid.uuid4().hex}", inactive_threshold=idle_s,
                              deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start)))
     sub = await js.subscribe(subject, stream=subjects.STREAM, ordered_consumer=True, config=config)
     # nats-py re-creates an ordered consumer (after a reconnect or a gap) from this very config,
@@ -246,7 +249,7 @@ async def stored_between(js: JetStreamContext, subject: str, reader: str, start:
     """The messages stored on `subject` from sequence `start` through `until`, in order."""
     if until < start:
         return
-    sub = await own_reader(js, subject, reader, start)
+    sub = await own_reader(js, subject, reader, start, idle_s=SHORT_READ_IDLE_S)
     try:
         while True:
             msg = await sub.next_msg(timeout=10)

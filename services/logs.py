@@ -49,13 +49,27 @@ class JsonLines(logging.Formatter):
         if rid:
             line["request_id"] = rid
         if record.exc_info and record.exc_info[0] is not None:
-            tb = record.exc_info[2]
-            while tb is not None and tb.tb_next is not None:
-                tb = tb.tb_next
             line["exc_type"] = record.exc_info[0].__name__
+            tb, ours = record.exc_info[2], None
+            while tb is not None:
+                if "enclave_gateway" in tb.tb_frame.f_code.co_filename:
+                    ours = tb  # the innermost frame of ours: where a library's error reached our code
+                if tb.tb_next is None:
+                    break
+                tb = tb.tb_next
             if tb is not None:
-                line["exc_at"] = f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}"
+                line["exc_at"] = _where(tb)
+            if ours is not None and ours is not tb:
+                line["exc_in"] = _where(ours)
+            code = getattr(record.exc_info[1], "err_code", None)
+            if isinstance(code, int):  # a JetStream API error: the server's own code and words, no content
+                line["exc_code"] = code
+                line["exc_desc"] = str(getattr(record.exc_info[1], "description", ""))[:200]
         return json.dumps(line, ensure_ascii=False)
+
+
+def _where(tb: TracebackType) -> str:
+    return f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno} ({tb.tb_frame.f_code.co_name})"
 
 
 def configure(service: str, level: int = logging.INFO) -> None:

@@ -41,18 +41,46 @@ async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
                 await checkpointing
 
 
-async def _stored_between(js: JetStreamContext, first: int, last: int) -> AsyncIterator[Msg]:
+class GapReader:
     """Stream sequences first..last in order, read by an ordered consumer of the auditor's own.
 
     The durable delivers in stream order except what it redelivers: a restarted auditor gets new
     messages at once and those its predecessor had fetched but not acked only after `ack_wait`.
     Hashing the new ones first chained them to the wrong predecessor and skipped the old ones when
     they came (a fault test found the hole); so a gap is read here, before the message after it.
+
+    With several replicas on the shared durable every batch has gaps (the others' share), each
+    starting where the last ended: one reader then serves them all, where a reader per read put
+    dozens of consumers on the stream at once. It is closed as soon as a batch has no gap, so a
+    lone auditor holds no reader buffering the stream it already gets from the durable.
     """
-    log.info("auditor: reading seq %d..%d, unacknowledged by a predecessor, before seq %d", first, last, last + 1)
-    async with contextlib.aclosing(bus.stored_between(js, subjects.ALL_EVENTS, "auditor", first, last)) as msgs:
-        async for msg in msgs:
-            yield msg
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self.js = js
+        self.sub: JetStreamContext.PushSubscription | None = None
+        self.next = 0
+
+    async def read(self, first: int, last: int) -> AsyncIterator[Msg]:
+        if self.sub is None or self.next != first:
+            await self.close()
+            log.info("auditor: reading the stream from seq %d: a gap the durable left", first)
+            self.sub = await bus.own_reader(self.js, subjects.ALL_EVENTS, "auditor", first)
+        sub = self.sub
+        self.next = -1  # until the read ends where asked, the next read starts a new reader
+        while True:
+            msg = await sub.next_msg(timeout=10)
+            seq = msg.metadata.sequence.stream
+            if seq >= first:
+                yield msg
+            if seq >= last:
+                self.next = last + 1
+                return
+
+    async def close(self) -> None:
+        if self.sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self.sub.unsubscribe()
+        self.sub, self.next = None, 0
 
 
 async def _serve(js: JetStreamContext, settings: WorkerSettings, state: AuditorState, digest_key: bytes,
@@ -62,6 +90,7 @@ async def _serve(js: JetStreamContext, settings: WorkerSettings, state: AuditorS
     rows: list[AuditRow] = []
     msgs: list[Msg] = []
     first_at = 0.0
+    gaps = GapReader(js)
     log.info("auditor consuming")
 
     async def flush() -> None:
@@ -84,13 +113,20 @@ async def _serve(js: JetStreamContext, settings: WorkerSettings, state: AuditorS
                 log.debug("auditor: fetch failed: %r", exc)  # (ending here left the process up, auditing nothing)
                 await asyncio.sleep(0.5)
                 batch = []
-            for m in sorted(batch, key=lambda m: m.metadata.sequence.stream):
+            batch.sort(key=lambda m: m.metadata.sequence.stream)
+            if not batch or not _holes(state.seq, [m.metadata.sequence.stream for m in batch]):
+                await gaps.close()
+            else:
+                # the chain has no holes: what a crash left unacked, or another replica's share of
+                # the durable, is read from the stream first, the whole range in one read (a read
+                # per hole made a consumer per message with several replicas, and the stream's
+                # 1,000-consumer limit was reached within seconds: bench/scaling.py found it)
+                async for gap in gaps.read(state.seq + 1, batch[-1].metadata.sequence.stream):
+                    row, state = row_for(state, gap.metadata.sequence.stream, gap.subject, gap.data,
+                                         gap.metadata.timestamp or bus.now_utc(), digest_key)
+                    rows.append(row)
+            for m in batch:
                 seq = m.metadata.sequence.stream
-                if seq > state.seq + 1:  # the chain has no holes: read what a crash left unacked first
-                    async for gap in _stored_between(js, state.seq + 1, seq - 1):
-                        row, state = row_for(state, gap.metadata.sequence.stream, gap.subject, gap.data,
-                                             gap.metadata.timestamp or bus.now_utc(), digest_key)
-                        rows.append(row)
                 if seq > state.seq:  # a redelivery of a row already on disk is skipped
                     row, state = row_for(state, seq, m.subject, m.data, m.metadata.timestamp or bus.now_utc(),
                                          digest_key)
@@ -103,4 +139,17 @@ async def _serve(js: JetStreamContext, settings: WorkerSettings, state: AuditorS
                 first_at = 0.0
         await flush()
     finally:
+        await gaps.close()
         await psub.unsubscribe()
+
+
+def _holes(folded: int, seqs: list[int]) -> bool:
+    """Whether the sorted stream sequences `seqs` leave a gap after `folded`, the last one folded."""
+    expected = folded + 1
+    for seq in seqs:
+        if seq < expected:
+            continue  # a redelivery of one already folded
+        if seq > expected:
+            return True
+        expected += 1
+    return False
