@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import aiohttp
+import msgspec
 from enclave_gateway import issuer, procs, supervisor
 from enclave_gateway.runtime import Gateway
 from enclave_gateway.services import bus
@@ -58,8 +60,13 @@ async def by_replicas(gw: Gateway, token: str, requests: int, concurrency: int, 
             while len(extra) < (n - 1) * len(SCALED):
                 i = len(extra) // len(SCALED) + 1
                 name = SCALED[len(extra) % len(SCALED)]
-                proc = supervisor.spawn_worker(gw.settings, name, log_name=f"{name}-replica{i}")
-                procs.wait_for_line(Path(gw.data_dir) / "logs" / f"{name}-replica{i}.log", "consuming", proc, 60)
+                settings, log_name = gw.settings, f"{name}-replica{i}"
+                if name == "auditor":  # its own Parquet files, as on a machine of its own; the deployment's keys
+                    home = Path(gw.data_dir).parent / f"auditor-replica{i}"
+                    shutil.copytree(Path(gw.data_dir) / "keys", home / "keys")
+                    settings, log_name = msgspec.structs.replace(gw.settings, data_dir=str(home)), "auditor"
+                proc = supervisor.spawn_worker(settings, name, log_name=log_name)
+                procs.wait_for_line(Path(settings.data_dir) / "logs" / f"{log_name}.log", "consuming", proc, 60)
                 extra.append(proc)
             out[n] = await loadgen.measure(nats_caller(nc, token), requests, concurrency)
             out[n]["processes"] = 1 + n * len(SCALED)
