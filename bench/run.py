@@ -13,7 +13,8 @@ It also counts the stream messages and deliveries per gateway request and the CP
 spends per request. The HTTP systems are driven by one load generator (bench/loadgen.py), the
 NATS ones by NATS requests. It prints req/s, p50 and p99 at one caller and at `--concurrency`
 callers, the ratios against DESIGN §8's targets, saves py-spy profiles of every gateway process
-under load, and ends with one line of JSON. Figures drift between machines and moments; ratios taken in one run much less.
+under load, and ends with one line of JSON. Figures drift between machines and moments; ratios
+taken in one run much less.
 Usage: .venv/bin/python bench/run.py [--requests N] [--concurrency C] [--no-litellm] [--no-profiles]
 """
 

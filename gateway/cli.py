@@ -47,6 +47,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         logging.getLogger("enclave_gateway.worker").info("%s runs on the %s event loop", args.name, event_loop.name())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(logs.loop_exception)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         beating = asyncio.create_task(supervision.beat(args.beat_fd)) if args.beat_fd is not None else None

@@ -8,6 +8,7 @@ caller; asyncio copies it into the tasks they start.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -15,6 +16,7 @@ import sys
 import threading
 from datetime import UTC, datetime
 from types import TracebackType
+from typing import Any
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -94,3 +96,12 @@ def _uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackType |
 def _uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
     if args.exc_value is not None:
         _uncaught(args.exc_type, args.exc_value, args.exc_traceback)
+
+
+def loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The event loop's report of an error no one awaited, as one JSON line naming it by type: the
+    loop's own handler prints the task and the exception's repr, which can quote a prompt."""
+    exc = context.get("exception")
+    logging.getLogger("enclave_gateway.loop").error(
+        str(context.get("message") or "an error in the event loop"),
+        exc_info=(type(exc), exc, exc.__traceback__) if isinstance(exc, BaseException) else None)

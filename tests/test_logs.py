@@ -47,3 +47,22 @@ def test_an_exception_that_ends_the_process_is_one_more_json_line_without_its_me
     assert [(e["level"], e["exc_type"]) for e in lines] == [("CRITICAL", "ZeroDivisionError"),
                                                            ("CRITICAL", "RuntimeError")]
     assert "launch codes" not in done.stderr and all(e["service"] == "router" for e in lines)
+
+
+def test_an_error_no_one_awaited_is_named_by_type_without_the_tasks_repr() -> None:
+    """asyncio's own report of a task's unretrieved exception prints its repr (a prompt, maybe);
+    a worker's loop reports it as a JSON line instead (gateway worker sets the handler)."""
+    import subprocess
+    import sys
+
+    script = ("import asyncio, gc; from enclave_gateway.services import logs, loop; logs.configure('edge')\n"
+              "async def boom(): raise RuntimeError('the prompt was: launch codes')\n"
+              "async def main():\n"
+              "    asyncio.get_running_loop().set_exception_handler(logs.loop_exception)\n"
+              "    t = asyncio.create_task(boom()); await asyncio.sleep(0.05); del t; gc.collect(); await asyncio.sleep(0.05)\n"
+              "loop.run(main())")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [(e["level"], e["exc_type"]) for e in lines] == [("ERROR", "RuntimeError")]
+    assert "launch codes" not in done.stderr and "never retrieved" in lines[0]["msg"]

@@ -20,6 +20,8 @@ from .decider import AuditorState, AuditRow, row_for
 log = logging.getLogger("enclave_gateway.auditor")
 FLUSH_ROWS = 2000
 FLUSH_AGE_S = 0.5
+GAP_READ_WAIT_S = 10.0
+GAP_READ_TRIES = 3
 
 
 async def run(settings: WorkerSettings, stop: asyncio.Event) -> None:
@@ -61,20 +63,35 @@ class GapReader:
         self.next = 0
 
     async def read(self, first: int, last: int) -> AsyncIterator[Msg]:
+        """The messages first..last. A reader that stops answering (nats-py re-creates an ordered
+        consumer under its old name after a reset, which the server refuses while the old one
+        lives) is replaced by a new one from the next sequence wanted, a few times before giving up."""
         if self.sub is None or self.next != first:
-            await self.close()
-            log.info("auditor: reading the stream from seq %d: a gap the durable left", first)
-            self.sub = await bus.own_reader(self.js, subjects.ALL_EVENTS, "auditor", first)
-        sub = self.sub
-        self.next = -1  # until the read ends where asked, the next read starts a new reader
+            await self._open(first)
+        self.next, wanted, failures = -1, first, 0  # until the read ends where asked, the next one reopens
         while True:
-            msg = await sub.next_msg(timeout=10)
+            assert self.sub is not None
+            try:
+                msg = await self.sub.next_msg(timeout=GAP_READ_WAIT_S)
+            except (TimeoutError, nats.errors.Error):
+                failures += 1
+                if failures > GAP_READ_TRIES:
+                    raise
+                await self._open(wanted)
+                continue
             seq = msg.metadata.sequence.stream
-            if seq >= first:
-                yield msg
+            if seq < wanted:
+                continue  # already yielded
+            wanted = seq + 1
+            yield msg
             if seq >= last:
                 self.next = last + 1
                 return
+
+    async def _open(self, first: int) -> None:
+        await self.close()
+        log.info("auditor: reading the stream from seq %d: a gap the durable left", first)
+        self.sub = await bus.own_reader(self.js, subjects.ALL_EVENTS, "auditor", first)
 
     async def close(self) -> None:
         if self.sub is not None:
@@ -125,6 +142,8 @@ async def _serve(js: JetStreamContext, settings: WorkerSettings, state: AuditorS
                     row, state = row_for(state, gap.metadata.sequence.stream, gap.subject, gap.data,
                                          gap.metadata.timestamp or bus.now_utc(), digest_key)
                     rows.append(row)
+                    if len(rows) >= FLUSH_ROWS:  # a long gap (a new replica on a long stream) is
+                        await flush()  # written as it is read, never held whole in memory
             for m in batch:
                 seq = m.metadata.sequence.stream
                 if seq > state.seq:  # a redelivery of a row already on disk is skipped

@@ -79,6 +79,7 @@ class PolicyFeed(Generic[V]):
         self.signed_at: datetime | None = None
         self.refused = 0  # activations refused since start (tests read it)
         self._ready = asyncio.Event()
+        self._read_through = 0  # the stream sequence of the last stored activation judged
 
     @property
     def current(self) -> V:
@@ -109,8 +110,10 @@ class PolicyFeed(Generic[V]):
                         log.debug("%s: reading the stored activations failed: %r", self.stage, exc)
 
     async def _read_history(self) -> None:
-        for data, subject, _ in await stored_on(self.js, subjects.policy_activated(), self.stage):
-            self._apply(data, subject)
+        for data, subject, seq in await stored_on(self.js, subjects.policy_activated(), self.stage):
+            if seq > self._read_through:  # a read again judges only what the last one did not see
+                self._read_through = seq
+                self._apply(data, subject)
 
     async def _on_msg(self, msg: Msg) -> None:
         self._apply(msg.data, msg.subject)
