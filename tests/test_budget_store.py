@@ -9,7 +9,6 @@ import pytest
 from enclave_gateway.schemas import codec, subjects
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
 from enclave_gateway.services import bus
-from enclave_gateway.services.budget import ledger_store
 from enclave_gateway.services.budget.ledger_store import LedgerStore
 from nats.aio.client import Client
 
@@ -19,10 +18,11 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 @pytest.fixture
-def own_snapshot(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The test's stores keep their snapshot under a key of their own: the running budget worker
-    snapshots every few seconds, and its snapshot would replace the one under test (a CI run)."""
-    monkeypatch.setattr(ledger_store, "SNAPSHOT_KEY", f"projection-test-{uuid.uuid4().hex}")
+def own_snapshot() -> str:
+    """A snapshot key of the test's own: the running budget worker snapshots every few seconds, and
+    its snapshot would replace the one under test (a CI run). The stack's workers run in this
+    process, so patching the module's key moved theirs too (another CI run): stores take it instead."""
+    return f"projection-test-{uuid.uuid4().hex}"
 
 
 class _NoSnapshot(LedgerStore):
@@ -40,20 +40,20 @@ async def _request(client: Client, admin: Client, token: str) -> None:
 
 
 async def test_snapshot_plus_tail_equals_a_full_replay(admin: Client, client: Client, token_for, stack,
-                                                       own_snapshot: None) -> None:
+                                                       own_snapshot: str) -> None:
     nc = await bus.connect(stack, "budget")
     try:
         js = nc.jetstream()
         token = token_for("gamma")
         await _request(client, admin, token)
-        first = LedgerStore(js)
+        first = LedgerStore(js, own_snapshot)
         await first.rebuild()
         assert first.seq > 0
         assert await first.save_snapshot() == first.seq
         for _ in range(3):
             await _request(client, admin, token)
         await first.catch_up("gamma")
-        resumed, full = LedgerStore(js), _NoSnapshot(js)
+        resumed, full = LedgerStore(js, own_snapshot), _NoSnapshot(js)
         read_after_snapshot = await resumed.rebuild()
         read_all = await full.rebuild()
         assert 0 < read_after_snapshot < read_all
@@ -66,20 +66,20 @@ async def test_snapshot_plus_tail_equals_a_full_replay(admin: Client, client: Cl
 
 
 async def test_a_snapshot_claims_only_what_its_replica_read_of_every_teams_ledger(
-        admin: Client, client: Client, token_for, stack, own_snapshot: None) -> None:
+        admin: Client, client: Client, token_for, stack, own_snapshot: str) -> None:
     """A replica catches up one team at a time. One that had read team alpha's newest fact but not
     gamma's older one (another replica wrote it) used to snapshot alpha's sequence as if it had read
     everything below it; a rebuild from that snapshot then never folded gamma's fact."""
     nc = await bus.connect(stack, "budget")
     try:
         js = nc.jetstream()
-        mine = LedgerStore(js)
+        mine = LedgerStore(js, own_snapshot)
         await mine.rebuild()
         await _request(client, admin, token_for("gamma"))  # written by the running worker: unread here
         await _request(client, admin, token_for("alpha"))
         await mine.catch_up("alpha")  # alpha's newest fact is read, gamma's older one is not
         await mine.save_snapshot()
-        resumed, full = LedgerStore(js), _NoSnapshot(js)
+        resumed, full = LedgerStore(js, own_snapshot), _NoSnapshot(js)
         await resumed.rebuild()
         await full.rebuild()
         assert resumed.state.ledgers == full.state.ledgers and resumed.last_seq == full.last_seq

@@ -500,7 +500,7 @@ async def test_a_worker_alive_but_hung_is_killed_and_restarted_and_serves_again(
         assert 'enclave_gateway_process_hung_kills{process="authz"} 1.0' in await r.text()
 
 
-def test_every_worker_process_runs_on_uvloop(gateway: Gateway) -> None:
+async def test_every_worker_process_runs_on_uvloop(gateway: Gateway) -> None:
     """Each start of each worker (restarts by the fault tests included) said which loop it ran on."""
     for worker in WORKERS:
         lines = (gateway.data_dir / "logs" / f"{worker}.log").read_text().splitlines()

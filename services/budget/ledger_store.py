@@ -87,8 +87,9 @@ class Snapshot(msgspec.Struct, kw_only=True):
 class LedgerStore:
     """The projection, the last ledger sequence seen per team, and the highest folded overall."""
 
-    def __init__(self, js: JetStreamContext) -> None:
+    def __init__(self, js: JetStreamContext, snapshot_key: str = SNAPSHOT_KEY) -> None:
         self.js = js
+        self.snapshot_key = snapshot_key  # every replica of a deployment shares one; a test uses its own
         self.state = BudgetState()
         self.last_seq: dict[str, int] = {}  # per team: its ledger is folded through this sequence
         self.seq = 0  # the whole ledger is folded through this sequence (what a snapshot may claim)
@@ -183,7 +184,7 @@ class LedgerStore:
 
     async def _load_snapshot(self) -> None:
         try:
-            data = await read_object(self.js, SNAPSHOT_BUCKET, SNAPSHOT_KEY)
+            data = await read_object(self.js, SNAPSHOT_BUCKET, self.snapshot_key)
             snap = msgspec.json.decode(data, type=Snapshot)
         except Exception as exc:  # no bucket, no snapshot, or a bad one: a full replay is still correct
             log.info("no usable budget snapshot (%r): replaying the ledger", exc)
@@ -203,7 +204,7 @@ class LedgerStore:
         data = msgspec.json.encode(Snapshot(seq=self.seq, last_seq=self.last_seq, state=self.state,
                                            refusals_through=self.refusals_through, refused_seq=self.refused_seq,
                                            complete=True))
-        await store.put(SNAPSHOT_KEY, data)  # chunked: the projection may outgrow one message
+        await store.put(self.snapshot_key, data)  # chunked: the projection may outgrow one message
         return self.seq
 
     async def catch_up(self, team: str) -> None:
