@@ -28,8 +28,17 @@ async def measure(call: Callable[[], Awaitable[None]], requests: int, concurrenc
         await call()
         alone.append((time.perf_counter() - t0) * 1000)
     alone.sort()
+    t0 = time.perf_counter()
+    loaded = sorted(await drive(call, requests, concurrency))
+    rps = requests / (time.perf_counter() - t0)
+    return {"rps": round(rps, 1), "p50_ms": round(statistics.median(alone), 3), "p99_ms": _pct(alone, 0.99),
+            "p50_ms_loaded": round(statistics.median(loaded), 3), "p99_ms_loaded": _pct(loaded, 0.99)}
+
+
+async def drive(call: Callable[[], Awaitable[None]], requests: int, concurrency: int) -> list[float]:
+    """`requests` calls by `concurrency` callers, each calling again once answered; each call's ms."""
     left = requests
-    loaded: list[float] = []
+    took: list[float] = []
 
     async def caller() -> None:
         nonlocal left
@@ -37,14 +46,10 @@ async def measure(call: Callable[[], Awaitable[None]], requests: int, concurrenc
             left -= 1
             t = time.perf_counter()
             await call()
-            loaded.append((time.perf_counter() - t) * 1000)
+            took.append((time.perf_counter() - t) * 1000)
 
-    t0 = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
-    rps = requests / (time.perf_counter() - t0)
-    loaded.sort()
-    return {"rps": round(rps, 1), "p50_ms": round(statistics.median(alone), 3), "p99_ms": _pct(alone, 0.99),
-            "p50_ms_loaded": round(statistics.median(loaded), 3), "p99_ms_loaded": _pct(loaded, 0.99)}
+    return took
 
 
 async def sustain(call: Callable[[], Awaitable[None]], seconds: float, concurrency: int) -> int:

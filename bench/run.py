@@ -86,9 +86,7 @@ async def bare_pipeline(gw: Gateway, data: Path, stream: str, backend: str | Non
     user (no permission checks: both pay the same server, and the gateway's checks are part of what
     is measured). With `backend`, the last hop calls it before replying (the HTTP floor); `tapped`
     adds the readers of the gateway's message pattern (bench/floor_tap.py)."""
-    admin = load_creds(gw.settings.creds_dir, "admin")
-    assert admin is not None
-    nc = await nats.connect(gw.nats_url, nkeys_seed=admin.seed_file, inbox_prefix=admin.inbox_prefix)
+    nc, admin = await admin_connection(gw)
     js = nc.jetstream()
     prefix = stream.lower()
     await js.add_stream(StreamConfig(name=stream, subjects=[f"{prefix}.>"], storage=StorageType.FILE))
@@ -225,19 +223,31 @@ def verdicts(ratios: dict[str, float]) -> dict[str, bool]:
 
 
 async def profiled(gw: Gateway, token: str, concurrency: int, out: Path) -> dict[str, list[tuple[str, float]]]:
-    """py-spy on every gateway process and the broker for PROFILE_S seconds under `concurrency`
-    HTTP callers; the collapsed stacks are kept in `out`, the hottest functions returned."""
-    pids = {name: p.pid for name, p in gw.workers.items()}
-    if gw.broker is not None and gw.broker.proc is not None:
-        pids["nats-server"] = gw.broker.proc.pid
+    """py-spy on every gateway worker for PROFILE_S seconds under `concurrency` HTTP callers; the
+    collapsed stacks are kept in `out`, the hottest functions returned."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
         call = _poster(http, gw.http_url, {"Authorization": f"Bearer {token}"})
-        spies = tools.profile({k: v for k, v in pids.items() if k != "nats-server"}, PROFILE_S, out)
+        spies = tools.profile({name: p.pid for name, p in gw.workers.items()}, PROFILE_S, out)
         done = await loadgen.sustain(call, PROFILE_S + 1, concurrency)
     for spy in spies.values():
         spy.wait(30)
     print(f"profiles of {len(spies)} processes under {concurrency} callers ({done} requests) in {out}")
-    return {name: tools.hottest(out / f"{name}.txt") for name in pids if (out / f"{name}.txt").exists()}
+    return {name: tools.hottest(out / f"{name}.txt") for name in spies if (out / f"{name}.txt").exists()}
+
+
+def gateway_pids(gw: Gateway) -> dict[str, int]:
+    """Every process of the gateway: its workers, and the broker it started."""
+    pids = {name: p.pid for name, p in gw.workers.items()}
+    if gw.broker is not None and gw.broker.proc is not None:
+        pids["nats-server"] = gw.broker.proc.pid
+    return pids
+
+
+async def admin_connection(gw: Gateway) -> tuple[nats.NATS, Creds]:
+    """The operator's connection to the gateway's broker (no permission checks)."""
+    admin = load_creds(gw.settings.creds_dir, "admin")
+    assert admin is not None
+    return await nats.connect(gw.nats_url, nkeys_seed=admin.seed_file, inbox_prefix=admin.inbox_prefix), admin
 
 
 def cpu_s(pid: int) -> float:
@@ -250,24 +260,13 @@ async def cpu_per_request(gw: Gateway, token: str, concurrency: int, requests: i
     """CPU milliseconds each gateway process (and the broker) spends per request, over `requests`
     HTTP requests at `concurrency` callers: on a machine whose cores are all busy, throughput is
     the cores divided by this sum."""
-    pids = {name: p.pid for name, p in gw.workers.items()}
-    if gw.broker is not None and gw.broker.proc is not None:
-        pids["nats-server"] = gw.broker.proc.pid
+    pids = gateway_pids(gw)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
         call = _poster(http, gw.http_url, {"Authorization": f"Bearer {token}"})
-        admin = load_creds(gw.settings.creds_dir, "admin")
-        assert admin is not None
-        nc = await nats.connect(gw.nats_url, nkeys_seed=admin.seed_file, inbox_prefix=admin.inbox_prefix)
+        nc, _ = await admin_connection(gw)
         stored, delivered = await _stream_counts(nc)
         before = {k: cpu_s(v) for k, v in pids.items()}
-        left = requests
-
-        async def caller() -> None:
-            nonlocal left
-            while left > 0:
-                left -= 1
-                await call()
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        await loadgen.drive(call, requests, concurrency)
         await asyncio.sleep(1.0)  # the auditor and settlements finish what the answers left behind
         used = {k: round((cpu_s(v) - before[k]) * 1000 / requests, 3) for k, v in pids.items()}
         stored_after, delivered_after = await _stream_counts(nc)

@@ -25,7 +25,7 @@ from rich.progress import Progress
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen
 from run import _poster as poster
-from run import fixed_gateway, nats_caller
+from run import fixed_gateway, gateway_pids, nats_caller
 
 HERE = Path(__file__).resolve().parent
 SCALED = ("authz", "budget", "router", "invoker", "auditor")  # the edge holds the HTTP port: one
@@ -42,10 +42,7 @@ def rss_mib(pid: int) -> float:
 
 
 def memory(gw: Gateway) -> dict[str, float]:
-    out = {name: rss_mib(p.pid) for name, p in gw.workers.items()}
-    if gw.broker is not None and gw.broker.proc is not None:
-        out["nats-server"] = rss_mib(gw.broker.proc.pid)
-    return out
+    return {name: rss_mib(pid) for name, pid in gateway_pids(gw).items()}
 
 
 async def by_replicas(gw: Gateway, token: str, requests: int, concurrency: int, progress: Progress

@@ -9,7 +9,6 @@ import functools
 import logging
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -444,9 +443,7 @@ def reachable_settings(data_dir: Path, audited: bool = False) -> Iterator[Worker
     auditor = None
     try:
         if audited:
-            path.write_bytes(msgspec.json.encode(occasional))
-            auditor = procs.spawn([sys.executable, "-m", "enclave_gateway.cli", "worker", "auditor", "--settings",
-                                   str(path)], data_dir / "logs" / "occasional-auditor.log")
+            auditor = supervisor.spawn_worker(occasional, "auditor", "occasional-auditor", settings_file=path)
         yield occasional
     finally:
         if auditor is not None:

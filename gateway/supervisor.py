@@ -53,12 +53,15 @@ def read_settings(data_dir: Path) -> WorkerSettings:
 
 
 def spawn_worker(settings: WorkerSettings, name: str, log_name: str | None = None,
-                 beat_fd: int | None = None) -> subprocess.Popen[bytes]:
+                 beat_fd: int | None = None, settings_file: Path | None = None) -> subprocess.Popen[bytes]:
     """One `gateway worker NAME` process (replicas of a service share its durable consumer);
     `beat_fd`, the write end of its sign-of-life pipe (`supervision.Beats`), is handed over and
-    closed here."""
-    path = settings_path(Path(settings.data_dir))
-    if not path.exists():
+    closed here. `settings_file`: where the settings are written for it instead of the data dir's
+    runtime.json (a worker beside a broker started for the occasion leaves that file alone)."""
+    path = settings_file or settings_path(Path(settings.data_dir))
+    if settings_file is not None:
+        path.write_bytes(msgspec.json.encode(settings))
+    elif not path.exists():
         write_settings(settings)
     log = Path(settings.data_dir) / "logs" / f"{log_name or name}.log"
     argv = [sys.executable, "-m", "enclave_gateway.cli", "worker", name, "--settings", str(path)]

@@ -8,12 +8,11 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import msgspec
 import pytest
-from enclave_gateway import procs
+from enclave_gateway import procs, supervisor
 from enclave_gateway.schemas import codec, subjects
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
 from enclave_gateway.services.auditor.shell import _holes
@@ -37,11 +36,7 @@ def _replica(stack: WorkerSettings, home: Path) -> subprocess.Popen[bytes]:
     """An auditor process with a data dir of its own (its own Parquet files, as on its own machine)
     and the deployment's audit keys."""
     shutil.copytree(Path(stack.data_dir) / "keys", home / "keys")
-    settings = msgspec.structs.replace(stack, data_dir=str(home))
-    path = home / "runtime.json"
-    path.write_bytes(msgspec.json.encode(settings))
-    return procs.spawn([sys.executable, "-m", "enclave_gateway.cli", "worker", "auditor", "--settings", str(path)],
-                       home / "logs" / "auditor.log")
+    return supervisor.spawn_worker(msgspec.structs.replace(stack, data_dir=str(home)), "auditor")
 
 
 async def test_auditor_replicas_share_a_busy_stream_without_exhausting_its_consumers(
