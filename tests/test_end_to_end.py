@@ -46,6 +46,7 @@ async def test_every_publish_carries_a_msg_id_matching_the_event_id(admin: Clien
     msg = await client.request(subjects.submit("tester"), _submit(token_for("gamma")), timeout=30)
     rid = codec.decode_reply(msg.data).request_id
     await wait_for_event(admin, rid, "ResponseDelivered")
+    await wait_for_event(admin, rid, "BudgetSettled")  # the settlement lands after the reply (a CI run saw 6)
     js = admin.jetstream()
     sub = await js.subscribe("gw.evt.>", ordered_consumer=True)
     seen = 0
