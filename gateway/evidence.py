@@ -30,7 +30,7 @@ from .replay.engine import replay
 from .runtime import wait_audited
 from .schemas import codec, subjects
 from .schemas.events import AuditCheckpoint
-from .services import bus, keys
+from .services import bus, fact_signatures, keys
 from .services.auditor.decider import GENESIS, chain
 from .services.auditor.parquet_sink import violations_glob
 from .services.authz.policy_view import dev_jwks
@@ -40,8 +40,11 @@ from .services.settings import WorkerSettings
 from .validation_doc import write as write_validation_document
 
 SYSTEM = "Enclave Gateway"
+# The stage signature of each fact travels with it (services/fact_signatures.py): its message id,
+# its signer's public key and the signature, null where the message carried none.
 STREAM_SCHEMA = pa.schema([("seq", pa.int64()), ("subject", pa.string()), ("stored_at", pa.timestamp("us", "UTC")),
-                           ("data", pa.binary())])
+                           ("data", pa.binary()), ("msg_id", pa.string()), ("signer", pa.string()),
+                           ("signature", pa.string())])
 
 
 class _Collected(msgspec.Struct, kw_only=True):
@@ -107,9 +110,12 @@ async def _write_stream(js: JetStreamContext, path: Path, until: int) -> _Collec
         async with contextlib.aclosing(messages) as msgs:
             async for msg in msgs:
                 seq = msg.metadata.sequence.stream
+                hdrs = msg.headers or {}
                 rows.append({"seq": seq, "subject": msg.subject, "stored_at": msg.metadata.timestamp,
-                             "data": msg.data})
-                _fold(got, seq, msg.subject, msg.data)
+                             "data": msg.data, "msg_id": hdrs.get("Nats-Msg-Id"),
+                             "signer": hdrs.get(fact_signatures.SIGNER),
+                             "signature": hdrs.get(fact_signatures.SIGNATURE)})
+                _fold(got, seq, msg.subject, msg.data, _signed(js, msg.subject, msg.headers, msg.data))
                 if len(rows) >= 5000:
                     writer.write_table(pa.Table.from_pylist(rows, schema=STREAM_SCHEMA))
                     rows = []
@@ -119,11 +125,21 @@ async def _write_stream(js: JetStreamContext, path: Path, until: int) -> _Collec
     return got
 
 
-def _fold(got: _Collected, seq: int, subject: str, data: bytes) -> None:
-    got.stored.append((seq, subject, data))
+def _signed(js: JetStreamContext, subject: str, headers: dict[str, str] | None, data: bytes) -> bool:
+    try:
+        bus.owner_of(js, subject, headers, data)
+    except codec.UnsignedFact:
+        return False
+    return True
+
+
+def _fold(got: _Collected, seq: int, subject: str, data: bytes, signed: bool) -> None:
     got.first = got.first or seq
     got.last, got.count = seq, got.count + 1
-    got.head = chain(got.head, seq, subject, hashlib.sha256(data).hexdigest())
+    got.head = chain(got.head, seq, subject, hashlib.sha256(data).hexdigest())  # the chain covers every message
+    if not signed:  # ...but only a fact its owner signed is replayed, or vouches for anything
+        return
+    got.stored.append((seq, subject, data))
     if subject == subjects.audit_checkpoint():
         with contextlib.suppress(codec.DecodeError):  # junk on the subject is chained, vouches for nothing
             got.checkpoints.append(codec.decode_as(data, AuditCheckpoint, subject))
@@ -186,6 +202,8 @@ def register_of(settings: WorkerSettings, activations: list[tuple[bytes, str, in
         "system": SYSTEM,
         "audit_signer": msgspec.to_builtins(keys.public_of(keys.load_private(settings.audit_key_file))),
         "policy_signers": settings.policy_signers,
+        # every stage's pinned fact-signing key: verify and replay count a fact only with its owner's signature
+        "fact_signers": fact_signers_of(settings),
         "policy_in_force": active.version if active else None,
         "policies": policies,
         "catalog": catalog,
@@ -194,6 +212,12 @@ def register_of(settings: WorkerSettings, activations: list[tuple[bytes, str, in
         "dev_token_issuer": msgspec.json.decode(jwks[0]) if (jwks := dev_jwks(settings)) else None,
     }
     return register
+
+
+def fact_signers_of(settings: WorkerSettings) -> dict[str, str]:
+    """Identity name -> the public key its facts are signed with (empty: a deployment without identities)."""
+    pins = fact_signatures.load_pins(settings.creds_dir)
+    return {} if pins is None else {name: key for key, name in pins.names.items()}
 
 
 def _sign_manifest(settings: WorkerSettings, out: Path, got: _Collected, period: str | None) -> pkg.Manifest:

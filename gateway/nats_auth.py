@@ -17,7 +17,7 @@ from pathlib import Path
 import msgspec
 import nkeys
 
-from .services import registry
+from .services import fact_signatures, registry
 from .services.credentials import seed_path
 from .services.keys import write_private
 
@@ -54,7 +54,21 @@ def ensure_creds(creds_dir: Path, extra_apps: tuple[str, ...] = ()) -> list[regi
         ensure_seed(creds_dir, f"app.{app}")
     for ident in registry.fixed():
         ensure_seed(creds_dir, ident.name)
+    write_pins(creds_dir)
     return identities(creds_dir)
+
+
+def write_pins(creds_dir: Path) -> Path:
+    """The public key of every identity that signs facts (services/fact_signatures.py): what every
+    reader of the stream checks a fact's signature against. Public, so not 0600."""
+    pins = {i.name: public_key(seed_path(creds_dir, i.name)) for i in registry.fixed() if i.signs}
+    path = fact_signatures.pins_path(creds_dir)
+    text = msgspec.json.encode(pins)
+    if not path.exists() or path.read_bytes() != text:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(text)
+        tmp.replace(path)
+    return path
 
 
 ENDPOINTS_FILE = "endpoints.json"  # every endpoint whose invokers' durable this deployment has

@@ -15,9 +15,10 @@ from rich.table import Table
 
 from .replay import package as pkg
 from .replay.engine import Result, Stored, diff, replay
+from .replay.verify import SIGNATURE_FIELDS
 from .runtime import reachable_settings
-from .schemas import subjects
-from .services import bus
+from .schemas import codec, subjects
+from .services import bus, fact_signatures
 from .services.authz.policy_view import dev_jwks
 from .services.settings import WorkerSettings
 
@@ -42,11 +43,33 @@ def _read(settings: WorkerSettings) -> list[Stored]:
 
 def from_package(root: Path) -> tuple[list[Stored], list[str], dict[str, str]]:
     """The exported stream of an evidence package (verify it first), and the dev issuer it recorded."""
-    table = pq.read_table(root / pkg.STREAM, columns=["seq", "subject", "data"])
-    stored = list(zip(*(table.column(c).to_pylist() for c in ("seq", "subject", "data")), strict=True))
     register = json.loads((root / pkg.REGISTER).read_text())
+    stored = signed_rows(root, dict(register.get("fact_signers") or {}))
     dev = register.get("dev_token_issuer")
     return stored, [json.dumps(dev)] if dev else [], dict(register.get("policy_signers") or {})
+
+
+def signed_rows(root: Path, fact_signers: dict[str, str]) -> list[Stored]:
+    """The package's stored facts that their owner signed (every one, in a package made before
+    facts were signed); a fact no owner signed is left out, as every worker left it out."""
+    names = set(pq.ParquetFile(root / pkg.STREAM).schema_arrow.names)
+    signed = fact_signers and set(SIGNATURE_FIELDS) <= names
+    columns = ["seq", "subject", "data", *(SIGNATURE_FIELDS if signed else ())]
+    table = pq.read_table(root / pkg.STREAM, columns=columns)
+    rows = zip(*(table.column(c).to_pylist() for c in columns), strict=True)
+    if not signed:
+        return [(seq, subject, data) for seq, subject, data in rows]
+    pins = fact_signatures.Pins.of(fact_signers)
+    out: list[Stored] = []
+    for seq, subject, data, msg_id, signer, signature in rows:
+        headers = {k: v for k, v in (("Nats-Msg-Id", msg_id), (fact_signatures.SIGNER, signer),
+                                     (fact_signatures.SIGNATURE, signature)) if v is not None}
+        try:
+            pins.owner(subject, headers, data)
+        except codec.UnsignedFact:
+            continue
+        out.append((seq, subject, data))
+    return out
 
 
 def run(console: Console, stored: list[Stored], jwks: list[str], trusted: dict[str, str], first: int,

@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
+import msgspec
+from nats.aio.msg import Msg
 from rich.table import Table
 
+from .schemas import codec
 from .services import bus
 from .services.auditor.parquet_sink import VIOLATION_COLUMNS, violations_glob
 from .supervisor import read_settings
@@ -83,8 +87,14 @@ def follow(data_dir: Path) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
 
-        async def show(msg: object) -> None:
-            data = json.loads(getattr(msg, "data", b"{}"))
+        async def show(msg: Msg) -> None:
+            try:
+                bus.owner_of(nc.jetstream(), msg.subject, msg.headers, msg.data)  # only authz's own denials
+                denied = codec.decode_event(msg.data, msg.subject)
+            except codec.DecodeError as exc:  # bytes a credential made the server store: said, never obeyed
+                print(f"skipped a message on {msg.subject} that is no denial: {exc}", file=sys.stderr, flush=True)
+                return
+            data = msgspec.to_builtins(denied)
             print(
                 json.dumps(
                     {

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from ..schemas import codec, subjects
 from ..schemas.events import AnyEvent, AuditCheckpoint
-from ..services import keys
+from ..services import fact_signatures, keys
 from ..services.auditor import checkpoints
 from ..services.auditor.decider import GENESIS, AuditorState, AuditRow, row_of
 from ..services.auditor.parquet_sink import SCHEMA, VIOLATION_COLUMNS
@@ -53,6 +53,9 @@ MAX_JSON_BYTES = 64 << 20
 KEYED = ("prompt_hmac", "completion_hmac")  # the digest key stays in the deployment: presence only
 STREAM_FIELDS = {"seq": pa.int64(), "subject": pa.string(), "stored_at": pa.timestamp("us", "UTC"),
                  "data": pa.binary()}
+# Each fact's stage signature; a package exported before facts were signed has none of these columns.
+SIGNATURE_FIELDS = {"msg_id": pa.string(), "signer": pa.string(), "signature": pa.string()}
+StreamRow = tuple[int, int, str, bytes, datetime, dict[str, str] | None]
 
 
 class Finding(msgspec.Struct, frozen=True, kw_only=True):
@@ -101,6 +104,7 @@ class Register(msgspec.Struct, kw_only=True):
     catalog: list[dict[str, Any]]
     token_issuers: Any = None
     dev_token_issuer: Any = None
+    fact_signers: dict[str, str] = {}  # identity -> NKey public key; empty in packages made before signatures
 
 
 def verify(root: Path, anchor: keys.SignerKey | None = None) -> Report:
@@ -215,7 +219,7 @@ class _Rebuilt(msgspec.Struct, kw_only=True):
 
 def _check_everything_derived(root: Path, manifest: pkg.Manifest, register: Register, regular: set[str],
                               report: Report) -> None:
-    rebuilt = _check_stream(root, manifest, register.audit_signer, regular, report)
+    rebuilt = _check_stream(root, manifest, register, regular, report)
     if rebuilt is None:
         return
     _check_audit_tables(root, manifest, rebuilt, regular, report)
@@ -225,29 +229,42 @@ def _check_everything_derived(root: Path, manifest: pkg.Manifest, register: Regi
     _check_tables(root, regular, report, manifest.period)
 
 
-def _stream_batches(path: Path, report: Report) -> Iterator[tuple[int, int, str, bytes, datetime]] | None:
-    """(row, seq, subject, data, stored_at) in file order, in bounded batches; None when the schema is wrong."""
+def _stream_batches(path: Path, report: Report) -> Iterator[StreamRow] | None:
+    """(row, seq, subject, data, stored_at, signature headers) in file order, in bounded batches;
+    None when the schema is wrong. The headers are None in a package made before facts were signed."""
     pf = pq.ParquetFile(path)
     fields = {f.name: f.type for f in pf.schema_arrow}
     if any(fields.get(name) != kind for name, kind in STREAM_FIELDS.items()):
         report.fail(pkg.STREAM, f"columns {fields} are not {STREAM_FIELDS}")
         return None
+    signed = all(fields.get(name) == kind for name, kind in SIGNATURE_FIELDS.items())
+    columns = [*STREAM_FIELDS, *(SIGNATURE_FIELDS if signed else ())]
 
-    def rows() -> Iterator[tuple[int, int, str, bytes, datetime]]:
+    def rows() -> Iterator[StreamRow]:
         n = 0
-        for batch in pf.iter_batches(batch_size=4096, columns=list(STREAM_FIELDS)):
-            for seq, subject, stored_at, data in zip(*(batch.column(i).to_pylist() for i in range(4)), strict=True):
+        for batch in pf.iter_batches(batch_size=4096, columns=columns):
+            cols = [batch.column(i).to_pylist() for i in range(len(columns))]
+            for seq, subject, stored_at, data, *sig in zip(*cols, strict=True):
                 if seq is None or subject is None or data is None or stored_at is None:
                     report.fail(f"{pkg.STREAM} row {n}", "a null seq, subject, time or body")
                 else:
-                    yield n, seq, subject, data, stored_at
+                    headers = ({k: v for k, v in zip(("Nats-Msg-Id", fact_signatures.SIGNER, fact_signatures.SIGNATURE),
+                                                      sig, strict=True) if v is not None} if signed else None)
+                    yield n, seq, subject, data, stored_at, headers
                 n += 1
 
     return rows()
 
 
-def _check_stream(root: Path, manifest: pkg.Manifest, signer: keys.SignerKey, regular: set[str],
+def headers_absent(root: Path) -> bool:
+    """Whether the package's stream has no signature columns (exported before facts were signed)."""
+    names = set(pq.ParquetFile(root / pkg.STREAM).schema_arrow.names)
+    return not set(SIGNATURE_FIELDS) <= names
+
+
+def _check_stream(root: Path, manifest: pkg.Manifest, register: Register, regular: set[str],
                   report: Report) -> _Rebuilt | None:
+    signer = register.audit_signer
     if pkg.STREAM not in regular:
         return None
     batches = _stream_batches(root / pkg.STREAM, report)
@@ -259,7 +276,8 @@ def _check_stream(root: Path, manifest: pkg.Manifest, signer: keys.SignerKey, re
     rebuilt, state = _Rebuilt(), AuditorState()
     heads: dict[int, str] = {0: GENESIS}
     previous = 0
-    for row, seq, subject, data, stored_at in batches:
+    pins = fact_signatures.Pins.of(register.fact_signers) if register.fact_signers else None
+    for row, seq, subject, data, stored_at, headers in batches:
         where = f"{pkg.STREAM} row {row} (seq {seq})"
         if seq > previous + 1:
             report.fail(where, f"events seq {previous + 1}..{seq - 1} are missing: deleted")
@@ -269,16 +287,22 @@ def _check_stream(root: Path, manifest: pkg.Manifest, signer: keys.SignerKey, re
         previous = seq
         try:
             event: AnyEvent | codec.DecodeError
+            if pins is not None and headers is not None:  # a fact counts only with its owner's signature
+                pins.owner(subject, headers, data)
             event, version = codec.decode_event_versioned(data, subject)
             if version != event.schema_version:
                 rebuilt.older[seq] = version
         except codec.DecodeError as exc:
             event = exc
+            if isinstance(exc, codec.UnsignedFact):
+                report.notice(where, f"{exc}: recorded, and counted as no fact")
         rebuilt.decoded.append((seq, None if isinstance(event, codec.DecodeError) else event))
         audit_row, state = row_of(state, seq, subject, data, stored_at, None, event)  # decoded once, for both
         rebuilt.rows[seq] = audit_row
         heads[seq] = state.head
         report.events += 1
+        if isinstance(event, codec.UnsignedFact):
+            continue  # chained, vouches for nothing, activates nothing
         if subject == subjects.audit_checkpoint():
             _check_checkpoint(where, data, heads, signer, rebuilt, report)
         elif subject == subjects.policy_activated():
@@ -289,6 +313,8 @@ def _check_stream(root: Path, manifest: pkg.Manifest, signer: keys.SignerKey, re
     if manifest.chain_head.seq != manifest.last_seq or heads.get(manifest.chain_head.seq) != manifest.chain_head.head:
         report.fail(pkg.MANIFEST, f"the chain recomputed from the events does not reach the signed head at seq "
                                   f"{manifest.chain_head.seq}")
+    if pins is None or headers_absent(root):
+        report.notice(pkg.STREAM, "no stage signatures were checked: the package predates them or names no signers")
     if report.checkpoints == 0 and report.events:
         report.notice(pkg.STREAM, "no signed checkpoint: only the manifest's signature vouches for the events")
     return rebuilt

@@ -18,6 +18,34 @@ class DecodeError(ValueError):
     """Bytes that are not a valid event or command; the message names the path (msgspec's text)."""
 
 
+class UnsignedFact(DecodeError):
+    """A fact that no owner of its subject signed (services/fact_signatures.py): refused like bad
+    bytes wherever it would count, recorded, and counted."""
+
+
+# A NATS message is at most 1 MiB (the server's max_payload): nothing larger is an event of ours.
+MAX_MESSAGE_BYTES = 1024 * 1024
+# What msgspec raises besides DecodeError for hostile bytes: a byte that is not UTF-8 inside a JSON
+# string surfaces as Python's own error, and a document nested past the interpreter's recursion
+# guard (1,000 levels, 2 KB of brackets) as RecursionError. Every one of them is a DecodeError here:
+# an error that escaped this module stopped a worker for good once (its message stays in the stream).
+_HOSTILE = (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError, TypeError, OverflowError)
+
+
+def _checked_size(data: bytes) -> bytes:
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise DecodeError(f"{len(data)} bytes: larger than any event ({MAX_MESSAGE_BYTES} bytes at most)")
+    return data
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "the JSON is nested too deeply"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not valid utf-8 (at byte {exc.start})"
+    return str(exc)[:300]
+
+
 class _Header(msgspec.Struct):
     type: str
     schema_version: int = 1
@@ -33,6 +61,7 @@ _current: msgspec.json.Decoder[Any] = msgspec.json.Decoder(AnyEvent)
 _submit = msgspec.json.Decoder(SubmitRequest)
 _reply = msgspec.json.Decoder(SubmitReply)
 _chunk = msgspec.json.Decoder(StreamChunk)
+_plain: msgspec.json.Decoder[Any] = msgspec.json.Decoder()
 
 
 def encode(obj: msgspec.Struct) -> bytes:
@@ -55,9 +84,10 @@ def decode_event(data: bytes, subject: str | None = None) -> AnyEvent:
     own subjects, so this binds an event's type to who may have written it: a `RequestAuthorized`
     body on `gw.evt.request.failed` is refused, not obeyed (issue 8).
     """
+    _checked_size(data)
     try:
         fast: Event | None = _current.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except _HOSTILE:
         fast = None
     if fast is not None and READERS.get((str(type(fast).__struct_config__.tag), fast.schema_version)) == (
             type(fast), None):
@@ -69,9 +99,10 @@ def decode_event(data: bytes, subject: str | None = None) -> AnyEvent:
             raise DecodeError(f"unknown event type {head.type!r} v{head.schema_version}")
         cls, step = reader
         event: Event = _decoder(cls).decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # ValidationError is a subclass; msgspec lets
-        # a byte that is not UTF-8 inside a JSON string through as Python's own error
-        raise DecodeError(str(exc)) from exc
+    except DecodeError:
+        raise
+    except _HOSTILE as exc:  # ValidationError is a subclass of msgspec.DecodeError
+        raise DecodeError(_why(exc)) from None
     result: AnyEvent = upcast(event, step)  # type: ignore[assignment]  # the reader registry pairs type and class
     return _placed(result, subject)
 
@@ -98,6 +129,11 @@ def as_version(event: AnyEvent, version: int) -> AnyEvent:
     return result
 
 
+def decode_plain(data: bytes) -> object:
+    """Plain JSON read from the stream or a file (reports, feeds): a DecodeError for any bad bytes."""
+    return decode_json(_plain, _checked_size(data))
+
+
 def encode_obj(obj: object) -> bytes:
     """JSON bytes of plain data."""
     return _encoder.encode(obj)
@@ -105,7 +141,10 @@ def encode_obj(obj: object) -> bytes:
 
 def stored_version(data: bytes) -> int:
     """The `schema_version` the bytes were written with (an upcast event reports its current one)."""
-    return _header.decode(data).schema_version
+    try:
+        return _header.decode(_checked_size(data)).schema_version
+    except _HOSTILE as exc:
+        raise DecodeError(_why(exc)) from None
 
 
 def _placed(event: AnyEvent, subject: str | None) -> AnyEvent:
@@ -130,10 +169,8 @@ def decode_json(decoder: msgspec.json.Decoder[Any], data: bytes) -> Any:
         return decoder.decode(data)
     except UnicodeDecodeError as exc:
         raise DecodeError(f"the body is not valid utf-8 (at byte {exc.start})") from None
-    except RecursionError:
-        raise DecodeError("the JSON is nested too deeply") from None
-    except msgspec.DecodeError as exc:
-        raise DecodeError(str(exc)[:300]) from None
+    except _HOSTILE as exc:
+        raise DecodeError(_why(exc)) from None
 
 
 def decode_submit(data: bytes) -> SubmitRequest:
@@ -144,15 +181,9 @@ def decode_submit(data: bytes) -> SubmitRequest:
 
 def decode_reply(data: bytes) -> SubmitReply:
     """Decode the reply a caller receives."""
-    try:
-        return _reply.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise DecodeError(str(exc)) from exc
+    return decode_json(_reply, _checked_size(data))  # type: ignore[no-any-return]
 
 
 def decode_chunk(data: bytes) -> StreamChunk:
     """Decode a streamed chunk of an answer."""
-    try:
-        return _chunk.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise DecodeError(str(exc)) from exc
+    return decode_json(_chunk, _checked_size(data))  # type: ignore[no-any-return]

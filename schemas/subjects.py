@@ -35,6 +35,7 @@ from .events import (
 
 STREAM = "GW_EVENTS"
 ALL_EVENTS = "gw.evt.>"
+EVENTS_HEAD = "gw.evt."  # every fact subject starts so
 # Rate-limit counters (JetStream counters, ADR-49): derived data, never the audit trail; each
 # request's counts are recorded in its BudgetReserved or BudgetRejected on GW_EVENTS.
 RATES_STREAM = "GW_RATES"

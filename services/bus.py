@@ -13,12 +13,15 @@ Nothing is dropped silently and no message stops a worker.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import ssl
 import uuid
+import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 import msgspec
 import nats
@@ -39,7 +42,7 @@ from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError
 
 from ..schemas import codec, subjects
 from ..schemas.events import AnyEvent, BudgetReserved, MessageRejected, RequestFailed, Reservation, envelope
-from . import logs
+from . import fact_signatures, logs
 from .credentials import load_creds
 from .registry import INVOKER_ACK_WAIT_S, ConsumerSpec, by_name, durables, invoker_durable
 from .settings import WorkerSettings
@@ -58,6 +61,65 @@ CONSUMERS: dict[str, ConsumerSpec] = durables()
 # 16 after a broker kill, which replay then named).
 DUPLICATE_WINDOW_S = (max(INVOKER_ACK_WAIT_S, *(s.ack_wait_s for s in CONSUMERS.values())) * MAX_DELIVER
                       + sum(BACKOFF_S) + 60.0)
+
+
+# What each connection signs its facts with, and checks others' facts against (fact_signatures).
+# Kept per connection, not per process: the tests run every worker in one process, each as itself.
+_signers: weakref.WeakKeyDictionary[Client, fact_signatures.FactSigner] = weakref.WeakKeyDictionary()
+_pins: weakref.WeakKeyDictionary[Client, fact_signatures.Pins] = weakref.WeakKeyDictionary()
+# Facts refused for want of their owner's signature, by the stage that refused them (each is also
+# a MessageRejected fact with reason `unsigned_fact`, so the record counts them too).
+UNSIGNED_REFUSED: collections.Counter[str] = collections.Counter()
+
+
+def _client(js: JetStreamContext) -> Client:
+    nc: Client = js._nc
+    return nc
+
+
+def signer_of(js: JetStreamContext) -> fact_signatures.FactSigner | None:
+    """The signing key of the identity `js` is connected as (None: a deployment without identities)."""
+    return _signers.get(_client(js))
+
+
+def pins_of(js: JetStreamContext) -> fact_signatures.Pins | None:
+    """The pinned fact signers (None: a deployment without identities, where nothing is signed)."""
+    return _pins.get(_client(js))
+
+
+def owner_of(js: JetStreamContext, subject: str, headers: dict[str, str] | None, data: bytes) -> str | None:
+    """The identity that signed this stored fact as its owner (None when nothing is signed here);
+    raises `fact_signatures.UnsignedFact` (a DecodeError) for a fact no owner signed."""
+    pins = pins_of(js)
+    return None if pins is None else pins.owner(subject, headers, data)
+
+
+def signed_only(js: JetStreamContext, stored: list[tuple[bytes, str, int, dict[str, str] | None]], reader: str
+                ) -> list[tuple[bytes, str, int]]:
+    """The stored facts whose owner signed them; each refused one is logged, never acted on."""
+    out: list[tuple[bytes, str, int]] = []
+    for data, subject, seq, headers in stored:
+        try:
+            owner_of(js, subject, headers, data)
+        except fact_signatures.UnsignedFact as exc:
+            log.warning("%s: ignored seq %d: %s", reader, seq, exc)
+            continue
+        out.append((data, subject, seq))
+    return out
+
+
+def _remember_keys(nc: Client, settings: WorkerSettings, name: str) -> Client:
+    pins = fact_signatures.load_pins(settings.creds_dir)
+    if pins is None and load_creds(settings.creds_dir, name) is not None:
+        # an identity with no pins would sign nothing and accept anything: fail closed instead
+        raise fact_signatures.MissingPins(f"{fact_signatures.pins_path(Path(settings.creds_dir))} is missing: "
+                                          "every fact is checked against it (`gateway up` writes it)")
+    if pins is not None:
+        _pins[nc] = pins
+        signer = fact_signatures.load_signer(settings.creds_dir, name)
+        if signer is not None:
+            _signers[nc] = signer
+    return nc
 
 
 def now_utc() -> datetime:
@@ -87,12 +149,12 @@ async def connect(settings: WorkerSettings, name: str, *, keep_trying: bool = Tr
             servers, name=f"gw-{name}", max_reconnect_attempts=-1, reconnect_time_wait=0.5,
             error_cb=watch.error, disconnected_cb=watch.lost, reconnected_cb=watch.back, **auth, **secure
         )
-        return watch.nc
+        return _remember_keys(watch.nc, settings, name)
 
     async def quiet(_exc: Exception) -> None:
         return None
 
-    return await nats.connect(
+    return _remember_keys(await nats.connect(
         servers,
         name=f"gw-{name}",
         allow_reconnect=False,
@@ -101,7 +163,7 @@ async def connect(settings: WorkerSettings, name: str, *, keep_trying: bool = Tr
         error_cb=quiet,
         **auth,
         **secure,
-    )
+    ), settings, name)
 
 
 class OutageLog:
@@ -261,13 +323,20 @@ async def stored_between(js: JetStreamContext, subject: str, reader: str, start:
 
 
 async def stored_on(js: JetStreamContext, subject: str, reader: str) -> list[tuple[bytes, str, int]]:
-    """Every message stored on `subject` so far, as (data, subject, stream sequence), oldest first."""
+    """Every fact stored on `subject` so far that its owner signed, as (data, subject, stream
+    sequence), oldest first; what no owner signed is logged and left out."""
+    return signed_only(js, await stored_with_headers(js, subject, reader), reader)
+
+
+async def stored_with_headers(js: JetStreamContext, subject: str, reader: str
+                              ) -> list[tuple[bytes, str, int, dict[str, str] | None]]:
+    """Every message stored on `subject` so far, signed or not, with its headers, oldest first."""
     try:
         last = await js.get_last_msg(subjects.STREAM, subject, direct=True)
     except NotFoundError:
         return []
     async with contextlib.aclosing(stored_between(js, subject, reader, 1, int(last.seq or 0))) as msgs:
-        return [(msg.data, msg.subject, msg.metadata.sequence.stream) async for msg in msgs]
+        return [(msg.data, msg.subject, msg.metadata.sequence.stream, msg.headers) async for msg in msgs]
 
 
 def consumer_config(name: str, spec: ConsumerSpec) -> ConsumerConfig:
@@ -287,9 +356,13 @@ def consumer_config(name: str, spec: ConsumerSpec) -> ConsumerConfig:
 
 async def publish_ack(js: JetStreamContext, event: AnyEvent, headers: dict[str, str] | None = None,
                       wait_s: float | None = None) -> PubAck:
-    """Publish an event with `Nats-Msg-Id` = its id, so a republish is deduplicated by the server."""
-    hdrs = {"Nats-Msg-Id": event.event_id, **(headers or {})}
-    return await js.publish(subjects.for_event(event), codec.encode(event), timeout=wait_s, headers=hdrs)
+    """Publish an event signed by this connection's identity, under a message id only that
+    identity computes: a republish of the same decision is deduplicated by the server."""
+    subject, data = subjects.for_event(event), codec.encode(event)
+    signer = signer_of(js)
+    hdrs = (signer.headers(subject, signer.msg_id(event.event_id), data) if signer is not None
+            else {"Nats-Msg-Id": event.event_id})
+    return await js.publish(subject, data, timeout=wait_s, headers={**hdrs, **(headers or {})})
 
 
 async def publish(js: JetStreamContext, event: AnyEvent, headers: dict[str, str] | None = None) -> int:
@@ -357,8 +430,11 @@ async def process(js: JetStreamContext, stage: str, handle: Handler, msg: Msg) -
 
 async def _process(js: JetStreamContext, stage: str, handle: Handler, msg: Msg) -> None:
     try:
+        owner_of(js, msg.subject, msg.headers, msg.data)  # before any byte of it is decoded
         await handle(msg)
         await msg.ack()
+    except fact_signatures.UnsignedFact as exc:
+        await _reject(js, stage, msg, str(exc), "unsigned_fact")
     except codec.DecodeError as exc:
         await _reject(js, stage, msg, str(exc))
     except Exception as exc:  # infrastructure or a bug: retry, then fail the request loudly
@@ -408,14 +484,16 @@ async def outlasting_outages(write: Callable[[], Awaitable[None]], msg: Msg, sta
         delay = min(RECORD_RETRY_MAX_S, delay * 2)
 
 
-async def _reject(js: JetStreamContext, stage: str, msg: Msg, detail: str) -> None:
+async def _reject(js: JetStreamContext, stage: str, msg: Msg, detail: str, reason: str = "invalid_event") -> None:
     seq = msg.metadata.sequence.stream
+    if reason == "unsigned_fact":
+        UNSIGNED_REFUSED[stage] += 1
     event = MessageRejected(
         **envelope(f"seq-{seq}", f"rejected-by-{stage}", now_utc(), "n/a"),
         subject=msg.subject,
         stream_seq=seq,
         stage=stage,
-        reason="invalid_event",
+        reason=reason,
         detail=detail[:1000],
     )
     log.warning("%s: rejected %s seq %d: %s", stage, msg.subject, seq, detail)

@@ -48,6 +48,8 @@ class Identity(msgspec.Struct, frozen=True, kw_only=True):
     publish: tuple[str, ...] = ()  # core and JetStream subjects, JetStream API calls included
     subscribe: tuple[str, ...] = ()  # "subject" or "subject queue"
     deny_publish: tuple[str, ...] = ()
+    # The fact subjects whose facts count only with this identity's signature (services/fact_signatures.py)
+    signs: tuple[str, ...] = ()
     follows_policy: bool = False
     # May end a request with RequestFailed (after max_deliver); the auditor records, it never fails one.
     fails_requests: bool = False
@@ -102,13 +104,15 @@ def _service(
     policy: bool = True,
     fails: bool = True,
 ) -> Identity:
+    everything = (*publish, *(FAILS if fails else FAILS[:1]), *(own_consumer(name) if consumer else ()),
+                  *(POLICY_READ if policy else ()))
     return Identity(
         name=name,
         kind="service",
         purpose=purpose,
         consumer=consumer,
-        publish=(*publish, *(FAILS if fails else FAILS[:1]), *(own_consumer(name) if consumer else ()),
-                 *(POLICY_READ if policy else ())),
+        publish=everything,
+        signs=tuple(s for s in everything if s.startswith(subjects.EVENTS_HEAD)),
         subscribe=(f"_INBOX_{name}.>", *((subjects.policy_activated(),) if policy else ()), *subscribe),
         follows_policy=policy,
         fails_requests=fails,
@@ -232,6 +236,8 @@ OPERATORS: tuple[Identity, ...] = (
         purpose="operator: creates the stream and consumers, activates "
         "signed policy, reads the stream for status and reports",
         unrestricted=True,
+        # its own facts only: may write anything on the bus, but signs no stage's decision
+        signs=(subjects.policy_activated(), subjects.console_viewed()),
     ),
     Identity(
         name="soc",

@@ -26,7 +26,7 @@ from enclave_gateway.engine import Engine
 from enclave_gateway.schemas import codec, subjects
 from enclave_gateway.schemas.commands import ChatBody
 from enclave_gateway.schemas.events import Caller, RouteSelected, Reservation
-from enclave_gateway.services import bus
+from enclave_gateway.services import bus, fact_signatures
 from enclave_gateway.services.settings import WorkerSettings
 from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig
@@ -280,7 +280,7 @@ async def stream_events(nc: Client, request_id: str | None = None, subject: str 
                 break
             try:
                 body = msgspec.json.decode(msg.data)
-            except msgspec.DecodeError:  # garbage published by the bad-input tests
+            except (msgspec.DecodeError, RecursionError):  # garbage published by the bad-input tests
                 body = {}
             if request_id is None or (isinstance(body, dict) and body.get("request_id") == request_id):
                 out.append((msg.subject, body))
@@ -307,7 +307,16 @@ def utc(ts: str) -> datetime:
     return datetime.fromisoformat(ts).astimezone(UTC)
 
 
-async def poison_exhausts_max_deliver(admin: Client, client: Client, team: str) -> None:
+async def publish_signed(js: nats.js.JetStreamContext, creds_dir: str | Path, name: str, subject: str,
+                         data: bytes) -> nats.js.api.PubAck:
+    """Store `data` on `subject` signed by identity `name`, as that stage's shell would: a test
+    that drives a worker with a hand-made fact must sign it as its owner, or it is refused."""
+    signer = fact_signatures.load_signer(creds_dir, name)
+    assert signer is not None, name
+    return await js.publish(subject, data, headers=signer.headers(subject, signer.msg_id(uuid.uuid4().hex), data))
+
+
+async def poison_exhausts_max_deliver(admin: Client, client: Client, team: str, settings: WorkerSettings) -> None:
     """A handler that always raises on a real event: bounded redelivery, then a terminal
     RequestFailed, and the caller hears exactly once (on one node, or on the cluster)."""
     js = admin.jetstream()
@@ -325,7 +334,7 @@ async def poison_exhausts_max_deliver(admin: Client, client: Client, team: str) 
                           policy_version="test", caller=Caller(subject="s", team=team), requested_model="m",
                           model_id=durable, endpoint="e", max_tokens=1, chat=ChatBody(model="m", messages=()),
                           reservation=Reservation(team=team, period="2026-11", micros=0), reply_to=inbox)
-    await js.publish(subject, codec.encode(event))
+    await publish_signed(js, settings.creds_dir, "router", subject, codec.encode(event))
     attempts = 0
 
     async def always_fails(_msg: object) -> None:
@@ -334,7 +343,10 @@ async def poison_exhausts_max_deliver(admin: Client, client: Client, team: str) 
         raise RuntimeError("model server on fire")
 
     stop = asyncio.Event()
-    task = asyncio.create_task(bus.consume(js, durable, always_fails, stop))
+    # the failing stage is played by the invoker's identity (it may pull any endpoint's durable), so
+    # its terminal RequestFailed is signed by a stage that owns failures, as in production
+    stage = await bus.connect(settings, "invoker")
+    task = asyncio.create_task(bus.consume(stage.jetstream(), durable, always_fails, stop))
     try:
         reply = codec.decode_reply((await sub.next_msg(timeout=30)).data)
         failed = await wait_for_event(admin, rid, "RequestFailed", timeout_s=60)
@@ -343,6 +355,7 @@ async def poison_exhausts_max_deliver(admin: Client, client: Client, team: str) 
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
+        await stage.close()
     assert reply.error is not None and reply.error.code == "request_failed"
     assert "model server on fire" in str(failed["detail"])
     assert attempts == bus.MAX_DELIVER

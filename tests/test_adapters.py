@@ -238,7 +238,7 @@ def test_usage_no_audit_column_can_hold_is_a_bad_response_and_never_stops_the_au
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_no_key_or_signature_ever_reaches_the_stream_and_a_route_cannot_claim_a_hosted_protocol(
-        admin: Client, http_url: str, token_for, monkeypatch: pytest.MonkeyPatch) -> None:
+        admin: Client, http_url: str, token_for, monkeypatch: pytest.MonkeyPatch, stack) -> None:
     """Found by a hostile review: (1) aiohttp's repr of a failed call, recorded as the failure's
     detail, carried the request's headers: the API key and the SigV4 signature went into the audit
     trail; (2) the invoker chose which keys to send by the route's `protocol`, so a forged route
@@ -283,7 +283,11 @@ async def test_no_key_or_signature_ever_reaches_the_stream_and_a_route_cannot_cl
                                          endpoint="hang-node", protocol="anthropic", attempt=1, tried=(),
                                          deadline_at=None, not_before=None, causation_id=None, causation_seq=None)
         heard.clear()
-        await bus.publish(admin.jetstream(), forged)
+        router = await bus.connect(stack, "router")  # signed as the router, which owns routes
+        try:
+            await bus.publish(router.jetstream(), forged)
+        finally:
+            await router.close()
         failed = await wait_for_event(admin, rid, "InvocationFailed")
         assert failed["error"] == "protocol_mismatch" and heard == []  # nothing was sent to it at all
     finally:

@@ -16,7 +16,7 @@ from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitReques
 from enclave_gateway.schemas.events import RouteSelected
 from nats.aio.client import Client
 
-from .conftest import poison_exhausts_max_deliver, stream_events, wait_for_event
+from .conftest import poison_exhausts_max_deliver, publish_signed, stream_events, wait_for_event
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -112,11 +112,11 @@ async def test_tampered_signature_with_known_kid_is_refused(http_url: str, token
     assert status == 401 and err["code"] == "token_bad_signature"
 
 
-async def test_garbage_on_an_event_subject_is_rejected_and_the_worker_lives(admin: Client, client: Client, token_for) -> None:
-    js = admin.jetstream()
-    await js.publish(subjects.request_submitted(), b"\x00garbage", headers={"Nats-Msg-Id": uuid.uuid4().hex})
-    await js.publish(subjects.request_submitted(), b'{"type": "RequestSubmitted"}',
-                     headers={"Nats-Msg-Id": uuid.uuid4().hex})
+async def test_garbage_on_an_event_subject_is_rejected_and_the_worker_lives(admin: Client, client: Client, token_for,
+                                                                       stack) -> None:
+    js = admin.jetstream()  # signed by the edge, which owns the subject: a buggy stage, not a forger
+    await publish_signed(js, stack.creds_dir, "edge", subjects.request_submitted(), b"\x00garbage")
+    await publish_signed(js, stack.creds_dir, "edge", subjects.request_submitted(), b'{"type": "RequestSubmitted"}')
     deadline = time.monotonic() + 10
     found: list[dict[str, object]] = []
     while time.monotonic() < deadline and len(found) < 2:
@@ -136,7 +136,7 @@ async def test_a_message_that_keeps_failing_ends_in_request_failed_and_an_error_
                                                                                     stack) -> None:
     """A handler that always raises: bounded redelivery, then a terminal RequestFailed, and the caller
     hears exactly once."""
-    await poison_exhausts_max_deliver(admin, client, "gamma")
+    await poison_exhausts_max_deliver(admin, client, "gamma", stack)
 
 
 @pytest.mark.parametrize("case", ["missing", "forged", "expired", "garbage"])

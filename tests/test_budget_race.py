@@ -26,7 +26,7 @@ from enclave_gateway.services import bus
 from enclave_gateway.services.settings import WorkerSettings
 from nats.aio.client import Client
 
-from .conftest import wait_for_event
+from .conftest import publish_signed, wait_for_event
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 ROOT = Path(__file__).resolve().parent.parent
@@ -427,8 +427,9 @@ async def test_killing_budget_between_reserve_and_settle_neither_double_charges_
 
         completed = await wait_for_event(admin, rid, "InvocationCompleted")
         redelivered = dict(completed, event_id=f"{rid}:invoke-redelivered")
-        await admin.jetstream().publish(subjects.invocation_completed("slow-tiny"), msgspec.json.encode(redelivered),
-                                        headers={"Nats-Msg-Id": uuid.uuid4().hex})
+        # a genuine invoker's second outcome for the request (signed as the invoker, so it counts)
+        await publish_signed(admin.jetstream(), race.settings.creds_dir, "invoker",
+                             subjects.invocation_completed("slow-tiny"), msgspec.json.encode(redelivered))
         await asyncio.sleep(1.5)
         ledger = await _settled_down(admin, "crash")
         mine = [e for e in ledger if e["request_id"] == rid]

@@ -144,7 +144,7 @@ async def test_a_replicas_own_refusal_does_not_hide_a_lower_one_another_replica_
         await replica_a.rebuild()
         x, y = refusal(uuid.uuid4().hex), refusal(uuid.uuid4().hex)
         for event in (x, y):  # B's refusal of X, then A's of Y, stored in that order
-            await bus.publish(admin.jetstream(), event)
+            await bus.publish(nc.jetstream(), event)
         replica_a.note_refusal(y)
         assert y.request_id in replica_a.state.closed and x.request_id not in replica_a.state.closed
         await replica_a.catch_up_refusals("tight")

@@ -211,7 +211,7 @@ async def test_a_poison_message_exhausts_max_deliver_on_the_cluster_and_the_call
     admin = await bus.connect(replicas[0], "admin")
     app = await bus.connect(replicas[0], f"app.{APP}")
     try:
-        await poison_exhausts_max_deliver(admin, app, "alpha")
+        await poison_exhausts_max_deliver(admin, app, "alpha", replicas[0])
     finally:
         await app.close()
         await admin.close()

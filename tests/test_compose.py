@@ -14,6 +14,7 @@ import yaml
 from enclave_gateway import cli, cluster_layout, nats_auth
 from enclave_gateway.broker import binary
 from enclave_gateway.services.settings import WorkerSettings
+from enclave_gateway.services import fact_signatures
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYOUT = "./deploy/cluster"
@@ -74,9 +75,11 @@ def test_every_worker_command_and_its_settings_are_accepted_by_the_gateway(tmp_p
             assert args.settings in mounts, (name, args.settings)
             assert settings.nats_ca_file in mounts, name
             identity = "admin" if args.command == "bus-setup" else args.name
-            seeds = [m for m in mounts if m.startswith(settings.creds_dir)]
-            # its own NKey seed and no other: a compromised container holds one identity
-            assert seeds == [f"{settings.creds_dir}/{identity}.nk"], (name, seeds)
+            seeds = sorted(m for m in mounts if m.startswith(settings.creds_dir))
+            # its own NKey seed and no other (a compromised container holds one identity), and the
+            # public keys every fact is checked against: without them a worker signs and checks nothing
+            assert seeds == sorted([f"{settings.creds_dir}/{identity}.nk",
+                                    f"{settings.creds_dir}/{fact_signatures.PINS_FILE}"]), (name, seeds)
 
 
 def test_a_nats_node_mounts_its_config_users_and_tls_and_no_seed(tmp_path: Path) -> None:

@@ -26,6 +26,8 @@ from enclave_gateway.services import bus
 from enclave_gateway.supervisor import read_settings
 from playwright.sync_api import Browser, Page, Route, sync_playwright
 
+from .conftest import publish_signed
+
 pytestmark = pytest.mark.timeout(600)
 CHROMIUM = "/usr/bin/chromium"
 ENV = {**os.environ, "COLUMNS": "240"}
@@ -146,7 +148,7 @@ def test_violations_show_what_the_feed_says_filter_and_follow_live(browser: Brow
     denied = RequestDenied(**envelope("live-1", "authz", datetime.now(UTC), "sha256:test"), reason="write_down",
                            rule="no-write-down", detail="<b>x</b>", model="<script>alert(1)</script>",
                            reply_to="_INBOX.x")
-    _on_bus(served, lambda js: js.publish(subjects.for_event(denied), codec.encode(denied)))
+    _on_bus(served, lambda js: _as_authz(served, js, denied))
     _until_more_rows(page, before)
     first = _rows(page, "#violation-rows")[0]
     assert first[-1] == "live-1" and first[5] == "<script>alert(1)</script>"  # shown as text, never run
@@ -261,7 +263,7 @@ def test_a_hostile_review_of_the_console(browser: Browser, served: Served) -> No
     before_rows = len(_rows(page, "#violation-rows"))
     hidden = RequestDenied(**envelope("live-cr", "authz", datetime.now(UTC), "sha256:test"), reason="write_down",
                            rule="no-write-down", detail="d", model="gpt\revent: nothing-to-see", reply_to="_INBOX.x")
-    _on_bus(served, lambda js: js.publish(subjects.for_event(hidden), codec.encode(hidden)))
+    _on_bus(served, lambda js: _as_authz(served, js, hidden))
     _until_more_rows(page, before_rows)
     assert _rows(page, "#violation-rows")[0][-1] == "live-cr"
 
@@ -290,6 +292,12 @@ def _until_more_rows(page: Page, before: int, timeout_s: float = 20.0) -> None:
     while len(_rows(page, "#violation-rows")) <= before:
         assert time.monotonic() < deadline, "no row arrived on the live feed"
         page.wait_for_timeout(100)
+
+
+def _as_authz(served: Served, js: object, event: RequestDenied) -> object:
+    """A denial as authz stores it: signed by authz, the owner of denials (anything else is not shown)."""
+    return publish_signed(js, read_settings(served.data).creds_dir, "authz",  # type: ignore[arg-type]
+                          subjects.for_event(event), codec.encode(event))
 
 
 def _on_bus(served: Served, work: object) -> object:

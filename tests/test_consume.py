@@ -15,13 +15,16 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import NoStreamResponseError
 
+from .conftest import publish_signed
+
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 async def test_one_slow_message_does_not_hold_up_the_rest(admin: Client, stack) -> None:
     js = admin.jetstream()
     durable = f"slow-{uuid.uuid4().hex[:8]}"
-    subject = f"gw.evt.test.{durable}"  # in the stream; only the auditor reads it (as undecodable bytes)
+    # in the stream, signed by the router, which owns the subject; its reader skips them as junk
+    subject = subjects.endpoint_observed(durable)
     await js.add_consumer(subjects.STREAM, ConsumerConfig(durable_name=durable, filter_subject=subject,
                                                           ack_policy=AckPolicy.EXPLICIT, ack_wait=30))
     release, done, running, most = asyncio.Event(), {}, 0, 0
@@ -37,15 +40,15 @@ async def test_one_slow_message_does_not_hold_up_the_rest(admin: Client, stack) 
         finally:
             running -= 1
 
-    await js.publish(subject, b"slow")
+    await publish_signed(js, stack.creds_dir, "router", subject, b"slow")
     for i in range(3):
-        await js.publish(subject, f"quick-{i}".encode())
+        await publish_signed(js, stack.creds_dir, "router", subject, f"quick-{i}".encode())
     stop = asyncio.Event()
     task = asyncio.create_task(bus.consume(js, durable, handle, stop, batch=2))  # 2 slots: slow takes one
     try:
         for i in range(3, 6):  # published after the first fetch: they still get through
             await asyncio.sleep(0.2)
-            await js.publish(subject, f"quick-{i}".encode())
+            await publish_signed(js, stack.creds_dir, "router", subject, f"quick-{i}".encode())
         deadline = time.monotonic() + 15
         while len(done) < 6 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -68,7 +71,7 @@ async def test_a_record_outlasts_an_outage_longer_than_every_retry_and_is_writte
     for longer than the ack wait and all MAX_DELIVER attempts is retried in place until it lands."""
     js = admin.jetstream()
     durable = f"rec-{uuid.uuid4().hex[:8]}"
-    subject = f"gw.evt.test.{durable}"
+    subject = subjects.endpoint_observed(durable)
     await js.add_consumer(subjects.STREAM, ConsumerConfig(durable_name=durable, filter_subject=subject,
                                                           ack_policy=AckPolicy.EXPLICIT, ack_wait=3.0,
                                                           max_deliver=bus.MAX_DELIVER))
@@ -86,7 +89,7 @@ async def test_a_record_outlasts_an_outage_longer_than_every_retry_and_is_writte
         await bus.outlasting_outages(write, msg, durable, stop)
 
     stop = asyncio.Event()
-    await js.publish(subject, b"settle me")
+    await publish_signed(js, stack.creds_dir, "router", subject, b"settle me")
     task = asyncio.create_task(bus.consume(js, durable, handle, stop))
     try:
         deadline = time.monotonic() + 20

@@ -20,7 +20,7 @@ from enclave_gateway.replay import package as pkg
 from enclave_gateway.replay.verify import verify
 from enclave_gateway.schemas import codec, subjects
 from enclave_gateway.schemas.commands import ChatBody, ChatMessage, SubmitRequest
-from enclave_gateway.services import bus, keys
+from enclave_gateway.services import bus, fact_signatures, keys
 from enclave_gateway.services.auditor import checkpoints
 from enclave_gateway.services.settings import WorkerSettings
 
@@ -98,6 +98,15 @@ async def test_one_changed_byte_in_any_file_fails_naming_it(exported: Path, tmp_
     assert cli.main(["evidence", "verify", str(root)]) == 1
 
 
+def _auditor_signed(stack: WorkerSettings, subject: str, data: bytes) -> dict[str, str]:
+    """The signature columns of `data` on `subject` as the auditor would have stored it."""
+    signer = fact_signatures.load_signer(stack.creds_dir, "auditor")
+    assert signer is not None
+    headers = signer.headers(subject, signer.msg_id(f"x{len(data)}:checkpoint"), data)
+    return {"msg_id": headers["Nats-Msg-Id"], "signer": headers[fact_signatures.SIGNER],
+            "signature": headers[fact_signatures.SIGNATURE]}
+
+
 def _rewrite_stream(root: Path, edit) -> None:  # type: ignore[no-untyped-def]
     """Rewrite the exported stream and update the manifest's digest of it (not its signature)."""
     table = pq.read_table(root / pkg.STREAM)
@@ -164,7 +173,8 @@ async def test_a_package_re_signed_with_another_key_is_refused(exported: Path, t
     assert any("does not verify with the register's audit key" in p for p in problems), problems
 
 
-async def test_a_checkpoint_the_audit_key_did_not_sign_is_a_notice(exported: Path, tmp_path: Path) -> None:
+async def test_a_checkpoint_the_audit_key_did_not_sign_is_a_notice(exported: Path, tmp_path: Path,
+                                                                   stack: WorkerSettings) -> None:
     """Anyone with a publish right could have put it there: it vouches for nothing, and says so."""
     root = _copy(exported, tmp_path / "p")
     pem, public = keys.generate()
@@ -175,8 +185,10 @@ async def test_a_checkpoint_the_audit_key_did_not_sign_is_a_notice(exported: Pat
 
     def append(rows: list[dict[str, object]]) -> list[dict[str, object]]:
         last = rows[-1]
+        # signed as the auditor, which owns the subject: only the audit key's signature is missing
+        data = codec.encode(forged)
         return [*rows, {**last, "seq": int(str(last["seq"])) + 1, "subject": subjects.audit_checkpoint(),
-                        "data": codec.encode(forged)}]
+                        "data": data, **_auditor_signed(stack, subjects.audit_checkpoint(), data)}]
 
     _rewrite_stream(root, append)
     report = verify(root)

@@ -141,7 +141,8 @@ async def test_every_decision_records_the_input_it_was_decided_from(window: tupl
         if type(event).__name__ in ("RequestAuthorized", "RequestDenied", "BudgetReserved", "RouteSelected",
                                     "InvocationCompleted", "BudgetSettled"):
             decided.append(event)
-    assert decided and all(e.causation_id in by_id and by_id[e.causation_id][0] == e.causation_seq for e in decided)
+    orphans = [e for e in decided if not (e.causation_id in by_id and by_id[e.causation_id][0] == e.causation_seq)]
+    assert decided and not orphans, [(e.event_id, e.causation_id, e.causation_seq) for e in orphans]
     pairs = {(type(e).__name__, type(by_id[e.causation_id][1]).__name__) for e in decided if e.causation_id}
     assert {("RequestAuthorized", "RequestSubmitted"), ("BudgetReserved", "RequestAuthorized"),
             ("RouteSelected", "BudgetReserved"), ("InvocationCompleted", "RouteSelected"),

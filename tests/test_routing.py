@@ -211,7 +211,10 @@ async def test_a_model_server_killed_during_traffic_fails_no_request_and_its_cir
     await runtime.wait_audited(admin, 60)
     first_route: dict[str, tuple[str, tuple[str, ...]]] = {}
     for data, subject, _ in await bus.stored_on(admin.jetstream(), "gw.evt.route.selected.>", "test"):
-        route = codec.decode_event(data, subject)
+        try:
+            route = codec.decode_event(data, subject)
+        except codec.DecodeError:  # junk other tests store on purpose (a buggy stage's bytes)
+            continue
         if isinstance(route, RouteSelected) and route.attempt == 1:
             first_route[route.request_id] = (route.endpoint, route.circuit_open)
     first_routes = [(at, (first_route[rid][0], list(first_route[rid][1]))) for at, rid in served]
@@ -383,7 +386,7 @@ async def test_an_endpoint_no_invoker_pulls_for_is_passed_over_and_the_decision_
     await runtime.wait_audited(admin, 60)
     stored = [(seq, subject, data) for data, subject, seq in
               await bus.stored_on(admin.jetstream(), subjects.ALL_EVENTS, "test")]
-    views = [codec.decode_event(d, subj) for _, subj, d in stored if subj.startswith("gw.evt.route.observed.")]
+    views = [decodable(d, subj) for _, subj, d in stored if subj.startswith("gw.evt.route.observed.")]
     assert any(isinstance(v, EndpointObserved) and (v.endpoint, v.served) == ("orphan-ep", False) for v in views)
     result = replay(stored, dev_jwks(stack), first=first)
     assert result.ok, [(m.seq, m.decision, m.why, diff(m)) for m in result.mismatches]
@@ -397,3 +400,11 @@ async def test_an_endpoint_no_invoker_pulls_for_is_passed_over_and_the_decision_
                                      skipped=(Skipped("local-llama", "no_invoker"),))
     flagged = replay(_swap(stored, at, forged), dev_jwks(stack), first=first)
     assert any(m.seq == at and "no router's view stored before it says so" in m.why for m in flagged.mismatches)
+
+
+def decodable(data: bytes, subject: str) -> object:
+    """The event, or None for junk other tests store on purpose (a buggy stage's bytes)."""
+    try:
+        return codec.decode_event(data, subject)
+    except codec.DecodeError:
+        return None

@@ -209,11 +209,11 @@ async def test_a_replica_whose_first_read_of_the_policy_was_stale_still_starts(
     from enclave_gateway.services.policy import feed as feed_module
     reads: list[int] = []
 
-    async def stale_once(js: object, subject: str, reader: str) -> list[tuple[bytes, str, int]]:
+    async def stale_once(js: object, subject: str, reader: str) -> list[tuple[bytes, str, int, dict[str, str] | None]]:
         reads.append(1)
-        return [] if len(reads) == 1 else await bus.stored_on(admin.jetstream(), subject, reader)
+        return [] if len(reads) == 1 else await bus.stored_with_headers(admin.jetstream(), subject, reader)
 
-    monkeypatch.setattr(feed_module, "stored_on", stale_once)
+    monkeypatch.setattr(feed_module, "stored_with_headers", stale_once)
     feed = PolicyFeed(admin, admin.jetstream(), "stale-replica", whole_bundle, stack.policy_signers)
     await feed.start(timeout_s=10.0)
     active = await runtime.active_policy(stack)

@@ -321,6 +321,7 @@ async def violations_live(con: Console, request: web.Request, who: Viewer) -> we
                 await response.write(b": still here\n\n")
                 continue
             try:
+                bus.owner_of(con.js, msg.subject, msg.headers, msg.data)  # only authz's own denials
                 e = codec.decode_as(msg.data, RequestDenied, msg.subject)
             except codec.DecodeError:
                 continue

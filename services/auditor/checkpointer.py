@@ -52,9 +52,11 @@ class Checkpointer:
         best: AuditCheckpoint | None = None
         self.subject_seq = 0
         found: list[AuditCheckpoint] = []
-        for data, subject, seq in await bus.stored_on(self.js, subjects.audit_checkpoint(), "auditor"):
+        for data, subject, seq, headers in await bus.stored_with_headers(
+                self.js, subjects.audit_checkpoint(), "auditor"):
             self.subject_seq = max(self.subject_seq, seq)  # junk on the subject still moves the CAS
             try:
+                bus.owner_of(self.js, subject, headers, data)
                 found.append(codec.decode_as(data, AuditCheckpoint, subject))
             except codec.DecodeError:
                 continue

@@ -129,11 +129,14 @@ def canonical_messages(messages: tuple[ChatMessage, ...]) -> bytes:
 
 
 def row_for(
-    state: AuditorState, seq: int, subject: str, data: bytes, stored_at: datetime, digest_key: bytes | None
+    state: AuditorState, seq: int, subject: str, data: bytes, stored_at: datetime, digest_key: bytes | None,
+    unsigned: codec.UnsignedFact | None = None,
 ) -> tuple[AuditRow, AuditorState]:
-    """The row for one stored message and the new chain head; undecodable bytes still get a row."""
+    """The row for one stored message and the new chain head; undecodable bytes still get a row,
+    and so does a fact no owner signed (`unsigned`: why), which counts as no event at all."""
     try:
-        event: AnyEvent | codec.DecodeError = codec.decode_event(data, subject)  # a misplaced event is recorded
+        # a misplaced event is recorded, and so is one no owner signed
+        event: AnyEvent | codec.DecodeError = unsigned or codec.decode_event(data, subject)
     except codec.DecodeError as exc:
         event = exc
     return row_of(state, seq, subject, data, stored_at, digest_key, event)
@@ -158,7 +161,7 @@ def row_of(
         row = AuditRow(
             seq=seq,
             subject=subject,
-            type="Undecodable",
+            type="Unsigned" if isinstance(event, codec.UnsignedFact) else "Undecodable",
             day=stored_at.date().isoformat(),
             detail=str(event)[:500],
             data_sha256=digest,

@@ -65,6 +65,10 @@ class _ObjectMeta(msgspec.Struct):
     digest: str
 
 
+Headers = dict[str, str] | None
+OWN: dict[str, str] = {}  # the headers argument of a fact this replica has just written itself
+
+
 class LedgerConflict(Exception):
     """Another writer got to the team's ledger first."""
 
@@ -98,7 +102,7 @@ class LedgerStore:
         self.refused_seq: dict[str, int] = {}
         self.refusals_through = 0
 
-    def _fold(self, seq: int, subject: str, data: bytes) -> None:
+    def _fold(self, seq: int, subject: str, data: bytes, headers: Headers = None) -> None:
         # Whatever is stored on a team's ledger subject moves its compare-and-set sequence, so the
         # sequence advances even for bytes that are not a ledger fact published there (junk a
         # hostile credential made the server store); only a real one changes the money.
@@ -109,15 +113,15 @@ class LedgerStore:
             # twice, an older fact's totals would overwrite newer ones while a decision is pending.
             return
         self.last_seq[team] = seq
-        self._apply(seq, subject, data, LedgerEvent, "a ledger fact")
+        self._apply(seq, subject, data, headers, LedgerEvent, "a ledger fact")
 
-    def fold_refusal(self, seq: int, subject: str, data: bytes) -> None:
+    def fold_refusal(self, seq: int, subject: str, data: bytes, headers: Headers = None) -> None:
         """Fold a stored BudgetRejected, read in stream order: its request is closed, and the refusals
         through `seq` are known (junk on the subject moves the marks, nothing else)."""
         team = subject.rsplit(".", 1)[-1]
         self.refused_seq[team] = max(self.refused_seq.get(team, 0), seq)
         self.refusals_through = max(self.refusals_through, seq)
-        self._apply(seq, subject, data, BudgetRejected, "a refusal")
+        self._apply(seq, subject, data, headers, BudgetRejected, "a refusal")
 
     def note_refusal(self, event: BudgetRejected) -> None:
         """Fold this replica's own refusal at once. The marks do not move: refusals carry no
@@ -125,9 +129,13 @@ class LedgerStore:
         order may say that every refusal up to a sequence is folded."""
         self.state = evolve(self.state, event)
 
-    def _apply(self, seq: int, subject: str, data: bytes, kinds: type[Any] | types.UnionType, what: str) -> None:
-        """Fold a stored message into the money when it is one of `kinds`; junk is logged and skipped."""
+    def _apply(self, seq: int, subject: str, data: bytes, headers: Headers, kinds: type[Any] | types.UnionType,
+               what: str) -> None:
+        """Fold a stored message into the money when it is one of `kinds` and the budget signed it
+        (`headers` OWN: one this replica just wrote); junk and forgeries are logged and skipped."""
         try:
+            if headers is not OWN:
+                bus.owner_of(self.js, subject, headers, data)
             event = codec.decode_event(data, subject)
         except codec.DecodeError as exc:
             log.error("seq %d on %s is not %s, skipped: %s", seq, subject, what, exc)
@@ -157,14 +165,14 @@ class LedgerStore:
             return 0
 
     async def _tail(self, filter_subject: str, start: int, until: int,
-                    fold: Callable[[int, str, bytes], None] | None = None) -> int:
+                    fold: Callable[[int, str, bytes, Headers], None] | None = None) -> int:
         """Fold the events on `filter_subject` from `start` through `until` (a reader of our own,
         filtered to the ledger or the refusals: exactly what the registry allows the budget)."""
         count, fold = 0, fold or self._fold
         messages = bus.stored_between(self.js, filter_subject, "budget_tail", start, until)
         async with contextlib.aclosing(messages) as msgs:
             async for msg in msgs:
-                fold(msg.metadata.sequence.stream, msg.subject, msg.data)
+                fold(msg.metadata.sequence.stream, msg.subject, msg.data, msg.headers)
                 count += 1
         return count
 
@@ -225,7 +233,7 @@ class LedgerStore:
             return
         previous = (raw.headers or {}).get(Header.EXPECTED_LAST_SUBJECT_SEQUENCE)
         if previous is not None and previous.isdigit() and int(previous) == known:
-            self._fold(newest, raw.subject or "", raw.data or b"")
+            self._fold(newest, raw.subject or "", raw.data or b"", raw.headers)
             return
         await self._tail(subjects.ledger_filter(team), known + 1, newest)
 
@@ -245,4 +253,4 @@ class LedgerStore:
             raise
         if ack.duplicate:  # written before under this Nats-Msg-Id: the catch-up folds the stored one
             return
-        self._fold(int(ack.seq), subjects.for_event(event), codec.encode(event))
+        self._fold(int(ack.seq), subjects.for_event(event), codec.encode(event), OWN)

@@ -33,6 +33,9 @@ OVERHEAD_HEADER = "x-gw-overhead-ms"  # the caller's wait less the model call, i
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
+READ_HEADERS = (INPUT_LABEL, OUTPUT_LABEL, TIMEOUT_HEADER, STRATEGY_HEADER, "Authorization")
+
+
 def build(edge: Edge) -> web.Application:
     """The aiohttp application; the body limit is checked by us so the error is OpenAI-shaped."""
     app = web.Application(client_max_size=edge.settings.max_body_bytes + 1, middlewares=[_openai_shaped])
@@ -97,6 +100,14 @@ def _error(err: ErrorBody, request_id: str | None = None) -> web.Response:
     return web.Response(status=status, body=_json.encode(body), content_type="application/json", headers=headers)
 
 
+def _utf8(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _id_header(request_id: str | None) -> dict[str, str]:
     """`X-Request-Id`, as OpenAI sends it: the id the audit trail knows the request by, so a caller
     (or an operator holding its error) can find its record."""
@@ -124,8 +135,14 @@ async def chat_completions(edge: Edge, request: web.Request) -> web.StreamRespon
         reply = await edge.reject(uuid.uuid4().hex, "http:/v1/chat/completions", "invalid_request", str(exc), None)
         assert reply.error is not None
         return _error(reply.error, reply.request_id)
-    repeated = [h for h in (INPUT_LABEL, OUTPUT_LABEL, TIMEOUT_HEADER, STRATEGY_HEADER, "Authorization")
-                if len(request.headers.getall(h, [])) > 1]
+    # aiohttp reads a header byte that is not UTF-8 as a lone surrogate, which no event can carry
+    garbled = [h for h in READ_HEADERS if not _utf8(request.headers.get(h, ""))]
+    if garbled:
+        reply = await edge.reject(uuid.uuid4().hex, "http:/v1/chat/completions", "invalid_request",
+                                  f"{garbled[0]} is not valid UTF-8", None)
+        assert reply.error is not None
+        return _error(reply.error, reply.request_id)
+    repeated = [h for h in READ_HEADERS if len(request.headers.getall(h, [])) > 1]
     if repeated:  # which one would count is the server's guess: none does
         reply = await edge.reject(uuid.uuid4().hex, "http:/v1/chat/completions", "invalid_request",
                                   f"{repeated[0]} may be given once", None)

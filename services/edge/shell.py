@@ -420,9 +420,10 @@ class Edge:
 
     async def _newest(self, subject: str) -> AnyEvent | None:
         """The newest event on `subject` (a direct get of that one message), or None: none, junk,
-        or no answer within a second (a scrape must answer while the broker does not)."""
+        unsigned, or no answer within a second (a scrape must answer while the broker does not)."""
         try:
             newest = await asyncio.wait_for(self.js.get_last_msg(subjects.STREAM, subject, direct=True), 1.0)
+            bus.owner_of(self.js, newest.subject or "", newest.headers, newest.data or b"")
             return codec.decode_event(newest.data or b"", newest.subject or "")
         except (NotFoundError, TimeoutError, nats.errors.Error, codec.DecodeError):
             return None

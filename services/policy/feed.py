@@ -1,10 +1,12 @@
 """Every worker follows the active policy on the stream (DESIGN §2-§3, issue 8).
 
-At start a worker reads every stored `PolicyActivated`; afterwards it switches on each new one,
-live, through a core subscription (each replica gets every activation, unlike a shared durable
-consumer). An activation is applied only when it arrived on the policy subject, a signer pinned in
-this worker's configuration signed exactly its files, it was signed after the active one, and the
-worker's own view compiles; otherwise it is logged and refused, and the active policy stays.
+At start a worker reads every stored `PolicyActivated`; afterwards a core subscription tells it
+that a new one was published (each replica gets every activation, unlike a shared durable
+consumer), and it reads the stream for it: an activation is applied only once it was read from the
+stream, signed there by the operator identity, so every policy applied is in the record. It is
+applied only when it was stored on the policy subject, a signer pinned in this worker's
+configuration signed exactly its files, it was signed after the active one, and the worker's own
+view compiles; otherwise it is logged and refused, and the active policy stays.
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ from nats.js import JetStreamContext
 from ...schemas import codec, subjects
 from ...schemas.events import PolicyActivated
 from ...schemas.policy import PolicyBundle
-from ..bus import stored_on
+from ..bus import owner_of, stored_with_headers
 from .bundle import PolicyError, bundle_from_files
 from .signing import TrustedSigners, signing_time, verify_activation
 
 log = logging.getLogger("enclave_gateway.policy")
 V = TypeVar("V")
 HISTORY_AGAIN_S = 1.0
+# A live activation is looked for in the stream this many times (a direct get on a replicated
+# stream may be answered by a follower that has not stored it yet) before it is refused.
+LIVE_READS = 5
 
 
 def verified_bundle(event: PolicyActivated, trusted: TrustedSigners) -> tuple[datetime, PolicyBundle]:
@@ -80,6 +85,7 @@ class PolicyFeed(Generic[V]):
         self.refused = 0  # activations refused since start (tests read it)
         self._ready = asyncio.Event()
         self._read_through = 0  # the stream sequence of the last stored activation judged
+        self._reading = asyncio.Lock()
 
     @property
     def current(self) -> V:
@@ -109,17 +115,34 @@ class PolicyFeed(Generic[V]):
                     except (nats.errors.Error, TimeoutError) as exc:  # the bus is away: the next second tries again
                         log.debug("%s: reading the stored activations failed: %r", self.stage, exc)
 
-    async def _read_history(self) -> None:
-        for data, subject, seq in await stored_on(self.js, subjects.policy_activated(), self.stage):
-            if seq > self._read_through:  # a read again judges only what the last one did not see
-                self._read_through = seq
-                self._apply(data, subject)
+    async def _read_history(self) -> set[bytes]:
+        """Judge every stored activation not judged before; returns the bytes of every one stored."""
+        async with self._reading:
+            stored = await stored_with_headers(self.js, subjects.policy_activated(), self.stage)
+            for data, subject, seq, headers in stored:
+                if seq > self._read_through:  # a read again judges only what the last one did not see
+                    self._read_through = seq
+                    self._apply(data, subject, headers)
+            return {data for data, _, _, _ in stored}
 
     async def _on_msg(self, msg: Msg) -> None:
-        self._apply(msg.data, msg.subject)
+        """A live activation is only a sign that one may have been stored: what is applied is read
+        from the stream, so every policy a decision was made under is in the record. One published
+        under a message id the stream had seen was never stored, and is never applied."""
+        for attempt in range(LIVE_READS):
+            try:
+                if msg.data in await self._read_history():
+                    return
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.debug("%s: reading the stored activations failed: %r", self.stage, exc)
+            await asyncio.sleep(HISTORY_AGAIN_S * (attempt + 1) / LIVE_READS)
+        self.refused += 1
+        log.error("%s: REFUSED a policy activation that is not in the stream; %s stays active", self.stage,
+                  self.version or "none")
 
-    def _apply(self, data: bytes, subject: str) -> None:
+    def _apply(self, data: bytes, subject: str, headers: dict[str, str] | None) -> None:
         try:
+            owner_of(self.js, subject, headers, data)  # stored by the operator's identity, not pushed there
             event = codec.decode_as(data, PolicyActivated, subject)  # bytes pushed from elsewhere keep their subject
             if event.version == self.version and event.signed_at and self.signed_at == signing_time(event.signed_at):
                 return  # the one we already decide under

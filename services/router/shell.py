@@ -26,7 +26,7 @@ from ...schemas.events import (
     envelope,
 )
 from ...schemas.policy import PolicyBundle
-from .. import bus, catalog, worker
+from .. import bus, catalog, fact_signatures, worker
 from ..registry import invoker_durable
 from ..settings import WorkerSettings
 from . import decider
@@ -143,8 +143,13 @@ async def _every(js: JetStreamContext, subject: str, fold: Callable[[Msg], None]
                         msg = await sub.next_msg(timeout=1.0)
                     except TimeoutError:
                         continue
-                    fold(msg)
                     since = msg.metadata.timestamp or since
+                    try:
+                        bus.owner_of(js, msg.subject, msg.headers, msg.data)
+                    except fact_signatures.UnsignedFact as exc:  # moves no breaker, teaches no latency
+                        log.warning("router: ignored seq %d: %s", msg.metadata.sequence.stream, exc)
+                        continue
+                    fold(msg)
             finally:
                 await sub.unsubscribe()
         except asyncio.CancelledError:
