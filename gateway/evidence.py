@@ -110,12 +110,9 @@ async def _write_stream(js: JetStreamContext, path: Path, until: int) -> _Collec
         async with contextlib.aclosing(messages) as msgs:
             async for msg in msgs:
                 seq = msg.metadata.sequence.stream
-                hdrs = msg.headers or {}
                 rows.append({"seq": seq, "subject": msg.subject, "stored_at": msg.metadata.timestamp,
-                             "data": msg.data, "msg_id": hdrs.get("Nats-Msg-Id"),
-                             "signer": hdrs.get(fact_signatures.SIGNER),
-                             "signature": hdrs.get(fact_signatures.SIGNATURE)})
-                _fold(got, seq, msg.subject, msg.data, _signed(js, msg.subject, msg.headers, msg.data))
+                             "data": msg.data, **fact_signatures.as_columns(msg.headers)})
+                _fold(got, seq, msg.subject, msg.data, bus.unsigned(js, msg.subject, msg.headers, msg.data) is None)
                 if len(rows) >= 5000:
                     writer.write_table(pa.Table.from_pylist(rows, schema=STREAM_SCHEMA))
                     rows = []
@@ -123,14 +120,6 @@ async def _write_stream(js: JetStreamContext, path: Path, until: int) -> _Collec
         if rows:
             writer.write_table(pa.Table.from_pylist(rows, schema=STREAM_SCHEMA))
     return got
-
-
-def _signed(js: JetStreamContext, subject: str, headers: dict[str, str] | None, data: bytes) -> bool:
-    try:
-        bus.owner_of(js, subject, headers, data)
-    except codec.UnsignedFact:
-        return False
-    return True
 
 
 def _fold(got: _Collected, seq: int, subject: str, data: bytes, signed: bool) -> None:

@@ -61,11 +61,9 @@ def signed_rows(root: Path, fact_signers: dict[str, str]) -> list[Stored]:
         return [(seq, subject, data) for seq, subject, data in rows]
     pins = fact_signatures.Pins.of(fact_signers)
     out: list[Stored] = []
-    for seq, subject, data, msg_id, signer, signature in rows:
-        headers = {k: v for k, v in (("Nats-Msg-Id", msg_id), (fact_signatures.SIGNER, signer),
-                                     (fact_signatures.SIGNATURE, signature)) if v is not None}
+    for seq, subject, data, *signature in rows:
         try:
-            pins.owner(subject, headers, data)
+            pins.owner(subject, fact_signatures.from_columns(signature), data)
         except codec.UnsignedFact:
             continue
         out.append((seq, subject, data))

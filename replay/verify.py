@@ -54,7 +54,7 @@ KEYED = ("prompt_hmac", "completion_hmac")  # the digest key stays in the deploy
 STREAM_FIELDS = {"seq": pa.int64(), "subject": pa.string(), "stored_at": pa.timestamp("us", "UTC"),
                  "data": pa.binary()}
 # Each fact's stage signature; a package exported before facts were signed has none of these columns.
-SIGNATURE_FIELDS = {"msg_id": pa.string(), "signer": pa.string(), "signature": pa.string()}
+SIGNATURE_FIELDS = {column: pa.string() for _, column in fact_signatures.HEADER_COLUMNS}
 StreamRow = tuple[int, int, str, bytes, datetime, dict[str, str] | None]
 
 
@@ -229,9 +229,10 @@ def _check_everything_derived(root: Path, manifest: pkg.Manifest, register: Regi
     _check_tables(root, regular, report, manifest.period)
 
 
-def _stream_batches(path: Path, report: Report) -> Iterator[StreamRow] | None:
+def _stream_batches(path: Path, report: Report) -> tuple[Iterator[StreamRow], bool] | None:
     """(row, seq, subject, data, stored_at, signature headers) in file order, in bounded batches;
-    None when the schema is wrong. The headers are None in a package made before facts were signed."""
+    None when the schema is wrong. The flag says whether the stream carries signature columns; the
+    headers are None in a package made before facts were signed."""
     pf = pq.ParquetFile(path)
     fields = {f.name: f.type for f in pf.schema_arrow}
     if any(fields.get(name) != kind for name, kind in STREAM_FIELDS.items()):
@@ -248,18 +249,10 @@ def _stream_batches(path: Path, report: Report) -> Iterator[StreamRow] | None:
                 if seq is None or subject is None or data is None or stored_at is None:
                     report.fail(f"{pkg.STREAM} row {n}", "a null seq, subject, time or body")
                 else:
-                    headers = ({k: v for k, v in zip(("Nats-Msg-Id", fact_signatures.SIGNER, fact_signatures.SIGNATURE),
-                                                      sig, strict=True) if v is not None} if signed else None)
-                    yield n, seq, subject, data, stored_at, headers
+                    yield n, seq, subject, data, stored_at, fact_signatures.from_columns(sig) if signed else None
                 n += 1
 
-    return rows()
-
-
-def headers_absent(root: Path) -> bool:
-    """Whether the package's stream has no signature columns (exported before facts were signed)."""
-    names = set(pq.ParquetFile(root / pkg.STREAM).schema_arrow.names)
-    return not set(SIGNATURE_FIELDS) <= names
+    return rows(), signed
 
 
 def _check_stream(root: Path, manifest: pkg.Manifest, register: Register, regular: set[str],
@@ -267,9 +260,10 @@ def _check_stream(root: Path, manifest: pkg.Manifest, register: Register, regula
     signer = register.audit_signer
     if pkg.STREAM not in regular:
         return None
-    batches = _stream_batches(root / pkg.STREAM, report)
-    if batches is None:
+    read = _stream_batches(root / pkg.STREAM, report)
+    if read is None:
         return None
+    batches, signed = read
     if manifest.first_seq != 1:
         report.fail(pkg.MANIFEST, f"starts at seq {manifest.first_seq}: the chain is anchored only from the "
                                   "stream's first event")
@@ -313,7 +307,7 @@ def _check_stream(root: Path, manifest: pkg.Manifest, register: Register, regula
     if manifest.chain_head.seq != manifest.last_seq or heads.get(manifest.chain_head.seq) != manifest.chain_head.head:
         report.fail(pkg.MANIFEST, f"the chain recomputed from the events does not reach the signed head at seq "
                                   f"{manifest.chain_head.seq}")
-    if pins is None or headers_absent(root):
+    if pins is None or not signed:
         report.notice(pkg.STREAM, "no stage signatures were checked: the package predates them or names no signers")
     if report.checkpoints == 0 and report.events:
         report.notice(pkg.STREAM, "no signed checkpoint: only the manifest's signature vouches for the events")

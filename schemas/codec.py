@@ -61,7 +61,6 @@ _current: msgspec.json.Decoder[Any] = msgspec.json.Decoder(AnyEvent)
 _submit = msgspec.json.Decoder(SubmitRequest)
 _reply = msgspec.json.Decoder(SubmitReply)
 _chunk = msgspec.json.Decoder(StreamChunk)
-_plain: msgspec.json.Decoder[Any] = msgspec.json.Decoder()
 
 
 def encode(obj: msgspec.Struct) -> bytes:
@@ -127,11 +126,6 @@ def as_version(event: AnyEvent, version: int) -> AnyEvent:
     fields = {k: v for k, v in msgspec.json.decode(encode(event)).items() if k in known}
     result: AnyEvent = upcast(_decoder(cls).decode(encode_obj(fields)), step)  # type: ignore[assignment]
     return result
-
-
-def decode_plain(data: bytes) -> object:
-    """Plain JSON read from the stream or a file (reports, feeds): a DecodeError for any bad bytes."""
-    return decode_json(_plain, _checked_size(data))
 
 
 def encode_obj(obj: object) -> bytes:

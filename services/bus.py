@@ -94,15 +94,23 @@ def owner_of(js: JetStreamContext, subject: str, headers: dict[str, str] | None,
     return None if pins is None else pins.owner(subject, headers, data)
 
 
+def unsigned(js: JetStreamContext, subject: str, headers: dict[str, str] | None, data: bytes
+             ) -> fact_signatures.UnsignedFact | None:
+    """Why no owner's signature makes this stored message a fact, or None when one does."""
+    try:
+        owner_of(js, subject, headers, data)
+    except fact_signatures.UnsignedFact as exc:
+        return exc
+    return None
+
+
 def signed_only(js: JetStreamContext, stored: list[tuple[bytes, str, int, dict[str, str] | None]], reader: str
                 ) -> list[tuple[bytes, str, int]]:
     """The stored facts whose owner signed them; each refused one is logged, never acted on."""
     out: list[tuple[bytes, str, int]] = []
     for data, subject, seq, headers in stored:
-        try:
-            owner_of(js, subject, headers, data)
-        except fact_signatures.UnsignedFact as exc:
-            log.warning("%s: ignored seq %d: %s", reader, seq, exc)
+        if (why := unsigned(js, subject, headers, data)) is not None:
+            log.warning("%s: ignored seq %d: %s", reader, seq, why)
             continue
         out.append((data, subject, seq))
     return out

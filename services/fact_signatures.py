@@ -27,7 +27,7 @@ import base64
 import binascii
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,6 +147,20 @@ class FactSigner:
         return {"Nats-Msg-Id": msg_id, SIGNER: self.public_key, SIGNATURE: base64.urlsafe_b64encode(sig).decode()}
 
 
+# The signature headers as an evidence package's stream columns, in this order.
+HEADER_COLUMNS = (("Nats-Msg-Id", "msg_id"), (SIGNER, "signer"), (SIGNATURE, "signature"))
+
+
+def as_columns(headers: Mapping[str, str] | None) -> dict[str, str | None]:
+    """A stored message's signature headers as stream columns (None where it carried none)."""
+    return {column: (headers or {}).get(header) for header, column in HEADER_COLUMNS}
+
+
+def from_columns(values: Sequence[str | None]) -> dict[str, str]:
+    """The signature headers back from the stream columns' values, in `HEADER_COLUMNS` order."""
+    return {header: v for (header, _), v in zip(HEADER_COLUMNS, values, strict=True) if v is not None}
+
+
 def pins_path(creds_dir: Path) -> Path:
     """Where the pinned public keys of every identity are kept (public, beside the seeds)."""
     return creds_dir / PINS_FILE
@@ -174,4 +188,5 @@ def load_signer(creds_dir: str | Path, name: str) -> FactSigner | None:
     return FactSigner.from_seed(name, seed.read_bytes(), pins)
 
 
-__all__ = ["PINS_FILE", "FactSigner", "MissingPins", "Pins", "UnsignedFact", "load_pins", "load_signer", "pins_path"]
+__all__ = ["HEADER_COLUMNS", "PINS_FILE", "FactSigner", "MissingPins", "Pins", "UnsignedFact", "as_columns",
+           "from_columns", "load_pins", "load_signer", "pins_path"]

@@ -10,7 +10,7 @@ import nats
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from ...schemas import codec, subjects
+from ...schemas import subjects
 from .. import bus, keys, worker
 from ..settings import WorkerSettings
 from . import parquet_sink
@@ -140,7 +140,8 @@ async def _serve(js: JetStreamContext, settings: WorkerSettings, state: AuditorS
                 # 1,000-consumer limit was reached within seconds: bench/scaling.py found it)
                 async for gap in gaps.read(state.seq + 1, batch[-1].metadata.sequence.stream):
                     row, state = row_for(state, gap.metadata.sequence.stream, gap.subject, gap.data,
-                                         gap.metadata.timestamp or bus.now_utc(), digest_key, _unsigned(js, gap))
+                                         gap.metadata.timestamp or bus.now_utc(), digest_key,
+                                         bus.unsigned(js, gap.subject, gap.headers, gap.data))
                     rows.append(row)
                     if len(rows) >= FLUSH_ROWS:  # a long gap (a new replica on a long stream) is
                         await flush()  # written as it is read, never held whole in memory
@@ -148,7 +149,7 @@ async def _serve(js: JetStreamContext, settings: WorkerSettings, state: AuditorS
                 seq = m.metadata.sequence.stream
                 if seq > state.seq:  # a redelivery of a row already on disk is skipped
                     row, state = row_for(state, seq, m.subject, m.data, m.metadata.timestamp or bus.now_utc(),
-                                         digest_key, _unsigned(js, m))
+                                         digest_key, bus.unsigned(js, m.subject, m.headers, m.data))
                     rows.append(row)
                 msgs.append(m)
             if msgs and not first_at:
@@ -160,15 +161,6 @@ async def _serve(js: JetStreamContext, settings: WorkerSettings, state: AuditorS
     finally:
         await gaps.close()
         await psub.unsubscribe()
-
-
-def _unsigned(js: JetStreamContext, msg: Msg) -> codec.UnsignedFact | None:
-    """Why no owner's signature makes this message a fact, or None when one does."""
-    try:
-        bus.owner_of(js, msg.subject, msg.headers, msg.data)
-    except codec.UnsignedFact as exc:
-        return exc
-    return None
 
 
 def _holes(folded: int, seqs: list[int]) -> bool:
