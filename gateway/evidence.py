@@ -1,4 +1,4 @@
-"""`gateway evidence export DIR`: the package an assessor verifies offline (issue 9 item 6, in part).
+"""`gateway evidence export DIR`: the package an assessor verifies offline.
 
 It holds the exported stream (every stored message, exact bytes), the auditor's Parquet tables,
 the violations feed as CSV and Parquet, the register (the audit signer's public key, the pinned

@@ -1,4 +1,4 @@
-"""The broker's `authorization` block, derived from the registry of identities (issue 8).
+"""The broker's `authorization` block, derived from the registry of identities.
 
 Every identity authenticates with an NKey: its seed stays 0600 in `<data_dir>/creds`, and the
 server configuration holds only public keys. Applications are added and revoked at run time

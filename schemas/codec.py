@@ -81,7 +81,7 @@ def decode_event(data: bytes, subject: str | None = None) -> AnyEvent:
     With `subject` (where the message was stored or delivered from), the event must be one that is
     published exactly there (`subjects.for_event`). The server lets each identity publish only its
     own subjects, so this binds an event's type to who may have written it: a `RequestAuthorized`
-    body on `gw.evt.request.failed` is refused, not obeyed (issue 8).
+    body on `gw.evt.request.failed` is refused, not obeyed.
     """
     _checked_size(data)
     try:

@@ -1,4 +1,4 @@
-"""Subject names (DESIGN §2): `gw.evt.<aggregate>.<fact>[.<partition>]`.
+"""Subject names: `gw.evt.<aggregate>.<fact>[.<partition>]`.
 
 Built only here so that a rename is one diff (STYLE §2). Partitions (team, model) are mapped to
 safe subject tokens; events always carry the exact names.
@@ -168,7 +168,7 @@ def routes_to(endpoint: str) -> str:
 def legacy_places(event: AnyEvent) -> tuple[str, ...]:
     """Where stored events of the type were published before their subject changed: still theirs.
 
-    Routes were partitioned by model alone until issue 10 (`gw.evt.route.selected.<model>`)."""
+    Routes were once partitioned by model alone (`gw.evt.route.selected.<model>`)."""
     if isinstance(event, RouteSelected):
         return (f"gw.evt.route.selected.{token(event.model_id)}",)
     return ()
@@ -195,7 +195,7 @@ def policy_activated() -> str:
 
 
 def console_viewed() -> str:
-    """A page the web console was asked for (issue 13)."""
+    """A page the web console was asked for."""
     return "gw.evt.console.viewed"
 
 

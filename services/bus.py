@@ -136,12 +136,12 @@ def now_utc() -> datetime:
 
 
 async def connect(settings: WorkerSettings, name: str, *, keep_trying: bool = True) -> Client:
-    """Connect as identity `name`: its own NKey and inbox prefix when credentials exist (issue 8).
+    """Connect as identity `name`: its own NKey and inbox prefix when credentials exist.
 
     Workers keep trying through a broker restart; a CLI call (`keep_trying=False`) fails at once
     with one clear error instead of retrying forever.
     The per-user inbox prefix matters: with a shared `_INBOX.>` any user could read every other
-    user's JetStream deliveries (shared/notes/nats-permissions.md).
+    user's JetStream deliveries (measured on nats-server 2.15).
     """
     servers = [u.strip() for u in settings.nats_url.split(",") if u.strip()]  # a cluster: every seed URL
     creds = load_creds(settings.creds_dir, name)
@@ -226,7 +226,7 @@ async def js_ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
 
 
 async def ensure_rate_counters(js: JetStreamContext) -> None:
-    """The stream of rate-limit counters (issue 12, services/budget/rates.py), as replicated as the
+    """The stream of rate-limit counters (services/budget/rates.py), as replicated as the
     audit stream: JetStream counters, one subject per limit and minute; derived data, never the
     audit trail (each request's counts are recorded in its budget decision). Only the newest value
     of a counter is kept, and only a few minutes. Made when a policy with rate limits is activated:
@@ -271,7 +271,7 @@ async def ensure_topology(js: JetStreamContext, replicas: int = 1, endpoints: It
 
 async def ensure_endpoints(js: JetStreamContext, endpoints: Iterable[str]) -> None:
     """The durable of each endpoint's invokers (a catalog activation may name new endpoints), and
-    no more the one durable all invokers shared before issue 10, which took every route."""
+    no more the one durable all invokers shared once, which took every route."""
     for endpoint in endpoints:
         name, spec = invoker_durable(endpoint)
         config = consumer_config(name, spec)
@@ -531,7 +531,7 @@ async def _fail(js: JetStreamContext, stage: str, msg: Msg, exc: Exception) -> N
 
 
 def _reservation_of(event: AnyEvent) -> Reservation | None:
-    """The money the failed message held, so the budget releases it at once (issue 8, item 7).
+    """The money the failed message held, so the budget releases it at once.
 
     Stages after the router carry it as `.reservation`; the router's input, `BudgetReserved`, is it.
     """

@@ -1,9 +1,9 @@
-"""One registry of identities (DESIGN §3, issue 8): every service, operator role and application,
+"""One registry of identities: every service, operator role and application,
 with its durable consumer, what it may publish and subscribe, and the JetStream API calls it needs.
 
 The server configuration (`gateway/nats_auth.py`), the consumers (`bus.ensure_topology`), the
 supervisor and the CLI are all derived from this one table, so a permission cannot drift from its
-use. Rules the table obeys (shared/notes/nats-permissions.md, nkeys-and-isolation.md):
+use. Rules the table obeys (each measured on a real nats-server 2.15):
 
 - every permission is an explicit allow list; nats-server reads an *empty* allow list as no
   restriction, so a role that publishes (or subscribes to) nothing is denied `>` instead;
@@ -63,7 +63,7 @@ class Identity(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
-# Terminal facts the edge turns into replies (DESIGN §1).
+# Terminal facts the edge turns into replies.
 TERMINAL = (
     "gw.evt.request.denied.>",
     "gw.evt.budget.rejected.>",

@@ -1,4 +1,4 @@
-"""Request ids a decider has already decided, remembered for a bounded time (issue 9 item 2).
+"""Request ids a decider has already decided, remembered for a bounded time.
 
 Deciders are idempotent: once the events they decided are folded in, the same input decides
 nothing, even when it arrives again after the broker's duplicate window (a redelivery, or a copy a

@@ -1,5 +1,5 @@
 """The auditor's checkpoint loop: follow the whole stream in order, fold the hash chain, and publish
-signed `AuditCheckpoint`s (DESIGN §6, issue 9 item 3). Bus I/O only; the decisions are in
+signed `AuditCheckpoint`s. Bus I/O only; the decisions are in
 `checkpoints.py`.
 
 Exactly one chain, whatever the number of auditor replicas: each replica reads the stream itself

@@ -1,4 +1,4 @@
-"""Signed checkpoints of the audit hash chain (DESIGN §6, issue 9 item 3). Pure: no bus, no clock.
+"""Signed checkpoints of the audit hash chain. Pure: no bus, no clock.
 
 The chain is `h_n = sha256(h_{n-1} || seq || subject || sha256(data))` over every stored message in
 stream order (`decider.chain`), checkpoint messages included. A checkpoint is due after

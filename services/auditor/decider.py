@@ -1,4 +1,4 @@
-"""Auditor decisions: one flat audit row per event, and the hash chain over them (DESIGN §6).
+"""Auditor decisions: one flat audit row per event, and the hash chain over them.
 
 Rows carry metadata and sha256 digests of prompts and completions, never the text: analysts
 need spend and decisions, the content stays in the stream at the enclave's level.
@@ -78,7 +78,7 @@ class AuditRow(Struct, kw_only=True):
     clearance: str | None = None
     # keyed digests (HMAC-SHA256 with the deployment's audit digest key) of the prompt's canonical
     # encoding and of the completion: a plain hash would let anyone holding the Parquet confirm a
-    # guessed prompt (issue 9 item 4)
+    # guessed prompt
     prompt_hmac: str | None = None
     completion_hmac: str | None = None
     data_sha256: str

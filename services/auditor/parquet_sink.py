@@ -181,7 +181,7 @@ def _finish(manifest: Path, entries: list[tuple[Path, Path]]) -> None:
             with contextlib.suppress(FileNotFoundError):  # renamed already (before a crash, or by its writer)
                 os.replace(tmp, final)
     for folder in {final.parent for _, final in entries}:
-        _fsync(folder)  # the renames must survive a crash before the auditor acks (issue 9)
+        _fsync(folder)  # the renames must survive a crash before the auditor acks
     manifest.unlink(missing_ok=True)
     _fsync(manifest.parent)
 

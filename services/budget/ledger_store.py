@@ -1,6 +1,6 @@
 """The budget's view of the stream: rebuild the projection, catch up a team, write with CAS.
 
-Concurrency control is JetStream's own (DESIGN §4): each ledger write carries
+Concurrency control is JetStream's own, never a lock of ours: each ledger write carries
 `Nats-Expected-Last-Subject-Sequence` over the team's ledger subjects, so a replica that did not
 see another's write is refused (err_code 10071), catches up and decides again. No lock of ours.
 The projection is rebuilt at start from a snapshot in the object store `GW_BUDGET` plus the ledger

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("enclave_gateway.edge")
 _json = msgspec.json.Encoder()
-# The classification of what the caller sends and of the channel the answer goes to (DESIGN §3).
+# The classification of what the caller sends and of the channel the answer goes to.
 INPUT_LABEL = "X-Input-Classification"
 OUTPUT_LABEL = "X-Output-Classification"
 # How long the caller will wait, in seconds (the edge's request timeout when absent or longer): the

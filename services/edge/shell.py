@@ -3,7 +3,7 @@
 HTTP requests wait on a future keyed by request id; their reply inbox is this replica's
 `_INBOX_edge.<replica>.<request_id>`, so any edge replica's responder can answer any caller. Only
 the replica holding the connection knows whether its caller still waits, so it records what the
-caller got: the reply, the 504 at the deadline, or a late reply as undelivered (issue 8, item 7).
+caller got: the reply, the 504 at the deadline, or a late reply as undelivered.
 """
 
 import asyncio

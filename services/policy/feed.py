@@ -1,4 +1,4 @@
-"""Every worker follows the active policy on the stream (DESIGN §2-§3, issue 8).
+"""Every worker follows the active policy on the stream.
 
 At start a worker reads every stored `PolicyActivated`; afterwards a core subscription tells it
 that a new one was published (each replica gets every activation, unlike a shared durable
